@@ -1,0 +1,106 @@
+"""Database tables (SQLModel) and the engine, shared by activities, the CLI and intake."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy import Column, Numeric, event
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, SQLModel, create_engine
+
+DEFAULT_DATABASE_PATH = Path(".data") / "referrals.db"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _money_column() -> Column[Decimal]:
+    return Column(Numeric(20, 4), nullable=False)
+
+
+class CommissionRow(SQLModel, table=True):
+    """Finance's ledger: one row per won referral."""
+
+    __tablename__ = "commission"
+
+    referral_id: str = Field(primary_key=True)
+    referrer_email: str = Field(index=True)
+    referrer_name: str
+    basis_amount: Decimal = Field(sa_column=_money_column())
+    rate: Decimal = Field(sa_column=Column(Numeric(10, 6), nullable=False))
+    amount: Decimal = Field(sa_column=_money_column())
+    currency: str
+    customer_paid: Decimal = Field(sa_column=_money_column())
+    status: str = Field(index=True)
+    updated_at: datetime
+
+
+class CommissionEvent(SQLModel, table=True):
+    """Every change to a ledger row, with who and why: the audit trail finance keeps."""
+
+    __tablename__ = "commission_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_key: str = Field(unique=True)
+    referral_id: str = Field(index=True)
+    event: str
+    status: str
+    customer_paid: Decimal = Field(sa_column=_money_column())
+    at: datetime
+    actor: str
+    note: str | None = None
+    recorded_at: datetime = Field(default_factory=_now)
+
+
+class SentEmail(SQLModel, table=True):
+    """Emails known to be sent, by idempotency key: a retried activity does not resend."""
+
+    __tablename__ = "sent_email"
+
+    key: str = Field(primary_key=True)
+    message_id: str
+    recipients: str
+    subject: str
+    sent_at: datetime = Field(default_factory=_now)
+
+
+class ProspectClaim(SQLModel, table=True):
+    """The open referral of a prospect domain; the primary key makes duplicates impossible."""
+
+    __tablename__ = "prospect_claim"
+
+    domain: str = Field(primary_key=True)
+    referral_id: str
+    claimed_at: datetime = Field(default_factory=_now)
+
+
+def database_url() -> str:
+    url = os.environ.get("REFERRALS_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{DEFAULT_DATABASE_PATH.resolve()}"
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """An engine with the tables created; SQLite files get WAL so the CLI can read while the
+    worker writes."""
+    url = url or database_url()
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    SQLModel.metadata.create_all(engine)
+    return engine

@@ -1,0 +1,158 @@
+"""Email: render a Jinja2 template in the recipient's language and send it over SMTP, once.
+
+A template is `templates/email/{lang}/{name}.txt`: its first line is
+`Subject: …`, the rest is the plain-text body. The HTML part is the same
+paragraphs in `{lang}/_layout.html`, autoescaped, so each message is worded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import smtplib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import jinja2
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+from temporalio import activity
+
+from activities.db import SentEmail
+from workflows.models import EmailRequest
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 1025
+    user: str | None = None
+    password: str | None = None
+    starttls: bool = False
+
+    @classmethod
+    def from_env(cls) -> SmtpSettings:
+        return cls(
+            host=os.environ.get("REFERRALS_SMTP_HOST", "127.0.0.1"),
+            port=int(os.environ.get("REFERRALS_SMTP_PORT", "1025")),
+            user=os.environ.get("REFERRALS_SMTP_USER") or None,
+            password=os.environ.get("REFERRALS_SMTP_PASSWORD") or None,
+            starttls=os.environ.get("REFERRALS_SMTP_STARTTLS", "").lower() in ("1", "true", "yes"),
+        )
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    text: str
+    html: str
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES / "email"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+    )
+    return env
+
+
+def _money(amount: Decimal | None, currency: str | None = None) -> str:
+    if amount is None:
+        return "—"
+    return f"{amount:,.2f} {currency or ''}".strip()
+
+
+def render_email(request: EmailRequest) -> RenderedEmail:
+    referral = request.referral
+    zone = ZoneInfo(referral.contact_calendar.timezone)
+
+    def local(moment: datetime | None, with_time: bool = False) -> str:
+        if moment is None:
+            return "—"
+        value = moment.astimezone(zone)
+        return value.strftime("%Y-%m-%d %H:%M %Z") if with_time else value.strftime("%Y-%m-%d")
+
+    def deadline_day(moment: datetime) -> str:
+        """A deadline at 00:00 local is reached at the end of the previous day."""
+        return local(moment - timedelta(seconds=1))
+
+    env = _environment()
+    env.filters.update(local=local, money=_money, deadline_day=deadline_day)
+    context = {"r": referral, "extra": request.extra}
+    source = env.get_template(f"{request.language}/{request.template}.txt").render(context)
+    first, _, body = source.strip().partition("\n")
+    if not first.startswith("Subject:"):
+        raise ValueError(f"template {request.template} must start with a 'Subject:' line")
+    subject = first.removeprefix("Subject:").strip()
+    text = body.strip() + "\n"
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    html = env.get_template(f"{request.language}/_layout.html").render(
+        subject=subject, paragraphs=paragraphs, r=referral
+    )
+    return RenderedEmail(subject=subject, text=text, html=html)
+
+
+def message_id(key: str, sender: str) -> str:
+    domain = sender.rpartition("@")[2] or "referral-desk.invalid"
+    return f"<{hashlib.sha256(key.encode()).hexdigest()[:40]}@{domain}>"
+
+
+def build_message(request: EmailRequest, rendered: RenderedEmail) -> EmailMessage:
+    message = EmailMessage()
+    message["Subject"] = rendered.subject
+    message["From"] = request.sender
+    message["To"] = ", ".join(request.to)
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = message_id(request.key, request.sender)
+    message["X-Referral-Id"] = request.referral.referral_id
+    message["X-Idempotency-Key"] = request.key
+    message["Content-Language"] = request.language
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
+
+
+class EmailActivities:
+    def __init__(self, engine: Engine, smtp: SmtpSettings) -> None:
+        self._engine = engine
+        self._smtp = smtp
+
+    @activity.defn(name="send_email")
+    def send_email(self, request: EmailRequest) -> str:
+        """Send once per key; returns the Message-ID. SMTP errors raise, so Temporal retries."""
+        with Session(self._engine) as session:
+            sent = session.get(SentEmail, request.key)
+            if sent is not None:
+                return sent.message_id
+        rendered = render_email(request)
+        message = build_message(request, rendered)
+        smtp = self._smtp
+        with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as client:
+            if smtp.starttls:
+                client.starttls()
+            if smtp.user:
+                client.login(smtp.user, smtp.password or "")
+            client.send_message(message)
+        with Session(self._engine) as session:
+            session.merge(
+                SentEmail(
+                    key=request.key,
+                    message_id=str(message["Message-ID"]),
+                    recipients=", ".join(request.to),
+                    subject=rendered.subject,
+                )
+            )
+            session.commit()
+        return str(message["Message-ID"])
+

@@ -1,0 +1,191 @@
+"""Starting a referral: validate, check eligibility, claim the prospect, start the workflow.
+
+Shared by `referrals submit` and the intake web app so both refuse the same
+things with the same messages.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, update
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.db import ProspectClaim
+from starter.client import task_queue
+from starter.contact_window import contact_window
+from workflows.models import ProgramRules, ReferralInput, Submission
+from workflows.referral import ReferralWorkflow
+
+# A claim whose workflow never started (the submitting process died) is taken over after this.
+STALE_CLAIM = timedelta(minutes=2)
+_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class SubmissionRefused(Exception):
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
+class DuplicateReferral(Exception):
+    def __init__(self, domain: str, referral_id: str) -> None:
+        super().__init__(f"prospect {domain} already has an open referral ({referral_id})")
+        self.domain = domain
+        self.referral_id = referral_id
+
+
+def parse_submission(data: Any) -> Submission:
+    try:
+        return Submission.model_validate(data)
+    except ValidationError as error:
+        raise SubmissionRefused(
+            [
+                FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"])
+                for e in error.errors()
+            ]
+        ) from error
+
+
+def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[FieldError]:
+    """The program's rules, field by field (the model already checked the shapes)."""
+    errors = []
+    if submission.prospect.sector == "public":
+        errors.append(
+            FieldError(
+                "prospect.sector",
+                "public-sector opportunities are not eligible for referral commissions "
+                "(program rule: public sector excluded)",
+            )
+        )
+    product = rules.product(submission.opportunity.product)
+    if product is None:
+        known = ", ".join(p.id for p in rules.products if p.multi_tenant_cloud)
+        errors.append(
+            FieldError(
+                "opportunity.product",
+                f"unknown product {submission.opportunity.product!r} (eligible: {known})",
+            )
+        )
+    elif not product.multi_tenant_cloud:
+        errors.append(
+            FieldError(
+                "opportunity.product",
+                f"{product.name} is not a multi-tenant cloud product; only multi-tenant cloud "
+                "products are eligible",
+            )
+        )
+    if not submission.consent:
+        errors.append(
+            FieldError("consent", "the contact's permission to share their details is required")
+        )
+    return errors
+
+
+def new_referral_id() -> str:
+    return "R-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+
+
+async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_id: str) -> None:
+    """Record `referral_id` as the prospect's open referral; the primary key decides races."""
+    try:
+        with Session(engine) as session:
+            session.add(ProspectClaim(domain=domain, referral_id=referral_id))
+            session.commit()
+        return
+    except IntegrityError:
+        pass
+    with Session(engine) as session:
+        existing = session.get(ProspectClaim, domain)
+    if existing is None:  # released meanwhile: try once more
+        return await _claim_prospect(client, engine, domain, referral_id)
+    if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
+        raise DuplicateReferral(domain, existing.referral_id)
+    with Session(engine) as session:
+        taken = session.exec(
+            update(ProspectClaim)
+            .where(ProspectClaim.domain == domain)  # type: ignore[arg-type]
+            .where(ProspectClaim.referral_id == existing.referral_id)  # type: ignore[arg-type]
+            .values(referral_id=referral_id, claimed_at=datetime.now(UTC))
+        )
+        session.commit()
+    if taken.rowcount != 1:
+        raise DuplicateReferral(domain, existing.referral_id)
+
+
+async def _referral_is_open(client: Client, referral_id: str, claimed_at: datetime) -> bool:
+    try:
+        description = await client.get_workflow_handle(referral_id).describe()
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        if claimed_at.tzinfo is None:
+            claimed_at = claimed_at.replace(tzinfo=UTC)
+        return datetime.now(UTC) - claimed_at < STALE_CLAIM
+    return description.status == WorkflowExecutionStatus.RUNNING
+
+
+def release_claim(engine: Engine, domain: str, referral_id: str) -> None:
+    with Session(engine) as session:
+        claim = session.get(ProspectClaim, domain)
+        if claim is not None and claim.referral_id == referral_id:
+            session.delete(claim)
+            session.commit()
+
+
+async def submit_referral(
+    client: Client,
+    engine: Engine,
+    rules: ProgramRules,
+    submission: Submission,
+    *,
+    submitted_by: str = "referrer",
+    received_at: datetime | None = None,
+) -> str:
+    """Start the referral's workflow and return its id, or raise why it is refused."""
+    errors = eligibility_errors(submission, rules)
+    if errors:
+        raise SubmissionRefused(errors)
+    domain = submission.prospect.domain
+    referral_id = new_referral_id()
+    await _claim_prospect(client, engine, domain, referral_id)
+    product = rules.product(submission.opportunity.product)
+    assert product is not None
+    window = contact_window(received_at or datetime.now(UTC), rules.calendar, rules.contact)
+    try:
+        await client.start_workflow(
+            ReferralWorkflow.run,
+            ReferralInput(
+                referral_id=referral_id,
+                submission=submission,
+                rules=rules,
+                contact_window=window,
+                submitted_by=submitted_by,
+            ),
+            id=referral_id,
+            task_queue=task_queue(),
+            static_summary=(
+                f"{submission.prospect.company} ({domain}) · {product.name} · referred by "
+                f"{submission.referrer.name}, {submission.referrer.company}"
+            ),
+        )
+    except BaseException:
+        release_claim(engine, domain, referral_id)
+        raise
+    return referral_id

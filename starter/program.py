@@ -1,0 +1,57 @@
+"""Load and check `program.yaml`: a bad file stops start-up with the field it is about."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import holidays
+import yaml
+from pydantic import ValidationError
+
+from workflows.models import ProgramRules
+
+
+class ProgramError(Exception):
+    """program.yaml is missing or invalid; the message names the file and the field."""
+
+
+def program_path(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get("REFERRALS_PROGRAM", "program.yaml"))
+
+
+def load_program(path: str | Path | None = None) -> ProgramRules:
+    file = program_path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ProgramError(f"{file}: cannot read the program rules ({error.strerror})") from error
+    except yaml.YAMLError as error:
+        raise ProgramError(f"{file}: not valid YAML: {error}") from error
+    try:
+        rules = ProgramRules.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise ProgramError(f"{file}: {problems}") from error
+    try:
+        ZoneInfo(rules.calendar.timezone)
+    except (ZoneInfoNotFoundError, ValueError) as error:
+        raise ProgramError(
+            f"{file}: calendar.timezone: unknown time zone {rules.calendar.timezone!r}"
+        ) from error
+    if rules.calendar.country not in holidays.list_supported_countries():
+        raise ProgramError(
+            f"{file}: calendar.country: no holiday calendar for {rules.calendar.country!r}"
+        )
+    if rules.contact.deadline_business_days < rules.contact.reminder_business_days:
+        raise ProgramError(
+            f"{file}: contact.deadline_business_days must not be before reminder_business_days"
+        )
+    ids = [product.id for product in rules.products]
+    if len(set(ids)) != len(ids):
+        raise ProgramError(f"{file}: products: product ids must be unique")
+    return rules

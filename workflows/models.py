@@ -1,0 +1,370 @@
+"""Pydantic models shared by the workflow, the activities and the entry points.
+
+Everything that crosses a boundary (workflow input, query result, update
+argument, activity argument, JSON on the CLI) is one of these models, so the
+shape is checked in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
+from importlib import resources
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+
+def _load_country_codes() -> frozenset[str]:
+    table = resources.files("tzdata").joinpath("zoneinfo", "iso3166.tab").read_text()
+    return frozenset(
+        line.split("\t", 1)[0] for line in table.splitlines() if line and not line.startswith("#")
+    )
+
+
+COUNTRY_CODES = _load_country_codes()
+
+# Currencies whose minor unit is not the cent (ISO 4217); every other one has two decimals.
+_MINOR_UNIT_DIGITS = {"JPY": 0, "KRW": 0, "CLP": 0, "ISK": 0, "VND": 0, "BHD": 3, "KWD": 3, "TND": 3}
+
+
+def round_money(amount: Decimal, currency: str) -> Decimal:
+    """Round half-up to the currency's minor unit: money never goes through float."""
+    digits = _MINOR_UNIT_DIGITS.get(currency.upper(), 2)
+    return amount.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+
+
+def normalize_domain(website: str) -> str:
+    """The prospect's identity for duplicate detection: `https://www.Acme.fr/x` -> `acme.fr`."""
+    text = website.strip()
+    if "://" not in text:
+        text = "//" + text
+    try:
+        host = urlsplit(text).hostname or ""
+    except ValueError as error:
+        raise ValueError(f"not a website address: {website!r}") from error
+    host = host.strip(".").lower()
+    if host.startswith("www."):
+        host = host[4:]
+    labels = host.split(".")
+    label_ok = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+    if len(labels) < 2 or not all(label_ok.match(label) for label in labels):
+        raise ValueError(f"not a website address: {website!r}")
+    if labels[-1].isdigit():
+        raise ValueError(f"a website name is expected, not an IP address: {website!r}")
+    return host
+
+
+def _check_country(code: str) -> str:
+    code = code.strip().upper()
+    if code not in COUNTRY_CODES:
+        raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code")
+    return code
+
+
+def _check_currency(code: str) -> str:
+    code = code.strip().upper()
+    if not re.fullmatch(r"[A-Z]{3}", code):
+        raise ValueError(f"{code!r} is not an ISO 4217 currency code")
+    return code
+
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+LongText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=4000)]
+Country = Annotated[str, AfterValidator(_check_country)]
+Currency = Annotated[str, AfterValidator(_check_currency)]
+Language = Literal["fr", "en"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- Submission ---------------------------------------------------------------------------
+
+
+class Referrer(Strict):
+    name: Text
+    email: EmailStr
+    company: Text
+    phone: Text | None = None
+    language: Language = "fr"
+
+
+class Prospect(Strict):
+    company: Text
+    website: Text
+    country: Country
+    industry: Text | None = None
+    sector: Literal["private", "public"]
+
+    @field_validator("website")
+    @classmethod
+    def _website_has_domain(cls, value: str) -> str:
+        normalize_domain(value)
+        return value
+
+    @property
+    def domain(self) -> str:
+        return normalize_domain(self.website)
+
+
+class Contact(Strict):
+    name: Text
+    email: EmailStr
+    title: Text | None = None
+    phone: Text | None = None
+
+
+class Opportunity(Strict):
+    product: Text
+    estimated_annual_value: Decimal | None = Field(default=None, ge=0, max_digits=14)
+    currency: Currency | None = None
+    notes: LongText | None = None
+
+
+class Submission(Strict):
+    """What a referrer sends: the JSON of `referrals submit` and `POST /api/referrals`."""
+
+    referrer: Referrer
+    prospect: Prospect
+    contact: Contact
+    opportunity: Opportunity
+    consent: bool
+
+
+# --- Program rules (program.yaml) ---------------------------------------------------------
+
+
+class Product(Strict):
+    id: Text
+    name: Text
+    multi_tenant_cloud: bool
+
+
+class CommissionRules(Strict):
+    rate: Decimal = Field(default=Decimal("0.10"), gt=0, le=1)
+    cap: Decimal | None = Field(default=None, gt=0)
+    currency: Currency = "EUR"
+
+
+class CalendarRules(Strict):
+    country: Country = "FR"
+    timezone: Text = "Europe/Paris"
+
+
+class ContactRules(Strict):
+    reminder_business_days: int = Field(default=3, ge=1, le=60)
+    deadline_business_days: int = Field(default=5, ge=1, le=60)
+
+
+class PaymentRules(Strict):
+    default_terms_days: int = Field(default=30, ge=0, le=365)
+    reminder_interval_days: int = Field(default=30, ge=1, le=365)
+
+
+class Recipients(Strict):
+    desk: EmailStr
+    desk_manager: EmailStr
+    sales: EmailStr
+    finance: EmailStr
+
+
+class ProgramRules(Strict):
+    """The program's rules; a snapshot of them travels in every referral's workflow input."""
+
+    name: Text = "Referral program"
+    sender: EmailStr = "referrals@example.com"
+    staff_language: Language = "en"
+    products: list[Product] = Field(min_length=1)
+    commission: CommissionRules = CommissionRules()
+    calendar: CalendarRules = CalendarRules()
+    contact: ContactRules = ContactRules()
+    payment: PaymentRules = PaymentRules()
+    recipients: Recipients
+
+    def product(self, product_id: str) -> Product | None:
+        return next((p for p in self.products if p.id == product_id), None)
+
+
+# --- Referral state -------------------------------------------------------------------------
+
+
+class Stage(StrEnum):
+    SUBMITTED = "submitted"
+    CONTACTED = "contacted"
+    QUALIFYING = "qualifying"
+    APPROVED = "approved"
+    WON = "won"
+    COMMISSION_PAYABLE = "commission_payable"
+    COMMISSION_PAID = "commission_paid"
+    DECLINED = "declined"
+    REJECTED = "rejected"
+    LOST = "lost"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STAGES = frozenset(
+    {Stage.COMMISSION_PAID, Stage.DECLINED, Stage.REJECTED, Stage.LOST, Stage.CANCELLED}
+)
+
+
+class Action(StrEnum):
+    CONTACTED = "contacted"
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    APPROVE = "approve"
+    REJECT = "reject"
+    WON = "won"
+    LOST = "lost"
+    PAYMENT = "payment"
+    PAYOUT = "payout"
+    CANCEL = "cancel"
+
+
+class StaffAction(BaseModel):
+    """One staff decision, as sent by the CLI (update) or by any signal sender."""
+
+    action: Action
+    actor: str = "unknown"
+    note: str | None = None
+    reason: str | None = None
+    amount: Decimal | None = None
+    currency: str | None = None
+    payment_terms_days: int | None = None
+    reference: str | None = None
+
+
+class ContactWindow(BaseModel):
+    """The contact SLA instants, computed once at submission, with what they were computed from."""
+
+    received_at: datetime
+    reminder_at: datetime
+    deadline: datetime
+    country: str
+    timezone: str
+    holidays_version: str
+
+
+class CommissionStatus(StrEnum):
+    PENDING = "pending"
+    PAYABLE = "payable"
+    PAID = "paid"
+    VOID = "void"
+
+
+class Commission(BaseModel):
+    basis_amount: Decimal
+    rate: Decimal
+    amount: Decimal
+    currency: str
+    customer_paid: Decimal = Decimal("0")
+    status: CommissionStatus = CommissionStatus.PENDING
+    payout_reference: str | None = None
+
+
+class Payment(BaseModel):
+    at: datetime
+    amount: Decimal
+    reference: str
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    action: str
+    actor: str
+    note: str | None = None
+    outcome: Literal["applied", "refused", "system"] = "applied"
+
+
+class ReferralInput(BaseModel):
+    referral_id: str
+    submission: Submission
+    rules: ProgramRules
+    contact_window: ContactWindow
+    submitted_by: str = "referrer"
+    # False only where the server has no custom search attributes (the time-skipping test server).
+    index_search_attributes: bool = True
+
+
+class ReferralState(BaseModel):
+    """The whole referral, as `referrals show --json` prints it."""
+
+    referral_id: str
+    stage: Stage
+    referrer: Referrer
+    prospect: Prospect
+    prospect_domain: str
+    contact: Contact
+    opportunity: Opportunity
+    product_name: str
+    submitted_at: datetime
+    contact_reminder_at: datetime
+    contact_deadline: datetime
+    contact_calendar: ContactWindow
+    contact_reminder_sent: bool = False
+    contact_sla_breached: bool = False
+    payment_terms_days: int | None = None
+    payment_due_at: datetime | None = None
+    payment_reminders_sent: int = 0
+    payments: list[Payment] = []
+    commission: Commission | None = None
+    history: list[HistoryEntry] = []
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.stage in TERMINAL_STAGES
+
+
+class Refusal(BaseModel):
+    reason: str
+
+
+# --- Activity inputs ----------------------------------------------------------------------
+
+
+class EmailRequest(BaseModel):
+    """One email to render and send; `key` makes the send idempotent across retries."""
+
+    key: str
+    to: list[str]
+    sender: str
+    language: Language
+    template: str
+    referral: ReferralState
+    extra: dict[str, str] = {}
+
+
+class CommissionRecord(BaseModel):
+    """The commission ledger row as it must be after `event_key` (an idempotent upsert)."""
+
+    referral_id: str
+    referrer_email: str
+    referrer_name: str
+    basis_amount: Decimal
+    rate: Decimal
+    amount: Decimal
+    currency: str
+    customer_paid: Decimal
+    status: CommissionStatus
+    event_key: str
+    event: str
+    at: datetime
+    actor: str
+    note: str | None = None
+
+
+class ProspectRelease(BaseModel):
+    domain: str
+    referral_id: str
