@@ -155,4 +155,3 @@ class EmailActivities:
             )
             session.commit()
         return str(message["Message-ID"])
-

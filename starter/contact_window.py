@@ -33,7 +33,9 @@ def end_of_day(day: date, zone: ZoneInfo) -> datetime:
     return datetime.combine(day + timedelta(days=1), time(0), tzinfo=zone).astimezone(UTC)
 
 
-def contact_window(received_at: datetime, calendar: CalendarRules, rules: ContactRules) -> ContactWindow:
+def contact_window(
+    received_at: datetime, calendar: CalendarRules, rules: ContactRules
+) -> ContactWindow:
     zone = ZoneInfo(calendar.timezone)
     local_day = received_at.astimezone(zone).date()
     reminder_day = business_day(local_day, rules.reminder_business_days, calendar.country)

@@ -36,7 +36,16 @@ def _load_country_codes() -> frozenset[str]:
 COUNTRY_CODES = _load_country_codes()
 
 # Currencies whose minor unit is not the cent (ISO 4217); every other one has two decimals.
-_MINOR_UNIT_DIGITS = {"JPY": 0, "KRW": 0, "CLP": 0, "ISK": 0, "VND": 0, "BHD": 3, "KWD": 3, "TND": 3}
+_MINOR_UNIT_DIGITS = {
+    "JPY": 0,
+    "KRW": 0,
+    "CLP": 0,
+    "ISK": 0,
+    "VND": 0,
+    "BHD": 3,
+    "KWD": 3,
+    "TND": 3,
+}
 
 
 def round_money(amount: Decimal, currency: str) -> Decimal:

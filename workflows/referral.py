@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
@@ -27,8 +27,8 @@ with workflow.unsafe.imports_passed_through():
         ReferralInput,
         ReferralState,
         Refusal,
-        Stage,
         StaffAction,
+        Stage,
     )
     from workflows.transitions import apply_action, check_action
 
@@ -81,44 +81,57 @@ class ReferralWorkflow:
                 HistoryEntry(at=window.received_at, action="submitted", actor=input.submitted_by)
             ],
         )
-        self._effects: deque[Callable[[], Awaitable[Any]]] = deque()
+        self._mail: deque[Callable[[], Awaitable[Any]]] = deque()
+        self._records: deque[Callable[[], Awaitable[Any]]] = deque()
         self._version = 0
         self._published: tuple[Stage, bool] | None = None
-        self._queue_stage_effects(None)
+        self._queue_stage_effects()
 
     @workflow.run
     async def run(self, input: ReferralInput) -> ReferralState:
         if self._indexed:
             workflow.upsert_search_attributes(
                 [
-                    SearchAttributePair(DOMAIN_KEY, self._state.prospect_domain),
-                    SearchAttributePair(REFERRER_KEY, str(self._state.referrer.email)),
-                    SearchAttributePair(PRODUCT_KEY, self._state.opportunity.product),
+                    DOMAIN_KEY.value_set(self._state.prospect_domain),
+                    REFERRER_KEY.value_set(str(self._state.referrer.email)),
+                    PRODUCT_KEY.value_set(self._state.opportunity.product),
                     *self._changing_search_attributes(),
                 ]
             )
-        while True:
-            while self._effects:
-                await self._effects.popleft()()
+        pumps = [asyncio.create_task(self._pump(queue)) for queue in (self._mail, self._records)]
+        while not self._state.is_terminal:
             self._publish()
-            if self._state.is_terminal:
-                break
             seen = self._version
             timer = self._next_timer()
             if timer is None:
-                await workflow.wait_condition(lambda: self._version != seen)
+                await workflow.wait_condition(self._changed_since(seen))
                 continue
             due, fire = timer
             wait = due - workflow.now()
             if wait > timedelta(0):
                 try:
-                    await workflow.wait_condition(lambda: self._version != seen, timeout=wait)
+                    await workflow.wait_condition(self._changed_since(seen), timeout=wait)
                     continue
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             fire()
+        self._publish()
+        await workflow.wait_condition(lambda: not self._mail and not self._records)
+        for pump in pumps:
+            pump.cancel()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._state
+
+    def _changed_since(self, seen: int) -> Callable[[], bool]:
+        return lambda: self._version != seen
+
+    async def _pump(self, queue: deque[Callable[[], Awaitable[Any]]]) -> None:
+        """Perform one queue's side effects in order. Email and ledger have separate queues so
+        an SMTP outage never holds up the ledger, and neither holds up timers."""
+        while True:
+            await workflow.wait_condition(lambda: bool(queue))
+            await queue[0]()
+            queue.popleft()
 
     # --- staff actions -----------------------------------------------------------------
 
@@ -166,9 +179,9 @@ class ReferralWorkflow:
         if new.commission is not None:
             self._queue_ledger(request.action.value, request.actor, new.history[-1].note)
         if new.stage != previous.stage:
-            self._queue_stage_effects(previous.stage)
+            self._queue_stage_effects()
 
-    def _queue_stage_effects(self, previous: Stage | None) -> None:
+    def _queue_stage_effects(self) -> None:
         state = self._state
         recipients = self._rules.recipients
         snapshot = state.model_copy(deep=True)
@@ -185,7 +198,7 @@ class ReferralWorkflow:
             self._queue_staff_email(template, str(getattr(recipients, role)), snapshot)
         if state.is_terminal:
             release = ProspectRelease(domain=state.prospect_domain, referral_id=state.referral_id)
-            self._effects.append(
+            self._records.append(
                 lambda: workflow.execute_activity(
                     "release_prospect",
                     release,
@@ -216,7 +229,7 @@ class ReferralWorkflow:
             template=template,
             referral=snapshot,
         )
-        self._effects.append(
+        self._mail.append(
             lambda: workflow.execute_activity(
                 "send_email",
                 request,
@@ -245,7 +258,7 @@ class ReferralWorkflow:
             actor=actor,
             note=note,
         )
-        self._effects.append(
+        self._records.append(
             lambda: workflow.execute_activity(
                 "record_commission",
                 record,
@@ -270,7 +283,9 @@ class ReferralWorkflow:
 
     def _system_event(self, action: str, note: str) -> None:
         self._state.history.append(
-            HistoryEntry(at=workflow.now(), action=action, actor="system", note=note, outcome="system")
+            HistoryEntry(
+                at=workflow.now(), action=action, actor="system", note=note, outcome="system"
+            )
         )
         self._version += 1
 
@@ -295,7 +310,9 @@ class ReferralWorkflow:
     def _payment_reminder(self) -> None:
         self._state.payment_reminders_sent += 1
         count = self._state.payment_reminders_sent
-        self._system_event("payment_reminder", f"customer payment overdue; finance reminded (#{count})")
+        self._system_event(
+            "payment_reminder", f"customer payment overdue; finance reminded (#{count})"
+        )
         self._queue_staff_email(
             "staff_payment_overdue",
             str(self._rules.recipients.finance),
@@ -303,11 +320,11 @@ class ReferralWorkflow:
             suffix=f"/{count}",
         )
 
-    def _changing_search_attributes(self) -> list[SearchAttributePair[Any]]:
+    def _changing_search_attributes(self) -> list[SearchAttributeUpdate[Any]]:
         self._published = (self._state.stage, self._state.contact_sla_breached)
         return [
-            SearchAttributePair(STAGE_KEY, self._state.stage.value),
-            SearchAttributePair(SLA_KEY, self._state.contact_sla_breached),
+            STAGE_KEY.value_set(self._state.stage.value),
+            SLA_KEY.value_set(self._state.contact_sla_breached),
         ]
 
     def _publish(self) -> None:

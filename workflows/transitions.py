@@ -21,8 +21,8 @@ from workflows.models import (
     ProgramRules,
     ReferralState,
     Refusal,
-    Stage,
     StaffAction,
+    Stage,
     round_money,
 )
 
@@ -117,8 +117,8 @@ def check_action(state: ReferralState, request: StaffAction, rules: ProgramRules
 
 def _history_note(request: StaffAction, currency: str | None) -> str | None:
     parts = [p for p in (request.reason, request.note) if p and p.strip()]
-    if request.action in (Action.WON, Action.PAYMENT) and request.amount is not None:
-        parts.append(f"amount {request.amount} {currency or ''}".strip())
+    if request.action in (Action.WON, Action.PAYMENT) and request.amount is not None and currency:
+        parts.append(f"amount {round_money(request.amount, currency)} {currency}")
     if request.reference:
         parts.append(f"reference {request.reference.strip()}")
     if request.payment_terms_days is not None:

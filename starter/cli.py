@@ -1,0 +1,388 @@
+"""`referrals`: the staff CLI. Exit 0 done, 1 refused (one line on stderr), 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from enum import Enum
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.db import CommissionRow, make_engine
+from starter.client import connect, temporal_address
+from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
+from starter.program import ProgramError, load_program
+from workflows.models import (
+    Action,
+    CommissionStatus,
+    ReferralState,
+    StaffAction,
+    Stage,
+    round_money,
+)
+from workflows.referral import DOMAIN_KEY, PRODUCT_KEY, REFERRER_KEY, SLA_KEY, STAGE_KEY
+from workflows.transitions import allowed_actions
+
+
+class Refused(Exception):
+    """The command could not be done; the message is the one line the user sees."""
+
+
+# --- output helpers -----------------------------------------------------------------------
+
+
+def plain(value: Any, zone: ZoneInfo | None = None) -> Any:
+    """JSON-ready: decimals as strings, instants ISO 8601 with the desk's offset."""
+    if isinstance(value, BaseModel):
+        return plain(value.model_dump(), zone)
+    if isinstance(value, dict):
+        return {k: plain(v, zone) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v, zone) for v in value]
+    if isinstance(value, datetime):
+        return (value.astimezone(zone) if zone else value).isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def describe(state: ReferralState) -> str:
+    zone = ZoneInfo(state.contact_calendar.timezone)
+
+    def at(moment: datetime | None) -> str:
+        return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z") if moment else "—"
+
+    def end_of(moment: datetime) -> str:
+        """Deadlines fall at 00:00 local: say which day they end."""
+        return f"end of {(moment.astimezone(zone) - timedelta(seconds=1)):%a %Y-%m-%d}"
+
+    s = state
+    lines = [
+        f"{s.referral_id}  stage: {s.stage.value}",
+        f"  prospect     {s.prospect.company} ({s.prospect_domain}), {s.prospect.country}, "
+        f"{s.prospect.sector} sector",
+        f"  product      {s.product_name}",
+        f"  referrer     {s.referrer.name} <{s.referrer.email}>, {s.referrer.company} "
+        f"[{s.referrer.language}]",
+        f"  contact      {s.contact.name} <{s.contact.email}>"
+        + (f", {s.contact.title}" if s.contact.title else ""),
+        f"  submitted    {at(s.submitted_at)}",
+        f"  contact by   {end_of(s.contact_deadline)} (reminder at {end_of(s.contact_reminder_at)};"
+        f" {s.contact_calendar.country} business days in {s.contact_calendar.timezone}, "
+        f"holidays {s.contact_calendar.holidays_version})",
+        f"  contact SLA  {'BREACHED' if s.contact_sla_breached else 'ok'}",
+    ]
+    if s.commission is not None:
+        c = s.commission
+        lines.append(
+            f"  commission   {c.amount} {c.currency} ({c.rate * 100:.2f}% of {c.basis_amount}), "
+            f"{c.status.value}; customer paid {c.customer_paid} of {c.basis_amount}"
+        )
+        lines.append(
+            f"  payment due  {at(s.payment_due_at)} ({s.payment_terms_days} days terms)"
+            + (f", {s.payment_reminders_sent} reminder(s) sent" if s.payment_reminders_sent else "")
+        )
+    allowed = ", ".join(a.value for a in allowed_actions(s.stage)) or "none (closed)"
+    lines.append(f"  next         {allowed}")
+    lines.append("  history")
+    for entry in s.history:
+        note = f" — {entry.note}" if entry.note else ""
+        flag = " [refused]" if entry.outcome == "refused" else ""
+        lines.append(f"    {at(entry.at)}  {entry.action}{flag} by {entry.actor}{note}")
+    return "\n".join(lines)
+
+
+# --- Temporal calls -------------------------------------------------------------------------
+
+
+async def fetch_state(client: Client, referral_id: str) -> ReferralState:
+    try:
+        return await client.get_workflow_handle(referral_id).query(
+            "state", result_type=ReferralState
+        )
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            raise Refused(f"unknown referral {referral_id}") from error
+        raise
+
+
+async def send_action(client: Client, referral_id: str, request: StaffAction) -> ReferralState:
+    before = await fetch_state(client, referral_id)
+    try:
+        return await client.get_workflow_handle(referral_id).execute_update(
+            "act", request, result_type=ReferralState
+        )
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        raise Refused(getattr(cause, "message", None) or str(cause or error)) from error
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:  # the workflow has completed meanwhile
+            raise Refused(f"referral {referral_id} is closed ({before.stage.value})") from error
+        raise
+
+
+def decimal_value(text: str, option: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise Refused(f"{option} must be a decimal number like 1234.50, not {text!r}") from None
+    if not value.is_finite():
+        raise Refused(f"{option} must be a finite decimal number")
+    return value
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    rules = load_program()
+    try:
+        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise Refused(f"cannot read {args.file}: {error.strerror}") from error
+    except json.JSONDecodeError as error:
+        raise Refused(f"{args.file} is not valid JSON: {error}") from error
+    submission = parse_submission(data)
+    client = await connect()
+    referral_id = await submit_referral(
+        client, make_engine(), rules, submission, submitted_by=args.actor
+    )
+    print(referral_id)
+    return 0
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    client = await connect()
+    query = "WorkflowType = 'ReferralWorkflow'"
+    if args.stage:
+        query += f" AND ReferralStage = '{args.stage}'"
+    rows: list[dict[str, Any]] = []
+    async for wf in client.list_workflows(query):
+        sa = wf.typed_search_attributes
+        rows.append(
+            {
+                "referral_id": wf.id,
+                "stage": sa.get(STAGE_KEY),
+                "prospect_domain": sa.get(DOMAIN_KEY),
+                "referrer_email": sa.get(REFERRER_KEY),
+                "product": sa.get(PRODUCT_KEY),
+                "contact_sla_breached": bool(sa.get(SLA_KEY)),
+                "started_at": wf.start_time.isoformat(),
+                "closed_at": wf.close_time.isoformat() if wf.close_time else None,
+            }
+        )
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no referrals" + (f" in stage {args.stage}" if args.stage else ""))
+        return 0
+    print(f"{'REFERRAL':<14} {'STAGE':<19} {'PROSPECT':<30} {'PRODUCT':<24} REFERRER")
+    for r in rows:
+        sla = " (SLA breached)" if r["contact_sla_breached"] else ""
+        print(
+            f"{r['referral_id']:<14} {(r['stage'] or '?') + sla:<19} "
+            f"{r['prospect_domain'] or '?':<30} {r['product'] or '?':<24} {r['referrer_email']}"
+        )
+    return 0
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    client = await connect()
+    state = await fetch_state(client, args.id)
+    if args.json:
+        print_json(plain(state, ZoneInfo(state.contact_calendar.timezone)))
+    else:
+        print(describe(state))
+    return 0
+
+
+def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
+    async def command(args: argparse.Namespace) -> int:
+        amount = getattr(args, "amount", None)
+        request = StaffAction(
+            action=action,
+            actor=args.actor,
+            note=getattr(args, "note", None),
+            reason=getattr(args, "reason", None),
+            amount=decimal_value(amount, "--amount") if amount is not None else None,
+            currency=getattr(args, "currency", None),
+            payment_terms_days=getattr(args, "payment_terms_days", None),
+            reference=getattr(args, "reference", None),
+        )
+        client = await connect()
+        state = await send_action(client, args.id, request)
+        print(f"{state.referral_id}: {action.value} done, stage {state.stage.value}")
+        return 0
+
+    return command
+
+
+def cmd_commissions(args: argparse.Namespace) -> int:
+    with Session(make_engine()) as session:
+        query = select(CommissionRow).order_by(col(CommissionRow.updated_at).desc())
+        if args.status:
+            query = query.where(CommissionRow.status == args.status)
+        rows = [
+            {
+                "referral_id": row.referral_id,
+                "referrer_email": row.referrer_email,
+                "referrer_name": row.referrer_name,
+                "basis_amount": str(round_money(row.basis_amount, row.currency)),
+                "rate": str(row.rate.normalize()),
+                "amount": str(round_money(row.amount, row.currency)),
+                "currency": row.currency,
+                "customer_paid": str(round_money(row.customer_paid, row.currency)),
+                "status": row.status,
+                "updated_at": row.updated_at.isoformat()
+                if row.updated_at.tzinfo
+                else row.updated_at.isoformat() + "+00:00",
+            }
+            for row in session.exec(query)
+        ]
+    if args.json:
+        print_json(rows)
+    elif args.csv:
+        fields = list(rows[0]) if rows else ["referral_id", "amount", "currency", "status"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not rows:
+        print("no commissions" + (f" with status {args.status}" if args.status else ""))
+    else:
+        print(f"{'REFERRAL':<14} {'STATUS':<8} {'AMOUNT':>14} {'PAID BY CUSTOMER':>18}  REFERRER")
+        for r in rows:
+            print(
+                f"{r['referral_id']:<14} {r['status']:<8} {r['amount'] + ' ' + r['currency']:>14} "
+                f"{r['customer_paid']:>18}  {r['referrer_email']}"
+            )
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from starter.dev import run_dev
+
+    return run_dev()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import worker
+
+    worker.main()
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="referrals", description="Referral Desk: run the referral program from a terminal."
+    )
+    parser.add_argument(
+        "--actor",
+        default=os.environ.get("REFERRALS_ACTOR") or getpass.getuser(),
+        help="who is acting, recorded in the audit history (default $REFERRALS_ACTOR or login)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[..., Any], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("dev", cmd_dev, "run the local stack: Temporal dev server and UI, worker, mail sink")
+    add("worker", cmd_worker, "run a worker on the referrals task queue")
+    add("submit", cmd_submit, "submit a referral from a JSON file").add_argument("file")
+    sub = add("list", cmd_list, "list referrals")
+    sub.add_argument("--stage", choices=[s.value for s in Stage])
+    sub.add_argument("--json", action="store_true")
+    sub = add("show", cmd_show, "show one referral")
+    sub.add_argument("id")
+    sub.add_argument("--json", action="store_true")
+
+    def add_action(action: Action, help: str) -> argparse.ArgumentParser:
+        sub = add(action.value, action_command(action), help)
+        sub.add_argument("id")
+        return sub
+
+    for action, help in [
+        (Action.CONTACTED, "the referrer has been contacted"),
+        (Action.ACCEPT, "accept the referral and hand it to sales"),
+        (Action.APPROVE, "approve the opportunity: it enters the sales cycle"),
+    ]:
+        add_action(action, help).add_argument("--note")
+    for action, help in [
+        (Action.DECLINE, "decline the referral"),
+        (Action.REJECT, "reject the opportunity"),
+        (Action.LOST, "the deal is lost"),
+        (Action.CANCEL, "cancel the referral"),
+    ]:
+        add_action(action, help).add_argument("--reason", required=True)
+    sub = add_action(Action.WON, "the deal is won: record the first-year subscription value")
+    sub.add_argument("--amount", required=True, help="first-year subscription value")
+    sub.add_argument("--currency", required=True)
+    sub.add_argument("--payment-terms-days", type=int)
+    sub = add_action(Action.PAYMENT, "record a customer payment")
+    sub.add_argument("--amount", required=True)
+    sub.add_argument("--reference", required=True, help="the payment's unique reference")
+    sub = add_action(Action.PAYOUT, "mark the commission paid to the referrer")
+    sub.add_argument("--reference", required=True, help="the payout's reference")
+    sub = add("commissions", cmd_commissions, "finance's export of the commission ledger")
+    sub.add_argument("--status", choices=[s.value for s in CommissionStatus])
+    fmt = sub.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.handler(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result)
+    except (Refused, ProgramError, SubmissionRefused, DuplicateReferral) as error:
+        prefix = "refused: " if isinstance(error, SubmissionRefused) else ""
+        print(f"referrals: {prefix}{error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if "connect" not in str(error).lower():
+            raise
+        print(
+            f"referrals: cannot reach Temporal at {temporal_address()} (is `make run` running?)",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> None:
+    """Ends without interpreter finalization: the SDK can abort there (sdk-python#300), and
+    the exit status must say what the command did."""
+    code = run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

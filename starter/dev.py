@@ -1,0 +1,161 @@
+"""`referrals dev`: the whole local stack in one command, stopped together by Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from starter.program import load_program
+
+BIN = Path(sys.executable).parent
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TemporalSettings(Strict):
+    ip: str = "127.0.0.1"
+    port: int = 7233
+    ui_port: int = 8233
+    namespace: str = "default"
+    db_filename: Path = Path(".data/temporal.db")
+    log_level: Literal["debug", "info", "warn", "error"] = "warn"
+
+
+class MailSinkSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = 1025
+    maildir: Path = Path(".data/mail")
+
+
+class DevStack(Strict):
+    temporal: TemporalSettings = TemporalSettings()
+    search_attributes: dict[str, Literal["Keyword", "Bool", "Text", "Int", "Double", "Datetime"]]
+    mail_sink: MailSinkSettings = MailSinkSettings()
+
+
+def load_stack(path: Path = Path("temporal-dev.yaml")) -> DevStack:
+    return DevStack.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not _listening(host, port):
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with status {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on {host}:{port} after {seconds:.0f}s")
+        time.sleep(0.2)
+
+
+def server_command(stack: DevStack) -> list[str]:
+    t = stack.temporal
+    command = [
+        str(BIN / "temporal"),
+        "server",
+        "start-dev",
+        "--ip",
+        t.ip,
+        "--port",
+        str(t.port),
+        "--ui-port",
+        str(t.ui_port),
+        "--db-filename",
+        str(t.db_filename),
+        "--namespace",
+        t.namespace,
+        "--log-level",
+        t.log_level,
+        "--ui-disable-news-fetch",
+    ]
+    for name, kind in stack.search_attributes.items():
+        command += ["--search-attribute", f"{name}={kind}"]
+    return command
+
+
+def run_dev() -> int:
+    stack = load_stack()
+    rules = load_program()  # a bad program.yaml stops here, before anything starts
+    t, sink = stack.temporal, stack.mail_sink
+    for host, port, what in [(t.ip, t.port, "Temporal"), (sink.host, sink.port, "mail sink")]:
+        if _listening(host, port):
+            print(f"referrals dev: {host}:{port} ({what}) is already in use", file=sys.stderr)
+            return 1
+    t.db_filename.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": f"{t.ip}:{t.port}",
+        "TEMPORAL_NAMESPACE": t.namespace,
+        "REFERRALS_SMTP_HOST": os.environ.get("REFERRALS_SMTP_HOST", sink.host),
+        "REFERRALS_SMTP_PORT": os.environ.get("REFERRALS_SMTP_PORT", str(sink.port)),
+    }
+    processes: list[subprocess.Popen[bytes]] = []
+    names: dict[int, str] = {}
+
+    def start(name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        processes.append(process)
+        names[process.pid] = name
+        return process
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server = start("Temporal server", server_command(stack))
+        _wait_for_port(t.ip, t.port, server, 60)
+        mail = start(
+            "mail sink",
+            [sys.executable, "-m", "starter.mail_sink", "--host", sink.host, "--port",
+             str(sink.port), "--maildir", str(sink.maildir)]
+        )  # fmt: skip
+        _wait_for_port(sink.host, sink.port, mail, 30)
+        start("worker", [sys.executable, "-m", "worker"])
+        print(
+            f"""
+Referral Desk is running ({rules.name}).
+  Temporal server   {t.ip}:{t.port}  (namespace {t.namespace}, data in {t.db_filename})
+  Temporal UI       http://{t.ip}:{t.ui_port}/namespaces/{t.namespace}/workflows
+  Worker            task queue {os.environ.get("REFERRALS_TASK_QUEUE", "referrals")}
+  Mail sink         {sink.host}:{sink.port}, every email kept in {sink.maildir}/new
+Try: referrals submit examples/referral.json   (Ctrl-C stops everything)
+""",
+            flush=True,
+        )
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+        failed = next(p for p in processes if p.poll() is not None)
+        print(f"referrals dev: the {names[failed.pid]} stopped unexpectedly", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping…", flush=True)
+        return 0
+    except RuntimeError as error:
+        print(f"referrals dev: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in reversed(processes):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
