@@ -118,6 +118,7 @@ def run_dev() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background, where it is ignored
     try:
         server = start("Temporal server", server_command(stack))
         _wait_for_port(t.ip, t.port, server, 60)
@@ -153,7 +154,7 @@ Try: referrals submit examples/referral.json   (Ctrl-C stops everything)
     finally:
         for process in reversed(processes):
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+                process.terminate()
         for process in reversed(processes):
             try:
                 process.wait(timeout=15)

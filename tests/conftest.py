@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import mailbox
+import os
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from sqlalchemy.engine import Engine
+from sqlmodel import SQLModel
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.db import make_engine
+from activities.email import SmtpSettings
+from starter.mail_sink import start_sink
 from starter.program import load_program
 from workflows.models import ProgramRules
 from workflows.referral import DOMAIN_KEY, PRODUCT_KEY, REFERRER_KEY, SLA_KEY, STAGE_KEY
@@ -46,3 +57,64 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     )
     yield env
     await env.shutdown()
+
+
+POSTGRES_URL_ENV = "REFERRALS_TEST_POSTGRES_URL"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=pytest.mark.skipif(
+                not os.environ.get(POSTGRES_URL_ENV),
+                reason=f"set {POSTGRES_URL_ENV} (.ci/run does) to run against PostgreSQL",
+            ),
+        ),
+    ]
+)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh, real database: a SQLite file, and PostgreSQL when its URL is given."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'referrals.db'}"
+    else:
+        url = os.environ[POSTGRES_URL_ENV]
+        SQLModel.metadata.drop_all(make_engine(url))
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@dataclass
+class MailSink:
+    """A real SMTP server on loopback that keeps what it receives in a Maildir."""
+
+    host: str
+    port: int
+    maildir: Path
+
+    def messages(self) -> list[EmailMessage]:
+        box = mailbox.Maildir(self.maildir, create=False)
+        parsed = [
+            message_from_bytes(box.get_bytes(key), policy=policy.default) for key in box.keys()
+        ]
+        return [m for m in parsed if isinstance(m, EmailMessage)]
+
+    def settings(self) -> SmtpSettings:
+        return SmtpSettings(host=self.host, port=self.port)
+
+
+@pytest.fixture(scope="session")
+def mail_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailSink]:
+    maildir = tmp_path_factory.mktemp("mail")
+    port = free_port()
+    controller = start_sink("127.0.0.1", port, maildir)
+    yield MailSink("127.0.0.1", port, maildir)
+    controller.stop()
