@@ -24,7 +24,7 @@ from sqlmodel import Session
 from temporalio import activity
 
 from activities.db import SentEmail
-from workflows.models import EmailRequest
+from workflows.models import EmailRequest, minor_unit_digits, round_money
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -67,10 +67,15 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _money(amount: Decimal | None, currency: str | None = None) -> str:
+def format_money(amount: Decimal | None, currency: str | None, language: str) -> str:
+    """`12,000.00 EUR` in English, `12 000,00 EUR` in French, in the currency's minor unit."""
     if amount is None:
         return "—"
-    return f"{amount:,.2f} {currency or ''}".strip()
+    digits = minor_unit_digits(currency or "")
+    text = f"{round_money(amount, currency or ''):,.{digits}f}"
+    if language == "fr":
+        text = text.replace(",", "\u202f").replace(".", ",")
+    return f"{text} {currency or ''}".strip()
 
 
 def render_email(request: EmailRequest) -> RenderedEmail:
@@ -88,7 +93,11 @@ def render_email(request: EmailRequest) -> RenderedEmail:
         return local(moment - timedelta(seconds=1))
 
     env = _environment()
-    env.filters.update(local=local, money=_money, deadline_day=deadline_day)
+
+    def money(amount: Decimal | None, currency: str | None = None) -> str:
+        return format_money(amount, currency, request.language)
+
+    env.filters.update(local=local, money=money, deadline_day=deadline_day)
     context = {"r": referral, "extra": request.extra}
     source = env.get_template(f"{request.language}/{request.template}.txt").render(context)
     first, _, body = source.strip().partition("\n")
@@ -117,9 +126,9 @@ def build_message(request: EmailRequest, rendered: RenderedEmail) -> EmailMessag
     message["Message-ID"] = message_id(request.key, request.sender)
     message["X-Referral-Id"] = request.referral.referral_id
     message["X-Idempotency-Key"] = request.key
-    message["Content-Language"] = request.language
     message.set_content(rendered.text)
     message.add_alternative(rendered.html, subtype="html")
+    message["Content-Language"] = request.language  # after set_content, which drops Content-*
     return message
 
 

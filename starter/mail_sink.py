@@ -13,7 +13,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 class MaildirHandler:
     def __init__(self, path: Path) -> None:
-        self.maildir = mailbox.Maildir(path, create=True)
+        for folder in ("tmp", "new", "cur"):  # also when `path` exists but is empty
+            (path / folder).mkdir(parents=True, exist_ok=True)
+        self.maildir = mailbox.Maildir(path, create=False)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or envelope.content or b""

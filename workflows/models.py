@@ -48,9 +48,13 @@ _MINOR_UNIT_DIGITS = {
 }
 
 
+def minor_unit_digits(currency: str) -> int:
+    return _MINOR_UNIT_DIGITS.get(currency.upper(), 2)
+
+
 def round_money(amount: Decimal, currency: str) -> Decimal:
     """Round half-up to the currency's minor unit: money never goes through float."""
-    digits = _MINOR_UNIT_DIGITS.get(currency.upper(), 2)
+    digits = minor_unit_digits(currency)
     return amount.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
 
 

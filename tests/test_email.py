@@ -1,0 +1,75 @@
+"""The email activity against a real SMTP server on loopback and a real database."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+from temporalio.testing import ActivityEnvironment
+
+from activities.db import SentEmail
+from activities.email import EmailActivities, SmtpSettings, message_id
+from tests.conftest import MailSink, free_port
+from tests.factories import state_at
+from workflows.models import EmailRequest, ProgramRules, Stage
+
+
+def request(rules: ProgramRules, key: str, template: str = "referrer_submitted") -> EmailRequest:
+    return EmailRequest(
+        key=key,
+        to=["claire.martin@conseil-martin.example"],
+        sender=str(rules.sender),
+        language="fr",
+        template=template,
+        referral=state_at(Stage.SUBMITTED, rules),
+    )
+
+
+def sent_to(sink: MailSink, key: str) -> list[str]:
+    return [str(m["Message-ID"]) for m in sink.messages() if m["X-Idempotency-Key"] == key]
+
+
+def test_sends_multipart_french_email_with_deterministic_id(
+    rules: ProgramRules, engine: Engine, mail_sink: MailSink
+) -> None:
+    activities = EmailActivities(engine, mail_sink.settings())
+    key = f"R-TEST000001/referrer/submitted/{engine.url.get_backend_name()}-1"
+    result = ActivityEnvironment().run(activities.send_email, request(rules, key))
+    assert result == message_id(key, str(rules.sender))
+    [message] = [m for m in mail_sink.messages() if m["X-Idempotency-Key"] == key]
+    assert message["To"] == "claire.martin@conseil-martin.example"
+    assert message["Content-Language"] == "fr"
+    assert "R-TEST000001" in message["Subject"]
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert text is not None and html is not None
+    assert "Fromagerie Bellevue" in text.get_content()
+    assert "Fromagerie Bellevue SAS" in html.get_content()
+    assert '<html lang="fr">' in html.get_content()
+
+
+def test_a_retried_send_does_not_send_twice(
+    rules: ProgramRules, engine: Engine, mail_sink: MailSink
+) -> None:
+    activities = EmailActivities(engine, mail_sink.settings())
+    key = f"R-TEST000001/referrer/contacted/{engine.url.get_backend_name()}-2"
+    env = ActivityEnvironment()
+    first = env.run(activities.send_email, request(rules, key, "referrer_contacted"))
+    second = env.run(activities.send_email, request(rules, key, "referrer_contacted"))
+    assert first == second
+    assert sent_to(mail_sink, key) == [first]
+
+
+def test_smtp_outage_raises_and_records_nothing(
+    rules: ProgramRules, engine: Engine, mail_sink: MailSink
+) -> None:
+    down = EmailActivities(engine, SmtpSettings(host="127.0.0.1", port=free_port()))
+    key = f"R-TEST000001/referrer/approved/{engine.url.get_backend_name()}-3"
+    with pytest.raises(OSError):
+        ActivityEnvironment().run(down.send_email, request(rules, key, "referrer_approved"))
+    with Session(engine) as session:
+        assert session.get(SentEmail, key) is None
+    # Once SMTP is back, the retry delivers exactly one message.
+    up = EmailActivities(engine, mail_sink.settings())
+    ActivityEnvironment().run(up.send_email, request(rules, key, "referrer_approved"))
+    assert len(sent_to(mail_sink, key)) == 1

@@ -1,0 +1,431 @@
+"""Every email template renders in both languages, escapes its HTML and keeps staff notes internal.
+
+Pure rendering: no Temporal, no SMTP. The referral states are built directly from the models,
+one per stage, as the workflow would snapshot them when the email is queued.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from markupsafe import escape
+
+from activities.email import TEMPLATES, RenderedEmail, render_email
+from workflows.models import (
+    Commission,
+    CommissionStatus,
+    Contact,
+    ContactWindow,
+    EmailRequest,
+    HistoryEntry,
+    Opportunity,
+    Payment,
+    Prospect,
+    ReferralState,
+    Referrer,
+    Stage,
+)
+
+EMAIL_DIR = TEMPLATES / "email"
+LANGUAGES = ("fr", "en")
+
+REFERRAL_ID = "R-7KQ2M9XW4T"
+COMPANY = "Dupont & <Fils>"
+COMPANY_HTML = "Dupont &amp; &lt;Fils&gt;"
+DOMAIN = "dupont-fils.example"
+PRODUCT_NAME = "CloudSuite Financials"
+REFERRER_EMAIL = "claire.martin@conseil-martin.example"
+STATUS_URL = "https://referrals.example/status/R-7KQ2M9XW4T?token=abc&lang=fr"
+
+# Staff-only material that must never reach the referrer.
+SECRET_NOTE = "SECRET-NOTE budget owner hostile, competitor cheaper"
+SECRET_REASON = "SECRET-REASON duplicate of an existing account"
+SECRET_ACTOR = "agent.secret-actor"
+
+# Received Monday 2025-03-03 (Paris); reminder after 3 business days, deadline after 5:
+# the deadline instant is 00:00 Paris at the end of Monday 2025-03-10.
+RECEIVED = datetime(2025, 3, 3, 9, 15, tzinfo=UTC)
+REMINDER_AT = datetime(2025, 3, 6, 23, 0, tzinfo=UTC)
+DEADLINE = datetime(2025, 3, 10, 23, 0, tzinfo=UTC)
+DEADLINE_DAY = "2025-03-10"
+PAYMENT_DUE = datetime(2025, 5, 2, 14, 0, tzinfo=UTC)
+
+REFERRER_TEMPLATES = {
+    "referrer_submitted": Stage.SUBMITTED,
+    "referrer_contacted": Stage.CONTACTED,
+    "referrer_qualifying": Stage.QUALIFYING,
+    "referrer_approved": Stage.APPROVED,
+    "referrer_won": Stage.WON,
+    "referrer_commission_payable": Stage.COMMISSION_PAYABLE,
+    "referrer_commission_paid": Stage.COMMISSION_PAID,
+    "referrer_declined": Stage.DECLINED,
+    "referrer_rejected": Stage.REJECTED,
+    "referrer_lost": Stage.LOST,
+    "referrer_cancelled": Stage.CANCELLED,
+}
+STAFF_TEMPLATES = {
+    "staff_new_referral": Stage.SUBMITTED,
+    "staff_contact_reminder": Stage.SUBMITTED,
+    "staff_contact_escalation": Stage.SUBMITTED,
+    "staff_sales_handoff": Stage.QUALIFYING,
+    "staff_deal_won": Stage.WON,
+    "staff_commission_payable": Stage.COMMISSION_PAYABLE,
+    "staff_payment_overdue": Stage.WON,
+}
+TEMPLATE_STAGES = {**REFERRER_TEMPLATES, **STAFF_TEMPLATES}
+
+
+def template_names(language: str) -> set[str]:
+    """The message templates of one language (partials and the layout start with `_`)."""
+    return {p.stem for p in (EMAIL_DIR / language).glob("*.txt") if not p.name.startswith("_")}
+
+
+def template_files(language: str) -> set[str]:
+    return {p.name for p in (EMAIL_DIR / language).iterdir() if p.is_file()}
+
+
+def _window() -> ContactWindow:
+    return ContactWindow(
+        received_at=RECEIVED,
+        reminder_at=REMINDER_AT,
+        deadline=DEADLINE,
+        country="FR",
+        timezone="Europe/Paris",
+        holidays_version="0.60",
+    )
+
+
+def _entry(day: int, month: int, action: str, note: str | None = None) -> HistoryEntry:
+    return HistoryEntry(
+        at=datetime(2025, month, day, 10, 0, tzinfo=UTC),
+        action=action,
+        actor=SECRET_ACTOR,
+        note=note,
+    )
+
+
+def make_state(stage: Stage, *, language: str = "fr", minimal: bool = False) -> ReferralState:
+    """A realistic referral snapshot at `stage`; `minimal` leaves every optional field empty."""
+    window = _window()
+    state = ReferralState(
+        referral_id=REFERRAL_ID,
+        stage=stage,
+        referrer=Referrer(
+            name="Claire Martin",
+            email=REFERRER_EMAIL,
+            company="Conseil Martin & Associés",
+            phone=None if minimal else "+33 6 12 34 56 78",
+            language=language,
+        ),
+        prospect=Prospect(
+            company=COMPANY,
+            website=f"https://www.{DOMAIN}/",
+            country="FR",
+            industry=None if minimal else "Agroalimentaire",
+            sector="private",
+        ),
+        prospect_domain=DOMAIN,
+        contact=Contact(
+            name="Julien Roche",
+            email=f"j.roche@{DOMAIN}",
+            title=None if minimal else "Directeur administratif et financier",
+            phone=None if minimal else "+33 4 72 00 00 00",
+        ),
+        opportunity=Opportunity(
+            product="cloudsuite-financials",
+            estimated_annual_value=None if minimal else Decimal("180000.00"),
+            currency=None if minimal else "EUR",
+            notes=None if minimal else "Remplacement d'un ERP vieillissant sur trois sites.",
+        ),
+        product_name=PRODUCT_NAME,
+        submitted_at=window.received_at,
+        contact_reminder_at=window.reminder_at,
+        contact_deadline=window.deadline,
+        contact_calendar=window,
+        history=[HistoryEntry(at=RECEIVED, action="submitted", actor="referrer")],
+    )
+    history = state.history
+    path = {
+        Stage.SUBMITTED: [],
+        Stage.CONTACTED: [Stage.CONTACTED],
+        Stage.QUALIFYING: [Stage.CONTACTED, Stage.QUALIFYING],
+        Stage.APPROVED: [Stage.CONTACTED, Stage.QUALIFYING, Stage.APPROVED],
+        Stage.WON: [Stage.CONTACTED, Stage.QUALIFYING, Stage.APPROVED, Stage.WON],
+        Stage.COMMISSION_PAYABLE: [
+            Stage.CONTACTED,
+            Stage.QUALIFYING,
+            Stage.APPROVED,
+            Stage.WON,
+            Stage.COMMISSION_PAYABLE,
+        ],
+        Stage.COMMISSION_PAID: [
+            Stage.CONTACTED,
+            Stage.QUALIFYING,
+            Stage.APPROVED,
+            Stage.WON,
+            Stage.COMMISSION_PAYABLE,
+            Stage.COMMISSION_PAID,
+        ],
+        Stage.DECLINED: [Stage.CONTACTED, Stage.DECLINED],
+        Stage.REJECTED: [Stage.CONTACTED, Stage.QUALIFYING, Stage.REJECTED],
+        Stage.LOST: [Stage.CONTACTED, Stage.QUALIFYING, Stage.APPROVED, Stage.LOST],
+        Stage.CANCELLED: [
+            Stage.CONTACTED,
+            Stage.QUALIFYING,
+            Stage.APPROVED,
+            Stage.WON,
+            Stage.CANCELLED,
+        ],
+    }[stage]
+    for step in path:
+        if step is Stage.CONTACTED:
+            history.append(_entry(4, 3, "contacted", SECRET_NOTE))
+        elif step is Stage.QUALIFYING:
+            history.append(_entry(5, 3, "accept", SECRET_NOTE))
+        elif step is Stage.APPROVED:
+            history.append(_entry(14, 3, "approve", SECRET_NOTE))
+        elif step is Stage.WON:
+            history.append(_entry(2, 4, "won", "amount 120000.00 EUR; payment terms 30 days"))
+            state.payment_terms_days = 30
+            state.payment_due_at = PAYMENT_DUE
+            state.commission = Commission(
+                basis_amount=Decimal("120000.00"),
+                rate=Decimal("0.10"),
+                amount=Decimal("12000.00"),
+                currency="EUR",
+            )
+            # Between the deal and full payment: one partial payment, two overdue reminders.
+            state.payments.append(
+                Payment(
+                    at=datetime(2025, 5, 20, 9, 0, tzinfo=UTC),
+                    amount=Decimal("40000.00"),
+                    reference="VIR-2025-0520",
+                )
+            )
+            state.commission.customer_paid = Decimal("40000.00")
+            state.payment_reminders_sent = 2
+        elif step is Stage.COMMISSION_PAYABLE:
+            assert state.commission is not None
+            history.append(_entry(12, 6, "payment", "amount 80000.00 EUR; reference VIR-2025-0612"))
+            state.payments.append(
+                Payment(
+                    at=datetime(2025, 6, 12, 9, 0, tzinfo=UTC),
+                    amount=Decimal("80000.00"),
+                    reference="VIR-2025-0612",
+                )
+            )
+            state.commission.customer_paid = Decimal("120000.00")
+            state.commission.status = CommissionStatus.PAYABLE
+        elif step is Stage.COMMISSION_PAID:
+            assert state.commission is not None
+            history.append(_entry(20, 6, "payout", "reference PAYOUT-2025-0042"))
+            state.commission.status = CommissionStatus.PAID
+            state.commission.payout_reference = "PAYOUT-2025-0042"
+        elif step in (Stage.DECLINED, Stage.REJECTED, Stage.LOST, Stage.CANCELLED):
+            history.append(_entry(21, 6, step.value, SECRET_REASON))
+            if step is Stage.CANCELLED and state.commission is not None:
+                state.commission.status = CommissionStatus.VOID
+    if stage is Stage.SUBMITTED:
+        state.contact_reminder_sent = True
+        state.contact_sla_breached = True
+    if minimal and state.commission is not None:
+        state.payment_terms_days = None
+    return ReferralState.model_validate(state.model_dump())
+
+
+def render(
+    template: str,
+    language: str,
+    *,
+    extra: dict[str, str] | None = None,
+    minimal: bool = False,
+) -> RenderedEmail:
+    state = make_state(TEMPLATE_STAGES[template], language=language, minimal=minimal)
+    return render_email(
+        EmailRequest(
+            key=f"{REFERRAL_ID}/{template}",
+            to=["someone@example.com"],
+            sender="referrals@example.com",
+            language=language,
+            template=template,
+            referral=state,
+            extra=extra or {},
+        )
+    )
+
+
+ALL_CASES = [(name, lang) for lang in LANGUAGES for name in sorted(template_names(lang))]
+REFERRER_CASES = [(n, lang) for n, lang in ALL_CASES if n.startswith("referrer_")]
+STAFF_CASES = [(n, lang) for n, lang in ALL_CASES if n.startswith("staff_")]
+
+
+# --- the set of templates ---------------------------------------------------------------------
+
+
+def test_both_languages_have_the_same_files() -> None:
+    assert template_files("fr") == template_files("en")
+    for lang in LANGUAGES:
+        assert "_layout.html" in template_files(lang)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_expected_template_exists(language: str) -> None:
+    assert template_names(language) == set(TEMPLATE_STAGES)
+
+
+def test_every_stage_has_a_referrer_template() -> None:
+    # The workflow sends `referrer_{stage}` on every stage change.
+    assert {f"referrer_{stage.value}" for stage in Stage} == set(REFERRER_TEMPLATES)
+
+
+# --- every template, both languages -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("template", "language"), ALL_CASES)
+def test_renders_subject_text_and_escaped_html(template: str, language: str) -> None:
+    email = render(template, language)
+
+    assert email.subject
+    assert "\n" not in email.subject
+    assert REFERRAL_ID in email.subject or COMPANY in email.subject
+    assert REFERRAL_ID in email.text
+    assert email.text.endswith("\n") and not email.text.startswith("\n")
+    assert "\n\n\n" not in email.text
+    assert "None" not in email.text and "None" not in email.subject
+
+    # Plain text keeps the raw name; HTML escapes it everywhere (title, heading, body).
+    assert COMPANY in email.subject
+    assert COMPANY in email.text
+    assert COMPANY_HTML in email.html
+    assert "&lt;Fils&gt;" in email.html
+    assert "<Fils>" not in email.html
+
+    assert email.html.lstrip().lower().startswith("<!doctype html>")
+    assert f'<html lang="{language}">' in email.html
+    assert f"<title>{escape(email.subject)}</title>" in email.html
+    footer = email.html.rsplit("</p>", 1)[-1]
+    assert "Referral Desk" in footer and REFERRAL_ID in footer
+    for external in ("<img", "<link", "<script", "src=", "url("):  # self-contained
+        assert external not in email.html
+
+
+@pytest.mark.parametrize(("template", "language"), ALL_CASES)
+def test_renders_with_every_optional_field_empty(template: str, language: str) -> None:
+    email = render(template, language, minimal=True)
+    assert REFERRAL_ID in email.text
+    assert "None" not in email.text
+    assert "\n\n\n" not in email.text
+
+
+# --- referrer emails --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("template", "language"), REFERRER_CASES)
+def test_referrer_emails_keep_staff_notes_internal(template: str, language: str) -> None:
+    email = render(template, language)
+    for secret in ("SECRET", SECRET_NOTE, SECRET_REASON, SECRET_ACTOR):
+        assert secret not in email.subject
+        assert secret not in email.text
+        assert secret not in email.html
+
+
+@pytest.mark.parametrize(("template", "language"), REFERRER_CASES)
+def test_referrer_emails_link_the_status_page_when_known(template: str, language: str) -> None:
+    with_link = render(template, language, extra={"status_url": STATUS_URL})
+    assert STATUS_URL in with_link.text
+    assert STATUS_URL.replace("&", "&amp;") in with_link.html
+    without = render(template, language)
+    assert "referrals.example/status" not in without.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_submitted_acknowledgement(language: str) -> None:
+    email = render("referrer_submitted", language, extra={"status_url": STATUS_URL})
+    assert STATUS_URL in email.text
+    assert DEADLINE_DAY in email.text  # the last day allowed, not the 00:00 instant after it
+    assert "2025-03-11" not in email.text
+    assert PRODUCT_NAME in email.text
+    if language == "fr":
+        assert f"au plus tard le {DEADLINE_DAY}" in email.text
+        assert "secteur public" in email.text
+        assert "3 à 5 jours ouvrés" in email.text
+    else:
+        assert f"by {DEADLINE_DAY}" in email.text
+        assert "public-sector" in email.text
+        assert "3 to 5 business days" in email.text
+
+
+def eur(english: str, language: str) -> str:
+    """An amount as the email shows it: `12,000.00 EUR` in English, `12 000,00 EUR` in French."""
+    if language == "fr":
+        english = english.replace(",", "\u202f").replace(".", ",")
+    return f"{english} EUR"
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_money_and_references_reach_the_referrer(language: str) -> None:
+    assert eur("12,000.00", language) in render("referrer_won", language).text
+    assert eur("12,000.00", language) in render("referrer_commission_payable", language).text
+    paid = render("referrer_commission_paid", language).text
+    assert eur("12,000.00", language) in paid
+    assert "PAYOUT-2025-0042" in paid
+
+
+# --- staff emails -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("template", "language"), STAFF_CASES)
+def test_staff_emails_identify_the_referral(template: str, language: str) -> None:
+    email = render(template, language)
+    assert DOMAIN in email.text
+    assert PRODUCT_NAME in email.text
+    assert "Claire Martin" in email.text
+    assert REFERRER_EMAIL in email.text
+    assert "Conseil Martin & Associés" in email.text
+    assert "Conseil Martin &amp; Associés" in email.html
+    # Ends with the command to run next.
+    last = email.text.strip().splitlines()[-1]
+    assert last.startswith("$ referrals ") and REFERRAL_ID in last
+    assert "<code" in email.html
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_staff_emails_carry_the_numbers(language: str) -> None:
+    new = render("staff_new_referral", language).text
+    assert DEADLINE_DAY in new and "2025-03-11" not in new
+    assert f"$ referrals contacted {REFERRAL_ID}" in new
+    assert "Julien Roche" in new and f"j.roche@{DOMAIN}" in new
+    assert eur("180,000.00", language) in new
+    assert "Remplacement d'un ERP" in new
+
+    assert DEADLINE_DAY in render("staff_contact_reminder", language).text
+    assert DEADLINE_DAY in render("staff_contact_escalation", language).text
+
+    handoff = render("staff_sales_handoff", language).text
+    assert f"$ referrals approve {REFERRAL_ID}" in handoff
+    assert f"$ referrals reject {REFERRAL_ID}" in handoff
+
+    won = render("staff_deal_won", language).text
+    assert eur("120,000.00", language) in won and eur("12,000.00", language) in won
+    assert "2025-05-02" in won
+    assert f"$ referrals payment {REFERRAL_ID}" in won
+
+    payable = render("staff_commission_payable", language).text
+    assert eur("12,000.00", language) in payable and eur("120,000.00", language) in payable
+    assert f"$ referrals payout {REFERRAL_ID} --reference" in payable
+
+    overdue = render("staff_payment_overdue", language)
+    assert "2025-05-02" in overdue.text
+    assert (
+        eur("40,000.00", language) in overdue.text and eur("120,000.00", language) in overdue.text
+    )
+    assert eur("80,000.00", language) in overdue.text
+    assert ("n° 2" if language == "fr" else "#2") in overdue.subject
+    assert f"$ referrals payment {REFERRAL_ID}" in overdue.text
+
+
+def test_templates_directory_is_the_one_rendered() -> None:
+    assert EMAIL_DIR == Path(__file__).resolve().parent.parent / "templates" / "email"
