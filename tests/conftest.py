@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
+from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -23,6 +24,7 @@ from activities.db import make_engine
 from activities.email import SmtpSettings
 from starter.mail_sink import start_sink
 from starter.program import load_program
+from worker import build_worker
 from workflows.models import ProgramRules
 from workflows.referral import DOMAIN_KEY, PRODUCT_KEY, REFERRER_KEY, SLA_KEY, STAGE_KEY
 
@@ -118,3 +120,31 @@ def mail_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailSink]:
     controller = start_sink("127.0.0.1", port, maildir)
     yield MailSink("127.0.0.1", port, maildir)
     controller.stop()
+
+
+@dataclass
+class Live:
+    """A real worker (real activities) on the dev server, with its database and mail sink."""
+
+    client: Client
+    engine: Engine
+    database_url: str
+    sink: MailSink
+    address: str
+
+
+@pytest_asyncio.fixture(scope="session")
+async def live(
+    dev_env: WorkflowEnvironment, mail_sink: MailSink, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Live]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'referrals.db'}"
+    engine = make_engine(url)
+    worker = build_worker(dev_env.client, engine, mail_sink.settings(), queue="referrals")
+    async with worker:
+        yield Live(
+            client=dev_env.client,
+            engine=engine,
+            database_url=url,
+            sink=mail_sink,
+            address=dev_env.client.service_client.config.target_host,
+        )
