@@ -119,16 +119,29 @@ async def test_walk_a_referral_through_every_step(cli, tmp_path: Path) -> None: 
     assert state["commission"]["customer_paid"] == "180000.00"
     assert state["commission"]["status"] == "paid"
     actions = [(h["action"], h["actor"]) for h in state["history"]]
-    assert actions[:3] == [("submitted", "desk-anna"), ("contacted", "bob"), ("accept", "desk-anna")]
+    assert actions[:3] == [
+        ("submitted", "desk-anna"),
+        ("contacted", "bob"),
+        ("accept", "desk-anna"),
+    ]
     refused(await cli("payout", rid, "--reference", "again"), "closed")
 
     readable = await cli("show", rid)
-    assert readable.code == 0 and "commission_paid" in readable.out and "phoned Claire" in readable.out
+    assert (
+        readable.code == 0 and "commission_paid" in readable.out and "phoned Claire" in readable.out
+    )
 
     ledger = json.loads((await cli("commissions", "--json")).out)
     [row] = [r for r in ledger if r["referral_id"] == rid]
     assert row["status"] == "paid" and row["amount"] == "18000.00" and row["currency"] == "EUR"
-    assert set(row) >= {"referral_id", "referrer_email", "amount", "currency", "status", "updated_at"}
+    assert set(row) >= {
+        "referral_id",
+        "referrer_email",
+        "amount",
+        "currency",
+        "status",
+        "updated_at",
+    }
     exported = (await cli("commissions", "--status", "paid", "--csv")).out
     assert rid in [r["referral_id"] for r in csv.DictReader(io.StringIO(exported))]
 

@@ -15,7 +15,7 @@ from activities.db import CommissionRow, ProspectClaim
 from starter.intake import DuplicateReferral, submit_referral
 from tests.conftest import Live
 from tests.factories import submission
-from workflows.models import Action, ProgramRules, ReferralState, Stage, StaffAction
+from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 15) -> None:
@@ -102,9 +102,7 @@ async def test_search_attributes_summary_and_details(live: Live, rules: ProgramR
 async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -> None:
     site = unique_site()
     attempts = [
-        submit_referral(
-            live.client, live.engine, rules, submission(**{"prospect.website": site})
-        )
+        submit_referral(live.client, live.engine, rules, submission(**{"prospect.website": site}))
         for _ in range(8)
     ]
     results = await asyncio.gather(*attempts, return_exceptions=True)
