@@ -282,7 +282,7 @@ def cmd_commissions(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from starter.dev import run_dev
 
-    return run_dev()
+    return run_dev(Path(args.config))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    add("dev", cmd_dev, "run the local stack: Temporal dev server and UI, worker, mail sink")
+    sub = add("dev", cmd_dev, "run the local stack: Temporal dev server and UI, worker, mail sink")
+    sub.add_argument("--config", default="temporal-dev.yaml", help="the stack's settings")
     add("worker", cmd_worker, "run a worker on the referrals task queue")
     add("submit", cmd_submit, "submit a referral from a JSON file").add_argument("file")
     sub = add("list", cmd_list, "list referrals")

@@ -89,8 +89,8 @@ def server_command(stack: DevStack) -> list[str]:
     return command
 
 
-def run_dev() -> int:
-    stack = load_stack()
+def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
+    stack = load_stack(config)
     rules = load_program()  # a bad program.yaml stops here, before anything starts
     t, sink = stack.temporal, stack.mail_sink
     for host, port, what in [(t.ip, t.port, "Temporal"), (sink.host, sink.port, "mail sink")]:
@@ -152,10 +152,9 @@ Try: referrals submit examples/referral.json   (Ctrl-C stops everything)
         print(f"referrals dev: {error}", file=sys.stderr)
         return 1
     finally:
-        for process in reversed(processes):
+        for process in reversed(processes):  # worker first, Temporal server last
             if process.poll() is None:
                 process.terminate()
-        for process in reversed(processes):
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:

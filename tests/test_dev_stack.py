@@ -1,0 +1,89 @@
+"""`referrals dev` (what `make run` runs): comes up, sends mail, stops on Ctrl-C, keeps data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, free_port
+
+REFERRALS = str(Path(sys.executable).parent / "referrals")
+
+
+def start_stack(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [REFERRALS, "dev", "--config", str(config)],
+        cwd=config.parent,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while b"Referral Desk is running" not in log.read_bytes():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.3)
+    return process
+
+
+def stop_stack(process: subprocess.Popen[bytes]) -> None:
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does to the foreground group
+    assert process.wait(timeout=60) == 0
+
+
+def referrals(env: dict[str, str], cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        [REFERRALS, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
+    ports = {"temporal": free_port(), "ui": free_port(), "smtp": free_port()}
+    stack = yaml.safe_load((ROOT / "temporal-dev.yaml").read_text())
+    stack["temporal"].update(port=ports["temporal"], ui_port=ports["ui"])
+    stack["mail_sink"]["port"] = ports["smtp"]
+    config = tmp_path / "temporal-dev.yaml"
+    config.write_text(yaml.safe_dump(stack))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "REFERRALS_"))},
+        "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
+    }
+    client_env = {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}"}
+    process = start_stack(config, env, tmp_path / "first-run.log")
+    try:
+        referral_id = referrals(
+            client_env, tmp_path, "submit", str(ROOT / "examples" / "referral.json")
+        ).strip()
+        maildir = tmp_path / ".data" / "mail" / "new"
+        deadline = time.monotonic() + 30
+        while len(list(maildir.glob("*"))) < 2:  # the referrer's receipt and the desk's notice
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert referral_id.encode() in b"".join(p.read_bytes() for p in maildir.iterdir())
+    finally:
+        stop_stack(process)
+    assert not any(listening(port) for port in ports.values())
+
+    process = start_stack(config, env, tmp_path / "second-run.log")
+    try:
+        shown = referrals(client_env, tmp_path, "show", referral_id)
+        assert "stage: submitted" in shown
+        listed = referrals(client_env, tmp_path, "list", "--stage", "submitted")
+        assert referral_id in listed
+    finally:
+        stop_stack(process)
