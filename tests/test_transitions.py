@@ -95,6 +95,8 @@ def test_every_stage_and_action(stage: Stage, action: Action, rules: ProgramRule
         (Action.WON, {"amount": None}),
         (Action.WON, {"amount": Decimal("0")}),
         (Action.WON, {"amount": Decimal("-5")}),
+        (Action.WON, {"amount": Decimal("0.004")}),  # rounds to 0.00 EUR
+        (Action.PAYMENT, {"amount": Decimal("0.001")}),
         (Action.WON, {"currency": "euro"}),
         (Action.WON, {"payment_terms_days": 400}),
         (Action.PAYMENT, {"amount": Decimal("-1")}),

@@ -75,7 +75,6 @@ class Desk:
     ledger: list[CommissionRecord] = field(default_factory=list)
     releases: list[ProspectRelease] = field(default_factory=list)
     handles: list[WorkflowHandle[Any, Any]] = field(default_factory=list)
-    windows: dict[str, ContactWindow] = field(default_factory=dict)
 
     # --- activity stand-ins ---------------------------------------------------------------
 
@@ -140,7 +139,6 @@ class Desk:
             **extra,
         )
         self.handles.append(handle)
-        self.windows[handle.id] = window
         return handle, window
 
     # --- what was recorded ----------------------------------------------------------------
@@ -391,7 +389,7 @@ def system_entries(state: ReferralState) -> list[tuple[str, datetime]]:
 # A Temporal timer starts when the workflow task that set it completes, while the workflow
 # computed its duration from that task's start (workflow.now()): it fires at its instant plus
 # the few milliseconds the task took, never before. Days-scale timers, so a small slack.
-TIMER_SLACK = timedelta(seconds=10)
+TIMER_SLACK = timedelta(seconds=1)
 
 
 def assert_fired_at(entries: list[tuple[str, datetime]], expected: list[tuple[str, datetime]]):
@@ -707,7 +705,7 @@ async def test_contact_recorded_before_deadline_is_not_escalated_when_the_worker
     desk = Desk(time_env, rules)
     received_at = await time_env.get_current_time()
     window = contact_window(received_at, rules.calendar, rules.contact).model_copy(
-        update={"reminder_at": received_at, "deadline": received_at + timedelta(seconds=3)}
+        update={"reminder_at": received_at, "deadline": received_at + timedelta(seconds=4)}
     )
     try:
         async with desk.worker(max_cached_workflows=0):  # no sticky queue: worker B gets it all
@@ -753,13 +751,6 @@ async def test_contact_recorded_before_deadline_is_not_escalated_when_the_worker
     assert "staff_contact_escalation" not in [s.request.template for s in desk.emails]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG workflows/transitions.py _refuse_values(): `won` checks amount > 0 before "
-    "round_money, so --amount 0.004 EUR is accepted and recorded as a 0.00 EUR basis "
-    "(commission 0.00), which any later payment (even 0.004, recorded as 0.00) makes payable.",
-)
 async def test_won_amount_that_rounds_to_zero_is_refused(
     time_env: WorkflowEnvironment, rules: ProgramRules
 ):

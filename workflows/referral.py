@@ -113,7 +113,8 @@ class ReferralWorkflow:
                     await workflow.wait_condition(self._changed_since(seen), timeout=wait)
                     continue
                 except TimeoutError:
-                    pass
+                    if self._version != seen:  # a handler ran in the same task: re-decide
+                        continue
             fire()
         self._publish()
         await workflow.wait_condition(lambda: not self._mail and not self._records)

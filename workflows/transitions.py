@@ -77,13 +77,20 @@ def _refuse_values(state: ReferralState, request: StaffAction, rules: ProgramRul
     action = request.action
     if action in NEEDS_REASON and not (request.reason or "").strip():
         return f"{action.value} needs a reason (--reason)"
-    if action in (Action.WON, Action.PAYMENT):
-        if request.amount is None or not request.amount.is_finite() or request.amount <= 0:
-            return f"{action.value} needs a positive amount (--amount)"
     if action is Action.WON:
         currency = (request.currency or "").strip().upper()
         if not re.fullmatch(r"[A-Z]{3}", currency):
             return "won needs an ISO 4217 currency code (--currency), e.g. EUR"
+    if action in (Action.WON, Action.PAYMENT):
+        currency = (
+            (request.currency or "").strip().upper()
+            if action is Action.WON
+            else (state.commission.currency if state.commission else "EUR")
+        )
+        amount = request.amount
+        if amount is None or not amount.is_finite() or round_money(amount, currency) <= 0:
+            return f"{action.value} needs a positive amount (--amount) in {currency}"
+    if action is Action.WON:
         if rules.commission.cap is not None and currency != rules.commission.currency:
             return (
                 f"the program caps commissions in {rules.commission.currency}; "
