@@ -6,6 +6,7 @@ things with the same messages.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.db import ProspectClaim
 from starter.client import task_queue
 from starter.contact_window import contact_window
+from starter.links import status_url
 from workflows.models import ProgramRules, ReferralInput, Submission
 from workflows.referral import ReferralWorkflow
 
@@ -33,6 +35,7 @@ _ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 class FieldError:
     field: str
     message: str
+    code: str = "invalid"  # lets the web form say it in the visitor's language
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
@@ -57,7 +60,7 @@ def parse_submission(data: Any) -> Submission:
     except ValidationError as error:
         raise SubmissionRefused(
             [
-                FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"])
+                FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"], e["type"])
                 for e in error.errors()
             ]
         ) from error
@@ -72,6 +75,7 @@ def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[Fiel
                 "prospect.sector",
                 "public-sector opportunities are not eligible for referral commissions "
                 "(program rule: public sector excluded)",
+                "public_sector",
             )
         )
     product = rules.product(submission.opportunity.product)
@@ -81,6 +85,7 @@ def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[Fiel
             FieldError(
                 "opportunity.product",
                 f"unknown product {submission.opportunity.product!r} (eligible: {known})",
+                "unknown_product",
             )
         )
     elif not product.multi_tenant_cloud:
@@ -89,11 +94,16 @@ def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[Fiel
                 "opportunity.product",
                 f"{product.name} is not a multi-tenant cloud product; only multi-tenant cloud "
                 "products are eligible",
+                "product_not_eligible",
             )
         )
     if not submission.consent:
         errors.append(
-            FieldError("consent", "the contact's permission to share their details is required")
+            FieldError(
+                "consent",
+                "the contact's permission to share their details is required",
+                "consent_required",
+            )
         )
     return errors
 
@@ -102,31 +112,50 @@ def new_referral_id() -> str:
     return "R-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
 
 
-async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_id: str) -> None:
-    """Record `referral_id` as the prospect's open referral; the primary key decides races."""
+def _insert_claim(engine: Engine, domain: str, referral_id: str) -> bool:
     try:
         with Session(engine) as session:
             session.add(ProspectClaim(domain=domain, referral_id=referral_id))
             session.commit()
-        return
+        return True
     except IntegrityError:
-        pass
+        return False
+
+
+def _current_claim(engine: Engine, domain: str) -> ProspectClaim | None:
     with Session(engine) as session:
-        existing = session.get(ProspectClaim, domain)
-    if existing is None:  # released meanwhile: try once more
-        return await _claim_prospect(client, engine, domain, referral_id)
-    if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
-        raise DuplicateReferral(domain, existing.referral_id)
+        return session.get(ProspectClaim, domain)
+
+
+def _take_over_claim(engine: Engine, domain: str, stale_id: str, referral_id: str) -> bool:
     with Session(engine) as session:
         taken = session.exec(
             update(ProspectClaim)
             .where(ProspectClaim.domain == domain)  # type: ignore[arg-type]
-            .where(ProspectClaim.referral_id == existing.referral_id)  # type: ignore[arg-type]
+            .where(ProspectClaim.referral_id == stale_id)  # type: ignore[arg-type]
             .values(referral_id=referral_id, claimed_at=datetime.now(UTC))
         )
         session.commit()
-    if taken.rowcount != 1:
-        raise DuplicateReferral(domain, existing.referral_id)
+        return bool(taken.rowcount == 1)
+
+
+async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_id: str) -> None:
+    """Record `referral_id` as the prospect's open referral; the primary key decides races.
+    Database calls run in threads so concurrent submissions really do race."""
+    for _ in range(3):
+        if await asyncio.to_thread(_insert_claim, engine, domain, referral_id):
+            return
+        existing = await asyncio.to_thread(_current_claim, engine, domain)
+        if existing is None:  # released meanwhile: try again
+            continue
+        if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
+            raise DuplicateReferral(domain, existing.referral_id)
+        if await asyncio.to_thread(
+            _take_over_claim, engine, domain, existing.referral_id, referral_id
+        ):
+            return
+    claim = await asyncio.to_thread(_current_claim, engine, domain)
+    raise DuplicateReferral(domain, claim.referral_id if claim else "unknown")
 
 
 async def _referral_is_open(client: Client, referral_id: str, claimed_at: datetime) -> bool:
@@ -177,6 +206,7 @@ async def submit_referral(
                 rules=rules,
                 contact_window=window,
                 submitted_by=submitted_by,
+                status_url=status_url(referral_id),
             ),
             id=referral_id,
             task_queue=task_queue(),
@@ -186,6 +216,6 @@ async def submit_referral(
             ),
         )
     except BaseException:
-        release_claim(engine, domain, referral_id)
+        await asyncio.to_thread(release_claim, engine, domain, referral_id)
         raise
     return referral_id

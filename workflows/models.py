@@ -307,6 +307,8 @@ class ReferralInput(BaseModel):
     rules: ProgramRules
     contact_window: ContactWindow
     submitted_by: str = "referrer"
+    # The referrer's signed status page, linked from their emails (None: no link).
+    status_url: str | None = None
     # False only where the server has no custom search attributes (the time-skipping test server).
     index_search_attributes: bool = True
 

@@ -64,6 +64,7 @@ class ReferralWorkflow:
         product = input.rules.product(submission.opportunity.product)
         self._rules: ProgramRules = input.rules
         self._indexed = input.index_search_attributes
+        self._referrer_extra = {"status_url": input.status_url} if input.status_url else {}
         self._state = ReferralState(
             referral_id=input.referral_id,
             stage=Stage.SUBMITTED,
@@ -192,6 +193,7 @@ class ReferralWorkflow:
             state.referrer.language,
             f"referrer_{state.stage.value}",
             snapshot,
+            self._referrer_extra,
         )
         notice = STAFF_NOTICE.get(state.stage)
         if notice is not None:
@@ -220,7 +222,13 @@ class ReferralWorkflow:
         )
 
     def _queue_email(
-        self, key: str, to: list[str], language: str, template: str, snapshot: ReferralState
+        self,
+        key: str,
+        to: list[str],
+        language: str,
+        template: str,
+        snapshot: ReferralState,
+        extra: dict[str, str] | None = None,
     ) -> None:
         request = EmailRequest(
             key=key,
@@ -229,6 +237,7 @@ class ReferralWorkflow:
             language=language,  # type: ignore[arg-type]
             template=template,
             referral=snapshot,
+            extra=extra or {},
         )
         self._mail.append(
             lambda: workflow.execute_activity(
