@@ -285,6 +285,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(Path(args.config))
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from starter.web import run_web
+
+    run_web(args.host, args.port)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import worker
 
@@ -314,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("dev", cmd_dev, "run the local stack: Temporal dev server and UI, worker, mail sink")
     sub.add_argument("--config", default="temporal-dev.yaml", help="the stack's settings")
     add("worker", cmd_worker, "run a worker on the referrals task queue")
+    sub = add("web", cmd_web, "run the intake web app (form, JSON API, status pages)")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8000)
     add("submit", cmd_submit, "submit a referral from a JSON file").add_argument("file")
     sub = add("list", cmd_list, "list referrals")
     sub.add_argument("--stage", choices=[s.value for s in Stage])
@@ -387,3 +397,7 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

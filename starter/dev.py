@@ -38,10 +38,16 @@ class MailSinkSettings(Strict):
     maildir: Path = Path(".data/mail")
 
 
+class WebSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
 class DevStack(Strict):
     temporal: TemporalSettings = TemporalSettings()
     search_attributes: dict[str, Literal["Keyword", "Bool", "Text", "Int", "Double", "Datetime"]]
     mail_sink: MailSinkSettings = MailSinkSettings()
+    web: WebSettings = WebSettings()
 
 
 def load_stack(path: Path = Path("temporal-dev.yaml")) -> DevStack:
@@ -92,8 +98,12 @@ def server_command(stack: DevStack) -> list[str]:
 def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     stack = load_stack(config)
     rules = load_program()  # a bad program.yaml stops here, before anything starts
-    t, sink = stack.temporal, stack.mail_sink
-    for host, port, what in [(t.ip, t.port, "Temporal"), (sink.host, sink.port, "mail sink")]:
+    t, sink, web = stack.temporal, stack.mail_sink, stack.web
+    for host, port, what in [
+        (t.ip, t.port, "Temporal"),
+        (sink.host, sink.port, "mail sink"),
+        (web.host, web.port, "web app"),
+    ]:
         if _listening(host, port):
             print(f"referrals dev: {host}:{port} ({what}) is already in use", file=sys.stderr)
             return 1
@@ -104,6 +114,10 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
         "TEMPORAL_NAMESPACE": t.namespace,
         "REFERRALS_SMTP_HOST": os.environ.get("REFERRALS_SMTP_HOST", sink.host),
         "REFERRALS_SMTP_PORT": os.environ.get("REFERRALS_SMTP_PORT", str(sink.port)),
+        "REFERRALS_PUBLIC_URL": os.environ.get(
+            "REFERRALS_PUBLIC_URL", f"http://{web.host}:{web.port}"
+        ),
+        "REFERRALS_DEV_MAILDIR": str(sink.maildir.resolve()),
     }
     processes: list[subprocess.Popen[bytes]] = []
     names: dict[int, str] = {}
@@ -129,6 +143,20 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
         )  # fmt: skip
         _wait_for_port(sink.host, sink.port, mail, 30)
         start("worker", [sys.executable, "-m", "worker"])
+        app = start(
+            "web app",
+            [
+                sys.executable,
+                "-m",
+                "starter.cli",
+                "web",
+                "--host",
+                web.host,
+                "--port",
+                str(web.port),
+            ],
+        )
+        _wait_for_port(web.host, web.port, app, 60)
         print(
             f"""
 Referral Desk is running ({rules.name}).
@@ -136,6 +164,8 @@ Referral Desk is running ({rules.name}).
   Temporal UI       http://{t.ip}:{t.ui_port}/namespaces/{t.namespace}/workflows
   Worker            task queue {os.environ.get("REFERRALS_TASK_QUEUE", "referrals")}
   Mail sink         {sink.host}:{sink.port}, every email kept in {sink.maildir}/new
+  Intake form       http://{web.host}:{web.port}/
+  Dev mailbox       http://{web.host}:{web.port}/dev/mail
 Try: referrals submit examples/referral.json   (Ctrl-C stops everything)
 """,
             flush=True,

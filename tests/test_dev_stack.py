@@ -53,10 +53,11 @@ def listening(port: int) -> bool:
 
 
 def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
-    ports = {"temporal": free_port(), "ui": free_port(), "smtp": free_port()}
+    ports = {"temporal": free_port(), "ui": free_port(), "smtp": free_port(), "web": free_port()}
     stack = yaml.safe_load((ROOT / "temporal-dev.yaml").read_text())
     stack["temporal"].update(port=ports["temporal"], ui_port=ports["ui"])
     stack["mail_sink"]["port"] = ports["smtp"]
+    stack["web"]["port"] = ports["web"]
     config = tmp_path / "temporal-dev.yaml"
     config.write_text(yaml.safe_dump(stack))
     env = {
