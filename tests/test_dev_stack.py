@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import yaml
 
@@ -76,6 +77,11 @@ def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.3)
         assert referral_id.encode() in b"".join(p.read_bytes() for p in maildir.iterdir())
+        web = f"http://127.0.0.1:{ports['web']}"
+        with urlopen(f"{web}/", timeout=10) as page:
+            assert "referrer.email" in page.read().decode()
+        with urlopen(f"{web}/dev/mail", timeout=10) as page:
+            assert referral_id in page.read().decode()
     finally:
         stop_stack(process)
     assert not any(listening(port) for port in ports.values())
