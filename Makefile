@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,13 @@ run: setup  ## start the local stack: Temporal server + UI, worker, mail sink
 test: setup  ## the whole suite, against real Temporal servers
 	$(BIN)/pytest
 
+bench: setup  ## referrals walked end to end on a real dev server: latency and throughput
+	$(BIN)/python -m bench.lifecycle
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy workflows activities starter worker.py
+	$(BIN)/mypy workflows activities starter worker.py bench
 
 format: setup
 	$(BIN)/ruff format .
