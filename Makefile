@@ -25,7 +25,7 @@ bench: setup  ## referrals walked end to end on a real dev server: latency and t
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy workflows activities starter worker.py bench
+	$(BIN)/mypy workflows activities starter worker.py bench tests
 
 format: setup
 	$(BIN)/ruff format .

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -30,7 +32,13 @@ from workflows.referral import DOMAIN_KEY, PRODUCT_KEY, REFERRER_KEY, SLA_KEY, S
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-SEARCH_ATTRIBUTES = [STAGE_KEY, DOMAIN_KEY, REFERRER_KEY, PRODUCT_KEY, SLA_KEY]
+SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
+    STAGE_KEY,
+    DOMAIN_KEY,
+    REFERRER_KEY,
+    PRODUCT_KEY,
+    SLA_KEY,
+]
 
 
 @pytest.fixture(scope="session")

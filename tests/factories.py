@@ -12,6 +12,7 @@ from starter.contact_window import contact_window
 from starter.intake import parse_submission
 from workflows.models import (
     Commission,
+    CommissionStatus,
     HistoryEntry,
     ProgramRules,
     ReferralInput,
@@ -82,6 +83,6 @@ def state_at(stage: Stage, rules: ProgramRules, basis: str = "180000.00") -> Ref
             amount=Decimal(basis) * rules.commission.rate,
             currency="EUR",
             customer_paid=paid,
-            status="payable" if paid else "pending",
+            status=CommissionStatus.PAYABLE if paid else CommissionStatus.PENDING,
         )
     return state

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,11 @@ class Result:
     err: str
 
 
+Cli = Callable[..., Awaitable[Result]]
+
+
 @pytest.fixture
-def cli(live: Live, tmp_path: Path):  # type: ignore[no-untyped-def]
+def cli(live: Live, tmp_path: Path) -> Cli:
     env = {
         **os.environ,
         "TEMPORAL_ADDRESS": live.address,
@@ -69,7 +73,7 @@ def refused(result: Result, fragment: str) -> None:
     assert len(lines) == 1 and fragment in lines[0], result.err
 
 
-async def test_walk_a_referral_through_every_step(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_walk_a_referral_through_every_step(cli: Cli, tmp_path: Path) -> None:
     submitted = await cli("submit", str(write_submission(tmp_path)))
     assert submitted.code == 0, submitted
     rid = submitted.out.strip()
@@ -146,7 +150,7 @@ async def test_walk_a_referral_through_every_step(cli, tmp_path: Path) -> None: 
     assert rid in [r["referral_id"] for r in csv.DictReader(io.StringIO(exported))]
 
 
-async def test_negative_branches(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_negative_branches(cli: Cli, tmp_path: Path) -> None:
     async def new() -> str:
         result = await cli("submit", str(write_submission(tmp_path)))
         assert result.code == 0, result
@@ -172,7 +176,7 @@ async def test_negative_branches(cli, tmp_path: Path) -> None:  # type: ignore[n
         refused(await cli("contacted", rid), "closed")
 
 
-async def test_refusals_and_usage_errors(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_refusals_and_usage_errors(cli: Cli, tmp_path: Path) -> None:
     refused(await cli("show", "R-NOSUCHTHING"), "unknown referral R-NOSUCHTHING")
     refused(await cli("contacted", "R-NOSUCHTHING"), "unknown referral")
     public = write_submission(tmp_path, **{"prospect.sector": "public"})
@@ -189,7 +193,7 @@ async def test_refusals_and_usage_errors(cli, tmp_path: Path) -> None:  # type: 
     assert (await cli("frobnicate")).code == 2
 
 
-async def test_exit_status_is_stable_over_many_calls(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_exit_status_is_stable_over_many_calls(cli: Cli, tmp_path: Path) -> None:
     """The SDK can abort at interpreter shutdown (sdk-python#300); the CLI must not let it."""
     rid = (await cli("submit", str(write_submission(tmp_path)))).out.strip()
     results = [await cli("show", rid, "--json") for _ in range(40)]

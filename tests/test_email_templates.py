@@ -21,6 +21,7 @@ from workflows.models import (
     ContactWindow,
     EmailRequest,
     HistoryEntry,
+    Language,
     Opportunity,
     Payment,
     Prospect,
@@ -107,7 +108,7 @@ def _entry(day: int, month: int, action: str, note: str | None = None) -> Histor
     )
 
 
-def make_state(stage: Stage, *, language: str = "fr", minimal: bool = False) -> ReferralState:
+def make_state(stage: Stage, *, language: Language = "fr", minimal: bool = False) -> ReferralState:
     """A realistic referral snapshot at `stage`; `minimal` leaves every optional field empty."""
     window = _window()
     state = ReferralState(
@@ -238,7 +239,7 @@ def make_state(stage: Stage, *, language: str = "fr", minimal: bool = False) -> 
 
 def render(
     template: str,
-    language: str,
+    language: Language,
     *,
     extra: dict[str, str] | None = None,
     minimal: bool = False,
@@ -272,7 +273,7 @@ def test_both_languages_have_the_same_files() -> None:
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_every_expected_template_exists(language: str) -> None:
+def test_every_expected_template_exists(language: Language) -> None:
     assert template_names(language) == set(TEMPLATE_STAGES)
 
 
@@ -285,7 +286,7 @@ def test_every_stage_has_a_referrer_template() -> None:
 
 
 @pytest.mark.parametrize(("template", "language"), ALL_CASES)
-def test_renders_subject_text_and_escaped_html(template: str, language: str) -> None:
+def test_renders_subject_text_and_escaped_html(template: str, language: Language) -> None:
     email = render(template, language)
 
     assert email.subject
@@ -313,7 +314,7 @@ def test_renders_subject_text_and_escaped_html(template: str, language: str) -> 
 
 
 @pytest.mark.parametrize(("template", "language"), ALL_CASES)
-def test_renders_with_every_optional_field_empty(template: str, language: str) -> None:
+def test_renders_with_every_optional_field_empty(template: str, language: Language) -> None:
     email = render(template, language, minimal=True)
     assert REFERRAL_ID in email.text
     assert "None" not in email.text
@@ -324,7 +325,7 @@ def test_renders_with_every_optional_field_empty(template: str, language: str) -
 
 
 @pytest.mark.parametrize(("template", "language"), REFERRER_CASES)
-def test_referrer_emails_keep_staff_notes_internal(template: str, language: str) -> None:
+def test_referrer_emails_keep_staff_notes_internal(template: str, language: Language) -> None:
     email = render(template, language)
     for secret in ("SECRET", SECRET_NOTE, SECRET_REASON, SECRET_ACTOR):
         assert secret not in email.subject
@@ -333,7 +334,7 @@ def test_referrer_emails_keep_staff_notes_internal(template: str, language: str)
 
 
 @pytest.mark.parametrize(("template", "language"), REFERRER_CASES)
-def test_referrer_emails_link_the_status_page_when_known(template: str, language: str) -> None:
+def test_referrer_emails_link_the_status_page_when_known(template: str, language: Language) -> None:
     with_link = render(template, language, extra={"status_url": STATUS_URL})
     assert STATUS_URL in with_link.text
     assert STATUS_URL.replace("&", "&amp;") in with_link.html
@@ -342,7 +343,7 @@ def test_referrer_emails_link_the_status_page_when_known(template: str, language
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_submitted_acknowledgement(language: str) -> None:
+def test_submitted_acknowledgement(language: Language) -> None:
     email = render("referrer_submitted", language, extra={"status_url": STATUS_URL})
     assert STATUS_URL in email.text
     assert DEADLINE_DAY in email.text  # the last day allowed, not the 00:00 instant after it
@@ -358,7 +359,7 @@ def test_submitted_acknowledgement(language: str) -> None:
         assert "3 to 5 business days" in email.text
 
 
-def eur(english: str, language: str) -> str:
+def eur(english: str, language: Language) -> str:
     """An amount as the email shows it: `12,000.00 EUR` in English, `12 000,00 EUR` in French."""
     if language == "fr":
         english = english.replace(",", "\u202f").replace(".", ",")
@@ -366,7 +367,7 @@ def eur(english: str, language: str) -> str:
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_money_and_references_reach_the_referrer(language: str) -> None:
+def test_money_and_references_reach_the_referrer(language: Language) -> None:
     assert eur("12,000.00", language) in render("referrer_won", language).text
     assert eur("12,000.00", language) in render("referrer_commission_payable", language).text
     paid = render("referrer_commission_paid", language).text
@@ -378,7 +379,7 @@ def test_money_and_references_reach_the_referrer(language: str) -> None:
 
 
 @pytest.mark.parametrize(("template", "language"), STAFF_CASES)
-def test_staff_emails_identify_the_referral(template: str, language: str) -> None:
+def test_staff_emails_identify_the_referral(template: str, language: Language) -> None:
     email = render(template, language)
     assert DOMAIN in email.text
     assert PRODUCT_NAME in email.text
@@ -393,7 +394,7 @@ def test_staff_emails_identify_the_referral(template: str, language: str) -> Non
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_staff_emails_carry_the_numbers(language: str) -> None:
+def test_staff_emails_carry_the_numbers(language: Language) -> None:
     new = render("staff_new_referral", language).text
     assert DEADLINE_DAY in new and "2025-03-11" not in new
     assert f"$ referrals contacted {REFERRAL_ID}" in new

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlmodel import Session
@@ -31,7 +32,7 @@ def unique_site() -> str:
     return f"https://www.prospect-{uuid.uuid4().hex[:8]}.example/"
 
 
-async def act(live: Live, referral_id: str, action: Action, **values: object) -> ReferralState:
+async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
     return await live.client.get_workflow_handle(referral_id).execute_update(
         "act", StaffAction(action=action, actor="alice", **values), result_type=ReferralState
     )

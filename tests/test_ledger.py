@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from temporalio.testing import ActivityEnvironment
 
 from activities.db import CommissionEvent, CommissionRow, ProspectClaim
@@ -55,7 +55,7 @@ def test_ledger_follows_the_referral_and_keeps_history(engine: Engine) -> None:
         assert row.amount == Decimal("18000.00")
         assert row.customer_paid == Decimal("180000.00")
         assert row.currency == "EUR"
-        events = session.exec(select(CommissionEvent).order_by(CommissionEvent.at)).all()
+        events = session.exec(select(CommissionEvent).order_by(col(CommissionEvent.at))).all()
         assert [e.status for e in events] == ["pending", "pending", "payable", "paid"]
         assert events[1].customer_paid == Decimal("100000.00")
 
