@@ -16,6 +16,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
@@ -140,8 +141,8 @@ class ReferralWorkflow:
     @workflow.update(name="act")
     def act(self, request: StaffAction) -> ReferralState:
         result = apply_action(self._state, request, self._rules, workflow.now())
-        if isinstance(result, Refusal):  # state moved since validation; cannot happen today
-            raise ValueError(result.reason)
+        if isinstance(result, Refusal):  # the validator ran on this same state: not expected
+            raise ApplicationError(result.reason, non_retryable=True)
         self._commit(request, result)
         return self._state
 
