@@ -11,7 +11,7 @@ import hashlib
 import os
 import smtplib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -67,6 +67,18 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+_MONTHS = {
+    "fr": "janvier février mars avril mai juin juillet août septembre octobre novembre décembre",
+    "en": "January February March April May June July August September October November December",
+}
+
+
+def long_date(day: date, language: str) -> str:
+    """`4 décembre 2026` / `4 December 2026`: how people write dates in a sentence."""
+    month = _MONTHS.get(language, _MONTHS["en"]).split()[day.month - 1]
+    return f"{'1er' if language == 'fr' and day.day == 1 else day.day} {month} {day.year}"
+
+
 def format_money(amount: Decimal | None, currency: str | None, language: str) -> str:
     """`12,000.00 EUR` in English, `12 000,00 EUR` in French, in the currency's minor unit."""
     if amount is None:
@@ -86,7 +98,9 @@ def render_email(request: EmailRequest) -> RenderedEmail:
         if moment is None:
             return "—"
         value = moment.astimezone(zone)
-        return value.strftime("%Y-%m-%d %H:%M %Z") if with_time else value.strftime("%Y-%m-%d")
+        if with_time:
+            return value.strftime("%Y-%m-%d %H:%M %Z")
+        return long_date(value.date(), request.language)
 
     def deadline_day(moment: datetime) -> str:
         """A deadline at 00:00 local is reached at the end of the previous day."""

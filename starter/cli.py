@@ -162,7 +162,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         raise Refused(f"cannot read {args.file}: {error.strerror}") from error
     except json.JSONDecodeError as error:
         raise Refused(f"{args.file} is not valid JSON: {error}") from error
-    submission = parse_submission(data)
+    submission = parse_submission(data, rules)
     client = await connect()
     referral_id = await submit_referral(
         client, make_engine(), rules, submission, submitted_by=args.actor

@@ -54,22 +54,49 @@ class DuplicateReferral(Exception):
         self.referral_id = referral_id
 
 
-def parse_submission(data: Any) -> Submission:
+def parse_submission(data: Any, rules: ProgramRules | None = None) -> Submission:
+    """The submission, or every reason it is refused at once: shapes, and with `rules` the
+    program's rules too, so one round trip tells the referrer everything to fix."""
     try:
-        return Submission.model_validate(data)
+        submission = Submission.model_validate(data)
     except ValidationError as error:
-        raise SubmissionRefused(
-            [
-                FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"], e["type"])
-                for e in error.errors()
+        errors = [
+            FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"], e["type"])
+            for e in error.errors()
+        ]
+        if rules is not None:
+            known = {e.field for e in errors}
+            errors += [
+                e for e in _rule_errors(_raw_rule_fields(data), rules) if e.field not in known
             ]
-        ) from error
+        raise SubmissionRefused(errors) from error
+    if rules is not None:
+        errors = eligibility_errors(submission, rules)
+        if errors:
+            raise SubmissionRefused(errors)
+    return submission
+
+
+def _raw_rule_fields(data: Any) -> tuple[Any, Any, bool]:
+    """sector, product and consent as sent, for rule checks on a submission that is not
+    well-formed elsewhere."""
+    data = data if isinstance(data, dict) else {}
+    prospect = data.get("prospect") if isinstance(data.get("prospect"), dict) else {}
+    opportunity = data.get("opportunity") if isinstance(data.get("opportunity"), dict) else {}
+    consent = data.get("consent") in (True, 1, "true", "True", "1", "yes", "on")
+    return prospect.get("sector"), opportunity.get("product"), consent
 
 
 def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[FieldError]:
     """The program's rules, field by field (the model already checked the shapes)."""
+    fields = (submission.prospect.sector, submission.opportunity.product, submission.consent)
+    return _rule_errors(fields, rules)
+
+
+def _rule_errors(fields: tuple[Any, Any, bool], rules: ProgramRules) -> list[FieldError]:
+    sector, product_id, consent = fields
     errors = []
-    if submission.prospect.sector == "public":
+    if sector == "public":
         errors.append(
             FieldError(
                 "prospect.sector",
@@ -78,17 +105,17 @@ def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[Fiel
                 "public_sector",
             )
         )
-    product = rules.product(submission.opportunity.product)
-    if product is None:
+    product = rules.product(product_id) if isinstance(product_id, str) else None
+    if isinstance(product_id, str) and product is None:
         known = ", ".join(p.id for p in rules.products if p.multi_tenant_cloud)
         errors.append(
             FieldError(
                 "opportunity.product",
-                f"unknown product {submission.opportunity.product!r} (eligible: {known})",
+                f"unknown product {product_id!r} (eligible: {known})",
                 "unknown_product",
             )
         )
-    elif not product.multi_tenant_cloud:
+    elif product is not None and not product.multi_tenant_cloud:
         errors.append(
             FieldError(
                 "opportunity.product",
@@ -97,7 +124,7 @@ def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[Fiel
                 "product_not_eligible",
             )
         )
-    if not submission.consent:
+    if not consent:
         errors.append(
             FieldError(
                 "consent",

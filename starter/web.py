@@ -31,6 +31,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import make_engine
+from activities.email import long_date
 from starter.client import connect
 from starter.intake import (
     DuplicateReferral,
@@ -243,11 +244,12 @@ def create_app(
     templates = Jinja2Templates(directory=str(TEMPLATES))
     zone = ZoneInfo(intake.rules.calendar.timezone)
 
-    def local_date(moment: datetime | None) -> str:
-        return moment.astimezone(zone).strftime("%Y-%m-%d") if moment else ""
+    def local_date(moment: datetime | None, lang: str) -> str:
+        return long_date(moment.astimezone(zone).date(), lang) if moment else ""
 
-    def deadline_day(moment: datetime) -> str:
-        return local_date(moment - timedelta(seconds=1))
+    def deadline_day(moment: datetime, lang: str) -> str:
+        """Deadlines fall at 00:00 local: the last day allowed is the one before."""
+        return local_date(moment - timedelta(seconds=1), lang)
 
     templates.env.filters.update(local_date=local_date, deadline_day=deadline_day)
 
@@ -310,7 +312,7 @@ def create_app(
         if not csrf_valid(form.get("csrf"), request.cookies.get(CSRF_COOKIE), intake.key):
             return render_form(request, lang, values, problem=texts["problems"]["csrf"], status=403)
         try:
-            submission = parse_submission(form_to_submission(form))
+            submission = parse_submission(form_to_submission(form), intake.rules)
             referral_id = await start(submission)
         except SubmissionRefused as refused:
             errors = localized_errors(refused.errors, texts)
@@ -377,7 +379,7 @@ def create_app(
     async def api_submit(submission: dict[str, Any]) -> Any:
         """Body: the submission of DESIGN.md section 4 (see the `Submission` schema)."""
         try:
-            referral_id = await start(parse_submission(submission))
+            referral_id = await start(parse_submission(submission, intake.rules))
         except SubmissionRefused as refused:
             return JSONResponse(
                 ApiRefusal(

@@ -6,14 +6,14 @@ one per stage, as the workflow would snapshot them when the email is queued.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from markupsafe import escape
 
-from activities.email import TEMPLATES, RenderedEmail, render_email
+from activities.email import TEMPLATES, RenderedEmail, long_date, render_email
 from workflows.models import (
     Commission,
     CommissionStatus,
@@ -51,7 +51,14 @@ SECRET_ACTOR = "agent.secret-actor"
 RECEIVED = datetime(2025, 3, 3, 9, 15, tzinfo=UTC)
 REMINDER_AT = datetime(2025, 3, 6, 23, 0, tzinfo=UTC)
 DEADLINE = datetime(2025, 3, 10, 23, 0, tzinfo=UTC)
-DEADLINE_DAY = "2025-03-10"
+DEADLINE_DAY = date(2025, 3, 10)
+
+
+def day(value: date, language: Language) -> str:
+    """A date as the emails write it in a sentence."""
+    return long_date(value, language)
+
+
 PAYMENT_DUE = datetime(2025, 5, 2, 14, 0, tzinfo=UTC)
 
 REFERRER_TEMPLATES = {
@@ -346,15 +353,16 @@ def test_referrer_emails_link_the_status_page_when_known(template: str, language
 def test_submitted_acknowledgement(language: Language) -> None:
     email = render("referrer_submitted", language, extra={"status_url": STATUS_URL})
     assert STATUS_URL in email.text
-    assert DEADLINE_DAY in email.text  # the last day allowed, not the 00:00 instant after it
-    assert "2025-03-11" not in email.text
+    # the last day allowed, not the 00:00 instant after it
+    assert day(DEADLINE_DAY, language) in email.text
+    assert day(date(2025, 3, 11), language) not in email.text
     assert PRODUCT_NAME in email.text
     if language == "fr":
-        assert f"au plus tard le {DEADLINE_DAY}" in email.text
+        assert f"au plus tard le {day(DEADLINE_DAY, language)}" in email.text
         assert "secteur public" in email.text
         assert "3 à 5 jours ouvrés" in email.text
     else:
-        assert f"by {DEADLINE_DAY}" in email.text
+        assert f"by {day(DEADLINE_DAY, language)}" in email.text
         assert "public-sector" in email.text
         assert "3 to 5 business days" in email.text
 
@@ -396,14 +404,14 @@ def test_staff_emails_identify_the_referral(template: str, language: Language) -
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_staff_emails_carry_the_numbers(language: Language) -> None:
     new = render("staff_new_referral", language).text
-    assert DEADLINE_DAY in new and "2025-03-11" not in new
+    assert day(DEADLINE_DAY, language) in new and day(date(2025, 3, 11), language) not in new
     assert f"$ referrals contacted {REFERRAL_ID}" in new
     assert "Julien Roche" in new and f"j.roche@{DOMAIN}" in new
     assert eur("180,000.00", language) in new
     assert "Remplacement d'un ERP" in new
 
-    assert DEADLINE_DAY in render("staff_contact_reminder", language).text
-    assert DEADLINE_DAY in render("staff_contact_escalation", language).text
+    assert day(DEADLINE_DAY, language) in render("staff_contact_reminder", language).text
+    assert day(DEADLINE_DAY, language) in render("staff_contact_escalation", language).text
 
     handoff = render("staff_sales_handoff", language).text
     assert f"$ referrals approve {REFERRAL_ID}" in handoff
@@ -411,7 +419,7 @@ def test_staff_emails_carry_the_numbers(language: Language) -> None:
 
     won = render("staff_deal_won", language).text
     assert eur("120,000.00", language) in won and eur("12,000.00", language) in won
-    assert "2025-05-02" in won
+    assert day(date(2025, 5, 2), language) in won
     assert f"$ referrals payment {REFERRAL_ID}" in won
 
     payable = render("staff_commission_payable", language).text
@@ -419,7 +427,7 @@ def test_staff_emails_carry_the_numbers(language: Language) -> None:
     assert f"$ referrals payout {REFERRAL_ID} --reference" in payable
 
     overdue = render("staff_payment_overdue", language)
-    assert "2025-05-02" in overdue.text
+    assert day(date(2025, 5, 2), language) in overdue.text
     assert (
         eur("40,000.00", language) in overdue.text and eur("120,000.00", language) in overdue.text
     )

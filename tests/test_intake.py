@@ -117,3 +117,23 @@ def test_bad_program_names_the_field(tmp_path: Path, replace: str, by: str, fiel
 def test_missing_program_file(tmp_path: Path) -> None:
     with pytest.raises(ProgramError, match="cannot read"):
         load_program(tmp_path / "absent.yaml")
+
+
+def test_format_and_rule_errors_come_together(rules: ProgramRules) -> None:
+    data = submission_data(
+        **{"referrer.email": "claire@", "prospect.sector": "public", "consent": False}
+    )
+    with pytest.raises(SubmissionRefused) as refused:
+        parse_submission(data, rules)
+    assert fields(refused.value) == {"referrer.email", "prospect.sector", "consent"}
+    codes = {e.field: e.code for e in refused.value.errors}
+    assert codes["prospect.sector"] == "public_sector"
+    assert codes["consent"] == "consent_required"
+
+
+def test_rules_checked_when_the_shape_is_fine(rules: ProgramRules) -> None:
+    data = submission_data(**{"opportunity.product": "ln-on-premises"})
+    with pytest.raises(SubmissionRefused) as refused:
+        parse_submission(data, rules)
+    assert [e.code for e in refused.value.errors] == ["product_not_eligible"]
+    assert parse_submission(submission_data(), rules).prospect.domain

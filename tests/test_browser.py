@@ -1,0 +1,309 @@
+"""The intake form in a real browser: Chromium against `referrals web`, a real server process
+that starts referrals on the dev server where the session's real worker runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import pytest_asyncio
+import yaml
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+
+from activities.email import long_date
+from tests.conftest import ROOT, Live, free_port
+from workflows.models import ReferralState, Stage
+
+REFERRALS = Path(sys.executable).parent / "referrals"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = ROOT / "test-output" / "screenshots"
+FR: dict[str, Any] = yaml.safe_load(
+    (ROOT / "templates" / "web" / "messages" / "fr.yaml").read_text("utf-8")
+)
+
+
+def field(page: Page, name: str) -> Any:
+    """Form controls are named like `referrer.name`; an id with a dot is no CSS `#id`."""
+    return page.locator(f'[id="{name}"]')
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return CHROMIUM
+
+
+@pytest_asyncio.fixture(scope="module")
+async def web(
+    chromium: Path, live: Live, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """`referrals web` as its own process; the base URL once /healthz says Temporal and the
+    database are reachable."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    workdir = tmp_path_factory.mktemp("web")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("REFERRALS_DEV_MAILDIR", "TEMPORAL_PROFILE", "TEMPORAL_CONFIG_FILE")
+    }
+    env.update(
+        TEMPORAL_ADDRESS=live.address,
+        TEMPORAL_NAMESPACE=live.client.namespace,
+        REFERRALS_DATABASE_URL=live.database_url,
+        REFERRALS_PROGRAM=str(ROOT / "program.yaml"),
+        REFERRALS_PUBLIC_URL=base,
+        REFERRALS_SECRET_KEY="browser-test-secret",
+    )
+    log_path = workdir / "web.log"
+    with log_path.open("wb") as log:
+        # Asynchronously, so the in-process worker keeps serving while the server runs.
+        process = await asyncio.create_subprocess_exec(
+            str(REFERRALS),
+            "web",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            env=env,
+            cwd=workdir,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            async with httpx.AsyncClient(timeout=2) as http:
+                while True:
+                    if process.returncode is not None:
+                        pytest.fail(f"referrals web exited early:\n{log_path.read_text()}")
+                    try:
+                        if (await http.get(f"{base}/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"referrals web never became healthy:\n{log_path.read_text()}")
+                    await asyncio.sleep(0.2)
+            yield base
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), timeout=10)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS
+        )
+        yield launched
+        await launched.close()
+
+
+@pytest_asyncio.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh French-speaking visitor: own cookies, French Accept-Language."""
+    context: BrowserContext = await browser.new_context(
+        locale="fr-FR", viewport={"width": 1280, "height": 900}
+    )
+    context.set_default_timeout(10_000)
+    opened = await context.new_page()
+    yield opened
+    await context.close()
+
+
+async def screenshot(page: Page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    await page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+async def fill_form(page: Page, website: str, email: str, consent: bool) -> None:
+    """What a French referrer types; the language and currency keep their defaults."""
+    await field(page, "referrer.name").fill("Claire Martin")
+    await field(page, "referrer.email").fill(email)
+    await field(page, "referrer.company").fill("Conseil Martin & Associés")
+    await field(page, "referrer.phone").fill("+33 6 12 34 56 78")
+    await field(page, "prospect.company").fill("Fromagerie Bellevue SAS")
+    await field(page, "prospect.website").fill(website)
+    await field(page, "prospect.country").select_option("FR")
+    await field(page, "prospect.industry").fill("Agroalimentaire")
+    await field(page, "prospect.sector.private").check()
+    await field(page, "contact.name").fill("Julien Roche")
+    await field(page, "contact.email").fill("j.roche@fromagerie-bellevue.example")
+    await field(page, "contact.title").fill("Directeur administratif et financier")
+    await field(page, "opportunity.product").select_option(label="CloudSuite Financials")
+    await field(page, "opportunity.estimated_annual_value").fill("180000")
+    await field(page, "opportunity.notes").fill(
+        "Remplacement d'un ERP vieillissant sur trois sites ; décision prévue au T2."
+    )
+    if consent:
+        await page.locator("#consent").check()
+    else:
+        await page.locator("#consent").uncheck()
+
+
+def unique_site() -> str:
+    return f"https://www.fromagerie-{uuid.uuid4().hex[:10]}.example/"
+
+
+async def test_a_french_referrer_submits_and_follows_the_referral(
+    web: str, page: Page, live: Live
+) -> None:
+    await page.goto(f"{web}/?lang=fr")
+    await expect(page.locator("html")).to_have_attribute("lang", "fr")
+    await expect(page.locator("h1")).to_have_text(FR["form"]["title"])
+    await expect(field(page, "referrer.language")).to_have_value("fr")
+    await expect(field(page, "opportunity.currency")).to_have_value("EUR")
+    await screenshot(page, "form.png")
+
+    site = unique_site()
+    await fill_form(page, site, "claire.martin@conseil-martin.example", consent=True)
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and r.url == f"{web}/referrals"
+    ) as posted:
+        await page.get_by_role("button", name=FR["form"]["submit"]).click()
+    assert (await posted.value).status == 303
+    await page.wait_for_url(f"{web}/confirmation/**")
+
+    await expect(page.locator("h1")).to_have_text(FR["confirmation"]["title"])
+    referral_id = (await page.locator("#referral-id").inner_text()).strip()
+    assert referral_id.startswith("R-") and len(referral_id) == 12, referral_id
+
+    state = await live.client.get_workflow_handle(referral_id).query(
+        "state", result_type=ReferralState
+    )
+    assert state.stage is Stage.SUBMITTED
+    assert state.prospect.website == site and state.prospect.country == "FR"
+    assert state.prospect.sector == "private"
+    assert state.referrer.language == "fr" and state.referrer.company == "Conseil Martin & Associés"
+    assert state.opportunity.product == "cloudsuite-financials"
+    assert [(h.action, h.actor) for h in state.history] == [
+        ("submitted", "web:claire.martin@conseil-martin.example")
+    ]
+    # The deadline falls at 00:00 local: the page names the last day, in the desk's zone.
+    zone = ZoneInfo(state.contact_calendar.timezone)
+    last_day = long_date(
+        (state.contact_deadline.astimezone(zone) - timedelta(seconds=1)).date(), "fr"
+    )
+    await expect(page.locator("main")).to_contain_text(
+        FR["confirmation"]["next"].replace("{deadline}", last_day)
+    )
+    await screenshot(page, "confirmation.png")
+
+    link = page.locator("#status-link")
+    await expect(link).to_have_text(FR["confirmation"]["follow_link"])
+    assert (await link.get_attribute("href") or "").startswith(f"{web}/status/")
+    await link.click()
+    await page.wait_for_url(f"{web}/status/**")
+
+    await expect(page.locator("h1")).to_have_text(FR["status"]["title"])
+    stage = page.locator("#stage")
+    await expect(stage).to_have_attribute("data-stage", "submitted")
+    await expect(stage).to_have_text(FR["stages"]["submitted"])
+    await expect(page.locator("main")).to_contain_text(referral_id)
+    await expect(page.locator("main")).to_contain_text(last_day)
+    steps = page.locator("#timeline li")
+    await expect(steps).to_have_count(1)
+    await expect(steps.first).to_have_attribute("data-step", "submitted")
+    await expect(steps.first).to_contain_text(FR["steps"]["submitted"])
+    # The referrer's page shows no internal actor or email.
+    assert "web:" not in await page.locator("main").inner_text()
+    await screenshot(page, "status.png")
+
+    # "Un e-mail de confirmation vient de vous être envoyé": the worker did send it.
+    deadline = time.monotonic() + 15
+    while not any(
+        m["X-Referral-Id"] == referral_id and m["To"] == "claire.martin@conseil-martin.example"
+        for m in live.sink.messages()
+    ):
+        assert time.monotonic() < deadline, "no confirmation email reached the sink"
+        await asyncio.sleep(0.2)
+
+
+async def submit_invalid(page: Page, web: str) -> None:
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and r.url == f"{web}/referrals"
+    ) as posted:
+        await page.get_by_role("button", name=FR["form"]["submit"]).click()
+    response = await posted.value
+    assert response.status == 422, response.status  # the server refused, re-rendering the form
+    await page.wait_for_load_state()
+    assert page.url == f"{web}/referrals"
+    await expect(page.locator("#problem")).to_have_text(FR["problems"]["fix"])
+
+
+async def test_invalid_submission_is_refused_by_the_server_and_keeps_the_input(
+    web: str, page: Page
+) -> None:
+    await page.goto(f"{web}/?lang=fr")
+    site = unique_site()
+    await fill_form(page, site, "claire@", consent=False)
+    # The browser itself would call this invalid; `novalidate` lets it through to the server.
+    assert await field(page, "referrer.email").evaluate("e => !e.validity.valid")
+    await submit_invalid(page, web)
+
+    email_error = field(page, "referrer.email-error")
+    await expect(email_error).to_be_visible()
+    await expect(email_error).to_have_text(FR["errors"]["fields"]["referrer.email"])
+    await expect(field(page, "referrer.email")).to_have_attribute("aria-invalid", "true")
+    await expect(field(page, "referrer.email")).to_have_value("claire@")
+    await expect(field(page, "referrer.name")).to_have_value("Claire Martin")
+    await expect(field(page, "referrer.company")).to_have_value("Conseil Martin & Associés")
+    await expect(field(page, "prospect.company")).to_have_value("Fromagerie Bellevue SAS")
+    await expect(field(page, "prospect.website")).to_have_value(site)
+    await expect(field(page, "prospect.country")).to_have_value("FR")
+    await expect(field(page, "prospect.sector.private")).to_be_checked()
+    await expect(field(page, "opportunity.product")).to_have_value("cloudsuite-financials")
+    await expect(field(page, "opportunity.notes")).to_have_value(
+        "Remplacement d'un ERP vieillissant sur trois sites ; décision prévue au T2."
+    )
+    await expect(page.locator("#consent")).not_to_be_checked()
+    await screenshot(page, "form-errors.png")
+
+    # Corrected email, consent still missing: the second round trip names the consent.
+    await field(page, "referrer.email").fill("claire.martin@conseil-martin.example")
+    await submit_invalid(page, web)
+    consent_error = page.locator("#consent-error")
+    await expect(consent_error).to_be_visible()
+    await expect(consent_error).to_have_text(" ".join(FR["errors"]["consent_required"].split()))
+    await expect(page.locator(".error")).to_have_count(1)
+    await expect(field(page, "prospect.website")).to_have_value(site)
+    await screenshot(page, "form-errors-consent.png")
+
+
+async def test_every_error_is_reported_in_one_round_trip(web: str, page: Page) -> None:
+    await page.goto(f"{web}/?lang=fr")
+    await fill_form(page, unique_site(), "claire@", consent=False)
+    await submit_invalid(page, web)
+    await expect(field(page, "referrer.email-error")).to_be_visible()
+    await expect(page.locator("#consent-error")).to_be_visible(timeout=1_000)
