@@ -213,8 +213,10 @@ async def submit_referral(
     *,
     submitted_by: str = "referrer",
     received_at: datetime | None = None,
+    key: str | None = None,
 ) -> str:
-    """Start the referral's workflow and return its id, or raise why it is refused."""
+    """Start the referral's workflow and return its id, or raise why it is refused.
+    `key` signs the status link in the referrer's emails (default: the program secret)."""
     errors = eligibility_errors(submission, rules)
     if errors:
         raise SubmissionRefused(errors)
@@ -233,7 +235,7 @@ async def submit_referral(
                 rules=rules,
                 contact_window=window,
                 submitted_by=submitted_by,
-                status_url=status_url(referral_id),
+                status_url=status_url(referral_id, key),
             ),
             id=referral_id,
             task_queue=task_queue(),

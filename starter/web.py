@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import mailbox
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
@@ -110,7 +111,10 @@ class Intake:
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes (413), whether or not they say their length."""
+    """Refuse request bodies over `limit` bytes (413), whether or not they say their length.
+
+    The body is read here, up to the limit, before the app sees it: a route's own body
+    parsing never has to tell "too large" from "malformed"."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -124,24 +128,30 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _too_large(send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await _too_large(send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await _too_large(send)
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send: Send) -> None:
@@ -295,6 +305,7 @@ def create_app(
             intake.rules,
             submission,
             submitted_by=f"web:{submission.referrer.email}",
+            key=intake.key,
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -374,36 +385,46 @@ def create_app(
             422: {"model": ApiRefusal, "description": "invalid or ineligible submission"},
             503: {"model": ApiRefusal, "description": "Temporal unreachable; try again shortly"},
         },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}
+                },
+            }
+        },
         summary="Submit a referral",
     )
-    async def api_submit(submission: dict[str, Any]) -> Any:
-        """Body: the submission of DESIGN.md section 4 (see the `Submission` schema)."""
-        try:
-            referral_id = await start(parse_submission(submission, intake.rules))
-        except SubmissionRefused as refused:
-            return JSONResponse(
-                ApiRefusal(
-                    detail="invalid submission",
-                    errors=[ApiError(field=e.field, code=e.code, message=e.message)
-                            for e in refused.errors],
-                ).model_dump(),
-                status_code=422,
-            )  # fmt: skip
-        except DuplicateReferral as duplicate:
+    async def api_submit(request: Request) -> Any:
+        """Body: the submission of DESIGN.md section 4 (the `Submission` schema)."""
+
+        def refused(status: int, detail: str, errors: list[FieldError]) -> JSONResponse:
             body = ApiRefusal(
-                detail=f"prospect {duplicate.domain} already has an open referral",
-                errors=[
-                    ApiError(
-                        field="prospect.website",
-                        code="duplicate",
-                        message="this prospect already has an open referral",
-                    )
-                ],
+                detail=detail,
+                errors=[ApiError(field=e.field, code=e.code, message=e.message) for e in errors],
             )
-            return JSONResponse(body.model_dump(), status_code=409)
+            return JSONResponse(body.model_dump(), status_code=status)
+
+        not_an_object = FieldError("body", "the body must be a JSON object", "invalid_json")
+        try:
+            data = await request.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return refused(422, "the body must be a JSON object", [not_an_object])
+        try:
+            referral_id = await start(parse_submission(data, intake.rules))
+        except SubmissionRefused as error:
+            return refused(422, "invalid submission", error.errors)
+        except DuplicateReferral as duplicate:
+            message = "this prospect already has an open referral"
+            return refused(
+                409,
+                f"prospect {duplicate.domain} already has an open referral",
+                [FieldError("prospect.website", message, "duplicate")],
+            )
         except (RuntimeError, RPCError, OSError):
-            body = ApiRefusal(detail="the referral service is unavailable; try again shortly")
-            return JSONResponse(body.model_dump(), status_code=503)
+            return refused(503, "the referral service is unavailable; try again shortly", [])
         token = status_token(referral_id, intake.key)
         return ReferralCreated(referral_id=referral_id, status_url=f"{public_url()}/status/{token}")
 
@@ -438,8 +459,8 @@ def create_app(
 
 
 def _document_submission(app: FastAPI) -> None:
-    """The API takes a plain dict (so refusals are ours, field by field); publish the real
-    schema of the body in openapi.json all the same."""
+    """The API reads its body itself (so every refusal has our shape); publish the body's
+    real schema in openapi.json all the same."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -448,11 +469,8 @@ def _document_submission(app: FastAPI) -> None:
         schema = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         submission = Submission.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, definition in submission.pop("$defs", {}).items():
-            components[name] = definition
+        components.update(submission.pop("$defs", {}))
         components["Submission"] = submission
-        body = schema["paths"]["/api/referrals"]["post"]["requestBody"]
-        body["content"]["application/json"]["schema"] = {"$ref": "#/components/schemas/Submission"}
         app.openapi_schema = schema
         return schema
 
@@ -470,13 +488,16 @@ def _read_mail(maildir: Path) -> list[tuple[str, EmailMessage]]:
         if isinstance(parsed, EmailMessage):
             found.append((key, parsed))
 
-    def sent_at(item: tuple[str, EmailMessage]) -> tuple[datetime, str]:
-        """Date header, then the Maildir key (delivery time, finer than a second)."""
+    def sent_at(item: tuple[str, EmailMessage]) -> tuple[datetime, tuple[int, ...]]:
+        """Date header, then the delivery time in the Maildir key (finer than a second)."""
         try:
             date = parsedate_to_datetime(str(item[1]["Date"]))
         except (TypeError, ValueError):
-            date = datetime.min.replace(tzinfo=ZoneInfo("UTC"))
-        return date, item[0]
+            date = datetime.min
+        if date.tzinfo is None:  # "-0000" dates parse naive; they are UTC
+            date = date.replace(tzinfo=UTC)
+        delivered = re.match(r"(\d+)\.M(\d+)P\d+Q(\d+)", item[0])
+        return date, tuple(int(n) for n in delivered.groups()) if delivered else ()
 
     return sorted(found, key=sent_at, reverse=True)
 
