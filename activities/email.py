@@ -2,7 +2,7 @@
 
 A template is `templates/email/{lang}/{name}.txt`: its first line is
 `Subject: …`, the rest is the plain-text body. The HTML part is the same
-paragraphs in `{lang}/_layout.html`, autoescaped, so each message is worded once.
+paragraphs in `_layout.html`, autoescaped, so each message is worded once.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def render_email(request: EmailRequest) -> RenderedEmail:
     subject = first.removeprefix("Subject:").strip()
     text = body.strip() + "\n"
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    html = env.get_template(f"{request.language}/_layout.html").render(
-        subject=subject, paragraphs=paragraphs, r=referral
+    html = env.get_template("_layout.html").render(
+        subject=subject, paragraphs=paragraphs, r=referral, lang=request.language
     )
     return RenderedEmail(subject=subject, text=text, html=html)
 

@@ -10,6 +10,7 @@ import mailbox
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
@@ -351,30 +352,31 @@ def create_app(
                 return None
             raise
 
-    def not_found(request: Request, lang: str) -> HTMLResponse:
-        return render(request, "not_found.html", lang, 404)
-
-    @app.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
-    async def confirmation(request: Request, token: str) -> HTMLResponse:
+    async def referral_page(
+        request: Request,
+        token: str,
+        template: str,
+        extra: Callable[[ReferralState], dict[str, Any]],
+    ) -> Response:
+        """A page about one referral, in the referrer's language unless `?lang=` says else."""
         state = await referral_for(token)
         if state is None:
-            return not_found(request, pick_language(request))
+            return render(request, "not_found.html", pick_language(request), 404)
         lang = pick_language(request) if "lang" in request.query_params else state.referrer.language
-        return render(
-            request,
-            "confirmation.html",
-            lang,
-            state=state,
-            status_link=f"{public_url()}/status/{token}",
+        return render(request, template, lang, state=state, **extra(state))
+
+    @app.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
+    async def confirmation(request: Request, token: str) -> Response:
+        link = f"{public_url()}/status/{token}"
+        return await referral_page(
+            request, token, "confirmation.html", lambda _: {"status_link": link}
         )
 
     @app.get("/status/{token}", response_class=HTMLResponse, include_in_schema=False)
-    async def status_page(request: Request, token: str) -> HTMLResponse:
-        state = await referral_for(token)
-        if state is None:
-            return not_found(request, pick_language(request))
-        lang = pick_language(request) if "lang" in request.query_params else state.referrer.language
-        return render(request, "status.html", lang, state=state, steps=timeline(state))
+    async def status_page(request: Request, token: str) -> Response:
+        return await referral_page(
+            request, token, "status.html", lambda state: {"steps": timeline(state)}
+        )
 
     @app.post(
         "/api/referrals",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import mailbox
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -70,6 +71,15 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
 
 
 POSTGRES_URL_ENV = "REFERRALS_TEST_POSTGRES_URL"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 15) -> None:
+    """Visibility and activities are asynchronous: poll until `check` holds."""
+    for _ in range(int(seconds / 0.2)):
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("condition not met in time")
 
 
 def free_port() -> int:

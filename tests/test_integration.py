@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -14,18 +13,9 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from activities.db import CommissionRow, ProspectClaim
 from starter.intake import DuplicateReferral, submit_referral
-from tests.conftest import Live
+from tests.conftest import Live, eventually
 from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 15) -> None:
-    """Visibility and activities are asynchronous: poll until `check` holds."""
-    for _ in range(int(seconds / 0.2)):
-        if await check():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def unique_site() -> str:

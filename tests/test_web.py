@@ -11,7 +11,7 @@ import json
 import mailbox
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -33,7 +33,7 @@ from sqlmodel import Session
 from activities.db import ProspectClaim
 from starter.links import csrf_token, public_url, status_token
 from starter.web import CSRF_COOKIE, MAX_BODY_BYTES, create_app
-from tests.conftest import Live, free_port
+from tests.conftest import Live, eventually, free_port
 from tests.factories import submission_data
 from workflows.models import (
     Action,
@@ -54,15 +54,6 @@ REFERRER_EMAIL = "claire.martin@conseil-martin.example"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 15) -> None:
-    """Visibility and activities are asynchronous: poll until `check` holds."""
-    for _ in range(int(seconds / 0.2)):
-        if await check():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def unique_site() -> str:
