@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import smtplib
+import ssl
+import subprocess
+from pathlib import Path
+
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from temporalio.testing import ActivityEnvironment
 
 from activities.db import SentEmail
 from activities.email import EmailActivities, SmtpSettings, message_id
+from starter.mail_sink import MaildirHandler
 from tests.conftest import MailSink, free_port
 from tests.factories import state_at
 from workflows.models import EmailRequest, ProgramRules, Stage
@@ -73,3 +81,55 @@ def test_smtp_outage_raises_and_records_nothing(
     up = EmailActivities(engine, mail_sink.settings())
     ActivityEnvironment().run(up.send_email, request(rules, key, "referrer_approved"))
     assert len(sent_to(mail_sink, key)) == 1
+
+
+def test_starttls_and_login_when_configured(
+    rules: ProgramRules, engine: Engine, tmp_path: Path
+) -> None:
+    """A real submission server: STARTTLS required before AUTH, and the credentials checked."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(tmp_path / "key.pem"),
+         "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    logins: list[tuple[str, ...]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
+        login = tuple(
+            v.decode() if isinstance(v, bytes) else v for v in (auth_data.login, auth_data.password)
+        )
+        logins.append(login)
+        return AuthResult(success=login == ("desk-mailer", "s3cret"), handled=False)
+
+    port = free_port()
+    controller = Controller(
+        MaildirHandler(tmp_path / "mail"),
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=tls,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_required=True,
+    )
+    controller.start()
+    try:
+        settings = SmtpSettings("127.0.0.1", port, "desk-mailer", "s3cret", starttls=True)
+        key = f"R-TEST000001/referrer/qualifying/{engine.url.get_backend_name()}-tls"
+        ActivityEnvironment().run(
+            EmailActivities(engine, settings).send_email,
+            request(rules, key, "referrer_qualifying"),
+        )
+        wrong = SmtpSettings("127.0.0.1", port, "desk-mailer", "nope", starttls=True)
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            ActivityEnvironment().run(
+                EmailActivities(engine, wrong).send_email,
+                request(rules, key + "-wrong", "referrer_qualifying"),
+            )
+    finally:
+        controller.stop()
+    assert logins[0] == ("desk-mailer", "s3cret")
+    assert set(logins[1:]) == {("desk-mailer", "nope")}  # smtplib tries each mechanism offered
+    assert len(list((tmp_path / "mail" / "new").iterdir())) == 1
