@@ -6,6 +6,7 @@ import smtplib
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -97,7 +98,9 @@ def test_starttls_and_login_when_configured(
     tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
     logins: list[tuple[str, ...]] = []
 
-    def authenticator(server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
+    def authenticator(
+        server: object, session: object, envelope: object, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         login = tuple(
             v.decode() if isinstance(v, bytes) else v for v in (auth_data.login, auth_data.password)
         )
