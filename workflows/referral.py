@@ -352,7 +352,8 @@ def current_details(state: ReferralState, timer: tuple[datetime, Any] | None) ->
     lines = [f"**Stage:** {state.stage.value}"]
     if timer is not None:
         due, fire = timer
-        lines.append(f"**Next:** {fire.__name__.strip('_').replace('_', ' ')} at {due.isoformat()}")
+        what = fire.__name__.strip("_").replace("_", " ")
+        lines.append(f"**Next:** {what} at {due:%Y-%m-%d %H:%M} UTC")
     if state.contact_sla_breached:
         lines.append("**Contact SLA:** breached")
     if state.commission is not None:
