@@ -127,7 +127,6 @@ async def fetch_state(client: Client, referral_id: str) -> ReferralState:
 
 
 async def send_action(client: Client, referral_id: str, request: StaffAction) -> ReferralState:
-    before = await fetch_state(client, referral_id)
     try:
         return await client.get_workflow_handle(referral_id).execute_update(
             "act", request, result_type=ReferralState
@@ -136,9 +135,11 @@ async def send_action(client: Client, referral_id: str, request: StaffAction) ->
         cause = error.cause
         raise Refused(getattr(cause, "message", None) or str(cause or error)) from error
     except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:  # the workflow has completed meanwhile
-            raise Refused(f"referral {referral_id} is closed ({before.stage.value})") from error
-        raise
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        # Unknown, or its workflow has completed: the state says which (and raises if unknown).
+        state = await fetch_state(client, referral_id)
+        raise Refused(f"referral {referral_id} is closed ({state.stage.value})") from error
 
 
 def decimal_value(text: str, option: str) -> Decimal:
