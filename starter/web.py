@@ -51,7 +51,7 @@ from starter.links import (
     status_token,
 )
 from starter.program import load_program
-from workflows.models import COUNTRY_CODES, ProgramRules, ReferralState, Stage, Submission
+from workflows.models import COUNTRY_NAMES, ProgramRules, ReferralState, Stage, Submission
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "web"
 LANGUAGES = ("fr", "en")
@@ -68,13 +68,7 @@ def _load_texts() -> dict[str, dict[str, Any]]:
 
 
 def _country_names() -> list[tuple[str, str]]:
-    from importlib import resources
-
-    table = resources.files("tzdata").joinpath("zoneinfo", "iso3166.tab").read_text()
-    names = dict(
-        line.split("\t", 1) for line in table.splitlines() if line and not line.startswith("#")
-    )
-    return sorted(((code, names[code]) for code in COUNTRY_CODES), key=lambda c: c[1])
+    return sorted(COUNTRY_NAMES.items(), key=lambda country: country[1])
 
 
 class ReferralCreated(BaseModel):

@@ -26,14 +26,15 @@ from pydantic import (
 )
 
 
-def _load_country_codes() -> frozenset[str]:
+def _load_countries() -> dict[str, str]:
+    """ISO 3166 alpha-2 code -> English name, from the tz database's own table."""
     table = resources.files("tzdata").joinpath("zoneinfo", "iso3166.tab").read_text()
-    return frozenset(
-        line.split("\t", 1)[0] for line in table.splitlines() if line and not line.startswith("#")
-    )
+    rows = (line.split("\t", 1) for line in table.splitlines() if line and not line.startswith("#"))
+    return {code: name.strip() for code, name in rows}
 
 
-COUNTRY_CODES = _load_country_codes()
+COUNTRY_NAMES = _load_countries()
+COUNTRY_CODES = frozenset(COUNTRY_NAMES)
 
 # Currencies whose minor unit is not the cent (ISO 4217); every other one has two decimals.
 _MINOR_UNIT_DIGITS = {
