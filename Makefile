@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test lint format bench histories clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: setup  ## the whole suite, against real Temporal servers
 
 bench: setup  ## referrals walked end to end on a real dev server: latency and throughput
 	$(BIN)/python -m bench.lifecycle
+
+histories: setup  ## record this release's referral histories (tests/histories/<version>/)
+	$(BIN)/python -m tests.record_histories
 
 lint: setup
 	$(BIN)/ruff check .

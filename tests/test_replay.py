@@ -1,5 +1,9 @@
-"""Stored histories must replay on the current workflow code: a change that breaks them
-would break every referral in flight. Guard such changes with `workflow.patched`."""
+"""Every stored history of every release replays on today's workflow code.
+
+A change that broke one would break every referral in flight on that path; guard such
+changes with `workflow.patched` (see docs/rollout.md). Sets live in
+`tests/histories/<release>/` and are recorded by `make histories`; none is ever deleted.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,21 @@ from temporalio.worker import Replayer
 from worker import workflow_runner
 from workflows.referral import ReferralWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORIES = Path(__file__).parent / "histories"
+STORED = sorted(HISTORIES.glob("*/*.json"))
+PATHS = {
+    "full_lifecycle",
+    "contact_sla_breach",
+    "decline",
+    "reject",
+    "lost",
+    "cancel_after_won",
+    "temporal_cancellation",
+    "refused_and_duplicated_signals",
+}
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+@pytest.mark.parametrize("path", STORED, ids=[f"{p.parent.name}/{p.stem}" for p in STORED])
 async def test_stored_history_replays(path: Path) -> None:
     replayer = Replayer(
         workflows=[ReferralWorkflow],
@@ -24,9 +39,13 @@ async def test_stored_history_replays(path: Path) -> None:
         data_converter=pydantic_data_converter,
     )
     history = WorkflowHistory.from_json(path.stem, path.read_text(encoding="utf-8"))
-    result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
-    assert result.replay_failure is None
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.parent.name}/{path.name}: {result.replay_failure}"
 
 
-def test_histories_are_stored() -> None:
-    assert [p.stem for p in HISTORIES] == ["referral_full_lifecycle"]
+def test_every_set_covers_every_path() -> None:
+    sets = sorted(p for p in HISTORIES.iterdir() if p.is_dir())
+    assert sets, "no stored histories"
+    for folder in sets:
+        missing = PATHS - {p.stem for p in folder.glob("*.json")}
+        assert not missing, f"{folder.name} lacks {sorted(missing)}"

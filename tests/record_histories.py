@@ -1,0 +1,246 @@
+"""`make histories`: record one history per referral path into `tests/histories/<release>/`.
+
+Each path runs on a real dev server with the contract's search attributes, the real worker,
+a SQLite database and a loopback SMTP sink, exactly as a referral runs in production. The
+folder is named for the release in pyproject.toml and is never overwritten: a set recorded
+by an older release stays in the corpus, and `make test` replays every set on today's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.db import make_engine
+from activities.email import SmtpSettings
+from starter.intake import submit_referral
+from starter.mail_sink import start_sink
+from starter.program import load_program
+from tests.conftest import BIN, ROOT, SEARCH_ATTRIBUTES, free_port
+from tests.factories import submission
+from worker import build_worker
+from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
+
+HISTORIES = ROOT / "tests" / "histories"
+QUEUE = "referrals"
+
+
+@dataclass
+class Desk:
+    client: Client
+    engine: Engine
+    rules: ProgramRules
+
+    async def submit(self, received_at: datetime | None = None) -> WorkflowHandle[Any, Any]:
+        site = f"https://www.history-{uuid.uuid4().hex[:8]}.example/"
+        referral_id = await submit_referral(
+            self.client,
+            self.engine,
+            self.rules,
+            submission(**{"prospect.website": site}),
+            submitted_by="desk-anna",
+            received_at=received_at,
+        )
+        return self.client.get_workflow_handle(referral_id)
+
+    async def act(self, handle: WorkflowHandle[Any, Any], action: Action, **values: Any) -> None:
+        await handle.execute_update(
+            "act", StaffAction(action=action, actor="desk-anna", **values), result_type=None
+        )
+
+    async def signal(self, handle: WorkflowHandle[Any, Any], action: Action, **values: Any) -> None:
+        await handle.signal("action", StaffAction(action=action, actor="crm-sync", **values))
+
+    async def until(
+        self, handle: WorkflowHandle[Any, Any], check: Callable[[ReferralState], bool]
+    ) -> None:
+        for _ in range(300):
+            if check(await handle.query("state", result_type=ReferralState)):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{handle.id} did not reach the expected state")
+
+
+async def walk_to(desk: Desk, handle: WorkflowHandle[Any, Any], stage: Stage) -> None:
+    """Along the happy path, by updates, up to `stage`."""
+    path = [
+        (Action.CONTACTED, {"note": "phoned the referrer"}),
+        (Action.ACCEPT, {}),
+        (Action.APPROVE, {"note": "budget confirmed"}),
+        (Action.WON, {"amount": Decimal("180000"), "currency": "EUR", "payment_terms_days": 0}),
+    ]
+    order = [Stage.CONTACTED, Stage.QUALIFYING, Stage.APPROVED, Stage.WON]
+    for (action, values), reached in zip(path, order, strict=True):
+        await desk.act(handle, action, **values)
+        if reached is stage:
+            return
+
+
+async def full_lifecycle(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """Partial payments, and a payment overdue reminder (terms of 0 days)."""
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.WON)
+    await desk.until(handle, lambda s: s.payment_reminders_sent >= 1)
+    await desk.act(handle, Action.PAYMENT, amount=Decimal("100000"), reference="INV-1")
+    await desk.act(handle, Action.PAYMENT, amount=Decimal("80000"), reference="INV-2")
+    await desk.act(handle, Action.PAYOUT, reference="VIR-1")
+    return handle
+
+
+async def contact_sla_breach(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """Received two weeks ago: the reminder and the deadline are both due at once."""
+    handle = await desk.submit(received_at=datetime.now(UTC) - timedelta(days=14))
+    await desk.until(handle, lambda s: s.contact_sla_breached)
+    await desk.act(handle, Action.CONTACTED, note="late, sorry")
+    await desk.act(handle, Action.DECLINE, reason="already a customer")
+    return handle
+
+
+async def decline(desk: Desk) -> WorkflowHandle[Any, Any]:
+    handle = await desk.submit()
+    await desk.act(handle, Action.DECLINE, reason="not a fit")
+    return handle
+
+
+async def reject(desk: Desk) -> WorkflowHandle[Any, Any]:
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.QUALIFYING)
+    await desk.act(handle, Action.REJECT, reason="no budget")
+    return handle
+
+
+async def lost(desk: Desk) -> WorkflowHandle[Any, Any]:
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.APPROVED)
+    await desk.act(handle, Action.LOST, reason="went with a competitor")
+    return handle
+
+
+async def cancel_after_won(desk: Desk) -> WorkflowHandle[Any, Any]:
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.WON)
+    await desk.act(handle, Action.PAYMENT, amount=Decimal("20000"), reference="INV-1")
+    await desk.act(handle, Action.CANCEL, reason="contract rescinded")
+    return handle
+
+
+async def temporal_cancellation(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """Cancelled from Temporal (the UI's button, `temporal workflow cancel`)."""
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.QUALIFYING)
+    await handle.cancel()
+    return handle
+
+
+async def refused_and_duplicated_signals(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """An integration that signals out of order and twice."""
+    handle = await desk.submit()
+    await desk.signal(handle, Action.APPROVE)  # not allowed yet: refused
+    for action in (Action.CONTACTED, Action.CONTACTED, Action.ACCEPT, Action.APPROVE):
+        await desk.signal(handle, action)
+    won = {"amount": Decimal("50000"), "currency": "EUR"}
+    await desk.signal(handle, Action.WON, **won)
+    await desk.signal(handle, Action.WON, **won)
+    payment = {"amount": Decimal("50000"), "reference": "INV-7"}
+    await desk.signal(handle, Action.PAYMENT, **payment)
+    await desk.signal(handle, Action.PAYMENT, **payment)
+    await desk.until(handle, lambda s: s.stage is Stage.COMMISSION_PAYABLE)
+    await desk.signal(handle, Action.PAYOUT, reference="VIR-7")
+    return handle
+
+
+async def in_flight_won(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """Still running when recorded: won, partly paid, with a payment reminder pending."""
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.WON)
+    await desk.act(handle, Action.PAYMENT, amount=Decimal("60000"), reference="INV-1")
+    return handle
+
+
+async def in_flight_submitted(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """Still running when recorded: waiting for contact, timers pending."""
+    return await desk.submit()
+
+
+PATHS: list[Callable[[Desk], Awaitable[WorkflowHandle[Any, Any]]]] = [
+    full_lifecycle,
+    contact_sla_breach,
+    decline,
+    reject,
+    lost,
+    cancel_after_won,
+    temporal_cancellation,
+    refused_and_duplicated_signals,
+    in_flight_won,
+    in_flight_submitted,
+]
+
+
+async def settle(handle: WorkflowHandle[Any, Any]) -> None:
+    """Closed paths: until the run ends. Running ones: until its effects are done."""
+    try:
+        await asyncio.wait_for(handle.result(), timeout=3)
+    except WorkflowFailureError:
+        pass  # cancelled from Temporal
+    except TimeoutError:
+        await asyncio.sleep(2)  # in flight: let the queued emails and writes finish
+
+
+async def record(target: Path) -> None:
+    rules = load_program(ROOT / "program.yaml")
+    work = Path(tempfile.mkdtemp(prefix="referral-histories-"))
+    engine = make_engine(f"sqlite:///{work / 'referrals.db'}")
+    port = free_port()
+    sink = start_sink("127.0.0.1", port, work / "mail")
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+    )
+    try:
+        worker = build_worker(env.client, engine, SmtpSettings("127.0.0.1", port), queue=QUEUE)
+        async with worker:
+            desk = Desk(env.client, engine, rules)
+            handles = await asyncio.gather(*(path(desk) for path in PATHS))
+            await asyncio.gather(*(settle(handle) for handle in handles))
+            target.mkdir(parents=True)
+            for path, handle in zip(PATHS, handles, strict=True):
+                history = await handle.fetch_history()
+                (target / f"{path.__name__}.json").write_text(history.to_json(), encoding="utf-8")
+                print(f"  {path.__name__}: {len(history.events)} events")
+    finally:
+        await env.shutdown()
+        sink.stop()
+
+
+def main() -> int:
+    release = version("referral-desk")
+    target = HISTORIES / release
+    if target.exists():
+        print(
+            f"{target} exists: a recorded set is never overwritten; "
+            "bump the version in pyproject.toml for a new release",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"recording referral histories into {target.relative_to(ROOT)}")
+    asyncio.run(record(target))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
