@@ -77,7 +77,7 @@ class Desk:
 
 async def walk_to(desk: Desk, handle: WorkflowHandle[Any, Any], stage: Stage) -> None:
     """Along the happy path, by updates, up to `stage`."""
-    path = [
+    path: list[tuple[Action, dict[str, Any]]] = [
         (Action.CONTACTED, {"note": "phoned the referrer"}),
         (Action.ACCEPT, {}),
         (Action.APPROVE, {"note": "budget confirmed"}),
