@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.db import make_engine
 from activities.email import EmailActivities, SmtpSettings
 from activities.ledger import LedgerActivities
+from activities.records import RecordActivities
+from activities.schema import SchemaOutOfDate, open_database
 from starter.client import connect, task_queue
 from workflows.referral import ReferralWorkflow
+
+# Activities are synchronous (SMTP, SQL): one thread each, and never more taken than threads.
+ACTIVITY_THREADS = 8
+# On SIGTERM or Ctrl-C, in-flight activities may finish: longer than any activity's timeout.
+GRACEFUL_SHUTDOWN = timedelta(seconds=75)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -24,32 +34,54 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 
 def build_worker(
-    client: Client, engine: Engine, smtp: SmtpSettings, queue: str | None = None
+    client: Client,
+    engine: Engine,
+    smtp: SmtpSettings,
+    queue: str | None = None,
+    **options: Any,
 ) -> Worker:
     email = EmailActivities(engine, smtp)
     ledger = LedgerActivities(engine)
+    records = RecordActivities(engine)
     return Worker(
         client,
         task_queue=queue or task_queue(),
         workflows=[ReferralWorkflow],
         workflow_runner=workflow_runner(),
-        activities=[email.send_email, ledger.record_commission, ledger.release_prospect],
-        activity_executor=ThreadPoolExecutor(max_workers=8),
+        activities=[
+            email.send_email,
+            ledger.record_commission,
+            ledger.release_prospect,
+            records.record_referral,
+        ],
+        activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
+        max_concurrent_activities=ACTIVITY_THREADS,
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        **options,
     )
 
 
 async def run_worker() -> None:
+    engine = open_database()
     client = await connect()
-    worker = build_worker(client, make_engine(), SmtpSettings.from_env())
-    print(f"worker polling task queue {task_queue()!r}", flush=True)
-    await worker.run()
+    worker = build_worker(client, engine, SmtpSettings.from_env())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with worker:
+        print(f"worker polling task queue {task_queue()!r}", flush=True)
+        await stop.wait()
+        print("worker stopping: finishing in-flight activities…", flush=True)
+    print("worker stopped", flush=True)
 
 
 def main() -> None:
     try:
         asyncio.run(run_worker())
-    except KeyboardInterrupt:
-        pass
+    except SchemaOutOfDate as error:
+        print(f"worker: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

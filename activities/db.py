@@ -1,4 +1,7 @@
-"""Database tables (SQLModel) and the engine, shared by activities, the CLI and intake."""
+"""Database tables (SQLModel) and the engine, shared by activities, the CLI and the web app.
+
+Alembic owns the schema (`activities/migrations`): a change here comes with a migration.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Numeric, event
+from sqlalchemy import Column, DateTime, Numeric, Text, UniqueConstraint, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel, create_engine
 
@@ -19,8 +22,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _money_column() -> Column[Decimal]:
-    return Column(Numeric(20, 4), nullable=False)
+def _money_column(nullable: bool = False) -> Column[Decimal]:
+    return Column(Numeric(20, 4), nullable=nullable)
 
 
 class CommissionRow(SQLModel, table=True):
@@ -55,6 +58,50 @@ class CommissionEvent(SQLModel, table=True):
     actor: str
     note: str | None = None
     recorded_at: datetime = Field(default_factory=_now)
+
+
+class ReferralRow(SQLModel, table=True):
+    """The system of record: each referral's current facts, kept after Temporal forgets it.
+    `state` is the whole ReferralState as JSON, its history left out (see ReferralEventRow)."""
+
+    __tablename__ = "referral"
+
+    referral_id: str = Field(primary_key=True)
+    stage: str = Field(index=True)
+    prospect_company: str
+    prospect_domain: str = Field(index=True)
+    product: str = Field(index=True)
+    referrer_email: str = Field(index=True)
+    submitted_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    contact_deadline: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    contact_sla_breached: bool
+    commission_amount: Decimal | None = Field(default=None, sa_column=_money_column(True))
+    commission_currency: str | None = None
+    commission_status: str | None = None
+    customer_paid: Decimal | None = Field(default=None, sa_column=_money_column(True))
+    closed_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    revision: int
+    state: str = Field(sa_column=Column(Text, nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ReferralEventRow(SQLModel, table=True):
+    """Append-only: one row per history entry of a referral, the audit trail of every decision."""
+
+    __tablename__ = "referral_event"
+    __table_args__ = (UniqueConstraint("referral_id", "seq", name="uq_referral_event_seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    referral_id: str = Field(index=True)
+    seq: int
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    action: str
+    actor: str
+    note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    outcome: str
+    request_id: str | None = None
 
 
 class SentEmail(SQLModel, table=True):
@@ -94,8 +141,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str | None = None) -> Engine:
-    """An engine with the tables created; SQLite files get WAL so the CLI can read while the
-    worker writes."""
+    """An engine (the schema is Alembic's: see activities.schema). SQLite files get WAL so the
+    CLI can read while the worker writes."""
     url = url or database_url()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -103,5 +150,9 @@ def make_engine(url: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
     return engine
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; they were written in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import smtplib
+import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -22,6 +23,7 @@ import jinja2
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.db import SentEmail
 from workflows.models import EmailRequest, minor_unit_digits, round_money
@@ -36,6 +38,9 @@ class SmtpSettings:
     user: str | None = None
     password: str | None = None
     starttls: bool = False
+    # One whole SMTP exchange, connection to QUIT; shorter than the activity's own timeout,
+    # so a hung server fails the attempt instead of the attempt timing out unexplained.
+    deadline_seconds: float = 30.0
 
     @classmethod
     def from_env(cls) -> SmtpSettings:
@@ -146,6 +151,67 @@ def build_message(request: EmailRequest, rendered: RenderedEmail) -> EmailMessag
     return message
 
 
+PERMANENT_EMAIL_FAILURE = "PermanentEmailFailure"  # the workflow does not retry this type
+
+
+def permanent(error: smtplib.SMTPException) -> ApplicationError | None:
+    """The non-retryable error for an SMTP refusal that no retry can change (5xx for this
+    message or recipient), or None when trying again later may work (4xx, connection, auth)."""
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in error.recipients.values()]
+        if codes and all(code >= 500 for code in codes):
+            details = "; ".join(
+                f"{to}: {code} {reply.decode(errors='replace')}"
+                for to, (code, reply) in error.recipients.items()
+            )
+            return ApplicationError(
+                f"recipient refused: {details}", type=PERMANENT_EMAIL_FAILURE, non_retryable=True
+            )
+        return None
+    if isinstance(error, smtplib.SMTPAuthenticationError):
+        return None  # our credentials: fixed by an operator, then the retries succeed
+    if isinstance(error, smtplib.SMTPResponseException) and error.smtp_code >= 500:
+        reply = error.smtp_error
+        reply = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+        return ApplicationError(
+            f"message refused: {error.smtp_code} {reply}",
+            type=PERMANENT_EMAIL_FAILURE,
+            non_retryable=True,
+        )
+    return None
+
+
+class _Deadline:
+    """Keeps every socket operation of one SMTP exchange within an overall deadline."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        remaining = self._end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("SMTP exchange exceeded its deadline")
+        return remaining
+
+    def apply(self, client: smtplib.SMTP) -> None:
+        if client.sock is not None:
+            client.sock.settimeout(self.left())
+
+
+def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
+    """One SMTP exchange, bounded by `smtp.deadline_seconds` as a whole."""
+    deadline = _Deadline(smtp.deadline_seconds)
+    with smtplib.SMTP(smtp.host, smtp.port, timeout=deadline.left()) as client:
+        if smtp.starttls:
+            deadline.apply(client)
+            client.starttls()
+        if smtp.user:
+            deadline.apply(client)
+            client.login(smtp.user, smtp.password or "")
+        deadline.apply(client)
+        client.send_message(message)
+
+
 class EmailActivities:
     def __init__(self, engine: Engine, smtp: SmtpSettings) -> None:
         self._engine = engine
@@ -153,20 +219,21 @@ class EmailActivities:
 
     @activity.defn(name="send_email")
     def send_email(self, request: EmailRequest) -> str:
-        """Send once per key; returns the Message-ID. SMTP errors raise, so Temporal retries."""
+        """Send once per key; returns the Message-ID. A transient failure raises (Temporal
+        retries); a permanent refusal raises a non-retryable PermanentEmailFailure."""
         with Session(self._engine) as session:
             sent = session.get(SentEmail, request.key)
             if sent is not None:
                 return sent.message_id
         rendered = render_email(request)
         message = build_message(request, rendered)
-        smtp = self._smtp
-        with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as client:
-            if smtp.starttls:
-                client.starttls()
-            if smtp.user:
-                client.login(smtp.user, smtp.password or "")
-            client.send_message(message)
+        try:
+            deliver(self._smtp, message)
+        except smtplib.SMTPException as error:
+            refusal = permanent(error)
+            if refusal is not None:
+                raise refusal from error
+            raise
         with Session(self._engine) as session:
             session.merge(
                 SentEmail(

@@ -22,6 +22,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.email import SmtpSettings
+from activities.schema import upgrade
 from starter.intake import parse_submission, submit_referral
 from starter.mail_sink import start_sink
 from starter.program import load_program
@@ -49,6 +50,7 @@ async def main(count: int) -> None:
     rules = load_program("program.yaml")
     work = Path(tempfile.mkdtemp(prefix="referral-bench-"))
     engine = make_engine(f"sqlite:///{work / 'bench.db'}")
+    upgrade(engine)
     port = free_port()
     sink = start_sink("127.0.0.1", port, work / "mail")
     env = await WorkflowEnvironment.start_local(

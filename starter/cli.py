@@ -9,6 +9,7 @@ import getpass
 import json
 import os
 import sys
+import uuid
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -19,10 +20,17 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateStage,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.db import CommissionRow, make_engine
+from activities.db import CommissionRow, as_utc, make_engine
+from activities.records import list_referrals, load_referral
+from activities.schema import SchemaOutOfDate, open_database, upgrade
 from starter.client import connect, temporal_address
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
 from starter.program import ProgramError, load_program
@@ -34,8 +42,9 @@ from workflows.models import (
     Stage,
     round_money,
 )
-from workflows.referral import DOMAIN_KEY, PRODUCT_KEY, REFERRER_KEY, SLA_KEY, STAGE_KEY
 from workflows.transitions import allowed_actions
+
+DEFAULT_TIMEOUT_SECONDS = 30.0
 
 
 class Refused(Exception):
@@ -66,7 +75,7 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def describe(state: ReferralState) -> str:
+def describe(state: ReferralState, workflow: str | None = None) -> str:
     zone = ZoneInfo(state.contact_calendar.timezone)
 
     def at(moment: datetime | None) -> str:
@@ -102,8 +111,12 @@ def describe(state: ReferralState) -> str:
             f"  payment due  {at(s.payment_due_at)} ({s.payment_terms_days} days terms)"
             + (f", {s.payment_reminders_sent} reminder(s) sent" if s.payment_reminders_sent else "")
         )
+    if s.closed_at is not None:
+        lines.append(f"  closed       {at(s.closed_at)}")
     allowed = ", ".join(a.value for a in allowed_actions(s.stage)) or "none (closed)"
     lines.append(f"  next         {allowed}")
+    if workflow is not None and workflow != "running":
+        lines.append(f"  WORKFLOW     {workflow}: run `referrals reconcile`")
     lines.append("  history")
     for entry in s.history:
         note = f" — {entry.note}" if entry.note else ""
@@ -115,30 +128,70 @@ def describe(state: ReferralState) -> str:
 # --- Temporal calls -------------------------------------------------------------------------
 
 
-async def fetch_state(client: Client, referral_id: str) -> ReferralState:
+def timeout_seconds(args: argparse.Namespace) -> float:
+    return float(args.timeout)
+
+
+async def workflow_status(referral_id: str) -> str:
+    """What Temporal says of an open referral's workflow: `running`, or what went wrong."""
     try:
-        return await client.get_workflow_handle(referral_id).query(
-            "state", result_type=ReferralState
-        )
+        client = await connect()
+        description = await client.get_workflow_handle(referral_id).describe()
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
-            raise Refused(f"unknown referral {referral_id}") from error
-        raise
+            return "missing in Temporal"
+        return f"unknown ({error.message})"
+    except RuntimeError:
+        return f"unknown (Temporal unreachable at {temporal_address()})"
+    status = description.status
+    if status == WorkflowExecutionStatus.RUNNING:
+        return "running"
+    return f"{status.name.lower() if status else 'unknown'} in Temporal"
 
 
-async def send_action(client: Client, referral_id: str, request: StaffAction) -> ReferralState:
+async def send_action(
+    client: Client, referral_id: str, request: StaffAction, timeout: float
+) -> ReferralState:
+    """Apply one staff action through the `act` update, its request id as the update id, so
+    a retried command is applied once. Waits at most `timeout` seconds in all."""
+    handle = client.get_workflow_handle(referral_id)
+    retry = f"repeat the command with --request-id {request.request_id} to retry it safely"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    accepted = False
     try:
-        return await client.get_workflow_handle(referral_id).execute_update(
-            "act", request, result_type=ReferralState
+        update = await asyncio.wait_for(
+            handle.start_update(
+                "act",
+                request,
+                id=request.request_id,
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                result_type=ReferralState,
+            ),
+            timeout,
         )
+        accepted = True
+        return await asyncio.wait_for(update.result(), max(0.1, deadline - loop.time()))
     except WorkflowUpdateFailedError as error:
         cause = error.cause
         raise Refused(getattr(cause, "message", None) or str(cause or error)) from error
+    except TimeoutError:
+        if not accepted:
+            raise Refused(
+                f"no worker answered within {timeout:g}s (is a worker running?); the action may "
+                f"still apply when one does: {retry}"
+            ) from None
+        raise Refused(
+            f"{request.action.value} was accepted but not yet recorded after {timeout:g}s "
+            f"(is the database reachable?); {retry}"
+        ) from None
     except RPCError as error:
         if error.status != RPCStatusCode.NOT_FOUND:
             raise
-        # Unknown, or its workflow has completed: the state says which (and raises if unknown).
-        state = await fetch_state(client, referral_id)
+        engine = open_database()
+        state = await asyncio.to_thread(load_referral, engine, referral_id)
+        if state is None:
+            raise Refused(f"unknown referral {referral_id}") from error
         raise Refused(f"referral {referral_id} is closed ({state.stage.value})") from error
 
 
@@ -172,26 +225,25 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_list(args: argparse.Namespace) -> int:
-    client = await connect()
-    query = "WorkflowType = 'ReferralWorkflow'"
-    if args.stage:
-        query += f" AND ReferralStage = '{args.stage}'"
-    rows: list[dict[str, Any]] = []
-    async for wf in client.list_workflows(query):
-        sa = wf.typed_search_attributes
-        rows.append(
-            {
-                "referral_id": wf.id,
-                "stage": sa.get(STAGE_KEY),
-                "prospect_domain": sa.get(DOMAIN_KEY),
-                "referrer_email": sa.get(REFERRER_KEY),
-                "product": sa.get(PRODUCT_KEY),
-                "contact_sla_breached": bool(sa.get(SLA_KEY)),
-                "started_at": wf.start_time.isoformat(),
-                "closed_at": wf.close_time.isoformat() if wf.close_time else None,
-            }
+def cmd_list(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = [
+        {
+            "referral_id": row.referral_id,
+            "stage": row.stage,
+            "prospect_company": row.prospect_company,
+            "prospect_domain": row.prospect_domain,
+            "product": row.product,
+            "referrer_email": row.referrer_email,
+            "contact_sla_breached": row.contact_sla_breached,
+            "submitted_at": as_utc(row.submitted_at).isoformat(),
+            "closed_at": as_utc(row.closed_at).isoformat() if row.closed_at else None,
+        }
+        for row in list_referrals(
+            open_database(),
+            stage=Stage(args.stage) if args.stage else None,
+            referrer_email=args.referrer,
         )
+    ]
     if args.json:
         print_json(rows)
         return 0
@@ -202,19 +254,23 @@ async def cmd_list(args: argparse.Namespace) -> int:
     for r in rows:
         sla = " (SLA breached)" if r["contact_sla_breached"] else ""
         print(
-            f"{r['referral_id']:<14} {(r['stage'] or '?') + sla:<19} "
-            f"{r['prospect_domain'] or '?':<30} {r['product'] or '?':<24} {r['referrer_email']}"
+            f"{r['referral_id']:<14} {r['stage'] + sla:<19} "
+            f"{r['prospect_domain']:<30} {r['product']:<24} {r['referrer_email']}"
         )
     return 0
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    client = await connect()
-    state = await fetch_state(client, args.id)
+    """From the system of record; for an open referral, also whether its workflow runs."""
+    state = await asyncio.to_thread(load_referral, open_database(), args.id)
+    if state is None:
+        raise Refused(f"unknown referral {args.id}")
+    workflow = None if state.is_terminal else await workflow_status(args.id)
     if args.json:
-        print_json(plain(state, ZoneInfo(state.contact_calendar.timezone)))
+        shown = plain(state, ZoneInfo(state.contact_calendar.timezone))
+        print_json({**shown, "workflow": workflow})
     else:
-        print(describe(state))
+        print(describe(state, workflow))
     return 0
 
 
@@ -230,9 +286,10 @@ def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[A
             currency=getattr(args, "currency", None),
             payment_terms_days=getattr(args, "payment_terms_days", None),
             reference=getattr(args, "reference", None),
+            request_id=args.request_id or f"cli-{uuid.uuid4()}",
         )
         client = await connect()
-        state = await send_action(client, args.id, request)
+        state = await send_action(client, args.id, request, timeout_seconds(args))
         print(f"{state.referral_id}: {action.value} done, stage {state.stage.value}")
         return 0
 
@@ -240,7 +297,7 @@ def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[A
 
 
 def cmd_commissions(args: argparse.Namespace) -> int:
-    with Session(make_engine()) as session:
+    with Session(open_database()) as session:
         query = select(CommissionRow).order_by(col(CommissionRow.updated_at).desc())
         if args.status:
             query = query.where(CommissionRow.status == args.status)
@@ -280,6 +337,17 @@ def cmd_commissions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    engine = make_engine()
+    before, after = upgrade(engine)
+    where = engine.url.render_as_string(hide_password=True)
+    if before == after:
+        print(f"{where}: already at the current schema ({after})")
+    else:
+        print(f"{where}: upgraded from {before or 'empty'} to {after}")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from starter.dev import run_dev
 
@@ -312,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("REFERRALS_ACTOR") or getpass.getuser(),
         help="who is acting, recorded in the audit history (default $REFERRALS_ACTOR or login)",
     )
+    parser.add_argument(
+        "--request-id",
+        help="identifies a staff action: repeating a command with the same id applies it once "
+        "(default: a new id per call)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("REFERRALS_CLI_TIMEOUT", DEFAULT_TIMEOUT_SECONDS)),
+        help="seconds to wait for a worker to apply a staff action "
+        f"(default $REFERRALS_CLI_TIMEOUT or {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[..., Any], help: str) -> argparse.ArgumentParser:
@@ -326,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
     add("submit", cmd_submit, "submit a referral from a JSON file").add_argument("file")
-    sub = add("list", cmd_list, "list referrals")
+    sub = add("list", cmd_list, "list referrals, newest first")
     sub.add_argument("--stage", choices=[s.value for s in Stage])
+    sub.add_argument("--referrer", metavar="EMAIL", help="only this referrer's referrals")
     sub.add_argument("--json", action="store_true")
     sub = add("show", cmd_show, "show one referral")
     sub.add_argument("id")
@@ -365,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = sub.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
+    db = add("db", lambda _: 2, "manage the database").add_subparsers(
+        dest="db_command", required=True, metavar="DB_COMMAND"
+    )
+    upgrade_help = "bring the database to the current schema (Alembic migrations)"
+    db.add_parser("upgrade", help=upgrade_help).set_defaults(handler=cmd_db_upgrade)
     return parser
 
 
@@ -375,7 +461,7 @@ def run(argv: list[str] | None = None) -> int:
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result)
-    except (Refused, ProgramError, SubmissionRefused, DuplicateReferral) as error:
+    except (Refused, ProgramError, SubmissionRefused, DuplicateReferral, SchemaOutOfDate) as error:
         prefix = "refused: " if isinstance(error, SubmissionRefused) else ""
         print(f"referrals: {prefix}{error}", file=sys.stderr)
         return 1

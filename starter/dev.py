@@ -8,15 +8,20 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from activities.db import make_engine
+from activities.schema import upgrade
 from starter.program import load_program
+from worker import GRACEFUL_SHUTDOWN
 
 BIN = Path(sys.executable).parent
+STOP_TIMEOUT = GRACEFUL_SHUTDOWN + timedelta(seconds=15)
 
 
 class Strict(BaseModel):
@@ -30,6 +35,9 @@ class TemporalSettings(Strict):
     namespace: str = "default"
     db_filename: Path = Path(".data/temporal.db")
     log_level: Literal["debug", "info", "warn", "error"] = "warn"
+    # How long Temporal keeps a closed referral's workflow. Staff and referrers read the
+    # database, so this only bounds how long operators can inspect a closed run in the UI.
+    retention_days: int = 30
 
 
 class MailSinkSettings(Strict):
@@ -95,6 +103,29 @@ def server_command(stack: DevStack) -> list[str]:
     return command
 
 
+def set_retention(stack: DevStack) -> None:
+    """The dev server's namespace keeps closed workflows 24 hours unless told otherwise."""
+    t = stack.temporal
+    command = [
+        str(BIN / "temporal"),
+        "operator",
+        "namespace",
+        "update",
+        "--namespace",
+        t.namespace,
+        "--retention",
+        f"{t.retention_days * 24}h",
+        "--address",
+        f"{t.ip}:{t.port}",
+    ]
+    for _ in range(20):  # the namespace exists a moment after the port opens
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"could not set the namespace retention: {done.stderr.strip()}")
+
+
 def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     stack = load_stack(config)
     rules = load_program()  # a bad program.yaml stops here, before anything starts
@@ -108,6 +139,9 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
             print(f"referrals dev: {host}:{port} ({what}) is already in use", file=sys.stderr)
             return 1
     t.db_filename.parent.mkdir(parents=True, exist_ok=True)
+    migrated_from, schema = upgrade(make_engine())
+    if migrated_from != schema:
+        print(f"database schema upgraded: {migrated_from or 'empty'} -> {schema}", flush=True)
     env = {
         **os.environ,
         "TEMPORAL_ADDRESS": f"{t.ip}:{t.port}",
@@ -136,6 +170,7 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     try:
         server = start("Temporal server", server_command(stack))
         _wait_for_port(t.ip, t.port, server, 60)
+        set_retention(stack)
         mail = start(
             "mail sink",
             [sys.executable, "-m", "starter.mail_sink", "--host", sink.host, "--port",
@@ -160,7 +195,8 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
         print(
             f"""
 Referral Desk is running ({rules.name}).
-  Temporal server   {t.ip}:{t.port}  (namespace {t.namespace}, data in {t.db_filename})
+  Temporal server   {t.ip}:{t.port}  (namespace {t.namespace}, data in {t.db_filename},
+                    closed referrals kept {t.retention_days} days; the database keeps them all)
   Temporal UI       http://{t.ip}:{t.ui_port}/namespaces/{t.namespace}/workflows
   Worker            task queue {os.environ.get("REFERRALS_TASK_QUEUE", "referrals")}
   Mail sink         {sink.host}:{sink.port}, every email kept in {sink.maildir}/new
@@ -182,10 +218,10 @@ Try: referrals submit examples/referral.json   (Ctrl-C stops everything)
         print(f"referrals dev: {error}", file=sys.stderr)
         return 1
     finally:
-        for process in reversed(processes):  # worker first, Temporal server last
+        for process in reversed(processes):  # web app and worker first, Temporal server last
             if process.poll() is None:
-                process.terminate()
+                process.terminate()  # the worker lets in-flight activities finish
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=STOP_TIMEOUT.total_seconds())
             except subprocess.TimeoutExpired:
                 process.kill()

@@ -20,11 +20,13 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim
+from activities.records import discard_referral, save_referral
 from starter.client import task_queue
 from starter.contact_window import contact_window
 from starter.links import status_url
-from workflows.models import ProgramRules, ReferralInput, Submission
+from workflows.models import ProgramRules, ReferralInput, ReferralRecord, Submission
 from workflows.referral import ReferralWorkflow
+from workflows.transitions import initial_state
 
 # A claim whose workflow never started (the submitting process died) is taken over after this.
 STALE_CLAIM = timedelta(minutes=2)
@@ -226,17 +228,23 @@ async def submit_referral(
     product = rules.product(submission.opportunity.product)
     assert product is not None
     window = contact_window(received_at or datetime.now(UTC), rules.calendar, rules.contact)
+    given = ReferralInput(
+        referral_id=referral_id,
+        submission=submission,
+        rules=rules,
+        contact_window=window,
+        submitted_by=submitted_by,
+        status_url=status_url(referral_id, key),
+    )
+    # Recorded before the workflow starts, so the confirmation page, `referrals show` and the
+    # status link find the referral at once; the workflow's own first write is the same row.
+    first = initial_state(given)
+    record = ReferralRecord(state=first.model_copy(update={"history": []}), events=first.history)
     try:
+        await asyncio.to_thread(save_referral, engine, record)
         await client.start_workflow(
             ReferralWorkflow.run,
-            ReferralInput(
-                referral_id=referral_id,
-                submission=submission,
-                rules=rules,
-                contact_window=window,
-                submitted_by=submitted_by,
-                status_url=status_url(referral_id, key),
-            ),
+            given,
             id=referral_id,
             task_queue=task_queue(),
             static_summary=(
@@ -245,6 +253,7 @@ async def submit_referral(
             ),
         )
     except BaseException:
+        await asyncio.to_thread(discard_referral, engine, referral_id)
         await asyncio.to_thread(release_claim, engine, domain, referral_id)
         raise
     return referral_id

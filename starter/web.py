@@ -1,11 +1,12 @@
 """The intake web app: the referral form, its JSON API and the referrer's status page.
 
-Runs in its own process (`referrals web`); it starts workflows and reads their
-state through Temporal, and never imports the worker.
+Runs in its own process (`referrals web`); it starts workflows through Temporal
+and reads referrals from the system of record, and never imports the worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import mailbox
 import os
 import re
@@ -30,10 +31,11 @@ from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
-from activities.db import make_engine
 from activities.email import long_date
+from activities.records import load_referral
+from activities.schema import open_database
 from starter.client import connect
 from starter.intake import (
     DuplicateReferral,
@@ -233,7 +235,7 @@ def create_app(
     """The app; `maildir` (dev mode only) enables `/dev/mail`."""
     intake = Intake(
         rules=rules or load_program(),
-        engine=engine or make_engine(),
+        engine=engine or open_database(),
         key=key or secret_key(),
         maildir=maildir,
         client=client,
@@ -336,15 +338,7 @@ def create_app(
         referral_id = referral_from_token(token, intake.key)
         if referral_id is None:
             return None
-        try:
-            client = await intake.temporal()
-            return await client.get_workflow_handle(referral_id).query(
-                "state", result_type=ReferralState
-            )
-        except RPCError as error:
-            if error.status == RPCStatusCode.NOT_FOUND:
-                return None
-            raise
+        return await asyncio.to_thread(load_referral, intake.engine, referral_id)
 
     async def referral_page(
         request: Request,

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlmodel import SQLModel
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -25,6 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.email import SmtpSettings
+from activities.schema import upgrade
 from starter.mail_sink import start_sink
 from starter.program import load_program
 from worker import build_worker
@@ -101,15 +102,25 @@ def free_port() -> int:
     ]
 )
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """A fresh, real database: a SQLite file, and PostgreSQL when its URL is given."""
+    """A fresh, real database at the current schema: a SQLite file, and PostgreSQL when its
+    URL is given."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'referrals.db'}"
     else:
         url = os.environ[POSTGRES_URL_ENV]
-        SQLModel.metadata.drop_all(make_engine(url))
-    engine = make_engine(url)
+    engine = empty_database(url)
+    upgrade(engine)
     yield engine
     engine.dispose()
+
+
+def empty_database(url: str) -> Engine:
+    """An engine on `url` with nothing in it (PostgreSQL: the public schema recreated)."""
+    engine = make_engine(url)
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    return engine
 
 
 @dataclass
@@ -157,6 +168,7 @@ async def live(
 ) -> AsyncIterator[Live]:
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'referrals.db'}"
     engine = make_engine(url)
+    upgrade(engine)
     worker = build_worker(dev_env.client, engine, mail_sink.settings(), queue="referrals")
     async with worker:
         yield Live(

@@ -27,6 +27,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.email import SmtpSettings
+from activities.schema import upgrade
 from starter.intake import submit_referral
 from starter.mail_sink import start_sink
 from starter.program import load_program
@@ -204,6 +205,7 @@ async def record(target: Path) -> None:
     rules = load_program(ROOT / "program.yaml")
     work = Path(tempfile.mkdtemp(prefix="referral-histories-"))
     engine = make_engine(f"sqlite:///{work / 'referrals.db'}")
+    upgrade(engine)
     port = free_port()
     sink = start_sink("127.0.0.1", port, work / "mail")
     env = await WorkflowEnvironment.start_local(

@@ -82,8 +82,18 @@ STAFF_TEMPLATES = {
     "staff_deal_won": Stage.WON,
     "staff_commission_payable": Stage.COMMISSION_PAYABLE,
     "staff_payment_overdue": Stage.WON,
+    "staff_referral_cancelled": Stage.CANCELLED,
+    "staff_email_failed": Stage.QUALIFYING,
 }
 TEMPLATE_STAGES = {**REFERRER_TEMPLATES, **STAFF_TEMPLATES}
+# What the workflow passes besides the referral, for the templates that need it.
+TEMPLATE_EXTRA = {
+    "staff_email_failed": {
+        "to": REFERRER_EMAIL,
+        "template": "referrer_qualifying",
+        "reason": "recipient refused: 550 5.1.1 <user> unknown",
+    }
+}
 
 
 def template_names(language: str) -> set[str]:
@@ -260,7 +270,7 @@ def render(
             language=language,
             template=template,
             referral=state,
-            extra=extra or {},
+            extra=extra or TEMPLATE_EXTRA.get(template, {}),
         )
     )
 

@@ -38,6 +38,7 @@ from workflows.models import (
     ProgramRules,
     ProspectRelease,
     ReferralInput,
+    ReferralRecord,
     ReferralState,
     StaffAction,
     Stage,
@@ -73,6 +74,7 @@ class Desk:
     emails: list[Sent] = field(default_factory=list)
     email_attempts: list[tuple[str, int, datetime]] = field(default_factory=list)
     ledger: list[CommissionRecord] = field(default_factory=list)
+    records: list[ReferralRecord] = field(default_factory=list)
     releases: list[ProspectRelease] = field(default_factory=list)
     handles: list[WorkflowHandle[Any, Any]] = field(default_factory=list)
 
@@ -98,7 +100,11 @@ class Desk:
         async def release_prospect(release: ProspectRelease) -> None:
             self.releases.append(release)
 
-        return [send_email, record_commission, release_prospect]
+        @activity.defn(name="record_referral")
+        async def record_referral(record: ReferralRecord) -> None:
+            self.records.append(record)
+
+        return [send_email, record_commission, release_prospect, record_referral]
 
     def worker(self, **options: Any) -> Worker:
         return Worker(

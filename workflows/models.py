@@ -188,6 +188,12 @@ class PaymentRules(Strict):
     reminder_interval_days: int = Field(default=30, ge=1, le=365)
 
 
+class EmailRules(Strict):
+    # A transient SMTP failure (no connection, 4xx) is retried this long, then counts as
+    # permanent: the failure is recorded and the desk told, and later emails still go.
+    retry_for_hours: int = Field(default=72, ge=1, le=24 * 30)
+
+
 class Recipients(Strict):
     desk: EmailStr
     desk_manager: EmailStr
@@ -206,6 +212,7 @@ class ProgramRules(Strict):
     calendar: CalendarRules = CalendarRules()
     contact: ContactRules = ContactRules()
     payment: PaymentRules = PaymentRules()
+    email: EmailRules = EmailRules()
     recipients: Recipients
 
     def product(self, product_id: str) -> Product | None:
@@ -258,6 +265,9 @@ class StaffAction(BaseModel):
     currency: str | None = None
     payment_terms_days: int | None = None
     reference: str | None = None
+    # Makes a retried delivery harmless: a request id already applied is not applied again.
+    # The CLI sends one with every action (it is also the update's id).
+    request_id: str | None = None
 
 
 class ContactWindow(BaseModel):
@@ -300,18 +310,10 @@ class HistoryEntry(BaseModel):
     actor: str
     note: str | None = None
     outcome: Literal["applied", "refused", "system"] = "applied"
-
-
-class ReferralInput(BaseModel):
-    referral_id: str
-    submission: Submission
-    rules: ProgramRules
-    contact_window: ContactWindow
-    submitted_by: str = "referrer"
-    # The referrer's signed status page, linked from their emails (None: no link).
-    status_url: str | None = None
-    # False only where the server has no custom search attributes (the time-skipping test server).
-    index_search_attributes: bool = True
+    # Position in the referral's event log, stable when old refused entries are dropped
+    # (None in referrals recorded before the system of record).
+    seq: int | None = None
+    request_id: str | None = None
 
 
 class ReferralState(BaseModel):
@@ -337,10 +339,32 @@ class ReferralState(BaseModel):
     payments: list[Payment] = []
     commission: Commission | None = None
     history: list[HistoryEntry] = []
+    # Bumped by every change; the system of record keeps the highest revision it was sent.
+    revision: int = 0
+    closed_at: datetime | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.stage in TERMINAL_STAGES
+
+    def next_seq(self) -> int:
+        """The event log position for a new history entry."""
+        numbered = [entry.seq for entry in self.history if entry.seq is not None]
+        return max(numbered) + 1 if numbered else len(self.history)
+
+
+class ReferralInput(BaseModel):
+    referral_id: str
+    submission: Submission
+    rules: ProgramRules
+    contact_window: ContactWindow
+    submitted_by: str = "referrer"
+    # The referrer's signed status page, linked from their emails (None: no link).
+    status_url: str | None = None
+    # False only where the server has no custom search attributes (the time-skipping test server).
+    index_search_attributes: bool = True
+    # A referral carried over to a new run (continue-as-new) resumes from this state.
+    resume: ReferralState | None = None
 
 
 class Refusal(BaseModel):
@@ -384,3 +408,20 @@ class CommissionRecord(BaseModel):
 class ProspectRelease(BaseModel):
     domain: str
     referral_id: str
+
+
+class ReferralRecord(BaseModel):
+    """The system of record after a change: the referral's facts (its history left out) and
+    the history entries not yet written. Written in order; a repeated write changes nothing."""
+
+    state: ReferralState
+    events: list[HistoryEntry]
+
+
+class EmailFailed(BaseModel):
+    """Why an email could not be delivered, for the history and the desk's notice."""
+
+    key: str
+    to: list[str]
+    template: str
+    reason: str

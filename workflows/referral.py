@@ -4,6 +4,12 @@ Staff decisions arrive as updates (validated, so the CLI sees refusals) or as
 signals (fire-and-forget; a refused one is recorded in the history). Both go
 through `apply_action`. Handlers only change state and queue side effects;
 the run method performs the effects in order and owns every timer.
+
+Referrals run for months, so the code that runs them changes under them: every
+change of behaviour is a `Features` flag decided by `workflow.patched` when a run
+starts (docs/rollout.md). A referral started before a change keeps the behaviour
+it started with, replays exactly as it ran, and can be carried over to a new run
+with the `upgrade` signal.
 """
 
 from __future__ import annotations
@@ -11,27 +17,31 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
+        Action,
         CommissionRecord,
         EmailRequest,
         HistoryEntry,
         ProgramRules,
         ProspectRelease,
         ReferralInput,
+        ReferralRecord,
         ReferralState,
         Refusal,
         StaffAction,
         Stage,
     )
-    from workflows.transitions import apply_action, check_action
+    from workflows.transitions import apply_action, check_action, initial_state
 
 STAGE_KEY = SearchAttributeKey.for_keyword("ReferralStage")
 DOMAIN_KEY = SearchAttributeKey.for_keyword("ProspectDomain")
@@ -39,13 +49,38 @@ REFERRER_KEY = SearchAttributeKey.for_keyword("ReferrerEmail")
 PRODUCT_KEY = SearchAttributeKey.for_keyword("Product")
 SLA_KEY = SearchAttributeKey.for_bool("ContactSlaBreached")
 
-# Side effects are retried until they succeed: an email or a ledger write is never dropped.
+# Referrals started before `effect-failures`: every effect is retried until it succeeds.
 EFFECT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=10),
 )
 EFFECT_TIMEOUT = timedelta(seconds=60)
+
+# Email: a permanent refusal is not retried; anything else is, until the program's limit.
+PERMANENT_EMAIL_FAILURE = "PermanentEmailFailure"
+EMAIL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=10),
+    non_retryable_error_types=[PERMANENT_EMAIL_FAILURE],
+)
+EMAIL_ATTEMPT_TIMEOUT = timedelta(seconds=60)  # the activity's own SMTP deadline is shorter
+
+# Database writes: a few quick attempts, then the workflow waits and tries again, for as long
+# as it takes, and says so in the referral's current details meanwhile.
+WRITE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=4),
+    maximum_attempts=3,
+)
+WRITE_TIMEOUT = timedelta(seconds=30)
+WRITE_PAUSE = timedelta(seconds=5)
+WRITE_PAUSE_MAX = timedelta(minutes=10)
+
+# A misbehaving integration can send refused signals without end; the history keeps the last.
+MAX_REFUSALS_KEPT = 100
 
 # Who hears about a stage, besides the referrer (who hears about every one).
 STAFF_NOTICE: dict[Stage, tuple[str, str]] = {
@@ -56,38 +91,58 @@ STAFF_NOTICE: dict[Stage, tuple[str, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class Features:
+    """Behaviour added since release 0.1.0, one `workflow.patched` id each.
+
+    Decided once, as a run starts: a run replaying a history recorded before a patch
+    finds no marker and keeps the old behaviour for its whole life; a new run records
+    every marker and has them all."""
+
+    # Each change is written to the database, in order; an update returns once it is.
+    system_of_record: bool
+    # A Temporal cancellation runs the business `cancel`; staff hear of every cancellation.
+    business_cancel: bool
+    # Permanent email failures are recorded and reported; database writes retry visibly.
+    effect_failures: bool
+    # A request id already applied (update id, or signal `request_id`) is not applied again.
+    request_ids: bool
+    # Ledger event keys name the business event, not a history position.
+    business_event_keys: bool
+    # At most MAX_REFUSALS_KEPT refused signals stay in the history.
+    refusal_cap: bool
+
+    @classmethod
+    def decide(cls) -> Features:
+        return cls(**{f.name: workflow.patched(f.name.replace("_", "-")) for f in fields(cls)})
+
+
 @workflow.defn
 class ReferralWorkflow:
     @workflow.init
     def __init__(self, input: ReferralInput) -> None:
-        submission = input.submission
-        window = input.contact_window
-        product = input.rules.product(submission.opportunity.product)
+        self._features = Features.decide()
+        self._input = input
         self._rules: ProgramRules = input.rules
         self._indexed = input.index_search_attributes
         self._referrer_extra = {"status_url": input.status_url} if input.status_url else {}
-        self._state = ReferralState(
-            referral_id=input.referral_id,
-            stage=Stage.SUBMITTED,
-            referrer=submission.referrer,
-            prospect=submission.prospect,
-            prospect_domain=submission.prospect.domain,
-            contact=submission.contact,
-            opportunity=submission.opportunity,
-            product_name=product.name if product else submission.opportunity.product,
-            submitted_at=window.received_at,
-            contact_reminder_at=window.reminder_at,
-            contact_deadline=window.deadline,
-            contact_calendar=window,
-            history=[
-                HistoryEntry(at=window.received_at, action="submitted", actor=input.submitted_by)
-            ],
-        )
         self._mail: deque[Callable[[], Awaitable[Any]]] = deque()
         self._records: deque[Callable[[], Awaitable[Any]]] = deque()
         self._version = 0
         self._published: tuple[Stage, bool] | None = None
-        self._queue_stage_effects()
+        self._recorded_revision = -1
+        self._queued_seq = -1
+        self._write_trouble: str | None = None
+        self._upgrade_requested = False
+        if input.resume is not None:
+            self._state = input.resume.model_copy(deep=True)
+            for position, entry in enumerate(self._state.history):
+                entry.seq = position if entry.seq is None else entry.seq
+            self._record()
+        else:
+            self._state = initial_state(input)
+            self._record()
+            self._queue_stage_effects()
 
     @workflow.run
     async def run(self, input: ReferralInput) -> ReferralState:
@@ -101,7 +156,25 @@ class ReferralWorkflow:
                 ]
             )
         pumps = [asyncio.create_task(self._pump(queue)) for queue in (self._mail, self._records)]
-        while not self._state.is_terminal:
+        while True:
+            try:
+                await self._until_closed()
+                break
+            except asyncio.CancelledError:
+                if not self._features.business_cancel:
+                    raise
+                self._cancel_from_temporal()
+        self._publish()
+        await self._settle(lambda: not self._mail and not self._records)
+        for pump in pumps:
+            pump.cancel()
+        await self._settle(workflow.all_handlers_finished)
+        if self._upgrade_requested and not self._state.is_terminal:
+            workflow.continue_as_new(self._input.model_copy(update={"resume": self._state}))
+        return self._state
+
+    async def _until_closed(self) -> None:
+        while not self._state.is_terminal and not self._upgrade_requested:
             self._publish()
             seen = self._version
             timer = self._next_timer()
@@ -118,12 +191,16 @@ class ReferralWorkflow:
                     if self._version != seen:  # a handler ran in the same task: re-decide
                         continue
             fire()
-        self._publish()
-        await workflow.wait_condition(lambda: not self._mail and not self._records)
-        for pump in pumps:
-            pump.cancel()
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return self._state
+
+    async def _settle(self, condition: Callable[[], bool]) -> None:
+        """Wait for the last effects of a closed referral; a cancellation now changes nothing."""
+        while True:
+            try:
+                await workflow.wait_condition(condition)
+                return
+            except asyncio.CancelledError:
+                if not self._features.business_cancel:
+                    raise
 
     def _changed_since(self, seen: int) -> Callable[[], bool]:
         return lambda: self._version != seen
@@ -139,21 +216,31 @@ class ReferralWorkflow:
     # --- staff actions -----------------------------------------------------------------
 
     @workflow.update(name="act")
-    def act(self, request: StaffAction) -> ReferralState:
-        result = apply_action(self._state, request, self._rules, workflow.now())
-        if isinstance(result, Refusal):  # the validator ran on this same state: not expected
-            raise ApplicationError(result.reason, non_retryable=True)
-        self._commit(request, result)
+    async def act(self, request: StaffAction) -> ReferralState:
+        request = self._with_request_id(request)
+        if not self._is_repeat(request):
+            result = apply_action(self._state, request, self._rules, workflow.now())
+            if isinstance(result, Refusal):  # the validator ran on this same state: not expected
+                raise ApplicationError(result.reason, non_retryable=True)
+            self._commit(request, result)
+        if self._features.system_of_record:  # staff read their own writes
+            revision = self._state.revision
+            await workflow.wait_condition(lambda: self._recorded_revision >= revision)
         return self._state
 
     @act.validator
     def _validate_act(self, request: StaffAction) -> None:
+        request = self._with_request_id(request)
+        if self._is_repeat(request):
+            return  # applied already: the update answers with the referral as it is
         refusal = check_action(self._state, request, self._rules)
         if refusal is not None:
             raise ValueError(refusal.reason)
 
     @workflow.signal(name="action")
     def action(self, request: StaffAction) -> None:
+        if self._is_repeat(request):
+            return
         result = apply_action(self._state, request, self._rules, workflow.now())
         if isinstance(result, Refusal):
             self._state.history.append(
@@ -163,11 +250,23 @@ class ReferralWorkflow:
                     actor=request.actor,
                     note=f"refused: {result.reason}",
                     outcome="refused",
+                    seq=self._state.next_seq(),
+                    request_id=request.request_id,
                 )
             )
-            self._version += 1
+            if self._features.refusal_cap:
+                self._drop_old_refusals()
+            self._changed()
             return
         self._commit(request, result)
+
+    @workflow.signal(name="upgrade")
+    def upgrade(self) -> None:
+        """Carry a referral started before the system of record over to a new run that has
+        every feature (continue-as-new, with its state). Sent by `referrals reconcile`."""
+        if not self._features.system_of_record:
+            self._upgrade_requested = True
+            self._version += 1
 
     @workflow.query(name="state")
     def state(self) -> ReferralState:
@@ -175,14 +274,118 @@ class ReferralWorkflow:
 
     # --- internals ---------------------------------------------------------------------
 
+    def _with_request_id(self, request: StaffAction) -> StaffAction:
+        """An update without a request id is identified by its update id."""
+        if not self._features.request_ids or request.request_id:
+            return request
+        update = workflow.current_update_info()
+        return request.model_copy(update={"request_id": update.id if update else None})
+
+    def _is_repeat(self, request: StaffAction) -> bool:
+        rid = request.request_id
+        return bool(
+            self._features.request_ids
+            and rid
+            and any(entry.request_id == rid for entry in self._state.history)
+        )
+
+    def _drop_old_refusals(self) -> None:
+        history = self._state.history
+        refused = [i for i, entry in enumerate(history) if entry.outcome == "refused"]
+        drop = set(refused[: max(0, len(refused) - MAX_REFUSALS_KEPT)])
+        if drop:
+            self._state.history = [e for i, e in enumerate(history) if i not in drop]
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._state.revision += 1
+        self._record()
+
     def _commit(self, request: StaffAction, new: ReferralState) -> None:
         previous = self._state
         self._state = new
-        self._version += 1
+        self._changed()
         if new.commission is not None:
-            self._queue_ledger(request.action.value, request.actor, new.history[-1].note)
+            self._queue_ledger(request, new.history[-1].note)
         if new.stage != previous.stage:
             self._queue_stage_effects()
+
+    def _cancel_from_temporal(self) -> None:
+        request = StaffAction(
+            action=Action.CANCEL, actor="temporal", reason="cancellation requested in Temporal"
+        )
+        result = apply_action(self._state, request, self._rules, workflow.now())
+        if isinstance(result, Refusal):
+            self._system_event(
+                "temporal_cancel_refused",
+                f"cancellation requested in Temporal, not applied: {result.reason}",
+            )
+        else:
+            self._commit(request, result)
+
+    def _record(self) -> None:
+        """Queue the write of this change to the system of record (in order with the ledger)."""
+        if not self._features.system_of_record:
+            return
+        state = self._state
+        events = [
+            entry.model_copy()
+            for entry in state.history
+            if entry.seq is not None and entry.seq > self._queued_seq
+        ]
+        self._queued_seq = max([self._queued_seq, *(entry.seq or 0 for entry in events)])
+        record = ReferralRecord(state=state.model_copy(update={"history": []}), events=events)
+        revision = state.revision
+
+        def recorded() -> None:
+            self._recorded_revision = max(self._recorded_revision, revision)
+
+        self._queue_write("record_referral", record, recorded)
+
+    def _queue_write(
+        self, activity: str, argument: Any, done: Callable[[], None] | None = None
+    ) -> None:
+        async def write() -> None:
+            if self._features.effect_failures:
+                await self._write_until_done(activity, argument)
+            else:
+                await workflow.execute_activity(
+                    activity,
+                    argument,
+                    start_to_close_timeout=EFFECT_TIMEOUT,
+                    retry_policy=EFFECT_RETRY,
+                )
+            if done is not None:
+                done()
+
+        self._records.append(write)
+
+    async def _write_until_done(self, activity: str, argument: Any) -> None:
+        """A write retries until it succeeds; meanwhile the UI's details say it is failing."""
+        failures = 0
+        since = workflow.now()
+        while True:
+            try:
+                await workflow.execute_activity(
+                    activity,
+                    argument,
+                    start_to_close_timeout=WRITE_TIMEOUT,
+                    retry_policy=WRITE_RETRY,
+                )
+                break
+            except ActivityError as error:
+                failures += 1
+                self._write_trouble = (
+                    f"{activity} failing since {since:%Y-%m-%d %H:%M:%S} UTC "
+                    f"({failures * (WRITE_RETRY.maximum_attempts or 1)} attempts): "
+                    f"{failure_reason(error)}"
+                )
+                self._publish_details()
+                pause = min(WRITE_PAUSE * 2 ** (failures - 1), WRITE_PAUSE_MAX)
+                await workflow.sleep(pause)
+        if failures:
+            self._write_trouble = None
+            self._publish_details()
 
     def _queue_stage_effects(self) -> None:
         state = self._state
@@ -200,19 +403,23 @@ class ReferralWorkflow:
         if notice is not None:
             role, template = notice
             self._queue_staff_email(template, str(getattr(recipients, role)), snapshot)
+        if state.stage is Stage.CANCELLED and self._features.business_cancel:
+            self._queue_staff_email("staff_referral_cancelled", str(recipients.desk), snapshot)
+            if state.commission is not None:
+                self._queue_staff_email(
+                    "staff_referral_cancelled", str(recipients.finance), snapshot, "/finance"
+                )
         if state.is_terminal:
             release = ProspectRelease(domain=state.prospect_domain, referral_id=state.referral_id)
-            self._records.append(
-                lambda: workflow.execute_activity(
-                    "release_prospect",
-                    release,
-                    start_to_close_timeout=EFFECT_TIMEOUT,
-                    retry_policy=EFFECT_RETRY,
-                )
-            )
+            self._queue_write("release_prospect", release)
 
     def _queue_staff_email(
-        self, template: str, to: str, snapshot: ReferralState, suffix: str = ""
+        self,
+        template: str,
+        to: str,
+        snapshot: ReferralState,
+        suffix: str = "",
+        extra: dict[str, str] | None = None,
     ) -> None:
         self._queue_email(
             f"{snapshot.referral_id}/{template}{suffix}",
@@ -220,6 +427,7 @@ class ReferralWorkflow:
             self._rules.staff_language,
             template,
             snapshot,
+            extra,
         )
 
     def _queue_email(
@@ -240,16 +448,63 @@ class ReferralWorkflow:
             referral=snapshot,
             extra=extra or {},
         )
-        self._mail.append(
-            lambda: workflow.execute_activity(
-                "send_email",
-                request,
-                start_to_close_timeout=EFFECT_TIMEOUT,
-                retry_policy=EFFECT_RETRY,
+        if not self._features.effect_failures:
+            self._mail.append(
+                lambda: workflow.execute_activity(
+                    "send_email",
+                    request,
+                    start_to_close_timeout=EFFECT_TIMEOUT,
+                    retry_policy=EFFECT_RETRY,
+                )
             )
+            return
+
+        async def send() -> None:
+            try:
+                await workflow.execute_activity(
+                    "send_email",
+                    request,
+                    start_to_close_timeout=EMAIL_ATTEMPT_TIMEOUT,
+                    schedule_to_close_timeout=timedelta(hours=self._rules.email.retry_for_hours),
+                    retry_policy=EMAIL_RETRY,
+                )
+            except ActivityError as error:
+                self._email_failed(request, failure_reason(error))
+
+        self._mail.append(send)
+
+    def _email_failed(self, request: EmailRequest, reason: str) -> None:
+        """Recorded in the history; the desk is told, unless it is the desk's mail that fails."""
+        to = ", ".join(request.to)
+        self._system_event("email_failed", f"email to {to} failed ({request.template}): {reason}")
+        desk = str(self._rules.recipients.desk)
+        if desk in request.to:
+            workflow.logger.error(
+                "email %s to the desk (%s) failed and cannot be reported by email: %s",
+                request.key,
+                desk,
+                reason,
+            )
+            return
+        self._queue_email(
+            f"{request.key}/failure-notice",
+            [desk],
+            self._rules.staff_language,
+            "staff_email_failed",
+            self._state.model_copy(deep=True),
+            {"to": to, "template": request.template, "reason": reason},
         )
 
-    def _queue_ledger(self, event: str, actor: str, note: str | None) -> None:
+    def _ledger_key(self, request: StaffAction) -> str:
+        state = self._state
+        if not self._features.business_event_keys:
+            return f"{state.referral_id}/{len(state.history)}"
+        key = f"{state.referral_id}/{request.action.value}"
+        if request.action is Action.PAYMENT:
+            key += f"/{(request.reference or '').strip()}"
+        return key
+
+    def _queue_ledger(self, request: StaffAction, note: str | None) -> None:
         state = self._state
         commission = state.commission
         assert commission is not None
@@ -263,20 +518,13 @@ class ReferralWorkflow:
             currency=commission.currency,
             customer_paid=commission.customer_paid,
             status=commission.status,
-            event_key=f"{state.referral_id}/{len(state.history)}",
-            event=event,
+            event_key=self._ledger_key(request),
+            event=request.action.value,
             at=state.history[-1].at,
-            actor=actor,
+            actor=request.actor,
             note=note,
         )
-        self._records.append(
-            lambda: workflow.execute_activity(
-                "record_commission",
-                record,
-                start_to_close_timeout=EFFECT_TIMEOUT,
-                retry_policy=EFFECT_RETRY,
-            )
-        )
+        self._queue_write("record_commission", record)
 
     def _next_timer(self) -> tuple[datetime, Callable[[], None]] | None:
         state = self._state
@@ -295,10 +543,15 @@ class ReferralWorkflow:
     def _system_event(self, action: str, note: str) -> None:
         self._state.history.append(
             HistoryEntry(
-                at=workflow.now(), action=action, actor="system", note=note, outcome="system"
+                at=workflow.now(),
+                action=action,
+                actor="system",
+                note=note,
+                outcome="system",
+                seq=self._state.next_seq(),
             )
         )
-        self._version += 1
+        self._changed()
 
     def _contact_reminder(self) -> None:
         self._state.contact_reminder_sent = True
@@ -345,10 +598,28 @@ class ReferralWorkflow:
             self._state.contact_sla_breached,
         ):
             workflow.upsert_search_attributes(self._changing_search_attributes())
-        workflow.set_current_details(current_details(self._state, self._next_timer()))
+        self._publish_details()
+
+    def _publish_details(self) -> None:
+        workflow.set_current_details(
+            current_details(self._state, self._next_timer(), self._write_trouble)
+        )
 
 
-def current_details(state: ReferralState, timer: tuple[datetime, Any] | None) -> str:
+def failure_reason(error: ActivityError) -> str:
+    """One line on why an activity gave up: the application's message, or the timeout."""
+    cause = error.cause
+    if isinstance(cause, ActivityTimeout):
+        last = cause.cause
+        return "still failing when the retry limit was reached" + (
+            f" (last error: {last})" if last is not None else ""
+        )
+    return str(cause or error)
+
+
+def current_details(
+    state: ReferralState, timer: tuple[datetime, Any] | None, trouble: str | None = None
+) -> str:
     lines = [f"**Stage:** {state.stage.value}"]
     if timer is not None:
         due, fire = timer
@@ -362,4 +633,6 @@ def current_details(state: ReferralState, timer: tuple[datetime, Any] | None) ->
             f"**Commission:** {c.amount} {c.currency} ({c.status.value}); "
             f"customer paid {c.customer_paid} of {c.basis_amount} {c.currency}"
         )
+    if trouble is not None:
+        lines.append(f"**Database writes failing:** {trouble}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from workflows.models import (
     HistoryEntry,
     Payment,
     ProgramRules,
+    ReferralInput,
     ReferralState,
     Refusal,
     StaffAction,
@@ -58,6 +59,30 @@ TRANSITIONS: dict[Stage, dict[Action, Stage]] = {
 }
 
 NEEDS_REASON = frozenset({Action.DECLINE, Action.REJECT, Action.LOST, Action.CANCEL})
+
+
+def initial_state(given: ReferralInput) -> ReferralState:
+    """A referral as received: what the workflow starts from and the intake's first record."""
+    submission = given.submission
+    window = given.contact_window
+    product = given.rules.product(submission.opportunity.product)
+    return ReferralState(
+        referral_id=given.referral_id,
+        stage=Stage.SUBMITTED,
+        referrer=submission.referrer,
+        prospect=submission.prospect,
+        prospect_domain=submission.prospect.domain,
+        contact=submission.contact,
+        opportunity=submission.opportunity,
+        product_name=product.name if product else submission.opportunity.product,
+        submitted_at=window.received_at,
+        contact_reminder_at=window.reminder_at,
+        contact_deadline=window.deadline,
+        contact_calendar=window,
+        history=[
+            HistoryEntry(at=window.received_at, action="submitted", actor=given.submitted_by, seq=0)
+        ],
+    )
 
 
 def allowed_actions(stage: Stage) -> list[Action]:
@@ -174,12 +199,16 @@ def apply_action(
     elif request.action is Action.CANCEL and new.commission is not None:
         new.commission.status = CommissionStatus.VOID
 
+    if new.is_terminal:
+        new.closed_at = at
     new.history.append(
         HistoryEntry(
             at=at,
             action=request.action.value,
             actor=request.actor,
             note=_history_note(request, currency),
+            seq=state.next_seq(),
+            request_id=request.request_id,
         )
     )
     return new

@@ -1,0 +1,152 @@
+"""The system of record: each referral's facts and its event log, in the database.
+
+The workflow writes it after every change (activity `record_referral`); the
+intake writes a referral's first row. Staff views, the status page and the
+ledger read it, so they answer without a worker and after Temporal's retention
+has deleted a closed workflow.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, delete, select
+from temporalio import activity
+
+from activities.db import ReferralEventRow, ReferralRow, as_utc
+from workflows.models import HistoryEntry, ReferralRecord, ReferralState, Stage
+
+
+def write_referral(session: Session, record: ReferralRecord) -> None:
+    """Upsert the referral's row (unless it already holds a later revision) and append the
+    events it does not have yet. Idempotent; the caller commits."""
+    state = record.state
+    row = session.get(ReferralRow, state.referral_id)
+    if row is None:
+        session.add(ReferralRow(referral_id=state.referral_id, **_facts(state)))
+    elif row.revision <= state.revision:
+        row.sqlmodel_update(_facts(state))
+        session.add(row)
+    stored = set(
+        session.exec(
+            select(ReferralEventRow.seq).where(ReferralEventRow.referral_id == state.referral_id)
+        )
+    )
+    for entry in record.events:
+        if entry.seq is not None and entry.seq not in stored:
+            stored.add(entry.seq)
+            session.add(
+                ReferralEventRow(
+                    referral_id=state.referral_id,
+                    seq=entry.seq,
+                    at=entry.at,
+                    action=entry.action,
+                    actor=entry.actor,
+                    note=entry.note,
+                    outcome=entry.outcome,
+                    request_id=entry.request_id,
+                )
+            )
+
+
+def _facts(state: ReferralState) -> dict[str, Any]:
+    commission = state.commission
+    return {
+        "stage": state.stage.value,
+        "prospect_company": state.prospect.company,
+        "prospect_domain": state.prospect_domain,
+        "product": state.opportunity.product,
+        "referrer_email": str(state.referrer.email).lower(),
+        "submitted_at": state.submitted_at,
+        "contact_deadline": state.contact_deadline,
+        "contact_sla_breached": state.contact_sla_breached,
+        "commission_amount": commission.amount if commission else None,
+        "commission_currency": commission.currency if commission else None,
+        "commission_status": commission.status.value if commission else None,
+        "customer_paid": commission.customer_paid if commission else None,
+        "closed_at": state.closed_at
+        or (state.history[-1].at if state.is_terminal and state.history else None),
+        "revision": state.revision,
+        "state": state.model_copy(update={"history": []}).model_dump_json(),
+        "updated_at": datetime.now(UTC),
+    }
+
+
+def save_referral(engine: Engine, record: ReferralRecord) -> None:
+    with Session(engine) as session:
+        write_referral(session, record)
+        session.commit()
+
+
+def discard_referral(engine: Engine, referral_id: str) -> None:
+    """Forget a referral whose workflow could not be started (the submission failed)."""
+    with Session(engine) as session:
+        session.exec(
+            delete(ReferralEventRow).where(col(ReferralEventRow.referral_id) == referral_id)
+        )
+        session.exec(delete(ReferralRow).where(col(ReferralRow.referral_id) == referral_id))
+        session.commit()
+
+
+class RecordActivities:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @activity.defn(name="record_referral")
+    def record_referral(self, record: ReferralRecord) -> None:
+        """Write one change of a referral to the system of record."""
+        save_referral(self._engine, record)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def load_referral(engine: Engine, referral_id: str) -> ReferralState | None:
+    """The referral as last recorded, its whole history included, or None if unknown."""
+    with Session(engine) as session:
+        row = session.get(ReferralRow, referral_id)
+        if row is None:
+            return None
+        events = session.exec(
+            select(ReferralEventRow)
+            .where(ReferralEventRow.referral_id == referral_id)
+            .order_by(col(ReferralEventRow.seq))
+        ).all()
+    state = ReferralState.model_validate_json(row.state)
+    state.history = [
+        HistoryEntry(
+            at=as_utc(event.at),
+            action=event.action,
+            actor=event.actor,
+            note=event.note,
+            outcome=event.outcome,  # type: ignore[arg-type]
+            seq=event.seq,
+            request_id=event.request_id,
+        )
+        for event in events
+    ]
+    return state
+
+
+def list_referrals(
+    engine: Engine,
+    *,
+    stage: Stage | None = None,
+    referrer_email: str | None = None,
+    open_only: bool = False,
+    limit: int | None = None,
+) -> list[ReferralRow]:
+    """Newest first."""
+    query = select(ReferralRow).order_by(col(ReferralRow.submitted_at).desc())
+    if stage is not None:
+        query = query.where(ReferralRow.stage == stage.value)
+    if referrer_email is not None:
+        query = query.where(ReferralRow.referrer_email == referrer_email.strip().lower())
+    if open_only:
+        query = query.where(col(ReferralRow.closed_at).is_(None))
+    if limit is not None:
+        query = query.limit(limit)
+    with Session(engine) as session:
+        return list(session.exec(query).all())
