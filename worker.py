@@ -16,9 +16,13 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.email import EmailActivities, SmtpSettings
 from activities.ledger import LedgerActivities
+from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
 from starter.client import connect, task_queue
+from starter.program import ProgramError, load_program
+from starter.schedules import ensure_reconcile_schedule
+from workflows.reconcile import ReconcileWorkflow
 from workflows.referral import ReferralWorkflow
 
 # Activities are synchronous (SMTP, SQL): one thread each, and never more taken than threads.
@@ -43,16 +47,18 @@ def build_worker(
     email = EmailActivities(engine, smtp)
     ledger = LedgerActivities(engine)
     records = RecordActivities(engine)
+    reconcile = ReconcileActivities(client, engine)
     return Worker(
         client,
         task_queue=queue or task_queue(),
-        workflows=[ReferralWorkflow],
+        workflows=[ReferralWorkflow, ReconcileWorkflow],
         workflow_runner=workflow_runner(),
         activities=[
             email.send_email,
             ledger.record_commission,
             ledger.release_prospect,
             records.record_referral,
+            reconcile.reconcile,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
@@ -62,8 +68,11 @@ def build_worker(
 
 
 async def run_worker() -> None:
+    rules = load_program()
     engine = open_database()
     client = await connect()
+    if await ensure_reconcile_schedule(client, rules):
+        print("created the nightly reconciliation schedule", flush=True)
     worker = build_worker(client, engine, SmtpSettings.from_env())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -79,7 +88,7 @@ async def run_worker() -> None:
 def main() -> None:
     try:
         asyncio.run(run_worker())
-    except SchemaOutOfDate as error:
+    except (SchemaOutOfDate, ProgramError) as error:
         print(f"worker: {error}", file=sys.stderr)
         sys.exit(1)
 

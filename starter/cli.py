@@ -337,6 +337,46 @@ def cmd_commissions(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_reconcile(args: argparse.Namespace) -> int:
+    from activities.reconcile import reconcile
+
+    report = await reconcile(await connect(), open_database())
+    for line in report.fixed:
+        print(line)
+    print(f"reconcile: {report.checked} open referrals checked, {len(report.fixed)} repairs")
+    return 0
+
+
+async def cmd_replay_check(args: argparse.Namespace) -> int:
+    """Replay running referrals' histories on this code: a change that would break one
+    must not be deployed (docs/rollout.md)."""
+    from temporalio.worker import Replayer
+
+    from worker import workflow_runner
+    from workflows.referral import ReferralWorkflow
+
+    client = await connect()
+    replayer = Replayer(
+        workflows=[ReferralWorkflow],
+        workflow_runner=workflow_runner(),
+        data_converter=client.data_converter,
+    )
+    query = "WorkflowType = 'ReferralWorkflow' AND ExecutionStatus = 'Running'"
+    checked = 0
+    async for execution in client.list_workflows(query, limit=args.limit):
+        handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
+        history = await handle.fetch_history()
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        if result.replay_failure is not None:
+            raise Refused(
+                f"{execution.id} would break on this code: "
+                + str(result.replay_failure).splitlines()[0]
+            )
+        checked += 1
+    print(f"replay-check: {checked} running referrals replay on this code")
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     engine = make_engine()
     before, after = upgrade(engine)
@@ -446,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = sub.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
+    add("reconcile", cmd_reconcile, "compare the database with Temporal and repair what differs")
+    sub = add("replay-check", cmd_replay_check, "replay running referrals on this code")
+    sub.add_argument("--limit", type=int, default=1000, help="at most N referrals (1000)")
     db = add("db", lambda _: 2, "manage the database").add_subparsers(
         dest="db_command", required=True, metavar="DB_COMMAND"
     )

@@ -20,6 +20,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim
+from activities.ledger import release_claim
 from activities.records import discard_referral, save_referral
 from starter.client import task_queue
 from starter.contact_window import contact_window
@@ -197,14 +198,6 @@ async def _referral_is_open(client: Client, referral_id: str, claimed_at: dateti
             claimed_at = claimed_at.replace(tzinfo=UTC)
         return datetime.now(UTC) - claimed_at < STALE_CLAIM
     return description.status == WorkflowExecutionStatus.RUNNING
-
-
-def release_claim(engine: Engine, domain: str, referral_id: str) -> None:
-    with Session(engine) as session:
-        claim = session.get(ProspectClaim, domain)
-        if claim is not None and claim.referral_id == referral_id:
-            session.delete(claim)
-            session.commit()
 
 
 async def submit_referral(

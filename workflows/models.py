@@ -418,10 +418,8 @@ class ReferralRecord(BaseModel):
     events: list[HistoryEntry]
 
 
-class EmailFailed(BaseModel):
-    """Why an email could not be delivered, for the history and the desk's notice."""
+class ReconcileReport(BaseModel):
+    """What `referrals reconcile` found and repaired, one line per repair."""
 
-    key: str
-    to: list[str]
-    template: str
-    reason: str
+    checked: int = 0
+    fixed: list[str] = []
