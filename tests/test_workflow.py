@@ -1,235 +1,38 @@
-"""ReferralWorkflow on the real time-skipping test server, with recording activity stand-ins.
-
-Like Temporal's samples-python tests: the workflow runs for real (sandbox included) on a
-time-skipping server; the activities are replaced by plain functions registered under the
-production activity names that record what they were asked to do, when (workflow time) and
-on which attempt. Each test gets its own task queue, worker and workflow ids.
-"""
+"""ReferralWorkflow on the real time-skipping test server, with recording activity stand-ins
+(tests/desk.py). Each test gets its own task queue, worker and workflow ids."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from starter.contact_window import contact_window
-from starter.intake import parse_submission
-from worker import workflow_runner
+from tests.desk import (
+    PROSPECT_DOMAIN,
+    REFERRER_EMAIL,
+    WON_180K,
+    Desk,
+    act,
+    advance,
+    query_state,
+    referral_desk,
+    state_until,
+)
 from workflows.models import (
     Action,
-    CommissionRecord,
     CommissionStatus,
-    ContactWindow,
-    EmailRequest,
     ProgramRules,
     ProspectRelease,
-    ReferralInput,
-    ReferralRecord,
     ReferralState,
     StaffAction,
     Stage,
 )
-from workflows.referral import ReferralWorkflow
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = json.loads((ROOT / "examples" / "referral.json").read_text())
-REFERRER_EMAIL = EXAMPLE["referrer"]["email"]
-PROSPECT_DOMAIN = "fromagerie-bellevue.example"
-
-# Real seconds to wait for something the worker does asynchronously (an activity after an update).
-SETTLE = 10.0
-
-
-@dataclass
-class Sent:
-    """One delivered email: the request, the attempt that delivered it, and its workflow time."""
-
-    request: EmailRequest
-    attempt: int
-    at: datetime
-
-
-@dataclass
-class Desk:
-    """A worker on its own task queue plus recording stand-ins for the three activities."""
-
-    env: WorkflowEnvironment
-    rules: ProgramRules
-    task_queue: str = field(default_factory=lambda: f"referrals-test-{uuid.uuid4()}")
-    failing_email_attempts: int = 0
-    emails: list[Sent] = field(default_factory=list)
-    email_attempts: list[tuple[str, int, datetime]] = field(default_factory=list)
-    ledger: list[CommissionRecord] = field(default_factory=list)
-    records: list[ReferralRecord] = field(default_factory=list)
-    releases: list[ProspectRelease] = field(default_factory=list)
-    handles: list[WorkflowHandle[Any, Any]] = field(default_factory=list)
-
-    # --- activity stand-ins ---------------------------------------------------------------
-
-    def activities(self) -> Sequence[Callable[..., Any]]:
-        @activity.defn(name="send_email")
-        async def send_email(req: EmailRequest) -> str:
-            info = activity.info()
-            clock = await self.env.get_current_time()
-            self.email_attempts.append((req.key, info.attempt, clock))
-            if info.attempt <= self.failing_email_attempts:
-                raise RuntimeError(f"SMTP unavailable (attempt {info.attempt})")
-            self.emails.append(Sent(req, info.attempt, info.current_attempt_scheduled_time))
-            return f"<{req.key}@test>"
-
-        @activity.defn(name="record_commission")
-        async def record_commission(record: CommissionRecord) -> bool:
-            self.ledger.append(record)
-            return True
-
-        @activity.defn(name="release_prospect")
-        async def release_prospect(release: ProspectRelease) -> None:
-            self.releases.append(release)
-
-        @activity.defn(name="record_referral")
-        async def record_referral(record: ReferralRecord) -> None:
-            self.records.append(record)
-
-        return [send_email, record_commission, release_prospect, record_referral]
-
-    def worker(self, **options: Any) -> Worker:
-        return Worker(
-            self.env.client,
-            task_queue=self.task_queue,
-            workflows=[ReferralWorkflow],
-            activities=self.activities(),
-            workflow_runner=workflow_runner(),
-            **options,
-        )
-
-    # --- driving the workflow -------------------------------------------------------------
-
-    async def start(
-        self,
-        start_signal: StaffAction | None = None,
-        window: ContactWindow | None = None,
-    ) -> tuple[WorkflowHandle[Any, ReferralState], ContactWindow]:
-        referral_id = f"R-{uuid.uuid4().hex[:10].upper()}"
-        if window is None:
-            received_at = await self.env.get_current_time()
-            window = contact_window(received_at, self.rules.calendar, self.rules.contact)
-        given = ReferralInput(
-            referral_id=referral_id,
-            submission=parse_submission(EXAMPLE),
-            rules=self.rules,
-            contact_window=window,
-            index_search_attributes=False,
-        )
-        extra: dict[str, Any] = {}
-        if start_signal is not None:
-            extra = {"start_signal": "action", "start_signal_args": [start_signal]}
-        handle = await self.env.client.start_workflow(
-            ReferralWorkflow.run,
-            given,
-            id=f"referral-{referral_id}-{uuid.uuid4()}",
-            task_queue=self.task_queue,
-            **extra,
-        )
-        self.handles.append(handle)
-        return handle, window
-
-    # --- what was recorded ----------------------------------------------------------------
-
-    def keys(self) -> list[str]:
-        return [sent.request.key for sent in self.emails]
-
-    def sent(self, key: str) -> list[Sent]:
-        return [s for s in self.emails if s.request.key == key]
-
-    async def until(self, predicate: Callable[[], bool], what: str) -> None:
-        """Wait (real time) for the worker to get something done."""
-        deadline = asyncio.get_running_loop().time() + SETTLE
-        while not predicate():
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; emails: {self.keys()}")
-            await asyncio.sleep(0.02)
-
-    async def close_open_workflows(self) -> None:
-        for handle in self.handles:
-            try:
-                await handle.terminate(reason="test over")
-            except RPCError:
-                pass  # already completed
-
-
-@asynccontextmanager
-async def referral_desk(
-    env: WorkflowEnvironment, rules: ProgramRules, failing_email_attempts: int = 0
-) -> AsyncIterator[Desk]:
-    desk = Desk(env, rules, failing_email_attempts=failing_email_attempts)
-    async with desk.worker():
-        try:
-            yield desk
-        finally:
-            # A left-over run would keep timers on the shared time-skipping server, and a
-            # workflow task nobody polls stops its clock for every later test.
-            await desk.close_open_workflows()
-
-
-async def act(
-    handle: WorkflowHandle[Any, Any], action: Action, actor: str, **values: Any
-) -> ReferralState:
-    return await handle.execute_update(
-        "act", StaffAction(action=action, actor=actor, **values), result_type=ReferralState
-    )
-
-
-async def query_state(handle: WorkflowHandle[Any, Any]) -> ReferralState:
-    return await handle.query("state", result_type=ReferralState)
-
-
-async def state_until(
-    handle: WorkflowHandle[Any, Any], predicate: Callable[[ReferralState], bool], what: str
-) -> ReferralState:
-    deadline = asyncio.get_running_loop().time() + SETTLE
-    while True:
-        state = await query_state(handle)
-        if predicate(state):
-            return state
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; stage {state.stage}")
-        await asyncio.sleep(0.02)
-
-
-WON_180K: dict[str, Any] = {"amount": Decimal("180000"), "currency": "EUR"}
-
-
-async def advance(handle: WorkflowHandle[Any, Any], to: Stage) -> ReferralState:
-    """Drive a fresh referral to `to` along the happy path, through updates."""
-    path: list[tuple[Stage, Action, dict[str, Any]]] = [
-        (Stage.CONTACTED, Action.CONTACTED, {}),
-        (Stage.QUALIFYING, Action.ACCEPT, {}),
-        (Stage.APPROVED, Action.APPROVE, {}),
-        (Stage.WON, Action.WON, {**WON_180K, "payment_terms_days": 30}),
-    ]
-    state = await query_state(handle)
-    for stage, action, values in path:
-        if state.stage is to:
-            break
-        state = await act(handle, action, "alice", **values)
-        assert state.stage is stage
-    assert state.stage is to
-    return state
-
 
 # --- 1. happy path ------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
 with workflow.unsafe.imports_passed_through():
@@ -469,7 +469,9 @@ class ReferralWorkflow:
                     retry_policy=EMAIL_RETRY,
                 )
             except ActivityError as error:
-                self._email_failed(request, failure_reason(error))
+                self._email_failed(
+                    request, email_failure_reason(error, self._rules.email.retry_for_hours)
+                )
 
         self._mail.append(send)
 
@@ -607,14 +609,23 @@ class ReferralWorkflow:
 
 
 def failure_reason(error: ActivityError) -> str:
-    """One line on why an activity gave up: the application's message, or the timeout."""
+    """One line on why an activity attempt failed."""
+    return _message(error.cause or error)
+
+
+def email_failure_reason(error: ActivityError, retry_for_hours: int) -> str:
+    """The refusal for a permanent failure; for anything else, that retries ran out."""
     cause = error.cause
-    if isinstance(cause, ActivityTimeout):
-        last = cause.cause
-        return "still failing when the retry limit was reached" + (
-            f" (last error: {last})" if last is not None else ""
-        )
-    return str(cause or error)
+    if isinstance(cause, ApplicationError) and cause.type == PERMANENT_EMAIL_FAILURE:
+        return cause.message
+    last = cause.cause if isinstance(cause, ActivityTimeout) else cause
+    return f"still failing after retrying for {retry_for_hours} h" + (
+        f" (last error: {_message(last)})" if last is not None else ""
+    )
+
+
+def _message(error: BaseException) -> str:
+    return error.message if isinstance(error, FailureError) else str(error)
 
 
 def current_details(
