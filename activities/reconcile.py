@@ -49,10 +49,12 @@ async def reconcile(client: Client, engine: Engine) -> ReconcileReport:
     running = {wf.id async for wf in client.list_workflows(RUNNING)}
     open_rows = await asyncio.to_thread(_open_referrals, engine)
     for referral_id, submitted_at in open_rows:
-        if referral_id in running or now - submitted_at < GRACE:
-            continue  # visibility lags: only what it does not list as running is described
+        if referral_id in running:
+            continue  # visibility lags: what it does not list as running is described
         status = await _status(client, referral_id)
-        if status == WorkflowExecutionStatus.RUNNING:
+        if status == WorkflowExecutionStatus.RUNNING or (
+            status is None and now - submitted_at < GRACE
+        ):
             continue
         if status == WorkflowExecutionStatus.COMPLETED:
             handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
@@ -67,9 +69,12 @@ async def reconcile(client: Client, engine: Engine) -> ReconcileReport:
         line = await asyncio.to_thread(_mark_cancelled, engine, referral_id, what, now)
         report.fixed.append(line)
     for domain, referral_id, claimed_at in await asyncio.to_thread(_claims, engine):
-        if referral_id in running or now - claimed_at < GRACE:
+        if referral_id in running:
             continue
-        if await _status(client, referral_id) == WorkflowExecutionStatus.RUNNING:
+        status = await _status(client, referral_id)
+        if status == WorkflowExecutionStatus.RUNNING or (
+            status is None and now - claimed_at < GRACE
+        ):
             continue
         await asyncio.to_thread(release_claim, engine, domain, referral_id)
         report.fixed.append(f"{domain}: released the claim of {referral_id} (not running)")

@@ -24,6 +24,7 @@ from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
     WorkflowUpdateStage,
 )
 from temporalio.service import RPCError, RPCStatusCode
@@ -160,22 +161,21 @@ async def send_action(
     deadline = loop.time() + timeout
     accepted = False
     try:
-        update = await asyncio.wait_for(
-            handle.start_update(
-                "act",
-                request,
-                id=request.request_id,
-                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                result_type=ReferralState,
-            ),
-            timeout,
+        update = await handle.start_update(
+            "act",
+            request,
+            id=request.request_id,
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            result_type=ReferralState,
+            rpc_timeout=timedelta(seconds=timeout),
         )
         accepted = True
-        return await asyncio.wait_for(update.result(), max(0.1, deadline - loop.time()))
+        left = max(0.1, deadline - loop.time())
+        return await update.result(rpc_timeout=timedelta(seconds=left))
     except WorkflowUpdateFailedError as error:
         cause = error.cause
         raise Refused(getattr(cause, "message", None) or str(cause or error)) from error
-    except TimeoutError:
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
         if not accepted:
             raise Refused(
                 f"no worker answered within {timeout:g}s (is a worker running?); the action may "

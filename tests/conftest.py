@@ -178,3 +178,43 @@ async def live(
             sink=mail_sink,
             address=dev_env.client.service_client.config.target_host,
         )
+
+
+REFERRALS = str(BIN / "referrals")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+Cli = Callable[..., Awaitable[Result]]
+
+
+@pytest.fixture
+def cli(live: Live, tmp_path: Path) -> Cli:
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": live.address,
+        "REFERRALS_DATABASE_URL": live.database_url,
+        "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
+        "REFERRALS_ACTOR": "desk-anna",
+    }
+
+    async def run(*args: str) -> Result:
+        # Asynchronously, so the in-process worker keeps serving while the CLI waits.
+        process = await asyncio.create_subprocess_exec(
+            REFERRALS,
+            *args,
+            env=env,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        assert process.returncode is not None
+        return Result(process.returncode, out.decode(), err.decode())
+
+    return run

@@ -2,60 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
-import os
-import sys
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ROOT, Live
-from tests.factories import submission_data
-
-REFERRALS = str(Path(sys.executable).parent / "referrals")
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Awaitable[Result]]
-
-
-@pytest.fixture
-def cli(live: Live, tmp_path: Path) -> Cli:
-    env = {
-        **os.environ,
-        "TEMPORAL_ADDRESS": live.address,
-        "REFERRALS_DATABASE_URL": live.database_url,
-        "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
-        "REFERRALS_ACTOR": "desk-anna",
-    }
-
-    async def run(*args: str) -> Result:
-        # Asynchronously, so the in-process worker keeps serving while the CLI waits.
-        process = await asyncio.create_subprocess_exec(
-            REFERRALS,
-            *args,
-            env=env,
-            cwd=tmp_path,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await process.communicate()
-        assert process.returncode is not None
-        return Result(process.returncode, out.decode(), err.decode())
-
-    return run
+from tests.conftest import Cli, Live, Result
+from tests.factories import referral_input, submission_data
+from workflows.models import ProgramRules
+from workflows.referral import ReferralWorkflow
 
 
 def write_submission(tmp_path: Path, **changes: object) -> Path:
@@ -201,3 +157,32 @@ async def test_exit_status_is_stable_over_many_calls(cli: Cli, tmp_path: Path) -
     assert all(json.loads(r.out)["referral_id"] == rid for r in results)
     listed = await cli("list", "--json")
     assert listed.code == 0 and isinstance(json.loads(listed.out), list)
+
+
+async def test_a_command_repeated_with_its_request_id_is_applied_once(
+    cli: Cli, tmp_path: Path
+) -> None:
+    rid = (await cli("submit", str(write_submission(tmp_path)))).out.strip()
+    first = await cli("--request-id", "req-7", "contacted", rid, "--note", "phoned")
+    again = await cli("--request-id", "req-7", "contacted", rid, "--note", "phoned")
+    assert first.code == again.code == 0, (first, again)
+    assert "stage contacted" in again.out
+    history = json.loads((await cli("show", rid, "--json")).out)["history"]
+    assert [(h["action"], h["request_id"]) for h in history[1:]] == [("contacted", "req-7")]
+    # Without --request-id, each call is a new request: the repeat is refused, not reapplied.
+    refused(await cli("contacted", rid), "contacted is not allowed in stage contacted")
+
+
+async def test_when_no_worker_answers_the_cli_says_so_in_one_line(
+    cli: Cli, live: Live, rules: ProgramRules
+) -> None:
+    given = referral_input(rules, referral_id=f"R-NOWORKER{uuid.uuid4().hex[:3].upper()}")
+    handle = await live.client.start_workflow(
+        ReferralWorkflow.run, given, id=given.referral_id, task_queue="nobody-polls-this"
+    )
+    try:
+        done = await cli("--timeout", "2", "contacted", given.referral_id)
+    finally:
+        await handle.terminate(reason="test over")
+    refused(done, "no worker answered within 2s")
+    assert "--request-id cli-" in done.err

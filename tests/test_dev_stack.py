@@ -6,16 +6,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.request import urlopen
 
 import yaml
 
-from tests.conftest import ROOT, free_port
-
-REFERRALS = str(Path(sys.executable).parent / "referrals")
+from tests.conftest import REFERRALS, ROOT, free_port
 
 
 def start_stack(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

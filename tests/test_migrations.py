@@ -1,0 +1,167 @@
+"""Alembic owns the schema: a 0.1.0 database upgrades with every row intact, the migrations
+build exactly the tables the code declares, and nothing runs on an out-of-date schema."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData, Table, select, text
+from sqlalchemy.engine import Engine
+from sqlmodel import SQLModel
+
+from activities.schema import BASELINE, SchemaOutOfDate, check_schema, current_revision, upgrade
+from tests.conftest import REFERRALS, ROOT, empty_database
+
+# Rows as release 0.1.0 wrote them, table by table (its schema is the baseline revision).
+ROWS_0_1_0 = {
+    "commission": [
+        {
+            "referral_id": "R-OLD0000001",
+            "referrer_email": "claire.martin@conseil-martin.example",
+            "referrer_name": "Claire Martin",
+            "basis_amount": Decimal("180000.0000"),
+            "rate": Decimal("0.100000"),
+            "amount": Decimal("18000.0000"),
+            "currency": "EUR",
+            "customer_paid": Decimal("100000.0000"),
+            "status": "pending",
+            "updated_at": datetime(2026, 11, 20, 10, 0, tzinfo=UTC),
+        }
+    ],
+    "commission_event": [
+        {
+            "id": 1,
+            "event_key": "R-OLD0000001/5",
+            "referral_id": "R-OLD0000001",
+            "event": "won",
+            "status": "pending",
+            "customer_paid": Decimal("0.0000"),
+            "at": datetime(2026, 11, 19, 9, 0, tzinfo=UTC),
+            "actor": "carol",
+            "note": "amount 180000.00 EUR",
+            "recorded_at": datetime(2026, 11, 19, 9, 0, 1, tzinfo=UTC),
+        },
+        {
+            "id": 2,
+            "event_key": "R-OLD0000001/6",
+            "referral_id": "R-OLD0000001",
+            "event": "payment",
+            "status": "pending",
+            "customer_paid": Decimal("100000.0000"),
+            "at": datetime(2026, 11, 20, 10, 0, tzinfo=UTC),
+            "actor": "dave",
+            "note": None,
+            "recorded_at": datetime(2026, 11, 20, 10, 0, 1, tzinfo=UTC),
+        },
+    ],
+    "sent_email": [
+        {
+            "key": "R-OLD0000001/referrer/won",
+            "message_id": "<abc@nuage-logiciel.example>",
+            "recipients": "claire.martin@conseil-martin.example",
+            "subject": "Affaire gagnée",
+            "sent_at": datetime(2026, 11, 19, 9, 0, 2, tzinfo=UTC),
+        }
+    ],
+    "prospect_claim": [
+        {
+            "domain": "fromagerie-bellevue.example",
+            "referral_id": "R-OLD0000001",
+            "claimed_at": datetime(2026, 11, 2, 8, 0, tzinfo=UTC),
+        }
+    ],
+}
+
+
+def database_0_1_0(engine: Engine) -> None:
+    """What 0.1.0 left: its tables (no Alembic version, it used create_all) and rows."""
+    upgrade(engine, BASELINE)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
+        for name, rows in ROWS_0_1_0.items():
+            connection.execute(Table(name, MetaData(), autoload_with=connection).insert(), rows)
+
+
+def read_back(engine: Engine, name: str) -> list[dict[str, object]]:
+    """The table's rows as found in the database, its own column types applied."""
+    with engine.connect() as connection:
+        table = Table(name, MetaData(), autoload_with=connection)
+        result = connection.execute(select(table).order_by(*table.primary_key.columns))
+        return [{k: as_written(v) for k, v in row._mapping.items()} for row in result]
+
+
+def as_written(value: object) -> object:
+    """SQLite gives datetimes back without their zone; they were written in UTC."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def test_migrations_build_exactly_the_declared_tables(engine: Engine) -> None:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, SQLModel.metadata) == []
+
+
+def test_a_0_1_0_database_upgrades_with_every_row(engine: Engine, tmp_path: Path) -> None:
+    url = engine.url.render_as_string(hide_password=False)
+    if engine.dialect.name == "sqlite":
+        url = f"sqlite:///{tmp_path / 'release-0.1.0.db'}"
+    fresh = empty_database(url)
+    database_0_1_0(fresh)
+    with pytest.raises(SchemaOutOfDate, match="referrals db upgrade"):
+        check_schema(fresh)
+
+    done = subprocess.run(
+        [REFERRALS, "db", "upgrade"],
+        env={**os.environ, "REFERRALS_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "upgraded from 0001 to" in done.stdout
+    check_schema(fresh)
+    for table, rows in ROWS_0_1_0.items():
+        assert read_back(fresh, table) == rows, table
+    again = subprocess.run(
+        [REFERRALS, "db", "upgrade"],
+        env={**os.environ, "REFERRALS_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0 and "already at the current schema" in again.stdout
+
+
+def test_nothing_starts_on_an_out_of_date_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    database_0_1_0(empty_database(url))
+    assert current_revision(empty_database(url)) is None
+    env = {
+        **os.environ,
+        "REFERRALS_DATABASE_URL": url,
+        "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
+        "TEMPORAL_ADDRESS": "127.0.0.1:1",  # never reached: the schema check comes first
+    }
+    for command in (
+        [REFERRALS, "show", "R-OLD0000001"],
+        [REFERRALS, "list"],
+        [REFERRALS, "commissions"],
+        [REFERRALS, "web", "--port", "1"],
+        [sys.executable, "-m", "worker"],
+    ):
+        done = subprocess.run(
+            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1, (command, done.stderr)
+        assert len(lines) == 1 and "run `referrals db upgrade`" in lines[0], (command, lines)
