@@ -20,6 +20,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.engine import Engine
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -29,12 +31,13 @@ from activities.db import make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
 from starter.intake import submit_referral
-from starter.mail_sink import start_sink
+from starter.mail_sink import MaildirHandler
 from starter.program import load_program
 from tests.conftest import BIN, ROOT, SEARCH_ATTRIBUTES, free_port
-from tests.factories import submission
+from tests.factories import referral_input, submission
 from worker import build_worker
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
+from workflows.referral import ReferralWorkflow
 
 HISTORIES = ROOT / "tests" / "histories"
 QUEUE = "referrals"
@@ -45,14 +48,18 @@ class Desk:
     client: Client
     engine: Engine
     rules: ProgramRules
+    smtp: SmtpSettings
 
-    async def submit(self, received_at: datetime | None = None) -> WorkflowHandle[Any, Any]:
+    async def submit(
+        self, received_at: datetime | None = None, referrer_email: str | None = None
+    ) -> WorkflowHandle[Any, Any]:
         site = f"https://www.history-{uuid.uuid4().hex[:8]}.example/"
+        changes = {"referrer.email": referrer_email} if referrer_email else {}
         referral_id = await submit_referral(
             self.client,
             self.engine,
             self.rules,
-            submission(**{"prospect.website": site}),
+            submission(**{"prospect.website": site, **changes}),
             submitted_by="desk-anna",
             received_at=received_at,
         )
@@ -151,7 +158,9 @@ async def refused_and_duplicated_signals(desk: Desk) -> WorkflowHandle[Any, Any]
     """An integration that signals out of order and twice."""
     handle = await desk.submit()
     await desk.signal(handle, Action.APPROVE)  # not allowed yet: refused
-    for action in (Action.CONTACTED, Action.CONTACTED, Action.ACCEPT, Action.APPROVE):
+    await desk.signal(handle, Action.CONTACTED, request_id="crm-1")
+    await desk.signal(handle, Action.CONTACTED, request_id="crm-1")  # redelivered: applied once
+    for action in (Action.CONTACTED, Action.ACCEPT, Action.APPROVE):  # a new request: refused
         await desk.signal(handle, action)
     won = {"amount": Decimal("50000"), "currency": "EUR"}
     await desk.signal(handle, Action.WON, **won)
@@ -177,7 +186,44 @@ async def in_flight_submitted(desk: Desk) -> WorkflowHandle[Any, Any]:
     return await desk.submit()
 
 
-PATHS: list[Callable[[Desk], Awaitable[WorkflowHandle[Any, Any]]]] = [
+async def email_refused(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """The referrer's address does not exist: every email to it is refused (SMTP 550)."""
+    handle = await desk.submit(referrer_email=f"claire@{BOUNCING_DOMAIN}")
+    await desk.act(handle, Action.CONTACTED)
+    await desk.act(handle, Action.DECLINE, reason="could not reach the referrer")
+    return handle
+
+
+async def upgraded_from_0_1_0(desk: Desk) -> list[WorkflowHandle[Any, Any]]:
+    """Started as release 0.1.0 ran (patches off), then carried over by `upgrade`: the
+    first run ends in continue-as-new, the second resumes from its state."""
+    queue = f"legacy-{uuid.uuid4().hex[:6]}"
+    given = referral_input(desk.rules, referral_id=f"R-{uuid.uuid4().hex[:10].upper()}")
+    off = build_worker(
+        desk.client, desk.engine, desk.smtp, queue=queue, patch_activation_callback=lambda _: False
+    )
+    async with off:
+        first = await desk.client.start_workflow(
+            ReferralWorkflow.run, given, id=given.referral_id, task_queue=queue
+        )
+        await walk_to(desk, first, Stage.APPROVED)
+    async with build_worker(desk.client, desk.engine, desk.smtp, queue=queue):
+        await first.signal("upgrade")
+        second = desk.client.get_workflow_handle(given.referral_id)
+        await desk.until(second, lambda s: s.history[-1].seq is not None and s.revision > 0)
+        await walk_to(desk, second, Stage.WON)
+        await desk.act(second, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
+        await desk.act(second, Action.PAYOUT, reference="VIR-1")
+        await second.result()
+    described = await second.describe()
+    return [
+        desk.client.get_workflow_handle(given.referral_id, run_id=first.result_run_id),
+        desk.client.get_workflow_handle(given.referral_id, run_id=described.run_id),
+    ]
+
+
+Runs = WorkflowHandle[Any, Any] | list[WorkflowHandle[Any, Any]]
+PATHS: list[Callable[[Desk], Awaitable[Runs]]] = [
     full_lifecycle,
     contact_sla_breach,
     decline,
@@ -188,7 +234,22 @@ PATHS: list[Callable[[Desk], Awaitable[WorkflowHandle[Any, Any]]]] = [
     refused_and_duplicated_signals,
     in_flight_won,
     in_flight_submitted,
+    email_refused,
+    upgraded_from_0_1_0,
 ]
+BOUNCING_DOMAIN = "bounce.example"
+
+
+class BouncingSink(MaildirHandler):
+    """The dev sink, except that it refuses every address at BOUNCING_DOMAIN for good."""
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address.endswith(f"@{BOUNCING_DOMAIN}"):
+            return "550 5.1.1 mailbox unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
 
 async def settle(handle: WorkflowHandle[Any, Any]) -> None:
@@ -207,23 +268,30 @@ async def record(target: Path) -> None:
     engine = make_engine(f"sqlite:///{work / 'referrals.db'}")
     upgrade(engine)
     port = free_port()
-    sink = start_sink("127.0.0.1", port, work / "mail")
+    sink = Controller(BouncingSink(work / "mail"), hostname="127.0.0.1", port=port)
+    sink.start()
+    smtp = SmtpSettings("127.0.0.1", port)
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=pydantic_data_converter,
     )
     try:
-        worker = build_worker(env.client, engine, SmtpSettings("127.0.0.1", port), queue=QUEUE)
+        worker = build_worker(env.client, engine, smtp, queue=QUEUE)
         async with worker:
-            desk = Desk(env.client, engine, rules)
-            handles = await asyncio.gather(*(path(desk) for path in PATHS))
-            await asyncio.gather(*(settle(handle) for handle in handles))
+            desk = Desk(env.client, engine, rules, smtp)
+            recorded = await asyncio.gather(*(path(desk) for path in PATHS))
+            runs = {
+                f"{path.__name__}{f'_run{n}' if isinstance(got, list) else ''}": handle
+                for path, got in zip(PATHS, recorded, strict=True)
+                for n, handle in enumerate(got if isinstance(got, list) else [got], start=1)
+            }
+            await asyncio.gather(*(settle(handle) for handle in runs.values()))
             target.mkdir(parents=True)
-            for path, handle in zip(PATHS, handles, strict=True):
+            for name, handle in runs.items():
                 history = await handle.fetch_history()
-                (target / f"{path.__name__}.json").write_text(history.to_json(), encoding="utf-8")
-                print(f"  {path.__name__}: {len(history.events)} events")
+                (target / f"{name}.json").write_text(history.to_json(), encoding="utf-8")
+                print(f"  {name}: {len(history.events)} events")
     finally:
         await env.shutdown()
         sink.stop()

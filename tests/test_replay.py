@@ -18,7 +18,10 @@ from worker import workflow_runner
 from workflows.referral import ReferralWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
-STORED = sorted(HISTORIES.glob("*/*.json"))
+# Sets recorded before a patch that has since been retired (docs/rollout.md): kept as the
+# record of what ran, no longer replayed. None yet.
+RETIRED: frozenset[str] = frozenset()
+STORED = sorted(p for p in HISTORIES.glob("*/*.json") if p.parent.name not in RETIRED)
 PATHS = {
     "full_lifecycle",
     "contact_sla_breach",
