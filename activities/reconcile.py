@@ -11,7 +11,9 @@ the authority on everything else. Repairs:
   taken from the workflow's result, is recorded;
 - a prospect claim whose referral is closed or whose workflow is gone: released;
 - a running referral started before the system of record (no database row): sent the
-  `upgrade` signal, which carries it over to a run that records itself.
+  `upgrade` signal, which carries it over to a run that records itself;
+- a referral started before the system of record and closed since (no database row):
+  recorded from its workflow's result or, when it did not complete, its last state.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from temporalio import activity
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowQueryFailedError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim, ReferralRow, as_utc
@@ -40,7 +47,12 @@ from workflows.models import (
 
 # A referral or claim younger than this may have a workflow that is only starting.
 GRACE = timedelta(minutes=2)
+QUERY_TIMEOUT = timedelta(seconds=10)
 RUNNING = "WorkflowType = 'ReferralWorkflow' AND ExecutionStatus = 'Running'"
+CLOSED = (
+    "WorkflowType = 'ReferralWorkflow' AND ExecutionStatus != 'Running' "
+    "AND ExecutionStatus != 'ContinuedAsNew'"
+)
 
 
 async def reconcile(client: Client, engine: Engine) -> ReconcileReport:
@@ -84,8 +96,37 @@ async def reconcile(client: Client, engine: Engine) -> ReconcileReport:
         report.fixed.append(
             f"{referral_id}: started before the system of record; upgrade requested"
         )
+    closed = {wf.id: wf.status async for wf in client.list_workflows(CLOSED)}
+    recorded = await asyncio.to_thread(_known, engine, set(closed))
+    for referral_id in sorted(set(closed) - recorded):
+        report.fixed.append(await _record_closed(client, engine, referral_id, closed[referral_id]))
     report.checked = len(open_rows)
     return report
+
+
+async def _record_closed(
+    client: Client, engine: Engine, referral_id: str, status: WorkflowExecutionStatus | None
+) -> str:
+    """A referral that closed before it ever wrote to the database."""
+    handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
+    try:
+        if status == WorkflowExecutionStatus.COMPLETED:
+            final = await handle.result()
+        else:  # a query replays the closed run on a worker of its task queue
+            final = await handle.query(
+                "state", result_type=ReferralState, rpc_timeout=QUERY_TIMEOUT
+            )
+    except (RPCError, WorkflowQueryFailedError, WorkflowFailureError) as error:
+        return f"{referral_id}: closed before the system of record; not recorded ({error})"
+    record = ReferralRecord(state=final.model_copy(update={"history": []}), events=final.history)
+    await asyncio.to_thread(save_referral, engine, record)
+    line = f"{referral_id}: closed before the system of record; recorded ({final.stage.value})"
+    if status != WorkflowExecutionStatus.COMPLETED and not final.is_terminal:
+        what = f"workflow {status.name.lower()}" if status else "workflow not found"
+        line = await asyncio.to_thread(
+            _mark_cancelled, engine, referral_id, what, datetime.now(UTC)
+        )
+    return line
 
 
 async def _status(client: Client, referral_id: str) -> WorkflowExecutionStatus | None:
@@ -115,13 +156,18 @@ def _claims(engine: Engine) -> list[tuple[str, str, datetime]]:
 
 
 def _known(engine: Engine, referral_ids: set[str]) -> set[str]:
-    if not referral_ids:
-        return set()
+    """Those of `referral_ids` the database has (asked 500 at a time)."""
+    ids = sorted(referral_ids)
+    found: set[str] = set()
     with Session(engine) as session:
-        found = session.exec(
-            select(ReferralRow.referral_id).where(col(ReferralRow.referral_id).in_(referral_ids))
-        ).all()
-    return set(found)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found.update(
+                session.exec(
+                    select(ReferralRow.referral_id).where(col(ReferralRow.referral_id).in_(chunk))
+                ).all()
+            )
+    return found
 
 
 def _mark_cancelled(engine: Engine, referral_id: str, what: str, now: datetime) -> str:

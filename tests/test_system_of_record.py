@@ -26,7 +26,15 @@ from starter.web import create_app
 from tests.conftest import BIN, Cli, Live, eventually
 from tests.factories import referral_input, submission_data
 from worker import build_worker
-from workflows.models import ProgramRules, ReferralInput, ReferralRecord, ReferralState, Stage
+from workflows.models import (
+    Action,
+    ProgramRules,
+    ReferralInput,
+    ReferralRecord,
+    ReferralState,
+    StaffAction,
+    Stage,
+)
 from workflows.referral import ReferralWorkflow
 from workflows.transitions import initial_state
 
@@ -175,10 +183,18 @@ async def test_reconcile_repairs_what_temporal_left_behind(
         queue=queue,
         patch_activation_callback=lambda _: False,
     )
+    closed_legacy = referral_input(rules, referral_id=f"R-CLOSED{uuid.uuid4().hex[:4].upper()}")
     async with old:
         await live.client.start_workflow(
             ReferralWorkflow.run, legacy, id=legacy.referral_id, task_queue=queue
         )
+        done = await live.client.start_workflow(
+            ReferralWorkflow.run, closed_legacy, id=closed_legacy.referral_id, task_queue=queue
+        )
+        await done.execute_update(
+            "act", StaffAction(action=Action.DECLINE, actor="desk-anna", reason="no fit")
+        )
+        await done.result()
 
         async def legacy_started() -> bool:
             state = await live.client.get_workflow_handle(legacy.referral_id).query(
@@ -214,6 +230,10 @@ async def test_reconcile_repairs_what_temporal_left_behind(
         assert f"{legacy.referral_id}: started before the system of record; upgrade requested" in (
             lines
         )
+        assert (
+            f"{closed_legacy.referral_id}: closed before the system of record; recorded (declined)"
+            in lines
+        )
 
         async def legacy_recorded() -> bool:
             return load_referral(live.engine, legacy.referral_id) is not None
@@ -231,6 +251,8 @@ async def test_reconcile_repairs_what_temporal_left_behind(
         row = session.get(CommissionRow, terminated)
         assert row is not None and row.status == "void"
         assert session.get(ProspectClaim, stale) is None
+    declined = load_referral(live.engine, closed_legacy.referral_id)
+    assert declined is not None and [h.action for h in declined.history] == ["submitted", "decline"]
     never_state = load_referral(live.engine, never.referral_id)
     assert never_state is not None and never_state.stage is Stage.CANCELLED
 

@@ -319,7 +319,8 @@ async def test_a_referral_started_before_the_system_of_record_upgrades_on_reques
     worker then replays it as it ran, and carries it over to a new run on `upgrade`."""
     desk = Desk(time_env, rules)
     try:
-        async with desk.worker(patch_activation_callback=lambda _: False):
+        # No sticky cache: the test server would keep the referral's next task for this worker.
+        async with desk.worker(patch_activation_callback=lambda _: False, max_cached_workflows=0):
             legacy, _ = await desk.start()
             await advance(legacy, Stage.APPROVED)
             assert desk.records == []  # 0.1.0 had no system of record

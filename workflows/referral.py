@@ -169,7 +169,7 @@ class ReferralWorkflow:
         for pump in pumps:
             pump.cancel()
         await self._settle(workflow.all_handlers_finished)
-        if self._upgrade_requested and not self._state.is_terminal:
+        if self._upgrade_requested:  # closed meanwhile too: the new run records how it ended
             workflow.continue_as_new(self._input.model_copy(update={"resume": self._state}))
         return self._state
 
