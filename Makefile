@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format bench histories clean
+.PHONY: setup run test faults lint format bench histories clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ run: setup  ## start the local stack: Temporal server + UI, worker, mail sink
 test: setup  ## the whole suite, against real Temporal servers
 	$(BIN)/pytest
 
+faults: setup  ## fault injection: referrals through worker kills, restarts, SMTP and DB outages
+	$(BIN)/python -m faults
+
 bench: setup  ## referrals walked end to end on a real dev server: latency and throughput
 	$(BIN)/python -m bench.lifecycle
 
@@ -28,7 +31,7 @@ histories: setup  ## record this release's referral histories (tests/histories/<
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy workflows activities starter worker.py bench tests
+	$(BIN)/mypy workflows activities starter worker.py bench tests faults
 
 format: setup
 	$(BIN)/ruff format .

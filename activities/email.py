@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -199,9 +200,14 @@ class _Deadline:
 
 
 def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
-    """One SMTP exchange, bounded by `smtp.deadline_seconds` as a whole."""
+    """One SMTP exchange, bounded by `smtp.deadline_seconds` as a whole.
+
+    The message is the server's once it answers the data with 250: whatever QUIT gets
+    afterwards (421 from a server shutting down, a reset, a timeout) must not fail the
+    send, or the retry would deliver it twice. (`with SMTP()` raises unless QUIT gets 221.)"""
     deadline = _Deadline(smtp.deadline_seconds)
-    with smtplib.SMTP(smtp.host, smtp.port, timeout=deadline.left()) as client:
+    client = smtplib.SMTP(smtp.host, smtp.port, timeout=deadline.left())
+    try:
         if smtp.starttls:
             deadline.apply(client)
             client.starttls()
@@ -210,6 +216,14 @@ def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
             client.login(smtp.user, smtp.password or "")
         deadline.apply(client)
         client.send_message(message)
+    except BaseException:
+        client.close()
+        raise
+    try:
+        deadline.apply(client)
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        client.close()
 
 
 class EmailActivities:
@@ -234,14 +248,20 @@ class EmailActivities:
             if refusal is not None:
                 raise refusal from error
             raise
-        with Session(self._engine) as session:
-            session.merge(
-                SentEmail(
-                    key=request.key,
-                    message_id=str(message["Message-ID"]),
-                    recipients=", ".join(request.to),
-                    subject=rendered.subject,
+        sent_id = str(message["Message-ID"])
+        try:
+            with Session(self._engine) as session:
+                session.merge(
+                    SentEmail(
+                        key=request.key,
+                        message_id=sent_id,
+                        recipients=", ".join(request.to),
+                        subject=rendered.subject,
+                    )
                 )
-            )
-            session.commit()
-        return str(message["Message-ID"])
+                session.commit()
+        except SQLAlchemyError as error:
+            # Sent already: failing now would have Temporal send it again. The activity's
+            # completion records the send; the row only spares a resend if that is lost too.
+            activity.logger.warning("email %s sent but not recorded: %s", request.key, error)
+        return sent_id

@@ -5,18 +5,23 @@ from __future__ import annotations
 import smtplib
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope
+from aiosmtpd.smtp import Session as SmtpSession
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.db import SentEmail
-from activities.email import EmailActivities, SmtpSettings, message_id
+from activities.db import SentEmail, make_engine
+from activities.email import PERMANENT_EMAIL_FAILURE, EmailActivities, SmtpSettings, message_id
+from activities.schema import upgrade
 from starter.mail_sink import MaildirHandler
 from tests.conftest import MailSink, free_port
 from tests.factories import state_at
@@ -136,3 +141,93 @@ def test_starttls_and_login_when_configured(
     assert logins[0] == ("desk-mailer", "s3cret")
     assert set(logins[1:]) == {("desk-mailer", "nope")}  # smtplib tries each mechanism offered
     assert len(list((tmp_path / "mail" / "new").iterdir())) == 1
+
+
+class Relay(MaildirHandler):
+    """A relay that refuses some recipients (by domain: 550 for good, 451 for now) and can
+    answer QUIT as a server shutting down does, after it has accepted the message."""
+
+    def __init__(self, path: Path, *, quit_reply: str | None = None) -> None:
+        super().__init__(path)
+        self.quit_reply = quit_reply
+
+    async def handle_RCPT(
+        self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address.endswith("@gone.example"):
+            return "550 5.1.1 mailbox unknown"
+        if address.endswith("@busy.example"):
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> Any:
+        return self.quit_reply or MISSING
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[tuple[Relay, SmtpSettings]]:
+    handler = Relay(tmp_path / "relay", quit_reply="421 4.3.2 Service shutting down")
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield handler, SmtpSettings("127.0.0.1", port)
+    controller.stop()
+
+
+def test_a_refused_recipient_is_a_permanent_failure_and_451_is_not(
+    rules: ProgramRules, engine: Engine, relay: tuple[Relay, SmtpSettings]
+) -> None:
+    handler, settings = relay
+    activities = EmailActivities(engine, settings)
+    gone = request(rules, "R-TEST000001/referrer/won/gone").model_copy(
+        update={"to": ["claire@gone.example"]}
+    )
+    with pytest.raises(ApplicationError) as refused:
+        ActivityEnvironment().run(activities.send_email, gone)
+    assert refused.value.type == PERMANENT_EMAIL_FAILURE and refused.value.non_retryable
+    assert "claire@gone.example: 550 5.1.1 mailbox unknown" in refused.value.message
+    busy = gone.model_copy(
+        update={"key": "R-TEST000001/referrer/won/busy", "to": ["c@busy.example"]}
+    )
+    with pytest.raises(smtplib.SMTPRecipientsRefused):  # retried by Temporal
+        ActivityEnvironment().run(activities.send_email, busy)
+    with Session(engine) as session:
+        assert session.get(SentEmail, gone.key) is None and session.get(SentEmail, busy.key) is None
+
+
+def test_a_message_accepted_before_a_failed_quit_counts_as_sent(
+    rules: ProgramRules, engine: Engine, relay: tuple[Relay, SmtpSettings]
+) -> None:
+    """The relay accepts the data, then answers QUIT 421 (shutting down): the message is
+    the relay's, so the send succeeded and is not repeated."""
+    handler, settings = relay
+    activities = EmailActivities(engine, settings)
+    key = f"R-TEST000001/referrer/lost/{engine.url.get_backend_name()}-quit"
+    first = ActivityEnvironment().run(activities.send_email, request(rules, key, "referrer_lost"))
+    again = ActivityEnvironment().run(activities.send_email, request(rules, key, "referrer_lost"))
+    assert first == again == message_id(key, str(rules.sender))
+    assert len(handler.maildir) == 1
+
+
+def test_a_sent_message_whose_record_fails_is_not_sent_again(
+    rules: ProgramRules, tmp_path: Path, mail_sink: MailSink
+) -> None:
+    """The database refuses the record of a delivered email: the activity still succeeds
+    (Temporal records the send), rather than fail and have the retry deliver it twice."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'full.db'}")
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE TRIGGER disk_full BEFORE INSERT ON sent_email "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+        )
+    key = "R-TEST000001/referrer/rejected/full"
+    result = ActivityEnvironment().run(
+        EmailActivities(engine, mail_sink.settings()).send_email,
+        request(rules, key, "referrer_rejected"),
+    )
+    assert result == message_id(key, str(rules.sender))
+    assert sent_to(mail_sink, key) == [result]

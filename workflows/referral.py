@@ -65,7 +65,7 @@ EMAIL_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=10),
     non_retryable_error_types=[PERMANENT_EMAIL_FAILURE],
 )
-EMAIL_ATTEMPT_TIMEOUT = timedelta(seconds=60)  # the activity's own SMTP deadline is shorter
+EMAIL_ATTEMPT_TIMEOUT = timedelta(seconds=40)  # the activity's own SMTP deadline is 30 s
 
 # Database writes: a few quick attempts, then the workflow waits and tries again, for as long
 # as it takes, and says so in the referral's current details meanwhile.
@@ -75,7 +75,7 @@ WRITE_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=4),
     maximum_attempts=3,
 )
-WRITE_TIMEOUT = timedelta(seconds=30)
+WRITE_TIMEOUT = timedelta(seconds=10)  # a write takes milliseconds; a lost attempt is retried
 WRITE_PAUSE = timedelta(seconds=5)
 WRITE_PAUSE_MAX = timedelta(minutes=10)
 
