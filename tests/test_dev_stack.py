@@ -12,7 +12,7 @@ from urllib.request import urlopen
 
 import yaml
 
-from tests.conftest import REFERRALS, ROOT, free_port
+from tests.conftest import BIN, REFERRALS, ROOT, free_port
 
 
 def start_stack(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -40,6 +40,14 @@ def stop_stack(process: subprocess.Popen[bytes]) -> None:
 def referrals(env: dict[str, str], cwd: Path, *args: str) -> str:
     done = subprocess.run(
         [REFERRALS, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def temporal(*args: str) -> str:
+    done = subprocess.run(
+        [str(BIN / "temporal"), *args], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -79,6 +87,16 @@ def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
             assert "referrer.email" in page.read().decode()
         with urlopen(f"{web}/dev/mail", timeout=10) as page:
             assert referral_id in page.read().decode()
+        address = ["--address", f"127.0.0.1:{ports['temporal']}"]
+        namespace = temporal("operator", "namespace", "describe", "-n", "default", *address)
+        assert "720h0m0s" in namespace  # 30 days, set by the stack
+        # The worker registered the nightly reconciliation; run it now rather than at 03:30.
+        temporal("schedule", "trigger", "--schedule-id", "referrals-reconcile", *address)
+        query = "WorkflowType = 'ReconcileWorkflow' AND ExecutionStatus = 'Completed'"
+        deadline = time.monotonic() + 30
+        while "ReconcileWorkflow" not in temporal("workflow", "list", "--query", query, *address):
+            assert time.monotonic() < deadline, "the scheduled reconciliation did not complete"
+            time.sleep(0.5)
     finally:
         stop_stack(process)
     assert not any(listening(port) for port in ports.values())

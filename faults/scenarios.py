@@ -1,0 +1,411 @@
+"""The six fault scenarios, and the common run around them.
+
+Each scenario gets a fresh stack (database, SMTP server, Temporal dev server, worker), so a
+fault or a finding in one can never leak into the next. The fault lands mid-flight: the
+scenario waits until a share of the staff actions has been applied, so referrals are spread
+over every stage when it hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, select
+
+from activities.db import SentEmail
+from faults.checks import verify
+from faults.database import Backend, ScenarioDatabase
+from faults.driver import Batch
+from faults.smtp import Mode, RecordingSmtpServer
+from faults.stack import (
+    NAMESPACE,
+    ROOT,
+    TASK_QUEUE,
+    Children,
+    StackError,
+    TemporalServer,
+    Worker,
+    connect,
+    free_port,
+    wait_for,
+)
+from starter.program import load_program
+from workflows.models import ProgramRules
+
+PROGRAM = ROOT / "program.yaml"
+DRIVE_TIMEOUT = 300.0
+FINAL_TIMEOUT = 240.0
+SERVER_DOWN_SECONDS = 5.0
+SMTP_DOWN_SECONDS = 5.0
+SMTP_TEMPFAIL_MIN_SECONDS = 2.5
+SMTP_TEMPFAIL_MIN_REPLIES = 5
+DB_DOWN_MIN_SECONDS = 5.0
+DB_FAILING_SECONDS = 1.0
+DB_DOWN_MAX_SECONDS = 90.0
+REFUSED_REFERRER = "refused.referrer@conseil-martin.example"
+
+
+@dataclass
+class Outcome:
+    name: str
+    referrals: int
+    faults: str
+    lost: int
+    duplicated: int
+    recovery_seconds: float | None
+    seconds: float
+    staff_retries: int = 0
+    problems: list[str] = field(default_factory=list)
+    crashed: str | None = None
+
+
+@dataclass
+class Run:
+    """One scenario's live stack and what its fault did."""
+
+    name: str
+    workdir: Path
+    rules: ProgramRules
+    db: ScenarioDatabase
+    smtp: RecordingSmtpServer
+    server: TemporalServer
+    worker: Worker
+    batch: Batch
+    faults: str = ""
+    cleared_at: datetime | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def cleared(self) -> None:
+        self.cleared_at = datetime.now(UTC)
+
+    def at_share(self, share: float) -> int:
+        return max(1, round(self.batch.steps_total * share))
+
+
+Inject = Callable[[Run], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    inject: Inject
+    duplicates: bool = False
+    refused_referrer: str | None = None
+
+
+# --- 1. worker SIGKILL -----------------------------------------------------------------------
+
+
+async def _bookkeeping_caught_up(run: Run) -> bool:
+    """Every message the SMTP server accepted has its sent-email row."""
+    delivered = {d.idempotency_key for d in run.smtp.deliveries}
+
+    def recorded() -> set[str]:
+        with Session(run.db.engine) as session:
+            return set(session.exec(select(SentEmail.key)).all())
+
+    return delivered <= await asyncio.to_thread(recorded)
+
+
+async def kill_worker(run: Run) -> None:
+    """SIGKILL the worker, but not in the instant between an SMTP server's 250 and the
+    sender writing down that it got it: a crash there is indistinguishable from a lost reply
+    and no SMTP sender can avoid resending. DATA replies are held while the kill lands, so
+    emails in flight are cut before acceptance and must be retried, and any duplicate the
+    suite reports is one the product could have avoided."""
+    run.smtp.gate.clear()
+    try:
+        try:
+            await wait_for(
+                lambda: _bookkeeping_caught_up(run), "sent-email rows of accepted mail", 15
+            )
+        except StackError as error:
+            run.notes.append(f"killed anyway: {error}")
+        await run.worker.kill()
+    finally:
+        run.smtp.gate.set()
+    await run.worker.start()
+
+
+async def worker_sigkill(run: Run) -> None:
+    applied = 0
+    for share in (0.10, 0.25, 0.40):
+        # Some work done by each new worker before it is killed too.
+        target = max(run.at_share(share), applied + run.at_share(0.06))
+        await run.batch.wait_applied(target, DRIVE_TIMEOUT)
+        await kill_worker(run)
+        applied = run.batch.stats.applied
+    run.cleared()
+    run.faults = f"{run.worker.kills} worker SIGKILLs + restarts"
+
+
+# --- 2. Temporal server restart --------------------------------------------------------------
+
+
+async def server_restart(run: Run) -> None:
+    await run.batch.wait_applied(run.at_share(0.30), DRIVE_TIMEOUT)
+    await run.server.stop()
+    stopped = time.monotonic()
+    # The outage itself: long enough for the worker's polls and completions, and the staff
+    # clients' updates, to fail and retry against a dead address.
+    await asyncio.sleep(SERVER_DOWN_SECONDS)
+    await run.server.start()
+    run.cleared()
+    run.faults = f"server stopped {time.monotonic() - stopped:.0f}s, restarted on its db"
+
+
+# --- 3. SMTP outage then temporary failures --------------------------------------------------
+
+
+async def smtp_outage(run: Run) -> None:
+    smtp = run.smtp
+    await run.batch.wait_applied(run.at_share(0.20), DRIVE_TIMEOUT)
+    # The server goes down as it accepts a message: that sender gets its 250, then 421 to
+    # its QUIT, as from any mail server being shut down (RFC 5321 3.8).
+    smtp.on_delivery.append(smtp.stop_now)
+    try:
+        await wait_for(lambda: not smtp.running, "an email to shut the SMTP server down on", 30)
+    except StackError:
+        smtp.on_delivery.clear()
+        run.notes.append("no email accepted within 30s: SMTP stopped at an arbitrary moment")
+    await smtp.stop()
+    down = time.monotonic()
+    await asyncio.sleep(SMTP_DOWN_SECONDS)  # the outage itself: connections refused
+    down_for = time.monotonic() - down
+    counts = []
+    started = time.monotonic()
+    for mode in (Mode.TEMPFAIL_RCPT, Mode.TEMPFAIL_DATA):
+        smtp.mode = mode
+        if not smtp.running:
+            await smtp.start()
+        before, since = smtp.replies.tempfail, time.monotonic()
+
+        def enough(before: int = before, since: float = since) -> bool:
+            return (
+                smtp.replies.tempfail - before >= SMTP_TEMPFAIL_MIN_REPLIES
+                and time.monotonic() - since >= SMTP_TEMPFAIL_MIN_SECONDS
+            )
+
+        try:
+            await wait_for(enough, f"{SMTP_TEMPFAIL_MIN_REPLIES} sends answered {mode.value}", 60)
+        except StackError as error:
+            run.notes.append(str(error))
+        counts.append(f"{mode.value} x{smtp.replies.tempfail - before}")
+    smtp.mode = Mode.ACCEPT
+    run.cleared()
+    run.faults = (
+        f"SMTP down {down_for:.0f}s, then {' + '.join(counts)} "
+        f"over {time.monotonic() - started:.0f}s"
+    )
+
+
+# --- 4. one referrer's address refused for good -----------------------------------------------
+
+
+async def smtp_refuse_one(run: Run) -> None:
+    """The refusal is armed before submission and never lifted: nothing to recover from."""
+    run.faults = "550 on RCPT for 1 referrer address (see refusals)"
+
+
+# --- 5. database unavailable -----------------------------------------------------------------
+
+
+def _activity_failures(run: Run, since: int) -> int:
+    return run.worker.log_text(since).count("Completing activity as failed")
+
+
+async def database_outage(run: Run) -> None:
+    """The database goes away as the SMTP server accepts a message: the moment the sender
+    must write down that it sent it. PostgreSQL: the proxy is cut. SQLite: a writer holds
+    the database exclusively (readers still read) past the worker's busy timeout. The
+    fault lasts until the worker's database calls have been failing for a moment."""
+    db, smtp = run.db, run.smtp
+    await run.batch.wait_applied(run.at_share(0.30), DRIVE_TIMEOUT)
+    since = run.worker.log_size()
+    started = time.monotonic()
+    smtp.on_delivery.append(lambda _session: db.make_unavailable())
+    try:
+        await wait_for(lambda: db.unavailable, "an email to cut the database on", 30)
+    except StackError:
+        smtp.on_delivery.clear()
+        db.make_unavailable()
+        run.notes.append("no email accepted within 30s: database cut at an arbitrary moment")
+    if smtp.hook_errors:
+        raise StackError(f"could not take the database away: {smtp.hook_errors}")
+    how = "PostgreSQL proxy cut" if db.proxy is not None else "SQLite BEGIN EXCLUSIVE"
+    failing_since: list[float] = []
+
+    def failing() -> bool:
+        if not failing_since and _activity_failures(run, since) > 0:
+            failing_since.append(time.monotonic())
+        return (
+            bool(failing_since)
+            and time.monotonic() - failing_since[0] >= DB_FAILING_SECONDS
+            and time.monotonic() - started >= DB_DOWN_MIN_SECONDS
+        )
+
+    try:
+        await wait_for(failing, "the worker's database calls to fail", DB_DOWN_MAX_SECONDS)
+    except StackError as error:
+        run.notes.append(str(error))
+    await db.make_available()
+    run.cleared()
+    cut = f", {db.proxy.connections_cut} connections dropped" if db.proxy is not None else ""
+    run.faults = (
+        f"{how} {time.monotonic() - started:.0f}s{cut}; "
+        f"{_activity_failures(run, since)} activity attempts failed"
+    )
+
+
+# --- 6. every staff action delivered twice more ----------------------------------------------
+
+
+async def duplicate_deliveries(run: Run) -> None:
+    """The duplicates are sent by the driver with each action; the fault ends with them."""
+
+
+SCENARIOS = [
+    Scenario("worker-sigkill", worker_sigkill),
+    Scenario("server-restart", server_restart),
+    Scenario("smtp-outage", smtp_outage),
+    Scenario("smtp-550", smtp_refuse_one, refused_referrer=REFUSED_REFERRER),
+    Scenario("database-outage", database_outage),
+    Scenario("duplicate-actions", duplicate_deliveries, duplicates=True),
+]
+
+
+# --- the common run --------------------------------------------------------------------------
+
+
+def _say(name: str, message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {message}", file=sys.stderr, flush=True)
+
+
+async def run_scenario(
+    scenario: Scenario,
+    backend: Backend,
+    children: Children,
+    root: Path,
+    count: int,
+    seed: int,
+) -> Outcome:
+    started = time.monotonic()
+    workdir = root / scenario.name
+    workdir.mkdir(parents=True)
+    rules = load_program(PROGRAM)
+    db = ScenarioDatabase(backend, workdir)
+    smtp = RecordingSmtpServer("127.0.0.1", free_port())
+    server = TemporalServer(children, workdir)
+    worker = Worker(
+        children,
+        workdir,
+        {
+            "TEMPORAL_ADDRESS": server.address,
+            "TEMPORAL_NAMESPACE": NAMESPACE,
+            "REFERRALS_TASK_QUEUE": TASK_QUEUE,
+            "REFERRALS_DATABASE_URL": db.worker_url,
+            "REFERRALS_SMTP_HOST": smtp.host,
+            "REFERRALS_SMTP_PORT": str(smtp.port),
+            "REFERRALS_SMTP_USER": "",
+            "REFERRALS_SMTP_PASSWORD": "",
+            "REFERRALS_SMTP_STARTTLS": "",
+            "REFERRALS_PROGRAM": str(PROGRAM),
+            "REFERRALS_SECRET_KEY": "fault-suite-secret",
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
+    # The CLI code the driver reuses reads these when it explains a refusal.
+    os.environ["REFERRALS_DATABASE_URL"] = db.url
+    os.environ["TEMPORAL_ADDRESS"] = server.address
+    outcome = Outcome(scenario.name, count, "", 0, 0, None, 0.0)
+    try:
+        if scenario.refused_referrer is not None:
+            smtp.rejected_addresses.add(scenario.refused_referrer.lower())
+        _say(scenario.name, f"starting the stack ({backend.name})")
+        await db.start()
+        await smtp.start()
+        await server.start()
+        await worker.start()
+        client = await connect(server.address)
+        batch = Batch(client, db.engine, rules, scenario.name, seed)
+        run = Run(scenario.name, workdir, rules, db, smtp, server, worker, batch)
+        _say(scenario.name, f"submitting {count} referrals")
+        await batch.submit(count, scenario.refused_referrer)
+        driving = asyncio.create_task(batch.drive(duplicates=scenario.duplicates))
+        injecting = asyncio.create_task(scenario.inject(run))
+        await _both(driving, injecting, scenario.name)
+        if scenario.duplicates:
+            run.cleared()  # the last duplicate delivered
+            stats = batch.stats
+            run.faults = (
+                f"{stats.duplicates_sent} duplicates (update resent + signal, same "
+                f"request id; {stats.moot} after close)"
+            )
+        _say(scenario.name, f"fault injected: {run.faults}; waiting for every referral")
+        await batch.wait_final(FINAL_TIMEOUT)
+        worker.check_alive()
+        await worker.stop()  # no late attempt can deliver anything after the count
+        if scenario.refused_referrer is not None:
+            run.faults = f"550 on RCPT for 1 address: {smtp.replies.rejected} refusals"
+        findings = await asyncio.to_thread(
+            verify,
+            batch,
+            db.engine,
+            smtp,
+            rules,
+            frozenset(smtp.rejected_addresses),
+        )
+        outcome.faults = run.faults
+        outcome.lost, outcome.duplicated = findings.lost, findings.duplicated
+        outcome.problems = findings.problems + [f"NOTE {n}" for n in run.notes]
+        outcome.recovery_seconds = _recovery(run)
+        outcome.staff_retries = batch.stats.retries
+    except Exception as error:  # a crashed scenario is reported, and fails the run
+        outcome.crashed = f"{type(error).__name__}: {error}"
+        outcome.problems.append(f"CRASH {outcome.crashed}")
+        tail = worker.log_text(max(0, worker.log_size() - 1500)) if worker.log.exists() else ""
+        if tail:
+            outcome.problems.append("worker log tail:\n" + tail)
+    finally:
+        await worker.kill()  # stopped already when all went well; a failed run ends here
+        await server.stop()
+        await smtp.stop()
+        await db.close()
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+async def _both(driving: asyncio.Task[None], injecting: asyncio.Task[None], name: str) -> None:
+    """Drive and inject together; whichever fails first stops the other, with its reason."""
+    try:
+        done, _ = await asyncio.wait(
+            {driving, injecting}, timeout=DRIVE_TIMEOUT, return_when=asyncio.FIRST_EXCEPTION
+        )
+        for task in done:
+            task.result()
+        if driving not in done or injecting not in done:
+            raise TimeoutError(f"{name}: driving the batch took longer than {DRIVE_TIMEOUT:.0f}s")
+    finally:
+        for task in (driving, injecting):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(driving, injecting, return_exceptions=True)
+
+
+def _recovery(run: Run) -> float | None:
+    """Seconds from the fault being cleared to the last referral closing (0 if every
+    referral was done before)."""
+    if run.cleared_at is None:
+        return None
+    closed = [r.closed_at for r in run.batch.referrals if r.closed_at is not None]
+    if not closed:
+        return None
+    return max(0.0, (max(closed) - run.cleared_at).total_seconds())
