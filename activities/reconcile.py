@@ -192,18 +192,10 @@ def _mark_cancelled(engine: Engine, referral_id: str, what: str, now: datetime) 
     if commission is not None and commission.status is CommissionStatus.VOID:
         save_commission(
             engine,
-            CommissionRecord(
-                referral_id=referral_id,
-                referrer_email=str(state.referrer.email),
-                referrer_name=state.referrer.name,
-                basis_amount=commission.basis_amount,
-                rate=commission.rate,
-                amount=commission.amount,
-                currency=commission.currency,
-                customer_paid=commission.customer_paid,
-                status=commission.status,
-                event_key=f"{referral_id}/reconcile-cancel",
+            CommissionRecord.after(
+                state,
                 event="cancel",
+                event_key=f"{referral_id}/reconcile-cancel",
                 at=now,
                 actor="system",
                 note=note,

@@ -105,6 +105,14 @@ def as_written(value: object) -> object:
     return value
 
 
+def db_upgrade(url: str) -> subprocess.CompletedProcess[str]:
+    """`referrals db upgrade`, as an operator runs it."""
+    env = {**os.environ, "REFERRALS_DATABASE_URL": url}
+    return subprocess.run(
+        [REFERRALS, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
 def test_migrations_build_exactly_the_declared_tables(engine: Engine) -> None:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
@@ -120,25 +128,13 @@ def test_a_0_1_0_database_upgrades_with_every_row(engine: Engine, tmp_path: Path
     with pytest.raises(SchemaOutOfDate, match="referrals db upgrade"):
         check_schema(fresh)
 
-    done = subprocess.run(
-        [REFERRALS, "db", "upgrade"],
-        env={**os.environ, "REFERRALS_DATABASE_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = db_upgrade(url)
     assert done.returncode == 0, done.stderr
     assert "upgraded from 0001 to" in done.stdout
     check_schema(fresh)
     for table, rows in ROWS_0_1_0.items():
         assert read_back(fresh, table) == rows, table
-    again = subprocess.run(
-        [REFERRALS, "db", "upgrade"],
-        env={**os.environ, "REFERRALS_DATABASE_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = db_upgrade(url)
     assert again.returncode == 0 and "already at the current schema" in again.stdout
 
 

@@ -404,6 +404,37 @@ class CommissionRecord(BaseModel):
     actor: str
     note: str | None = None
 
+    @classmethod
+    def after(
+        cls,
+        state: ReferralState,
+        *,
+        event: str,
+        event_key: str,
+        at: datetime,
+        actor: str,
+        note: str | None,
+    ) -> CommissionRecord:
+        """The ledger row of `state`'s commission, once `event` is applied."""
+        commission = state.commission
+        assert commission is not None
+        return cls(
+            referral_id=state.referral_id,
+            referrer_email=str(state.referrer.email),
+            referrer_name=state.referrer.name,
+            basis_amount=commission.basis_amount,
+            rate=commission.rate,
+            amount=commission.amount,
+            currency=commission.currency,
+            customer_paid=commission.customer_paid,
+            status=commission.status,
+            event_key=event_key,
+            event=event,
+            at=at,
+            actor=actor,
+            note=note,
+        )
+
 
 class ProspectRelease(BaseModel):
     domain: str

@@ -507,22 +507,11 @@ class ReferralWorkflow:
         return key
 
     def _queue_ledger(self, request: StaffAction, note: str | None) -> None:
-        state = self._state
-        commission = state.commission
-        assert commission is not None
-        record = CommissionRecord(
-            referral_id=state.referral_id,
-            referrer_email=str(state.referrer.email),
-            referrer_name=state.referrer.name,
-            basis_amount=commission.basis_amount,
-            rate=commission.rate,
-            amount=commission.amount,
-            currency=commission.currency,
-            customer_paid=commission.customer_paid,
-            status=commission.status,
-            event_key=self._ledger_key(request),
+        record = CommissionRecord.after(
+            self._state,
             event=request.action.value,
-            at=state.history[-1].at,
+            event_key=self._ledger_key(request),
+            at=self._state.history[-1].at,
             actor=request.actor,
             note=note,
         )
