@@ -20,6 +20,7 @@ from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
 from starter.client import connect, task_queue
+from starter.links import status_url
 from starter.program import ProgramError, load_program
 from starter.schedules import ensure_reconcile_schedule
 from workflows.reconcile import ReconcileWorkflow
@@ -44,7 +45,7 @@ def build_worker(
     queue: str | None = None,
     **options: Any,
 ) -> Worker:
-    email = EmailActivities(engine, smtp)
+    email = EmailActivities(engine, smtp, status_link=status_url)
     ledger = LedgerActivities(engine)
     records = RecordActivities(engine)
     reconcile = ReconcileActivities(client, engine)

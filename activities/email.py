@@ -11,6 +11,7 @@ import hashlib
 import os
 import smtplib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -96,7 +97,9 @@ def format_money(amount: Decimal | None, currency: str | None, language: str) ->
     return f"{text} {currency or ''}".strip()
 
 
-def render_email(request: EmailRequest) -> RenderedEmail:
+def render_email(request: EmailRequest, status_url: str | None = None) -> RenderedEmail:
+    """`status_url`: the referrer's signed status link, built here and never carried in a
+    payload (anyone who can read a payload could open the page)."""
     referral = request.referral
     zone = ZoneInfo(referral.contact_calendar.timezone)
 
@@ -118,7 +121,7 @@ def render_email(request: EmailRequest) -> RenderedEmail:
         return format_money(amount, currency, request.language)
 
     env.filters.update(local=local, money=money, deadline_day=deadline_day)
-    context = {"r": referral, "extra": request.extra}
+    context = {"r": referral, "extra": request.extra, "status_url": status_url}
     source = env.get_template(f"{request.language}/{request.template}.txt").render(context)
     first, _, body = source.strip().partition("\n")
     if not first.startswith("Subject:"):
@@ -227,9 +230,16 @@ def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
 
 
 class EmailActivities:
-    def __init__(self, engine: Engine, smtp: SmtpSettings) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        smtp: SmtpSettings,
+        status_link: Callable[[str], str] | None = None,
+    ) -> None:
+        """`status_link(referral_id)`: the referrer's status page link, for their emails."""
         self._engine = engine
         self._smtp = smtp
+        self._status_link = status_link
 
     @activity.defn(name="send_email")
     def send_email(self, request: EmailRequest) -> str:
@@ -239,7 +249,10 @@ class EmailActivities:
             sent = session.get(SentEmail, request.key)
             if sent is not None:
                 return sent.message_id
-        rendered = render_email(request)
+        link = None
+        if self._status_link is not None and request.template.startswith("referrer_"):
+            link = self._status_link(request.referral.referral_id)
+        rendered = render_email(request, link)
         message = build_message(request, rendered)
         try:
             deliver(self._smtp, message)

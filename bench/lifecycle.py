@@ -17,12 +17,12 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
+from starter.client import data_converter
 from starter.intake import parse_submission, submit_referral
 from starter.mail_sink import start_sink
 from starter.program import load_program
@@ -56,7 +56,7 @@ async def main(count: int) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
     )
     submit_ms: list[float] = []
     update_ms: list[float] = []

@@ -25,6 +25,7 @@ from temporalio.client import RPCTimeoutOrCancelledError, WorkflowUpdateRPCTimeo
 from faults.database import Backend
 from faults.scenarios import SCENARIOS, Outcome, run_scenario
 from faults.stack import Children, process_running
+from starter.encryption import KEYS_ENV, new_key_entry
 
 MIN_REFERRALS = 20
 WORKDIR_PREFIX = "referral-faults-"
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print("--referrals must be at least 1", file=sys.stderr)
         return 2
     remove_left_behind()
+    # One key ring for the suite and every worker it starts, as a deployment configures it.
+    os.environ.setdefault(KEYS_ENV, new_key_entry())
     root = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
     children = Children()
 

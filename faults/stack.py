@@ -21,8 +21,9 @@ from pathlib import Path
 
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+
+from starter.client import data_converter
 
 ROOT = Path(__file__).resolve().parent.parent
 # The checkout whose worker runs (default: this one). Pointing it at a patched copy shows
@@ -35,6 +36,7 @@ TASK_QUEUE = "referrals"
 SEARCH_ATTRIBUTES = {
     "ReferralStage": "Keyword",
     "ProspectDomain": "Keyword",
+    "ReferrerKey": "Keyword",
     "ReferrerEmail": "Keyword",
     "Product": "Keyword",
     "ContactSlaBreached": "Bool",
@@ -166,7 +168,7 @@ async def connect(address: str) -> Client:
     return await Client.connect(
         address,
         namespace=NAMESPACE,
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
         runtime=_quiet_runtime(),
     )
 

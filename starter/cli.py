@@ -33,7 +33,9 @@ from activities.db import CommissionRow, as_utc, make_engine
 from activities.records import list_referrals, load_referral
 from activities.schema import SchemaOutOfDate, open_database, upgrade
 from starter.client import connect, temporal_address
+from starter.encryption import EncryptionKeyError
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
+from starter.links import referrer_key
 from starter.program import ProgramError, load_program
 from workflows.models import (
     Action,
@@ -257,6 +259,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{r['referral_id']:<14} {r['stage'] + sla:<19} "
             f"{r['prospect_domain']:<30} {r['product']:<24} {r['referrer_email']}"
         )
+    if args.referrer:  # Temporal holds no address, only its keyed hash
+        print(f"in the Temporal UI: ReferrerKey = '{referrer_key(args.referrer)}'")
     return 0
 
 
@@ -388,6 +392,27 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from starter.encryption import KEY_FILE, rotate_key_file
+
+    key_id = rotate_key_file()
+    print(
+        f"added key {key_id} to {KEY_FILE}: new payloads are encrypted with it, older keys "
+        "still decrypt; restart the worker, web app and codec server to encrypt with it"
+    )
+    return 0
+
+
+def cmd_codec_server(args: argparse.Namespace) -> int:
+    from starter.codec_server import CodecServerError, run_codec_server
+
+    try:
+        run_codec_server(args.host, args.port)
+    except CodecServerError as error:
+        raise Refused(str(error)) from error
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from starter.dev import run_dev
 
@@ -494,6 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upgrade_help = "bring the database to the current schema (Alembic migrations)"
     db.add_parser("upgrade", help=upgrade_help).set_defaults(handler=cmd_db_upgrade)
+    keys = add("keys", lambda _: 2, "manage the payload encryption keys").add_subparsers(
+        dest="keys_command", required=True, metavar="KEYS_COMMAND"
+    )
+    rotate_help = "add a key to the key file: it encrypts from now on, older keys still decrypt"
+    keys.add_parser("rotate", help=rotate_help).set_defaults(handler=cmd_keys_rotate)
+    sub = add(
+        "codec-server",
+        cmd_codec_server,
+        "decode payloads for the Temporal UI and CLI (for operators who hold the key)",
+    )
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8081)
     return parser
 
 
@@ -504,7 +541,14 @@ def run(argv: list[str] | None = None) -> int:
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result)
-    except (Refused, ProgramError, SubmissionRefused, DuplicateReferral, SchemaOutOfDate) as error:
+    except (
+        Refused,
+        ProgramError,
+        SubmissionRefused,
+        DuplicateReferral,
+        SchemaOutOfDate,
+        EncryptionKeyError,
+    ) as error:
         prefix = "refused: " if isinstance(error, SubmissionRefused) else ""
         print(f"referrals: {prefix}{error}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from activities.db import make_engine
 from activities.schema import upgrade
+from starter.encryption import load_key_ring
 from starter.program import load_program
 from worker import GRACEFUL_SHUTDOWN
 
@@ -51,11 +52,17 @@ class WebSettings(Strict):
     port: int = 8000
 
 
+class CodecServerSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = 8081
+
+
 class DevStack(Strict):
     temporal: TemporalSettings = TemporalSettings()
     search_attributes: dict[str, Literal["Keyword", "Bool", "Text", "Int", "Double", "Datetime"]]
     mail_sink: MailSinkSettings = MailSinkSettings()
     web: WebSettings = WebSettings()
+    codec_server: CodecServerSettings = CodecServerSettings()
 
 
 def load_stack(path: Path = Path("temporal-dev.yaml")) -> DevStack:
@@ -97,6 +104,8 @@ def server_command(stack: DevStack) -> list[str]:
         "--log-level",
         t.log_level,
         "--ui-disable-news-fetch",
+        "--ui-codec-endpoint",
+        f"http://{stack.codec_server.host}:{stack.codec_server.port}",
     ]
     for name, kind in stack.search_attributes.items():
         command += ["--search-attribute", f"{name}={kind}"]
@@ -129,11 +138,12 @@ def set_retention(stack: DevStack) -> None:
 def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     stack = load_stack(config)
     rules = load_program()  # a bad program.yaml stops here, before anything starts
-    t, sink, web = stack.temporal, stack.mail_sink, stack.web
+    t, sink, web, codec = stack.temporal, stack.mail_sink, stack.web, stack.codec_server
     for host, port, what in [
         (t.ip, t.port, "Temporal"),
         (sink.host, sink.port, "mail sink"),
         (web.host, web.port, "web app"),
+        (codec.host, codec.port, "codec server"),
     ]:
         if _listening(host, port):
             print(f"referrals dev: {host}:{port} ({what}) is already in use", file=sys.stderr)
@@ -152,6 +162,8 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
             "REFERRALS_PUBLIC_URL", f"http://{web.host}:{web.port}"
         ),
         "REFERRALS_DEV_MAILDIR": str(sink.maildir.resolve()),
+        # The UI decodes payloads through the codec server, which answers only the UI.
+        "REFERRALS_CODEC_ORIGINS": f"http://{t.ip}:{t.ui_port},http://localhost:{t.ui_port}",
     }
     processes: list[subprocess.Popen[bytes]] = []
     names: dict[int, str] = {}
@@ -168,6 +180,13 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also when started in the background, where it is ignored
     try:
+        load_key_ring()  # created now if missing, before several processes want it at once
+        codec_server = start(
+            "codec server",
+            [sys.executable, "-m", "starter.cli", "codec-server", "--host", codec.host,
+             "--port", str(codec.port)],
+        )  # fmt: skip
+        _wait_for_port(codec.host, codec.port, codec_server, 30)
         server = start("Temporal server", server_command(stack))
         _wait_for_port(t.ip, t.port, server, 60)
         set_retention(stack)
@@ -198,6 +217,7 @@ Referral Desk is running ({rules.name}).
   Temporal server   {t.ip}:{t.port}  (namespace {t.namespace}, data in {t.db_filename},
                     closed referrals kept {t.retention_days} days; the database keeps them all)
   Temporal UI       http://{t.ip}:{t.ui_port}/namespaces/{t.namespace}/workflows
+  Codec server      http://{codec.host}:{codec.port}  (payloads are encrypted; the UI decodes here)
   Worker            task queue {os.environ.get("REFERRALS_TASK_QUEUE", "referrals")}
   Mail sink         {sink.host}:{sink.port}, every email kept in {sink.maildir}/new
   Intake form       http://{web.host}:{web.port}/

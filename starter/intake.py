@@ -24,7 +24,7 @@ from activities.ledger import release_claim
 from activities.records import discard_referral, save_referral
 from starter.client import task_queue
 from starter.contact_window import contact_window
-from starter.links import status_url
+from starter.links import referrer_key
 from workflows.models import ProgramRules, ReferralInput, ReferralRecord, Submission
 from workflows.referral import ReferralWorkflow
 from workflows.transitions import initial_state
@@ -211,7 +211,7 @@ async def submit_referral(
     key: str | None = None,
 ) -> str:
     """Start the referral's workflow and return its id, or raise why it is refused.
-    `key` signs the status link in the referrer's emails (default: the program secret)."""
+    `key` keys the referrer's hash in Temporal, ReferrerKey (default: the program secret)."""
     errors = eligibility_errors(submission, rules)
     if errors:
         raise SubmissionRefused(errors)
@@ -227,7 +227,7 @@ async def submit_referral(
         rules=rules,
         contact_window=window,
         submitted_by=submitted_by,
-        status_url=status_url(referral_id, key),
+        referrer_key=referrer_key(str(submission.referrer.email), key),
     )
     # Recorded before the workflow starts, so the confirmation page, `referrals show` and the
     # status link find the referral at once; the workflow's own first write is the same row.
@@ -240,10 +240,9 @@ async def submit_referral(
             given,
             id=referral_id,
             task_queue=task_queue(),
-            static_summary=(
-                f"{submission.prospect.company} ({domain}) · {product.name} · referred by "
-                f"{submission.referrer.name}, {submission.referrer.company}"
-            ),
+            # Readable by anyone who reads the namespace: the prospect company and product
+            # only, never a person's name or address.
+            static_summary=f"{submission.prospect.company} ({domain}) · {product.name}",
         )
     except BaseException:
         await asyncio.to_thread(discard_referral, engine, referral_id)

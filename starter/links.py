@@ -6,6 +6,8 @@ One secret signs both: `REFERRALS_SECRET_KEY`, or a random key kept in
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -53,6 +55,14 @@ def referral_from_token(token: str, key: str | None = None) -> str | None:
 
 def status_url(referral_id: str, key: str | None = None) -> str:
     return f"{public_url()}/status/{status_token(referral_id, key)}"
+
+
+def referrer_key(email: str, key: str | None = None) -> str:
+    """A keyed hash of a referrer's address: lets operations find a referrer's workflows in
+    Temporal (search attribute ReferrerKey) without Temporal holding the address."""
+    normalized = email.strip().lower().encode()
+    digest = hmac.new((key or secret_key()).encode(), normalized, hashlib.sha256)
+    return digest.hexdigest()[:32]
 
 
 def csrf_token(nonce: str, key: str) -> str:

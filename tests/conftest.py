@@ -20,24 +20,35 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
+from starter.client import data_converter
+from starter.encryption import KEYS_ENV, new_key_entry
 from starter.mail_sink import start_sink
 from starter.program import load_program
 from worker import build_worker
 from workflows.models import ProgramRules
-from workflows.referral import DOMAIN_KEY, PRODUCT_KEY, REFERRER_KEY, SLA_KEY, STAGE_KEY
+from workflows.referral import (
+    DOMAIN_KEY,
+    PRODUCT_KEY,
+    REFERRER_EMAIL_KEY,
+    REFERRER_KEY,
+    SLA_KEY,
+    STAGE_KEY,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Payloads are encrypted in every test, with a key of the test run; CLI subprocesses inherit it.
+os.environ.setdefault(KEYS_ENV, new_key_entry())
 SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
     STAGE_KEY,
     DOMAIN_KEY,
     REFERRER_KEY,
+    REFERRER_EMAIL_KEY,  # still set by referrals started before release 0.3
     PRODUCT_KEY,
     SLA_KEY,
 ]
@@ -53,7 +64,7 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     """The time-skipping test server: timers fire as soon as nothing else can happen."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(BIN / "temporal-test-server"),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
     )
     yield env
     await env.shutdown()
@@ -65,7 +76,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
     )
     yield env
     await env.shutdown()

@@ -9,6 +9,7 @@ by an older release stays in the corpus, and `make test` replays every set on to
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import uuid
@@ -29,12 +30,13 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
+from starter.client import data_converter
+from starter.encryption import KEYS_ENV, new_key_entry
 from starter.intake import submit_referral
 from starter.mail_sink import MaildirHandler
 from starter.program import load_program
@@ -280,7 +282,7 @@ async def record(target: Path) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
     )
     try:
         worker = build_worker(env.client, engine, smtp, queue=QUEUE)
@@ -304,6 +306,9 @@ async def record(target: Path) -> None:
 
 
 def main() -> int:
+    # Recorded with a key of their own, stored with the set, so the replay test decodes them.
+    keys = new_key_entry()
+    os.environ[KEYS_ENV] = keys
     release = version("referral-desk")
     target = HISTORIES / release
     if target.exists():
@@ -315,6 +320,9 @@ def main() -> int:
         return 1
     print(f"recording referral histories into {target.relative_to(ROOT)}")
     asyncio.run(record(target))
+    (target / "encryption-keys").write_text(
+        f"# The test key these histories were recorded with.\n{keys}\n", encoding="utf-8"
+    )
     return 0
 
 

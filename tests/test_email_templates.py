@@ -260,6 +260,7 @@ def render(
     *,
     extra: dict[str, str] | None = None,
     minimal: bool = False,
+    status_url: str | None = None,
 ) -> RenderedEmail:
     state = make_state(TEMPLATE_STAGES[template], language=language, minimal=minimal)
     return render_email(
@@ -271,7 +272,8 @@ def render(
             template=template,
             referral=state,
             extra=extra or TEMPLATE_EXTRA.get(template, {}),
-        )
+        ),
+        status_url,
     )
 
 
@@ -351,7 +353,7 @@ def test_referrer_emails_keep_staff_notes_internal(template: str, language: Lang
 
 @pytest.mark.parametrize(("template", "language"), REFERRER_CASES)
 def test_referrer_emails_link_the_status_page_when_known(template: str, language: Language) -> None:
-    with_link = render(template, language, extra={"status_url": STATUS_URL})
+    with_link = render(template, language, status_url=STATUS_URL)
     assert STATUS_URL in with_link.text
     assert STATUS_URL.replace("&", "&amp;") in with_link.html
     without = render(template, language)
@@ -360,7 +362,7 @@ def test_referrer_emails_link_the_status_page_when_known(template: str, language
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_submitted_acknowledgement(language: Language) -> None:
-    email = render("referrer_submitted", language, extra={"status_url": STATUS_URL})
+    email = render("referrer_submitted", language, status_url=STATUS_URL)
     assert STATUS_URL in email.text
     # the last day allowed, not the 00:00 instant after it
     assert day(DEADLINE_DAY, language) in email.text

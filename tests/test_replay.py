@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from starter.client import data_converter
+from starter.encryption import EncryptionCodec, KeyRing, new_key_entry
 from worker import workflow_runner
 from workflows.referral import ReferralWorkflow
 
@@ -34,12 +35,21 @@ PATHS = {
 }
 
 
+def recording_codec(folder: Path) -> EncryptionCodec:
+    """The keys a set was recorded with (stored beside it, test keys only); sets recorded
+    before encryption have none and their plain payloads decode as they are."""
+    keys = folder / "encryption-keys"
+    if not keys.exists():
+        return EncryptionCodec(KeyRing.parse(new_key_entry(), "no key needed"))
+    return EncryptionCodec(KeyRing.parse(keys.read_text(encoding="utf-8"), str(keys)))
+
+
 @pytest.mark.parametrize("path", STORED, ids=[f"{p.parent.name}/{p.stem}" for p in STORED])
 async def test_stored_history_replays(path: Path) -> None:
     replayer = Replayer(
         workflows=[ReferralWorkflow],
         workflow_runner=workflow_runner(),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(recording_codec(path.parent)),
     )
     history = WorkflowHistory.from_json(path.stem, path.read_text(encoding="utf-8"))
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)

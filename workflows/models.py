@@ -359,8 +359,11 @@ class ReferralInput(BaseModel):
     rules: ProgramRules
     contact_window: ContactWindow
     submitted_by: str = "referrer"
-    # The referrer's signed status page, linked from their emails (None: no link).
+    # Release 0.2 and older put the status link here; it is now built when an email is
+    # rendered, never carried in a payload. Kept so their inputs still decode.
     status_url: str | None = None
+    # A keyed hash of the referrer's address: what Temporal may index instead of the address.
+    referrer_key: str | None = None
     # False only where the server has no custom search attributes (the time-skipping test server).
     index_search_attributes: bool = True
     # A referral carried over to a new run (continue-as-new) resumes from this state.

@@ -45,7 +45,9 @@ with workflow.unsafe.imports_passed_through():
 
 STAGE_KEY = SearchAttributeKey.for_keyword("ReferralStage")
 DOMAIN_KEY = SearchAttributeKey.for_keyword("ProspectDomain")
-REFERRER_KEY = SearchAttributeKey.for_keyword("ReferrerEmail")
+# Holds addresses: set only by referrals started before `private-search-attributes`.
+REFERRER_EMAIL_KEY = SearchAttributeKey.for_keyword("ReferrerEmail")
+REFERRER_KEY = SearchAttributeKey.for_keyword("ReferrerKey")
 PRODUCT_KEY = SearchAttributeKey.for_keyword("Product")
 SLA_KEY = SearchAttributeKey.for_bool("ContactSlaBreached")
 
@@ -111,6 +113,8 @@ class Features:
     business_event_keys: bool
     # At most MAX_REFUSALS_KEPT refused signals stay in the history.
     refusal_cap: bool
+    # Search attributes hold no personal data: a keyed hash of the referrer, not the address.
+    private_search_attributes: bool
 
     @classmethod
     def decide(cls) -> Features:
@@ -125,7 +129,6 @@ class ReferralWorkflow:
         self._input = input
         self._rules: ProgramRules = input.rules
         self._indexed = input.index_search_attributes
-        self._referrer_extra = {"status_url": input.status_url} if input.status_url else {}
         self._mail: deque[Callable[[], Awaitable[Any]]] = deque()
         self._records: deque[Callable[[], Awaitable[Any]]] = deque()
         self._version = 0
@@ -147,10 +150,14 @@ class ReferralWorkflow:
     @workflow.run
     async def run(self, input: ReferralInput) -> ReferralState:
         if self._indexed:
+            if not self._features.private_search_attributes:
+                referrer = REFERRER_EMAIL_KEY.value_set(str(self._state.referrer.email))
+            else:
+                referrer = REFERRER_KEY.value_set(input.referrer_key or "")
             workflow.upsert_search_attributes(
                 [
                     DOMAIN_KEY.value_set(self._state.prospect_domain),
-                    REFERRER_KEY.value_set(str(self._state.referrer.email)),
+                    referrer,
                     PRODUCT_KEY.value_set(self._state.opportunity.product),
                     *self._changing_search_attributes(),
                 ]
@@ -397,7 +404,6 @@ class ReferralWorkflow:
             state.referrer.language,
             f"referrer_{state.stage.value}",
             snapshot,
-            self._referrer_extra,
         )
         notice = STAFF_NOTICE.get(state.stage)
         if notice is not None:

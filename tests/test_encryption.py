@@ -1,0 +1,180 @@
+"""Payload encryption: the key ring, the codec, key rotation and the codec server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.exceptions import InvalidTag
+from google.protobuf.json_format import MessageToDict
+from temporalio.api.common.v1 import Payload, Payloads
+
+from starter.codec_server import CodecServerError, codec_app_from_env, create_codec_app
+from starter.encryption import (
+    ENCODING,
+    KEY_ID,
+    KEYS_ENV,
+    EncryptionCodec,
+    EncryptionKeyError,
+    KeyRing,
+    load_key_ring,
+    new_key_entry,
+    rotate_key_file,
+)
+from tests.conftest import REFERRALS
+
+UI = "http://127.0.0.1:8233"
+
+
+def plain(text: str) -> Payload:
+    return Payload(metadata={"encoding": b"json/plain"}, data=json.dumps(text).encode())
+
+
+async def test_payloads_round_trip_encrypted_under_the_newest_key() -> None:
+    ring = KeyRing.parse(f"{new_key_entry()}\n{new_key_entry()}", "test")
+    codec = EncryptionCodec(ring)
+    original = [plain("claire.martin@conseil-martin.example"), plain("Julien Roche")]
+    sealed = await codec.encode(original)
+    for payload in sealed:
+        assert payload.metadata["encoding"] == ENCODING
+        assert payload.metadata[KEY_ID].decode() == ring.current[0]
+        assert b"claire" not in payload.data and b"Julien" not in payload.data
+    assert await codec.decode(sealed) == original
+    assert sealed[0].data != (await codec.encode(original[:1]))[0].data  # a fresh nonce each time
+
+
+async def test_a_payload_recorded_before_encryption_decodes_as_it_is() -> None:
+    codec = EncryptionCodec(KeyRing.parse(new_key_entry(), "test"))
+    assert await codec.decode([plain("old")]) == [plain("old")]
+
+
+async def test_a_tampered_payload_or_an_unknown_key_is_refused(tmp_path: Path) -> None:
+    codec = EncryptionCodec(KeyRing.parse(new_key_entry(), "test"), key_file=tmp_path / "none")
+    [sealed] = await codec.encode([plain("x")])
+    tampered = Payload(metadata=sealed.metadata, data=sealed.data[:-1] + b"\x00")
+    with pytest.raises(InvalidTag):  # AES-GCM authenticates every payload
+        await codec.decode([tampered])
+    stranger = EncryptionCodec(KeyRing.parse(new_key_entry(), "other"), key_file=tmp_path / "k")
+    with pytest.raises(EncryptionKeyError, match="not in the key ring"):
+        await stranger.decode([sealed])
+
+
+async def test_the_key_file_is_created_once_private_and_rotated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KEYS_ENV)
+    path = tmp_path / ".data" / "encryption-keys"
+    first = load_key_ring(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_key_ring(path) == first  # every later process finds the same key
+    old_codec = EncryptionCodec(key_file=path)
+    [sealed_before] = await old_codec.encode([plain("before")])
+
+    new_id = rotate_key_file(path)
+    ring = load_key_ring(path)
+    assert [key_id for key_id, _ in ring.keys] == [first.current[0], new_id]
+    new_codec = EncryptionCodec(key_file=path)
+    [sealed_after] = await new_codec.encode([plain("after")])
+    assert sealed_after.metadata[KEY_ID].decode() == new_id
+    # The old key still decrypts; a process started before the rotation reloads the ring.
+    assert await new_codec.decode([sealed_before]) == [plain("before")]
+    assert await old_codec.decode([sealed_after]) == [plain("after")]
+
+
+def test_configured_keys_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("k1:notbase64!", "k1:" + base64.b64encode(b"short").decode(), "bad id:x"):
+        monkeypatch.setenv(KEYS_ENV, bad)
+        with pytest.raises(EncryptionKeyError, match=KEYS_ENV):
+            load_key_ring()
+    entry = new_key_entry()
+    monkeypatch.setenv(KEYS_ENV, f"{entry},{entry}")
+    with pytest.raises(EncryptionKeyError, match="unique"):
+        load_key_ring()
+    monkeypatch.setenv(KEYS_ENV, entry)
+    with pytest.raises(EncryptionKeyError, match="add the new key there"):
+        rotate_key_file()
+
+
+def test_keys_rotate_from_the_cli(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
+    done = subprocess.run(
+        [REFERRALS, "keys", "rotate"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / ".data" / "encryption-keys").read_text()
+    assert len(KeyRing.parse(written, "key file").keys) == 2
+    assert "older keys still decrypt" in done.stdout
+
+
+# --- the codec server ------------------------------------------------------------------------
+
+
+async def codec_server(token: str | None = None) -> tuple[httpx.AsyncClient, EncryptionCodec]:
+    codec = EncryptionCodec(KeyRing.parse(new_key_entry(), "test"))
+    app = create_codec_app(codec, origins=(UI,), token=token)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://codec")
+    return client, codec
+
+
+async def test_the_codec_server_decodes_for_the_ui_origin_only() -> None:
+    client, codec = await codec_server()
+    sealed = await codec.encode([plain("Claire Martin")])
+    body = MessageToDict(Payloads(payloads=sealed))
+    async with client:
+        preflight = await client.options(
+            "/decode", headers={"Origin": UI, "Access-Control-Request-Method": "POST"}
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == UI
+        assert "X-Namespace" in preflight.headers["access-control-allow-headers"]
+        decoded = await client.post(
+            "/decode", json=body, headers={"Origin": UI, "X-Namespace": "default"}
+        )
+        assert decoded.status_code == 200
+        assert decoded.headers["access-control-allow-origin"] == UI
+        [payload] = decoded.json()["payloads"]
+        assert base64.b64decode(payload["data"]) == b'"Claire Martin"'
+        # The temporal CLI sends no Origin; a page from elsewhere gets nothing.
+        assert (await client.post("/decode", json=body)).status_code == 200
+        evil = await client.post("/decode", json=body, headers={"Origin": "http://evil.example"})
+        assert evil.status_code == 403 and "Claire" not in evil.text
+        elsewhere = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        assert (await client.options("/decode", headers=elsewhere)).status_code == 403
+        assert (await client.post("/decode", content=b"nonsense")).status_code == 400
+
+
+async def test_the_codec_server_can_demand_a_bearer_token() -> None:
+    client, codec = await codec_server(token="s3cret")
+    body = MessageToDict(Payloads(payloads=await codec.encode([plain("x")])))
+    async with client:
+        assert (await client.post("/decode", json=body)).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert (await client.post("/decode", json=body, headers=wrong)).status_code == 401
+        right = {"Authorization": "Bearer s3cret"}
+        assert (await client.post("/decode", json=body, headers=right)).status_code == 200
+
+
+def test_the_codec_server_refuses_to_listen_beyond_loopback_without_a_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("REFERRALS_CODEC_TOKEN", raising=False)
+    with pytest.raises(CodecServerError, match="REFERRALS_CODEC_TOKEN"):
+        codec_app_from_env("0.0.0.0")
+    codec_app_from_env("127.0.0.1")
+    monkeypatch.setenv("REFERRALS_CODEC_TOKEN", "t")
+    codec_app_from_env("0.0.0.0")
+    done = subprocess.run(
+        [REFERRALS, "codec-server", "--host", "0.0.0.0", "--port", "1"],
+        env={k: v for k, v in os.environ.items() if k != "REFERRALS_CODEC_TOKEN"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1 and "needs a bearer token" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
