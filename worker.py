@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.email import EmailActivities, SmtpSettings
+from activities.erasure import RetentionActivities
 from activities.ledger import LedgerActivities
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
@@ -22,9 +23,11 @@ from activities.schema import SchemaOutOfDate, open_database
 from starter.client import connect, task_queue
 from starter.links import status_url
 from starter.program import ProgramError, load_program
-from starter.schedules import ensure_reconcile_schedule
+from starter.schedules import ensure_schedules
+from workflows.models import ProgramRules
 from workflows.reconcile import ReconcileWorkflow
 from workflows.referral import ReferralWorkflow
+from workflows.retention import RetentionWorkflow
 
 # Activities are synchronous (SMTP, SQL): one thread each, and never more taken than threads.
 ACTIVITY_THREADS = 8
@@ -43,16 +46,21 @@ def build_worker(
     engine: Engine,
     smtp: SmtpSettings,
     queue: str | None = None,
+    rules: ProgramRules | None = None,
     **options: Any,
 ) -> Worker:
+    """`rules`: the program in force, for its retention period (default: program.yaml)."""
     email = EmailActivities(engine, smtp, status_link=status_url)
     ledger = LedgerActivities(engine)
     records = RecordActivities(engine)
     reconcile = ReconcileActivities(client, engine)
+    retention = RetentionActivities(
+        client, engine, (rules or load_program()).retention.personal_data_days
+    )
     return Worker(
         client,
         task_queue=queue or task_queue(),
-        workflows=[ReferralWorkflow, ReconcileWorkflow],
+        workflows=[ReferralWorkflow, ReconcileWorkflow, RetentionWorkflow],
         workflow_runner=workflow_runner(),
         activities=[
             email.send_email,
@@ -60,6 +68,7 @@ def build_worker(
             ledger.release_prospect,
             records.record_referral,
             reconcile.reconcile,
+            retention.erase_expired,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
@@ -72,9 +81,9 @@ async def run_worker() -> None:
     rules = load_program()
     engine = open_database()
     client = await connect()
-    if await ensure_reconcile_schedule(client, rules):
-        print("created the nightly reconciliation schedule", flush=True)
-    worker = build_worker(client, engine, SmtpSettings.from_env())
+    for schedule in await ensure_schedules(client, rules):
+        print(f"created the schedule {schedule}", flush=True)
+    worker = build_worker(client, engine, SmtpSettings.from_env(), rules=rules)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

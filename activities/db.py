@@ -85,6 +85,10 @@ class ReferralRow(SQLModel, table=True):
     revision: int
     state: str = Field(sa_column=Column(Text, nullable=False))
     updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # Set once its personal data has been replaced by a pseudonym (who and why: in `state`).
+    erased_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True, index=True)
+    )
 
 
 class ReferralEventRow(SQLModel, table=True):

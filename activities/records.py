@@ -71,6 +71,7 @@ def _facts(state: ReferralState) -> dict[str, Any]:
         "revision": state.revision,
         "state": state.model_copy(update={"history": []}).model_dump_json(),
         "updated_at": datetime.now(UTC),
+        "erased_at": state.erased.at if state.erased else None,
     }
 
 

@@ -54,6 +54,10 @@ class Refused(Exception):
     """The command could not be done; the message is the one line the user sees."""
 
 
+class Usage(Exception):
+    """The command line itself is wrong (exit status 2, like argparse's own errors)."""
+
+
 # --- output helpers -----------------------------------------------------------------------
 
 
@@ -114,8 +118,15 @@ def describe(state: ReferralState, workflow: str | None = None) -> str:
             f"  payment due  {at(s.payment_due_at)} ({s.payment_terms_days} days terms)"
             + (f", {s.payment_reminders_sent} reminder(s) sent" if s.payment_reminders_sent else "")
         )
+    if s.consent is not None:
+        lines.append(f"  consent      {s.consent.statement}, accepted {at(s.consent.accepted_at)}")
     if s.closed_at is not None:
         lines.append(f"  closed       {at(s.closed_at)}")
+    if s.erased is not None:
+        lines.append(
+            f"  ERASED       {at(s.erased.at)} by {s.erased.by}: {s.erased.reason} "
+            "(personal data replaced by a pseudonym)"
+        )
     allowed = ", ".join(a.value for a in allowed_actions(s.stage)) or "none (closed)"
     lines.append(f"  next         {allowed}")
     if workflow is not None and workflow != "running":
@@ -381,6 +392,36 @@ async def cmd_replay_check(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_erase(args: argparse.Namespace) -> int:
+    from activities.erasure import ErasureRefused, erase_referral, referrals_of
+
+    if (args.id is None) == (args.referrer is None):
+        raise Usage("erase needs a referral id or --referrer EMAIL, not both")
+    engine = open_database()
+    if args.id is not None:
+        targets, still_open = [args.id], []
+    else:
+        found = await asyncio.to_thread(referrals_of, engine, args.referrer)
+        targets = [rid for rid, is_open in found if not is_open]
+        still_open = [rid for rid, is_open in found if is_open]
+        if not found:
+            raise Refused(f"no referral of {args.referrer} holds personal data")
+    client = await connect()
+    for referral_id in targets:
+        try:
+            line = await erase_referral(
+                client, engine, referral_id, by=args.actor, reason=args.reason
+            )
+        except ErasureRefused as error:
+            raise Refused(str(error)) from error
+        print(line)
+    if still_open:
+        raise Refused(
+            f"not erased, still open: {', '.join(still_open)}: cancel them, then erase again"
+        )
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     engine = make_engine()
     before, after = upgrade(engine)
@@ -512,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
     add("reconcile", cmd_reconcile, "compare the database with Temporal and repair what differs")
+    sub = add("erase", cmd_erase, "erase a closed referral's personal data (or a referrer's)")
+    sub.add_argument("id", nargs="?")
+    sub.add_argument("--referrer", metavar="EMAIL", help="every closed referral of this referrer")
+    sub.add_argument("--reason", required=True)
     sub = add("replay-check", cmd_replay_check, "replay running referrals on this code")
     sub.add_argument("--limit", type=int, default=1000, help="at most N referrals (1000)")
     db = add("db", lambda _: 2, "manage the database").add_subparsers(
@@ -552,6 +597,9 @@ def run(argv: list[str] | None = None) -> int:
         prefix = "refused: " if isinstance(error, SubmissionRefused) else ""
         print(f"referrals: {prefix}{error}", file=sys.stderr)
         return 1
+    except Usage as error:
+        print(f"referrals: {error}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         if "connect" not in str(error).lower():
             raise

@@ -23,9 +23,16 @@ from activities.db import ProspectClaim
 from activities.ledger import release_claim
 from activities.records import discard_referral, save_referral
 from starter.client import task_queue
+from starter.consent import consent_statement
 from starter.contact_window import contact_window
 from starter.links import referrer_key
-from workflows.models import ProgramRules, ReferralInput, ReferralRecord, Submission
+from workflows.models import (
+    ConsentRecord,
+    ProgramRules,
+    ReferralInput,
+    ReferralRecord,
+    Submission,
+)
 from workflows.referral import ReferralWorkflow
 from workflows.transitions import initial_state
 
@@ -209,9 +216,12 @@ async def submit_referral(
     submitted_by: str = "referrer",
     received_at: datetime | None = None,
     key: str | None = None,
+    consent_language: str | None = None,
 ) -> str:
     """Start the referral's workflow and return its id, or raise why it is refused.
-    `key` keys the referrer's hash in Temporal, ReferrerKey (default: the program secret)."""
+    `key` keys the referrer's hash in Temporal, ReferrerKey (default: the program secret);
+    `consent_language`: the language of the consent statement accepted (default: the
+    referrer's)."""
     errors = eligibility_errors(submission, rules)
     if errors:
         raise SubmissionRefused(errors)
@@ -220,7 +230,9 @@ async def submit_referral(
     await _claim_prospect(client, engine, domain, referral_id)
     product = rules.product(submission.opportunity.product)
     assert product is not None
-    window = contact_window(received_at or datetime.now(UTC), rules.calendar, rules.contact)
+    received_at = received_at or datetime.now(UTC)
+    window = contact_window(received_at, rules.calendar, rules.contact)
+    statement, _ = consent_statement(consent_language or submission.referrer.language)
     given = ReferralInput(
         referral_id=referral_id,
         submission=submission,
@@ -228,6 +240,7 @@ async def submit_referral(
         contact_window=window,
         submitted_by=submitted_by,
         referrer_key=referrer_key(str(submission.referrer.email), key),
+        consent=ConsentRecord(statement=statement, accepted_at=received_at),
     )
     # Recorded before the workflow starts, so the confirmation page, `referrals show` and the
     # status link find the referral at once; the workflow's own first write is the same row.

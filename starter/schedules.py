@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from temporalio.client import (
     Client,
     Schedule,
@@ -15,28 +17,37 @@ from temporalio.client import (
 from starter.client import task_queue
 from workflows.models import ProgramRules
 from workflows.reconcile import ReconcileWorkflow
+from workflows.retention import RetentionWorkflow
 
 RECONCILE_SCHEDULE = "referrals-reconcile"
-RECONCILE_CRON = "30 3 * * *"  # nightly, in the program's time zone
+RETENTION_SCHEDULE = "referrals-retention"
+# Nightly, in the program's time zone: reconcile first, then erase what retention expired.
+SCHEDULES: dict[str, tuple[Any, str]] = {
+    RECONCILE_SCHEDULE: (ReconcileWorkflow.run, "30 3 * * *"),
+    RETENTION_SCHEDULE: (RetentionWorkflow.run, "30 4 * * *"),
+}
 
 
-async def ensure_reconcile_schedule(client: Client, rules: ProgramRules) -> bool:
-    """Create the nightly reconciliation unless it exists; True if it was created."""
-    try:
-        await client.create_schedule(
-            RECONCILE_SCHEDULE,
-            Schedule(
-                action=ScheduleActionStartWorkflow(
-                    ReconcileWorkflow.run,
-                    id=f"{RECONCILE_SCHEDULE}-run",
-                    task_queue=task_queue(),
+async def ensure_schedules(
+    client: Client, rules: ProgramRules, queue: str | None = None
+) -> list[str]:
+    """Create the program's schedules that do not exist yet; returns their ids."""
+    created = []
+    for schedule_id, (run, cron) in SCHEDULES.items():
+        try:
+            await client.create_schedule(
+                schedule_id,
+                Schedule(
+                    action=ScheduleActionStartWorkflow(
+                        run, id=f"{schedule_id}-run", task_queue=queue or task_queue()
+                    ),
+                    spec=ScheduleSpec(
+                        cron_expressions=[cron], time_zone_name=rules.calendar.timezone
+                    ),
+                    policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
                 ),
-                spec=ScheduleSpec(
-                    cron_expressions=[RECONCILE_CRON], time_zone_name=rules.calendar.timezone
-                ),
-                policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-            ),
-        )
-    except ScheduleAlreadyRunningError:
-        return False
-    return True
+            )
+        except ScheduleAlreadyRunningError:
+            continue
+        created.append(schedule_id)
+    return created

@@ -194,6 +194,11 @@ class EmailRules(Strict):
     retry_for_hours: int = Field(default=72, ge=1, le=24 * 30)
 
 
+class RetentionRules(Strict):
+    # A closed referral's personal data is erased this long after it closed.
+    personal_data_days: int = Field(default=1095, ge=0, le=36500)
+
+
 class Recipients(Strict):
     desk: EmailStr
     desk_manager: EmailStr
@@ -213,6 +218,7 @@ class ProgramRules(Strict):
     contact: ContactRules = ContactRules()
     payment: PaymentRules = PaymentRules()
     email: EmailRules = EmailRules()
+    retention: RetentionRules = RetentionRules()
     recipients: Recipients
 
     def product(self, product_id: str) -> Product | None:
@@ -281,6 +287,22 @@ class ContactWindow(BaseModel):
     holidays_version: str
 
 
+class ConsentRecord(BaseModel):
+    """Which consent statement the referrer accepted (its language and a version that
+    changes with its text), and when."""
+
+    statement: str
+    accepted_at: datetime
+
+
+class Erasure(BaseModel):
+    """Who erased a referral's personal data, when and why."""
+
+    at: datetime
+    by: str
+    reason: str
+
+
 class CommissionStatus(StrEnum):
     PENDING = "pending"
     PAYABLE = "payable"
@@ -342,6 +364,8 @@ class ReferralState(BaseModel):
     # Bumped by every change; the system of record keeps the highest revision it was sent.
     revision: int = 0
     closed_at: datetime | None = None
+    consent: ConsentRecord | None = None
+    erased: Erasure | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -364,6 +388,7 @@ class ReferralInput(BaseModel):
     status_url: str | None = None
     # A keyed hash of the referrer's address: what Temporal may index instead of the address.
     referrer_key: str | None = None
+    consent: ConsentRecord | None = None
     # False only where the server has no custom search attributes (the time-skipping test server).
     index_search_attributes: bool = True
     # A referral carried over to a new run (continue-as-new) resumes from this state.
@@ -457,3 +482,10 @@ class ReconcileReport(BaseModel):
 
     checked: int = 0
     fixed: list[str] = []
+
+
+class RetentionReport(BaseModel):
+    """What the retention run erased, one line per referral."""
+
+    retention_days: int
+    erased: list[str] = []

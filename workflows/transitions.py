@@ -79,6 +79,7 @@ def initial_state(given: ReferralInput) -> ReferralState:
         contact_reminder_at=window.reminder_at,
         contact_deadline=window.deadline,
         contact_calendar=window,
+        consent=given.consent,
         history=[
             HistoryEntry(at=window.received_at, action="submitted", actor=given.submitted_by, seq=0)
         ],

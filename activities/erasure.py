@@ -1,0 +1,206 @@
+"""Erasure: a closed referral's personal data is deleted from Temporal and replaced by a
+pseudonym in the database, on request (`referrals erase`) or when the retention period
+has passed (the daily Schedule `referrals-retention`).
+
+What accounting needs stays: stages, dates, amounts, payment and payout references, the
+prospect company and product, and who did what among staff. What identifies a person
+goes: the referrer's and the contact's names, addresses, phones and company, free-text
+notes (they may name people), and the referrer's address in the actor of a web
+submission, the sent-email log and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+from temporalio import activity
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.db import (
+    CommissionEvent,
+    CommissionRow,
+    ReferralEventRow,
+    ReferralRow,
+    SentEmail,
+    as_utc,
+)
+from activities.records import load_referral, write_referral
+from workflows.models import (
+    Contact,
+    Erasure,
+    HistoryEntry,
+    ReferralRecord,
+    ReferralState,
+    Referrer,
+    RetentionReport,
+)
+
+ERASED = "erased"
+
+
+class ErasureRefused(Exception):
+    """The referral cannot be erased (unknown, or still open); the message says why."""
+
+
+def pseudonym(referral_id: str) -> str:
+    """What stands for the referrer from now on; it identifies the referral, not a person."""
+    return f"erased-{referral_id.lower()}"
+
+
+def erased_state(state: ReferralState, erasure: Erasure) -> ReferralState:
+    name = pseudonym(state.referral_id)
+    erased = state.model_copy(deep=True)
+    erased.referrer = Referrer(
+        name=name,
+        email=f"{name}@erased.example",
+        company=ERASED,
+        language=state.referrer.language,
+    )
+    erased.contact = Contact(name=ERASED, email=f"{name}-contact@erased.example")
+    erased.opportunity = state.opportunity.model_copy(update={"notes": None})
+    erased.history = []
+    erased.erased = erasure
+    erased.revision = state.revision + 1
+    return erased
+
+
+async def delete_executions(client: Client, referral_id: str) -> int:
+    """Delete every run of the referral's workflow (an upgraded one has two): its payloads,
+    encrypted or not, go with them."""
+    runs = {wf.run_id async for wf in client.list_workflows(f"WorkflowId = '{referral_id}'")}
+    try:  # the latest run, which visibility may not list yet
+        runs.add((await client.get_workflow_handle(referral_id).describe()).run_id)
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+    deleted = 0
+    for run_id in sorted(runs):
+        request = DeleteWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=referral_id, run_id=run_id),
+        )
+        try:
+            await client.workflow_service.delete_workflow_execution(request)
+            deleted += 1
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+    return deleted
+
+
+def _pseudonymize(engine: Engine, state: ReferralState, erasure: Erasure) -> None:
+    """Every row of the referral, in one transaction."""
+    erased = erased_state(state, erasure)
+    addresses = {str(state.referrer.email), str(state.contact.email)}
+    with Session(engine) as session:
+        events = session.exec(
+            select(ReferralEventRow).where(ReferralEventRow.referral_id == state.referral_id)
+        ).all()
+        for event in events:
+            event.note = None
+            if event.actor.startswith("web:"):
+                event.actor = "referrer"
+            session.add(event)
+        mark = HistoryEntry(
+            at=erasure.at,
+            action="erase",
+            actor=erasure.by,
+            note=erasure.reason,
+            outcome="system",
+            seq=state.next_seq(),
+        )
+        write_referral(session, ReferralRecord(state=erased, events=[mark]))
+        sent = session.exec(
+            select(SentEmail).where(col(SentEmail.key).startswith(f"{state.referral_id}/"))
+        ).all()
+        for email in sent:
+            email.recipients = ", ".join(
+                erased.referrer.email if to.strip() in addresses else to.strip()
+                for to in email.recipients.split(",")
+            )
+            session.add(email)
+        ledger = session.get(CommissionRow, state.referral_id)
+        if ledger is not None:
+            ledger.referrer_email = str(erased.referrer.email)
+            ledger.referrer_name = erased.referrer.name
+            session.add(ledger)
+        for entry in session.exec(
+            select(CommissionEvent).where(CommissionEvent.referral_id == state.referral_id)
+        ).all():
+            entry.note = None
+            session.add(entry)
+        session.commit()
+
+
+async def erase_referral(
+    client: Client, engine: Engine, referral_id: str, *, by: str, reason: str
+) -> str:
+    """Erase one closed referral; returns the line that says what was done."""
+    if not reason.strip():
+        raise ErasureRefused("erasing needs a reason (--reason)")
+    state = await asyncio.to_thread(load_referral, engine, referral_id)
+    if state is None:
+        raise ErasureRefused(f"unknown referral {referral_id}")
+    if state.erased is not None:
+        return f"{referral_id}: already erased on {state.erased.at:%Y-%m-%d} by {state.erased.by}"
+    if not state.is_terminal:
+        raise ErasureRefused(
+            f"{referral_id} is open ({state.stage.value}): cancel it before erasing it"
+        )
+    deleted = await delete_executions(client, referral_id)
+    erasure = Erasure(at=datetime.now(UTC), by=by, reason=reason.strip())
+    await asyncio.to_thread(_pseudonymize, engine, state, erasure)
+    runs = "run" if deleted == 1 else "runs"
+    return f"{referral_id}: personal data erased; {deleted} workflow {runs} deleted from Temporal"
+
+
+def referrals_of(engine: Engine, email: str) -> list[tuple[str, bool]]:
+    """(referral id, open?) for every referral of one referrer not erased yet."""
+    with Session(engine) as session:
+        rows = session.exec(
+            select(ReferralRow.referral_id, ReferralRow.closed_at)
+            .where(ReferralRow.referrer_email == email.strip().lower())
+            .where(col(ReferralRow.erased_at).is_(None))
+            .order_by(col(ReferralRow.submitted_at))
+        ).all()
+    return [(referral_id, closed_at is None) for referral_id, closed_at in rows]
+
+
+def expired(engine: Engine, days: int, now: datetime) -> list[str]:
+    """Closed referrals whose retention period has passed and that still hold personal data."""
+    cutoff = now - timedelta(days=days)
+    with Session(engine) as session:
+        rows = session.exec(
+            select(ReferralRow.referral_id, ReferralRow.closed_at)
+            .where(col(ReferralRow.closed_at).is_not(None))
+            .where(col(ReferralRow.erased_at).is_(None))
+        ).all()
+    return sorted(rid for rid, closed_at in rows if closed_at and as_utc(closed_at) <= cutoff)
+
+
+class RetentionActivities:
+    def __init__(self, client: Client, engine: Engine, personal_data_days: int) -> None:
+        self._client = client
+        self._engine = engine
+        self._days = personal_data_days
+
+    @activity.defn(name="erase_expired")
+    async def erase_expired(self) -> RetentionReport:
+        """Erase every referral closed longer ago than the program's retention period."""
+        due = await asyncio.to_thread(expired, self._engine, self._days, datetime.now(UTC))
+        report = RetentionReport(retention_days=self._days)
+        reason = f"retention: closed more than {self._days} days ago"
+        for referral_id in due:
+            activity.heartbeat(referral_id)
+            line = await erase_referral(
+                self._client, self._engine, referral_id, by="system", reason=reason
+            )
+            report.erased.append(line)
+            activity.logger.info("retention: %s", line)
+        return report

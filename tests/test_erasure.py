@@ -1,0 +1,221 @@
+"""Erasure and retention: a closed referral's personal data leaves Temporal and the database
+(a pseudonym stands in), what accounting needs stays, and the daily retention run does it
+by itself. On the dev server, with the CLI as staff run it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from temporalio.client import (
+    Schedule,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleSpec,
+)
+
+from activities.db import make_engine
+from activities.email import SmtpSettings
+from activities.records import load_referral
+from activities.schema import upgrade
+from starter.consent import consent_statement
+from starter.intake import submit_referral
+from tests.conftest import Cli, Live, eventually
+from tests.factories import submission, submission_data
+from tests.test_system_of_record import DELETION_SECONDS, gone
+from worker import build_worker
+from workflows.models import ProgramRules, RetentionReport, RetentionRules, Stage
+from workflows.retention import RetentionWorkflow
+
+PERSONAL = submission_data()
+SECRETS = [
+    PERSONAL["referrer"]["name"],
+    PERSONAL["referrer"]["email"],
+    PERSONAL["referrer"]["phone"],
+    PERSONAL["referrer"]["company"],
+    PERSONAL["contact"]["name"],
+    PERSONAL["contact"]["email"],
+    PERSONAL["contact"]["phone"],
+    PERSONAL["opportunity"]["notes"],
+]
+
+
+async def submit(cli: Cli, tmp_path: Path, **changes: Any) -> str:
+    site = f"https://erase-{uuid.uuid4().hex[:8]}.example"
+    path = tmp_path / f"{uuid.uuid4().hex}.json"
+    data = submission_data(**{"prospect.website": site, **changes})
+    path.write_text(json.dumps(data), encoding="utf-8")
+    done = await cli("submit", str(path))
+    assert done.code == 0, done
+    return done.out.strip()
+
+
+def rows_about(live: Live, referral_id: str) -> str:
+    """Every row the database keeps about the referral, as text."""
+    found = []
+    with live.engine.connect() as connection:
+        for table, column in [
+            ("referral", "referral_id"),
+            ("referral_event", "referral_id"),
+            ("commission", "referral_id"),
+            ("commission_event", "referral_id"),
+        ]:
+            rows = connection.execute(
+                text(f"SELECT * FROM {table} WHERE {column} = :id"), {"id": referral_id}
+            )
+            found += [str(tuple(row)) for row in rows]
+        rows = connection.execute(
+            text("SELECT * FROM sent_email WHERE key LIKE :prefix"), {"prefix": f"{referral_id}/%"}
+        )
+        found += [str(tuple(row)) for row in rows]
+    return "\n".join(found)
+
+
+async def test_a_closed_referral_is_erased_and_accounting_keeps_its_figures(
+    cli: Cli, live: Live, tmp_path: Path
+) -> None:
+    rid = await submit(cli, tmp_path)
+    for command, *options in [
+        ("contacted", "--note", f"phoned {PERSONAL['referrer']['name']}"),
+        ("accept",),
+        ("approve",),
+        ("won", "--amount", "180000", "--currency", "EUR"),
+        ("payment", "--amount", "180000", "--reference", "INV-77"),
+        ("payout", "--reference", "VIR-77"),
+    ]:
+        assert (await cli(command, rid, *options)).code == 0
+    before = json.loads((await cli("show", rid, "--json")).out)
+    assert before["consent"]["statement"] == consent_statement("fr")[0]
+    assert before["consent"]["accepted_at"] == before["submitted_at"]
+    await live.client.get_workflow_handle(rid).result()
+    assert any(secret in rows_about(live, rid) for secret in SECRETS)  # there to be erased
+
+    done = await cli("--actor", "dpo-marc", "erase", rid, "--reason", "GDPR request 2026-41")
+    assert done.code == 0, done
+    assert f"{rid}: personal data erased; 1 workflow run deleted from Temporal" in done.out
+
+    after = json.loads((await cli("show", rid, "--json")).out)
+    stored = rows_about(live, rid)
+    assert [secret for secret in SECRETS if secret in stored + json.dumps(after)] == []
+    assert after["referrer"]["name"] == f"erased-{rid.lower()}"
+    assert after["erased"]["by"] == "dpo-marc"
+    assert after["erased"]["reason"] == "GDPR request 2026-41"
+    # What accounting needs is intact.
+    for key in ("stage", "submitted_at", "closed_at", "commission", "payments", "prospect"):
+        assert after[key] == before[key], key
+    assert [h["action"] for h in after["history"]] == [h["action"] for h in before["history"]] + [
+        "erase"
+    ]
+    assert all(h["note"] is None for h in after["history"][:-1])
+    assert after["history"][-1]["actor"] == "dpo-marc"
+    ledger = json.loads((await cli("commissions", "--json")).out)
+    [row] = [r for r in ledger if r["referral_id"] == rid]
+    assert row["amount"] == "18000.00" and row["status"] == "paid"
+    assert row["referrer_email"] == f"erased-{rid.lower()}@erased.example"
+    shown = (await cli("show", rid)).out
+    assert "ERASED" in shown and "GDPR request 2026-41" in shown
+
+    again = await cli("erase", rid, "--reason", "twice")
+    assert again.code == 0 and "already erased" in again.out
+
+    async def deleted() -> bool:
+        return await gone(live.client, rid)
+
+    await eventually(deleted, DELETION_SECONDS)  # Temporal forgets it too
+
+
+async def test_an_open_referral_is_not_erased(cli: Cli, tmp_path: Path) -> None:
+    rid = await submit(cli, tmp_path)
+    done = await cli("erase", rid, "--reason", "asked")
+    assert done.code == 1
+    assert done.err.strip() == f"referrals: {rid} is open (submitted): cancel it before erasing it"
+    usage = await cli("erase", "--reason", "asked")
+    assert usage.code == 2 and "a referral id or --referrer" in usage.err
+
+
+async def test_erasing_a_referrer_erases_the_closed_and_names_the_open(
+    cli: Cli, live: Live, tmp_path: Path
+) -> None:
+    email = f"someone-{uuid.uuid4().hex[:6]}@conseil-martin.example"
+    closed = await submit(cli, tmp_path, **{"referrer.email": email})
+    still_open = await submit(cli, tmp_path, **{"referrer.email": email})
+    assert (await cli("decline", closed, "--reason", "not a fit")).code == 0
+    await live.client.get_workflow_handle(closed).result()
+
+    done = await cli("erase", "--referrer", email.upper(), "--reason", "asked by phone")
+    assert done.code == 1
+    assert f"{closed}: personal data erased" in done.out
+    assert done.err.strip() == (
+        f"referrals: not erased, still open: {still_open}: cancel them, then erase again"
+    )
+    assert json.loads((await cli("show", closed, "--json")).out)["erased"] is not None
+    assert json.loads((await cli("show", still_open, "--json")).out)["erased"] is None
+
+
+async def test_the_retention_schedule_erases_what_has_expired(
+    live: Live, rules: ProgramRules, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention 0: every closed referral is due, the open one is not. A database and task
+    queue of its own keep the rest of the session's referrals out of it."""
+    queue = f"retention-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("REFERRALS_TASK_QUEUE", queue)
+    engine = make_engine(f"sqlite:///{tmp_path / 'retention.db'}")
+    upgrade(engine)
+    now = rules.model_copy(update={"retention": RetentionRules(personal_data_days=0)})
+    smtp = SmtpSettings(live.sink.host, live.sink.port)
+    async with build_worker(live.client, engine, smtp, queue=queue, rules=now):
+        ids = [
+            await submit_referral(
+                live.client,
+                engine,
+                rules,
+                submission(**{"prospect.website": f"https://keep-{uuid.uuid4().hex[:8]}.fr"}),
+            )
+            for _ in range(2)
+        ]
+        closed, still_open = (live.client.get_workflow_handle(rid) for rid in ids)
+        await closed.execute_update(
+            "act", {"action": "cancel", "actor": "desk", "reason": "duplicate"}, result_type=None
+        )
+        await closed.result()
+
+        schedule_id = f"retention-test-{uuid.uuid4().hex[:6]}"
+        schedule = await live.client.create_schedule(
+            schedule_id,
+            Schedule(
+                action=ScheduleActionStartWorkflow(
+                    RetentionWorkflow.run, id=f"{schedule_id}-run", task_queue=queue
+                ),
+                spec=ScheduleSpec(),
+            ),
+        )
+        try:
+            await schedule.trigger()
+
+            async def ran() -> bool:
+                actions = (await schedule.describe()).info.recent_actions
+                return bool(actions)
+
+            await eventually(ran, 30)
+            started = (await schedule.describe()).info.recent_actions[0].action
+            assert isinstance(started, ScheduleActionExecutionStartWorkflow)
+            run = live.client.get_workflow_handle(
+                started.workflow_id, run_id=started.first_execution_run_id
+            )
+            result = await asyncio.wait_for(run.result(), 60)
+        finally:
+            await schedule.delete()
+    report = RetentionReport.model_validate(result)
+    assert report.retention_days == 0
+    assert [line.split(":")[0] for line in report.erased] == [closed.id]
+    erased, untouched = (load_referral(engine, rid) for rid in ids)
+    assert erased is not None and erased.erased is not None and erased.erased.by == "system"
+    assert erased.stage is Stage.CANCELLED
+    assert untouched is not None and untouched.erased is None
+    assert untouched.referrer.email == PERSONAL["referrer"]["email"]
+    await still_open.terminate(reason="test over")
