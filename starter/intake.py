@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, update
@@ -64,15 +66,54 @@ class DuplicateReferral(Exception):
         self.referral_id = referral_id
 
 
+# Fields that may hold several lines; every other text is one line.
+MULTILINE_FIELDS = frozenset({"opportunity.notes"})
+
+
+def _texts(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(data, str):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _texts(value, f"{path}.{key}" if path else str(key))
+
+
+def control_character_errors(data: Any) -> list[FieldError]:
+    """Line breaks in a name would end up in email headers and one-line records; control
+    characters, separators and lone surrogates (which no UTF-8 text can hold) break storage
+    and email. Notes may hold line breaks and tabs, nothing else of the kind."""
+    errors = []
+    for path, value in _texts(data):
+        name = path or "body"
+        multiline = name in MULTILINE_FIELDS
+        allowed = "\r\n\t" if multiline else ""
+        if any(
+            c not in allowed and unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in value
+        ):
+            errors.append(
+                FieldError(
+                    name,
+                    "control characters other than line breaks and tabs are not allowed"
+                    if multiline
+                    else "line breaks and other control characters are not allowed here",
+                    "control_characters_multiline" if multiline else "control_characters",
+                )
+            )
+    return errors
+
+
 def parse_submission(data: Any, rules: ProgramRules | None = None) -> Submission:
     """The submission, or every reason it is refused at once: shapes, and with `rules` the
     program's rules too, so one round trip tells the referrer everything to fix."""
+    hostile = control_character_errors(data)
+    named = {e.field for e in hostile}
     try:
         submission = Submission.model_validate(data)
     except ValidationError as error:
-        errors = [
+        errors = hostile + [
             FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"], e["type"])
             for e in error.errors()
+            if (".".join(str(p) for p in e["loc"]) or "body") not in named
         ]
         if rules is not None:
             known = {e.field for e in errors}
@@ -80,6 +121,8 @@ def parse_submission(data: Any, rules: ProgramRules | None = None) -> Submission
                 e for e in _rule_errors(_raw_rule_fields(data), rules) if e.field not in known
             ]
         raise SubmissionRefused(errors) from error
+    if hostile:
+        raise SubmissionRefused(hostile)
     if rules is not None:
         errors = eligibility_errors(submission, rules)
         if errors:
@@ -93,8 +136,15 @@ def _raw_rule_fields(data: Any) -> tuple[Any, Any, bool]:
     data = data if isinstance(data, dict) else {}
     prospect = data.get("prospect") if isinstance(data.get("prospect"), dict) else {}
     opportunity = data.get("opportunity") if isinstance(data.get("opportunity"), dict) else {}
-    consent = data.get("consent") in (True, 1, "true", "True", "1", "yes", "on")
-    return prospect.get("sector"), opportunity.get("product"), consent
+    try:  # as the model reads it: "TRUE", "y", 1… are consent too
+        consent = _BOOLEAN.validate_python(data.get("consent"))
+    except ValidationError:
+        consent = False
+    product = opportunity.get("product")
+    return prospect.get("sector"), product.strip() if isinstance(product, str) else product, consent
+
+
+_BOOLEAN = TypeAdapter(bool)
 
 
 def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[FieldError]:

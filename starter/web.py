@@ -7,11 +7,17 @@ and reads referrals from the system of record, and never imports the worker.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
 import mailbox
+import math
 import os
 import re
 import secrets
-from collections.abc import Callable
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
@@ -23,11 +29,15 @@ from zoneinfo import ZoneInfo
 
 import yaml
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
@@ -56,10 +66,16 @@ from starter.program import load_program
 from workflows.models import COUNTRY_NAMES, ProgramRules, ReferralState, Stage, Submission
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "web"
+STATIC = TEMPLATES / "static"
 LANGUAGES = ("fr", "en")
 MAX_BODY_BYTES = 64 * 1024
 CSRF_COOKIE = "referral_form"
 CURRENCIES = ("EUR", "USD", "GBP", "CHF", "CAD")
+# A form field no person sees or fills (see `form_post`); a name bots like to fill.
+HONEYPOT = "subject"
+RATE_LIMIT_ENV = "REFERRALS_RATE_LIMIT"
+TRUSTED_PROXIES_ENV = "REFERRALS_TRUSTED_PROXIES"
+DEFAULT_RATE_LIMIT = "10/minute"
 
 
 def _load_texts() -> dict[str, dict[str, Any]]:
@@ -152,7 +168,16 @@ class BodyLimit:
 
 
 async def _too_large(send: Send) -> None:
-    body = b'{"detail":"request body too large"}'
+    refusal = ApiRefusal(
+        detail="request body too large",
+        errors=[
+            ApiError(
+                field="body",
+                code="too_large",
+                message=f"the request body must not exceed {MAX_BODY_BYTES} bytes",
+            )
+        ],
+    )
     await send(
         {
             "type": "http.response.start",
@@ -160,7 +185,182 @@ async def _too_large(send: Send) -> None:
             "headers": [(b"content-type", b"application/json")],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": refusal.model_dump_json().encode()})
+
+
+# --- abuse: rate limits, client addresses, security headers, hostile text ---------------------
+
+
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
+_RATE_UNITS |= {"h": 3600, "hr": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`limit` submissions per `window` seconds, written as operators write rates: `10/minute`,
+    `100/hour`, `3/10s`, or `off`."""
+
+    limit: int
+    window: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit | None:
+        """None for `off`; a typo is an error at start-up, never a silently missing limit."""
+        spec = text.strip().lower()
+        if spec in ("off", "none", "unlimited"):
+            return None
+        found = re.fullmatch(r"(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?", spec)
+        unit = _RATE_UNITS.get(found.group(3)) if found else None
+        if found is None or unit is None or int(found.group(1)) < 1:
+            raise ValueError(
+                f"{RATE_LIMIT_ENV}: {text!r} is not a rate like 10/minute, 100/hour, 3/10s or off"
+            )
+        return cls(int(found.group(1)), int(found.group(2) or 1) * unit)
+
+
+class RateLimiter:
+    """A sliding-window log per client: at most `limit` attempts in any `window` seconds.
+
+    In process, so every worker process of the web app has its own budget (run one process,
+    or divide the limit). A lock, not the event loop, guards the log, so threads sharing an
+    app are safe too. A refused attempt is not logged: a client that keeps hammering is let
+    back in as soon as its oldest counted attempt leaves the window, not pushed back forever.
+    """
+
+    def __init__(
+        self, limit: int, window: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._hits: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+        self._sweep_above = 1024
+        self._swept_at = clock()
+
+    @classmethod
+    def from_setting(cls, setting: str) -> RateLimiter | None:
+        rate = RateLimit.parse(setting)
+        return cls(rate.limit, rate.window) if rate else None
+
+    def hit(self, client: str) -> float | None:
+        """Count one attempt by `client`: None if allowed, else the seconds until one is."""
+        now = self._clock()
+        with self._lock:
+            hits = self._hits.setdefault(client, deque())
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                return hits[0] + self.window - now
+            hits.append(now)
+            if len(self._hits) > self._sweep_above or now - self._swept_at >= self.window:
+                self._sweep(now)
+            return None
+
+    def _sweep(self, now: float) -> None:
+        """Forget clients with nothing left in the window, so memory follows the clients of
+        the last window rather than every address ever seen. At most once a window, or when
+        the table doubles: the cost per attempt stays constant on average."""
+        stale = [c for c, hits in self._hits.items() if not hits or hits[-1] <= now - self.window]
+        for client in stale:
+            del self._hits[client]
+        self._sweep_above = max(1024, 2 * len(self._hits))
+        self._swept_at = now
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(setting: str | Iterable[str] | None) -> tuple[Network, ...]:
+    """`192.0.2.10, 2001:db8::/32` (addresses or CIDR ranges); a typo fails at start-up."""
+    if setting is None:
+        return ()
+    items = setting.split(",") if isinstance(setting, str) else setting
+    try:
+        return tuple(ipaddress.ip_network(i.strip(), strict=False) for i in items if i.strip())
+    except ValueError as error:
+        raise ValueError(f"{TRUSTED_PROXIES_ENV}: {error}") from error
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+def _trusted(address: str, proxies: tuple[Network, ...]) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip in network for network in proxies)
+
+
+def client_address(scope: Scope, proxies: tuple[Network, ...] = ()) -> str:
+    """Who is asking, for rate limiting: the peer, unless the peer is a trusted proxy.
+
+    Behind trusted proxies, `X-Forwarded-For` is read from the right: each proxy appends the
+    address it received from, so the first untrusted address from the right is the one a
+    trusted proxy saw; anything left of it was written by the client and may be forged.
+    An IPv6 client counts as its /64, which one subscriber typically holds whole.
+    """
+    peer = scope.get("client")
+    address = str(peer[0]) if peer else "unknown"
+    if proxies and _trusted(address, proxies):
+        forwarded = [
+            value.decode("latin-1")
+            for name, value in scope.get("headers") or []
+            if name.lower() == b"x-forwarded-for"
+        ]
+        hops = [hop.strip() for hop in ",".join(forwarded).split(",") if hop.strip()]
+        for hop in reversed(hops):
+            address = hop
+            if not _trusted(hop, proxies):
+                break
+    ip = _ip(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip) if ip is not None else address
+
+
+# No script anywhere; style only from our own sheet; nothing may frame the pages.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+# The dev mailbox shows emails as they are sent, inline styles and all, in a sandboxed
+# iframe (which inherits this policy); still no script.
+DEV_MAIL_CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class SecurityHeaders:
+    """Every response, error pages and 413s included, says: run no script but ours (there is
+    none), load nothing from elsewhere, never be framed, leak no referrer (status links are
+    secrets), and do not guess content types."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        dev_mail = str(scope.get("path", "")).startswith("/dev/mail")
+        policy = DEV_MAIL_CONTENT_SECURITY_POLICY if dev_mail else CONTENT_SECURITY_POLICY
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["Content-Security-Policy"] = policy
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["Referrer-Policy"] = "no-referrer"
+                headers["X-Frame-Options"] = "DENY"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def pick_language(request: Request) -> str:
@@ -231,8 +431,24 @@ def create_app(
     client: Client | None = None,
     key: str | None = None,
     maildir: Path | None = None,
+    rate_limit: str | RateLimiter | None = None,
+    trusted_proxies: str | Iterable[str] | None = None,
 ) -> FastAPI:
-    """The app; `maildir` (dev mode only) enables `/dev/mail`."""
+    """The app; `maildir` (dev mode only) enables `/dev/mail`.
+
+    `rate_limit` caps the public POST routes per client address (`10/minute`, `off`, or a
+    `RateLimiter`); when not given, `REFERRALS_RATE_LIMIT` decides and, unset, there is no cap
+    in process: the served app (`served_app`) applies the 10/minute default, while in-process
+    callers (tests, an embedding app behind its own limits) choose theirs. `trusted_proxies`
+    (default `REFERRALS_TRUSTED_PROXIES`, else none) are the peers whose `X-Forwarded-For`
+    is believed.
+    """
+    if rate_limit is None:
+        rate_limit = os.environ.get(RATE_LIMIT_ENV) or "off"
+    limiter = RateLimiter.from_setting(rate_limit) if isinstance(rate_limit, str) else rate_limit
+    if trusted_proxies is None:
+        trusted_proxies = os.environ.get(TRUSTED_PROXIES_ENV)
+    proxies = parse_networks(trusted_proxies)
     intake = Intake(
         rules=rules or load_program(),
         engine=engine or open_database(),
@@ -248,7 +464,12 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so it also marks 413s
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     templates = Jinja2Templates(directory=str(TEMPLATES))
+    # In the style sheet's URL, so a browser never keeps an old one after an upgrade.
+    css = (STATIC / "site.css").read_bytes()
+    templates.env.globals["asset_version"] = hashlib.sha256(css).hexdigest()[:12]
     zone = ZoneInfo(intake.rules.calendar.timezone)
 
     def local_date(moment: datetime | None, lang: str) -> str:
@@ -291,11 +512,43 @@ def create_app(
             products=[p for p in intake.rules.products if p.multi_tenant_cloud],
             countries=intake.countries,
             currencies=CURRENCIES,
+            honeypot=HONEYPOT,
         )
         response.set_cookie(CSRF_COOKIE, nonce, httponly=True, samesite="strict", max_age=4 * 3600)
         return response
 
-    async def start(submission: Submission) -> str:
+    def over_limit(request: Request) -> dict[str, str] | None:
+        """Count this attempt; over the limit, the `Retry-After` header to answer with.
+
+        Every attempt counts, refused or not: a bot's invalid posts cost as much as valid
+        ones, and a person rarely needs more than a couple of tries a minute."""
+        if limiter is None:
+            return None
+        wait = limiter.hit(client_address(request.scope, proxies))
+        return None if wait is None else {"Retry-After": str(max(1, math.ceil(wait)))}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_refusal(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Framework refusals (404, 405, a malformed form…) in the one documented shape."""
+        body = ApiRefusal(detail=str(error.detail), errors=[])
+        return JSONResponse(body.model_dump(), status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [
+            ApiError(
+                field=".".join(str(part) for part in e.get("loc", ())) or "request",
+                code=str(e.get("type", "invalid")),
+                message=str(e.get("msg", "invalid value")),
+            )
+            for e in error.errors()
+        ]
+        body = ApiRefusal(detail="invalid request", errors=errors)
+        return JSONResponse(body.model_dump(), status_code=422)
+
+    async def start(submission: Submission, consent_language: str | None = None) -> str:
+        """`consent_language`: the language the consent statement was shown in (the form's
+        page); the API's callers accept it in the referrer's language."""
         return await submit_referral(
             await intake.temporal(),
             intake.engine,
@@ -303,6 +556,7 @@ def create_app(
             submission,
             submitted_by=f"web:{submission.referrer.email}",
             key=intake.key,
+            consent_language=consent_language,
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -311,17 +565,32 @@ def create_app(
 
     @app.post("/referrals", response_class=HTMLResponse, include_in_schema=False)
     async def form_post(request: Request) -> Response:
+        """The form post. A filled honeypot (a field hidden from people, see form.html) gets
+        the form back with a generic "could not be sent" and no reason, and nothing starts: a
+        bot learns nothing it could adapt to, and a person whose browser filled the hidden
+        field by mistake still has everything typed and can send it again (the honeypot comes
+        back empty)."""
         raw = await request.form()
         form = {k: v for k, v in raw.items() if isinstance(v, str)}
         lang = form.get("lang") if form.get("lang") in LANGUAGES else pick_language(request)
         assert lang is not None
         texts = intake.texts[lang]
-        values = {k: v for k, v in form.items() if k not in ("csrf", "lang")}
+        values = {k: v for k, v in form.items() if k not in ("csrf", "lang", HONEYPOT)}
+        retry = over_limit(request)
+        if retry is not None:
+            problem = texts["problems"]["rate_limited"]
+            response = render_form(request, lang, values, problem=problem, status=429)
+            response.headers.update(retry)
+            return response
         if not csrf_valid(form.get("csrf"), request.cookies.get(CSRF_COOKIE), intake.key):
             return render_form(request, lang, values, problem=texts["problems"]["csrf"], status=403)
+        if form.get(HONEYPOT, "").strip():
+            return render_form(
+                request, lang, values, problem=texts["problems"]["not_sent"], status=400
+            )
         try:
             submission = parse_submission(form_to_submission(form), intake.rules)
-            referral_id = await start(submission)
+            referral_id = await start(submission, consent_language=lang)
         except SubmissionRefused as refused:
             errors = localized_errors(refused.errors, texts)
             return render_form(request, lang, values, errors, texts["problems"]["fix"], 422)
@@ -372,7 +641,18 @@ def create_app(
         response_model=ReferralCreated,
         responses={
             409: {"model": ApiRefusal, "description": "the prospect already has an open referral"},
+            413: {"model": ApiRefusal, "description": "request body over 64 KiB"},
             422: {"model": ApiRefusal, "description": "invalid or ineligible submission"},
+            429: {
+                "model": ApiRefusal,
+                "description": "too many submissions from this address; see Retry-After",
+                "headers": {
+                    "Retry-After": {
+                        "description": "seconds to wait before submitting again",
+                        "schema": {"type": "integer"},
+                    }
+                },
+            },
             503: {"model": ApiRefusal, "description": "Temporal unreachable; try again shortly"},
         },
         openapi_extra={
@@ -395,10 +675,20 @@ def create_app(
             )
             return JSONResponse(body.model_dump(), status_code=status)
 
+        retry = over_limit(request)
+        if retry is not None:
+            wait = f"try again in {retry['Retry-After']} seconds"
+            limited = refused(
+                429,
+                f"too many submissions from this address; {wait}",
+                [FieldError("body", f"rate limit reached; {wait}", "rate_limited")],
+            )
+            limited.headers.update(retry)
+            return limited
         not_an_object = FieldError("body", "the body must be a JSON object", "invalid_json")
         try:
             data = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             data = None
         if not isinstance(data, dict):
             return refused(422, "the body must be a JSON object", [not_an_object])
@@ -521,9 +811,19 @@ def add_dev_mail_routes(app: FastAPI, templates: Jinja2Templates, maildir: Path)
         )
 
 
+def served_app() -> FastAPI:
+    """The app as `referrals web` serves it: configured by the environment, and limited to
+    10 submissions a minute per client unless `REFERRALS_RATE_LIMIT` says otherwise."""
+    dev_maildir = os.environ.get("REFERRALS_DEV_MAILDIR")
+    return create_app(
+        maildir=Path(dev_maildir) if dev_maildir else None,
+        rate_limit=os.environ.get(RATE_LIMIT_ENV) or DEFAULT_RATE_LIMIT,
+    )
+
+
 def run_web(host: str, port: int) -> None:
     import uvicorn
 
-    dev_maildir = os.environ.get("REFERRALS_DEV_MAILDIR")
-    app = create_app(maildir=Path(dev_maildir) if dev_maildir else None)
-    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
+    # proxy_headers off: uvicorn must not rewrite the peer address from X-Forwarded-For;
+    # the app reads that header itself, and only from REFERRALS_TRUSTED_PROXIES.
+    uvicorn.run(served_app(), host=host, port=port, log_level="info", proxy_headers=False)

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 from temporalio.client import (
@@ -25,9 +26,11 @@ from activities.records import load_referral
 from activities.schema import upgrade
 from starter.consent import consent_statement
 from starter.intake import submit_referral
+from starter.links import status_token
+from starter.web import create_app
 from tests.conftest import Cli, Live, eventually
 from tests.factories import submission, submission_data
-from tests.test_system_of_record import DELETION_SECONDS, gone
+from tests.test_system_of_record import DELETION_SECONDS, KEY, gone
 from worker import build_worker
 from workflows.models import ProgramRules, RetentionReport, RetentionRules, Stage
 from workflows.retention import RetentionWorkflow
@@ -119,6 +122,15 @@ async def test_a_closed_referral_is_erased_and_accounting_keeps_its_figures(
     assert row["referrer_email"] == f"erased-{rid.lower()}@erased.example"
     shown = (await cli("show", rid)).out
     assert "ERASED" in shown and "GDPR request 2026-41" in shown
+
+    app = create_app(engine=live.engine, client=live.client, key=KEY)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as web:
+        page = await web.get(f"/status/{status_token(rid, KEY)}")
+    assert page.status_code == 200 and 'id="erased"' in page.text
+    assert "données personnelles de cette recommandation ont été effacées" in page.text
+    assert [secret for secret in SECRETS if secret in page.text] == []
 
     again = await cli("erase", rid, "--reason", "twice")
     assert again.code == 0 and "already erased" in again.out

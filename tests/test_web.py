@@ -577,7 +577,8 @@ async def test_oversized_form_is_413(web: httpx.AsyncClient, live: Live, streame
         content = body + b"&padding=" + b"x" * (MAX_BODY_BYTES + 1)
     response = await web.post("/referrals", content=content, headers=headers)
     assert response.status_code == 413
-    assert response.json() == {"detail": "request body too large"}
+    assert response.json()["detail"] == "request body too large"
+    assert [(e["field"], e["code"]) for e in response.json()["errors"]] == [("body", "too_large")]
     assert claim_of(live, fields["prospect.website"]) is None
 
 
@@ -608,7 +609,8 @@ async def test_oversized_api_body_with_length_is_413(web: httpx.AsyncClient, liv
         headers={"content-type": "application/json"},
     )
     assert response.status_code == 413
-    assert response.json() == {"detail": "request body too large"}
+    assert response.json()["detail"] == "request body too large"
+    assert [(e["field"], e["code"]) for e in response.json()["errors"]] == [("body", "too_large")]
     assert claim_of(live, site) is None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from workflows.models import (
     Action,
@@ -114,7 +114,13 @@ def _refuse_values(state: ReferralState, request: StaffAction, rules: ProgramRul
             else (state.commission.currency if state.commission else "EUR")
         )
         amount = request.amount
-        if amount is None or not amount.is_finite() or round_money(amount, currency) <= 0:
+        if amount is None or not amount.is_finite():
+            return f"{action.value} needs a positive amount (--amount) in {currency}"
+        try:
+            rounded = round_money(amount, currency)
+        except InvalidOperation:  # more digits than Decimal holds: it used to fail the task
+            return f"{action.value} amount {amount} is larger than any deal"
+        if rounded <= 0:
             return f"{action.value} needs a positive amount (--amount) in {currency}"
     if action is Action.WON:
         if rules.commission.cap is not None and currency != rules.commission.currency:
