@@ -23,6 +23,17 @@ from workflows.models import (
 
 ROOT = Path(__file__).resolve().parent.parent
 RECEIVED = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+# The submission's free-text fields that hold one line (the notes may hold several).
+ONE_LINE_FIELDS = [
+    "referrer.name",
+    "referrer.company",
+    "referrer.phone",
+    "prospect.company",
+    "prospect.industry",
+    "contact.name",
+    "contact.title",
+    "contact.phone",
+]
 
 
 def submission_data(**changes: Any) -> dict[str, Any]:

@@ -58,18 +58,26 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
-    ports = {"temporal": free_port(), "ui": free_port(), "smtp": free_port(), "web": free_port()}
+def stack_on_free_ports(tmp_path: Path) -> tuple[Path, dict[str, int], dict[str, str]]:
+    """temporal-dev.yaml with every port free, and an environment that configures nothing
+    else: keys, secret and databases are the stack's own defaults under `tmp_path`."""
+    ports = {name: free_port() for name in ("temporal", "ui", "smtp", "web", "codec")}
     stack = yaml.safe_load((ROOT / "temporal-dev.yaml").read_text())
     stack["temporal"].update(port=ports["temporal"], ui_port=ports["ui"])
     stack["mail_sink"]["port"] = ports["smtp"]
     stack["web"]["port"] = ports["web"]
+    stack["codec_server"]["port"] = ports["codec"]
     config = tmp_path / "temporal-dev.yaml"
     config.write_text(yaml.safe_dump(stack))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "REFERRALS_"))},
         "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
     }
+    return config, ports, env
+
+
+def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
+    config, ports, env = stack_on_free_ports(tmp_path)
     client_env = {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}"}
     process = start_stack(config, env, tmp_path / "first-run.log")
     try:

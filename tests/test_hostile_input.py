@@ -38,7 +38,7 @@ from starter.intake import SubmissionRefused, parse_submission
 from starter.program import load_program
 from starter.web import CSRF_COOKIE, HONEYPOT, MAX_BODY_BYTES, create_app
 from tests.conftest import ROOT, Live, eventually, free_port
-from tests.factories import submission_data
+from tests.factories import ONE_LINE_FIELDS, submission_data
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_email_templates import TEMPLATE_EXTRA, TEMPLATE_STAGES, make_state
 from tests.test_web import (
@@ -66,16 +66,7 @@ from workflows.models import (
 
 KEY = "hostile-test-secret"
 RULES = load_program(ROOT / "program.yaml")
-SINGLE_LINE = [
-    "referrer.name",
-    "referrer.company",
-    "referrer.phone",
-    "prospect.company",
-    "prospect.industry",
-    "contact.name",
-    "contact.title",
-    "contact.phone",
-]
+SINGLE_LINE = ONE_LINE_FIELDS
 FREE_TEXT = [*SINGLE_LINE, "opportunity.notes"]
 PAYLOADS = {
     "markup": "<script>alert('x')</script> & \"quoted\" <b onmouseover=alert(1)>bold</b>",

@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 
 from starter.intake import SubmissionRefused, parse_submission
 from starter.program import load_program
-from tests.factories import state_at, submission_data
+from tests.factories import ONE_LINE_FIELDS, state_at, submission_data
 from workflows.models import (
     COUNTRY_CODES,
     Action,
@@ -264,16 +264,7 @@ def test_any_json_is_refused_field_by_field_never_crashes(data: Any) -> None:
 
 # --- control characters in single-line fields -----------------------------------------------------
 
-TEXT_FIELDS = [
-    "referrer.name",
-    "referrer.company",
-    "referrer.phone",
-    "prospect.company",
-    "prospect.industry",
-    "contact.name",
-    "contact.title",
-    "contact.phone",
-]
+TEXT_FIELDS = ONE_LINE_FIELDS
 CONTROL = st.one_of(
     st.sampled_from(["\r\n", "\n", "\r", "\x00", "\x1b", "\x85", "\u2028", "\u2029", "\x0b"]),
     st.characters(categories=("Cc", "Cs", "Zl", "Zp")),

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from playwright.async_api import async_playwright, expect
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
-from tests.test_dev_stack import referrals, start_stack, stop_stack
+from tests.test_dev_stack import referrals, stack_on_free_ports, start_stack, stop_stack
 
 
 async def test_the_ui_shows_a_referral_decoded_through_the_codec_server(tmp_path: Path) -> None:
@@ -20,18 +19,7 @@ async def test_the_ui_shows_a_referral_decoded_through_the_codec_server(tmp_path
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing")
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    ports = {name: free_port() for name in ("temporal", "ui", "smtp", "web", "codec")}
-    stack = yaml.safe_load((ROOT / "temporal-dev.yaml").read_text())
-    stack["temporal"].update(port=ports["temporal"], ui_port=ports["ui"])
-    stack["mail_sink"]["port"] = ports["smtp"]
-    stack["web"]["port"] = ports["web"]
-    stack["codec_server"]["port"] = ports["codec"]
-    config = tmp_path / "temporal-dev.yaml"
-    config.write_text(yaml.safe_dump(stack))
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "REFERRALS_"))},
-        "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
-    }
+    config, ports, env = stack_on_free_ports(tmp_path)
     process = start_stack(config, env, tmp_path / "stack.log")
     try:
         client_env = {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}"}
