@@ -89,6 +89,9 @@ class ReferralRow(SQLModel, table=True):
     erased_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True, index=True)
     )
+    protected_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True, index=True)
+    )
 
 
 class ReferralEventRow(SQLModel, table=True):
@@ -106,6 +109,25 @@ class ReferralEventRow(SQLModel, table=True):
     note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     outcome: str
     request_id: str | None = None
+
+
+class CommissionLineRow(SQLModel, table=True):
+    """The commission ledger, append-only: accrual, payable, paid, clawback (negative), void
+    (negative). A line once written is never edited; corrections are new lines."""
+
+    __tablename__ = "commission_line"
+
+    id: int | None = Field(default=None, primary_key=True)
+    line_key: str = Field(unique=True)
+    referral_id: str = Field(index=True)
+    referrer_email: str = Field(index=True)
+    kind: str
+    amount: Decimal = Field(sa_column=_money_column())
+    currency: str
+    reference: str | None = None
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    actor: str
 
 
 class SentEmail(SQLModel, table=True):

@@ -18,6 +18,7 @@ from decimal import Decimal
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import jinja2
@@ -28,6 +29,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.db import SentEmail
+from activities.ledger import balances
 from workflows.models import EmailRequest, minor_unit_digits, round_money
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -97,9 +99,12 @@ def format_money(amount: Decimal | None, currency: str | None, language: str) ->
     return f"{text} {currency or ''}".strip()
 
 
-def render_email(request: EmailRequest, status_url: str | None = None) -> RenderedEmail:
+def render_email(
+    request: EmailRequest, status_url: str | None = None, facts: dict[str, Any] | None = None
+) -> RenderedEmail:
     """`status_url`: the referrer's signed status link, built here and never carried in a
-    payload (anyone who can read a payload could open the page)."""
+    payload (anyone who can read a payload could open the page); `facts`: what only the
+    database knows when the email is sent (a referrer's balance)."""
     referral = request.referral
     zone = ZoneInfo(referral.contact_calendar.timezone)
 
@@ -121,7 +126,12 @@ def render_email(request: EmailRequest, status_url: str | None = None) -> Render
         return format_money(amount, currency, request.language)
 
     env.filters.update(local=local, money=money, deadline_day=deadline_day)
-    context = {"r": referral, "extra": request.extra, "status_url": status_url}
+    context = {
+        "r": referral,
+        "extra": request.extra,
+        "status_url": status_url,
+        "facts": facts or {},
+    }
     source = env.get_template(f"{request.language}/{request.template}.txt").render(context)
     first, _, body = source.strip().partition("\n")
     if not first.startswith("Subject:"):
@@ -241,6 +251,25 @@ class EmailActivities:
         self._smtp = smtp
         self._status_link = status_link
 
+    def _facts(self, request: EmailRequest) -> dict[str, Any]:
+        """Finance's payout email states what the referrer owes us from earlier clawbacks."""
+        commission = request.referral.commission
+        if request.template != "staff_commission_payable" or commission is None:
+            return {}
+        owed = sum(
+            (
+                b.owed_to_us
+                for b in balances(
+                    self._engine,
+                    str(request.referral.referrer.email),
+                    exclude_referral=request.referral.referral_id,
+                )
+                if b.currency == commission.currency
+            ),
+            Decimal(0),
+        )
+        return {"owed_by_referrer": owed} if owed else {}
+
     @activity.defn(name="send_email")
     def send_email(self, request: EmailRequest) -> str:
         """Send once per key; returns the Message-ID. A transient failure raises (Temporal
@@ -252,7 +281,7 @@ class EmailActivities:
         link = None
         if self._status_link is not None and request.template.startswith("referrer_"):
             link = self._status_link(request.referral.referral_id)
-        rendered = render_email(request, link)
+        rendered = render_email(request, link, self._facts(request))
         message = build_message(request, rendered)
         try:
             deliver(self._smtp, message)

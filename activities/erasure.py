@@ -24,6 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import (
     CommissionEvent,
+    CommissionLineRow,
     CommissionRow,
     ReferralEventRow,
     ReferralRow,
@@ -135,6 +136,12 @@ def _pseudonymize(engine: Engine, state: ReferralState, erasure: Erasure) -> Non
         ).all():
             entry.note = None
             session.add(entry)
+        for line in session.exec(
+            select(CommissionLineRow).where(CommissionLineRow.referral_id == state.referral_id)
+        ).all():
+            line.referrer_email = str(erased.referrer.email)
+            line.reason = None
+            session.add(line)
         session.commit()
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import ColumnElement, case, func
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, delete, select
+from sqlmodel import Session, col, delete, select
 from temporalio import activity
 
-from activities.db import CommissionEvent, CommissionRow, ProspectClaim
-from workflows.models import CommissionRecord, ProspectRelease
+from activities.db import CommissionEvent, CommissionLineRow, CommissionRow, ProspectClaim
+from workflows.models import CommissionRecord, LineKind, ProspectRelease
 
 
 def save_commission(engine: Engine, record: CommissionRecord) -> bool:
@@ -46,8 +51,88 @@ def save_commission(engine: Engine, record: CommissionRecord) -> bool:
                 note=record.note,
             )
         )
+        for line in record.lines:  # in the same transaction: written once with the event
+            session.add(
+                CommissionLineRow(
+                    line_key=f"{record.event_key}/{line.kind.value}",
+                    referral_id=record.referral_id,
+                    referrer_email=record.referrer_email.lower(),
+                    kind=line.kind.value,
+                    amount=line.amount,
+                    currency=line.currency,
+                    reference=line.reference,
+                    reason=line.reason,
+                    at=line.at,
+                    actor=record.actor,
+                )
+            )
         session.commit()
         return True
+
+
+@dataclass(frozen=True)
+class Balance:
+    """One referrer's standing in one currency, from the ledger's lines.
+
+    earned: commissions won, less those voided; clawed_back: taken back by refunds;
+    paid: paid out. balance = earned - clawed_back - paid: positive, still owed to the
+    referrer; negative, owed to us (a clawback after payout), to net on the next payout."""
+
+    referrer_email: str
+    currency: str
+    earned: Decimal
+    clawed_back: Decimal
+    paid: Decimal
+
+    @property
+    def balance(self) -> Decimal:
+        return self.earned - self.clawed_back - self.paid
+
+    @property
+    def owed_to_us(self) -> Decimal:
+        return max(Decimal(0), -self.balance)
+
+
+def balances(
+    engine: Engine, referrer_email: str | None = None, exclude_referral: str | None = None
+) -> list[Balance]:
+    """Per referrer and currency, summed by the database."""
+
+    line = CommissionLineRow.__table__.c  # type: ignore[attr-defined]
+
+    def total(*kinds: LineKind) -> ColumnElement[Decimal]:
+        picked = case((line.kind.in_([k.value for k in kinds]), line.amount), else_=0)
+        return func.coalesce(func.sum(picked), 0)
+
+    query = (
+        sa_select(
+            line.referrer_email,
+            line.currency,
+            total(LineKind.ACCRUAL, LineKind.VOID),
+            total(LineKind.CLAWBACK),
+            total(LineKind.PAID),
+        )
+        .group_by(line.referrer_email, line.currency)
+        .order_by(line.referrer_email, line.currency)
+    )
+    if referrer_email is not None:
+        query = query.where(line.referrer_email == referrer_email.lower())
+    if exclude_referral is not None:
+        query = query.where(line.referral_id != exclude_referral)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [
+        Balance(email, currency, Decimal(earned), -Decimal(clawed), Decimal(paid))
+        for email, currency, earned, clawed, paid in rows
+    ]
+
+
+def ledger_lines(engine: Engine) -> list[CommissionLineRow]:
+    with Session(engine) as session:
+        query = select(CommissionLineRow).order_by(
+            col(CommissionLineRow.at), col(CommissionLineRow.id)
+        )
+        return list(session.exec(query).all())
 
 
 def release_claim(engine: Engine, domain: str, referral_id: str) -> None:

@@ -72,6 +72,7 @@ def _facts(state: ReferralState) -> dict[str, Any]:
         "state": state.model_copy(update={"history": []}).model_dump_json(),
         "updated_at": datetime.now(UTC),
         "erased_at": state.erased.at if state.erased else None,
+        "protected_until": state.protected_until,
     }
 
 

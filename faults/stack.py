@@ -38,6 +38,7 @@ SEARCH_ATTRIBUTES = {
     "ProspectDomain": "Keyword",
     "ReferrerKey": "Keyword",
     "ReferrerEmail": "Keyword",
+    "ProtectedUntil": "Datetime",
     "Product": "Keyword",
     "ContactSlaBreached": "Bool",
 }

@@ -165,6 +165,9 @@ class Product(Strict):
     id: Text
     name: Text
     multi_tenant_cloud: bool
+    # The product's own commission terms, overriding the program's when set.
+    rate: Decimal | None = Field(default=None, gt=0, le=1)
+    cap: Decimal | None = Field(default=None, gt=0)
 
 
 class CommissionRules(Strict):
@@ -186,6 +189,24 @@ class ContactRules(Strict):
 class PaymentRules(Strict):
     default_terms_days: int = Field(default=30, ge=0, le=365)
     reminder_interval_days: int = Field(default=30, ge=1, le=365)
+
+
+class ProtectionRules(Strict):
+    # From `accept`, the prospect is the referral's this long; then it expires.
+    days: int = Field(default=180, ge=1, le=3650)
+    # The referrer and sales are warned this long before the end.
+    warning_days: int = Field(default=14, ge=0, le=365)
+    max_extensions: int = Field(default=2, ge=0, le=20)
+
+
+class ClawbackRules(Strict):
+    # After payout, a customer refund claws the commission back for this long.
+    days: int = Field(default=90, ge=0, le=3650)
+
+
+class PublicSectorRules(Strict):
+    # A website under one of these is public sector, whatever the form says.
+    domain_suffixes: list[Text] = ["gouv.fr", "gov", "gov.uk", "europa.eu"]
 
 
 class EmailRules(Strict):
@@ -219,10 +240,25 @@ class ProgramRules(Strict):
     payment: PaymentRules = PaymentRules()
     email: EmailRules = EmailRules()
     retention: RetentionRules = RetentionRules()
+    public_sector: PublicSectorRules = PublicSectorRules()
+    protection: ProtectionRules = ProtectionRules()
+    clawback: ClawbackRules = ClawbackRules()
     recipients: Recipients
 
     def product(self, product_id: str) -> Product | None:
         return next((p for p in self.products if p.id == product_id), None)
+
+    def commission_for(self, product_id: str) -> CommissionRules:
+        """The program's commission terms, with the product's own rate and cap if it has any."""
+        product = self.product(product_id)
+        if product is None or (product.rate is None and product.cap is None):
+            return self.commission
+        return self.commission.model_copy(
+            update={
+                "rate": product.rate if product.rate is not None else self.commission.rate,
+                "cap": product.cap if product.cap is not None else self.commission.cap,
+            }
+        )
 
 
 # --- Referral state -------------------------------------------------------------------------
@@ -240,10 +276,18 @@ class Stage(StrEnum):
     REJECTED = "rejected"
     LOST = "lost"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
 
 TERMINAL_STAGES = frozenset(
-    {Stage.COMMISSION_PAID, Stage.DECLINED, Stage.REJECTED, Stage.LOST, Stage.CANCELLED}
+    {
+        Stage.COMMISSION_PAID,
+        Stage.DECLINED,
+        Stage.REJECTED,
+        Stage.LOST,
+        Stage.CANCELLED,
+        Stage.EXPIRED,
+    }
 )
 
 
@@ -258,6 +302,8 @@ class Action(StrEnum):
     PAYMENT = "payment"
     PAYOUT = "payout"
     CANCEL = "cancel"
+    EXTEND = "extend"
+    REFUND = "refund"
 
 
 class StaffAction(BaseModel):
@@ -271,6 +317,8 @@ class StaffAction(BaseModel):
     currency: str | None = None
     payment_terms_days: int | None = None
     reference: str | None = None
+    # `extend`: how many days the protection gains.
+    days: int | None = None
     # Makes a retried delivery harmless: a request id already applied is not applied again.
     # The CLI sends one with every action (it is also the update's id).
     request_id: str | None = None
@@ -318,12 +366,31 @@ class Commission(BaseModel):
     customer_paid: Decimal = Decimal("0")
     status: CommissionStatus = CommissionStatus.PENDING
     payout_reference: str | None = None
+    customer_refunded: Decimal = Decimal("0")
+    # Commission taken back by refunds, before or after payout.
+    clawed_back: Decimal = Decimal("0")
+    paid_amount: Decimal | None = None
+
+    @property
+    def net(self) -> Decimal:
+        """What the referrer is owed in all, refunds deducted."""
+        return self.amount - self.clawed_back
 
 
 class Payment(BaseModel):
     at: datetime
     amount: Decimal
     reference: str
+
+
+class Refund(BaseModel):
+    """A customer refund or credit note, and the commission it takes back."""
+
+    at: datetime
+    amount: Decimal
+    reference: str
+    reason: str
+    clawback: Decimal
 
 
 class HistoryEntry(BaseModel):
@@ -366,10 +433,24 @@ class ReferralState(BaseModel):
     closed_at: datetime | None = None
     consent: ConsentRecord | None = None
     erased: Erasure | None = None
+    # From `accept`: the prospect is this referral's until then (program rule `protection`).
+    protected_until: datetime | None = None
+    protection_extensions: int = 0
+    protection_warning_sent: bool = False
+    refunds: list[Refund] = []
+    # After payout, refunds are clawed back until then; the referral closes at that time.
+    clawback_until: datetime | None = None
+    clawback_closed: bool = False
 
     @property
     def is_terminal(self) -> bool:
+        if self.stage is Stage.COMMISSION_PAID and self.in_clawback_window:
+            return False
         return self.stage in TERMINAL_STAGES
+
+    @property
+    def in_clawback_window(self) -> bool:
+        return self.clawback_until is not None and not self.clawback_closed
 
     def next_seq(self) -> int:
         """The event log position for a new history entry."""
@@ -389,6 +470,8 @@ class ReferralInput(BaseModel):
     # A keyed hash of the referrer's address: what Temporal may index instead of the address.
     referrer_key: str | None = None
     consent: ConsentRecord | None = None
+    # The prospect's registrable domain (Public Suffix List), found at submission.
+    prospect_domain: str | None = None
     # False only where the server has no custom search attributes (the time-skipping test server).
     index_search_attributes: bool = True
     # A referral carried over to a new run (continue-as-new) resumes from this state.
@@ -414,6 +497,29 @@ class EmailRequest(BaseModel):
     extra: dict[str, str] = {}
 
 
+class LineKind(StrEnum):
+    ACCRUAL = "accrual"  # on `won`: the commission is earned, pending the customer's payment
+    PAYABLE = "payable"  # the customer has paid in full: this much is to be paid out
+    PAID = "paid"  # paid out (with the payout reference)
+    CLAWBACK = "clawback"  # negative: a customer refund takes its share back
+    VOID = "void"  # negative: the referral was cancelled before payout
+
+
+# The kinds that change what the referrer is owed; payable and paid lines move money.
+ENTITLEMENT_KINDS = frozenset({LineKind.ACCRUAL, LineKind.CLAWBACK, LineKind.VOID})
+
+
+class CommissionLine(BaseModel):
+    """One append-only line of the commission ledger; a written line is never edited."""
+
+    kind: LineKind
+    amount: Decimal
+    currency: str
+    at: datetime
+    reference: str | None = None
+    reason: str | None = None
+
+
 class CommissionRecord(BaseModel):
     """The commission ledger row as it must be after `event_key` (an idempotent upsert)."""
 
@@ -431,6 +537,8 @@ class CommissionRecord(BaseModel):
     at: datetime
     actor: str
     note: str | None = None
+    # The ledger lines this event adds (unique per event_key and kind).
+    lines: list[CommissionLine] = []
 
     @classmethod
     def after(

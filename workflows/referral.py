@@ -41,7 +41,13 @@ with workflow.unsafe.imports_passed_through():
         StaffAction,
         Stage,
     )
-    from workflows.transitions import apply_action, check_action, initial_state
+    from workflows.transitions import (
+        apply_action,
+        check_action,
+        commission_lines,
+        expire,
+        initial_state,
+    )
 
 STAGE_KEY = SearchAttributeKey.for_keyword("ReferralStage")
 DOMAIN_KEY = SearchAttributeKey.for_keyword("ProspectDomain")
@@ -50,6 +56,7 @@ REFERRER_EMAIL_KEY = SearchAttributeKey.for_keyword("ReferrerEmail")
 REFERRER_KEY = SearchAttributeKey.for_keyword("ReferrerKey")
 PRODUCT_KEY = SearchAttributeKey.for_keyword("Product")
 SLA_KEY = SearchAttributeKey.for_bool("ContactSlaBreached")
+PROTECTED_KEY = SearchAttributeKey.for_datetime("ProtectedUntil")
 
 # Referrals started before `effect-failures`: every effect is retried until it succeeds.
 EFFECT_RETRY = RetryPolicy(
@@ -115,6 +122,12 @@ class Features:
     refusal_cap: bool
     # Search attributes hold no personal data: a keyed hash of the referrer, not the address.
     private_search_attributes: bool
+    # From `accept`, a protection window: warning, expiry, extensions (ProtectedUntil).
+    protection_window: bool
+    # After payout the referral stays open for refunds (clawback) until the window ends.
+    clawback_window: bool
+    # The ledger keeps append-only commission lines (accrual, payable, paid, clawback, void).
+    commission_lines: bool
 
     @classmethod
     def decide(cls) -> Features:
@@ -132,7 +145,7 @@ class ReferralWorkflow:
         self._mail: deque[Callable[[], Awaitable[Any]]] = deque()
         self._records: deque[Callable[[], Awaitable[Any]]] = deque()
         self._version = 0
-        self._published: tuple[Stage, bool] | None = None
+        self._published: tuple[Any, ...] | None = None
         self._recorded_revision = -1
         self._queued_seq = -1
         self._write_trouble: str | None = None
@@ -310,12 +323,27 @@ class ReferralWorkflow:
 
     def _commit(self, request: StaffAction, new: ReferralState) -> None:
         previous = self._state
+        if not self._features.protection_window:
+            new.protected_until = None  # a referral from before protection never expires
+        days = self._rules.clawback.days
+        if self._features.clawback_window and request.action is Action.PAYOUT and days > 0:
+            new.clawback_until = workflow.now() + timedelta(days=days)
+            new.closed_at = None  # open for refunds until the window ends
         self._state = new
         self._changed()
         if new.commission is not None:
-            self._queue_ledger(request, new.history[-1].note)
+            self._queue_ledger(request, new.history[-1].note, previous)
         if new.stage != previous.stage:
             self._queue_stage_effects()
+        if self._features.protection_window and request.action is Action.EXTEND:
+            self._queue_referrer_email(f"protection_extended/{new.protection_extensions}")
+        if self._features.clawback_window and request.action is Action.REFUND:
+            number = len(new.refunds)
+            self._queue_referrer_email(f"refund/{number}")
+            self._queue_staff_email(
+                "staff_refund", str(self._rules.recipients.finance), new.model_copy(deep=True),
+                suffix=f"/{number}",
+            )  # fmt: skip
 
     def _cancel_from_temporal(self) -> None:
         request = StaffAction(
@@ -393,6 +421,17 @@ class ReferralWorkflow:
         if failures:
             self._write_trouble = None
             self._publish_details()
+
+    def _queue_referrer_email(self, what: str) -> None:
+        """An email to the referrer about `what` (`protection_warning/0`…): key and template."""
+        state = self._state
+        self._queue_email(
+            f"{state.referral_id}/referrer/{what}",
+            [str(state.referrer.email)],
+            state.referrer.language,
+            f"referrer_{what.split('/')[0]}",
+            state.model_copy(deep=True),
+        )
 
     def _queue_stage_effects(self) -> None:
         state = self._state
@@ -508,11 +547,13 @@ class ReferralWorkflow:
         if not self._features.business_event_keys:
             return f"{state.referral_id}/{len(state.history)}"
         key = f"{state.referral_id}/{request.action.value}"
-        if request.action is Action.PAYMENT:
+        if request.action in (Action.PAYMENT, Action.REFUND):  # one event per reference
             key += f"/{(request.reference or '').strip()}"
         return key
 
-    def _queue_ledger(self, request: StaffAction, note: str | None) -> None:
+    def _queue_ledger(
+        self, request: StaffAction, note: str | None, previous: ReferralState
+    ) -> None:
         record = CommissionRecord.after(
             self._state,
             event=request.action.value,
@@ -521,10 +562,22 @@ class ReferralWorkflow:
             actor=request.actor,
             note=note,
         )
+        if self._features.commission_lines:
+            record.lines = commission_lines(previous, self._state, request)
         self._queue_write("record_commission", record)
 
     def _next_timer(self) -> tuple[datetime, Callable[[], None]] | None:
         state = self._state
+        protected = (Stage.QUALIFYING, Stage.APPROVED)
+        if self._features.protection_window and state.stage in protected and state.protected_until:
+            ends = state.protected_until
+            warn = ends - timedelta(days=self._rules.protection.warning_days)
+            if not state.protection_warning_sent and warn < ends:
+                return warn, self._protection_warning
+            return ends, self._protection_expiry
+        if self._features.clawback_window and state.stage is Stage.COMMISSION_PAID:
+            if state.clawback_until is not None and state.in_clawback_window:
+                return state.clawback_until, self._clawback_window_end
         if state.stage is Stage.SUBMITTED:
             if not state.contact_reminder_sent:
                 return state.contact_reminder_at, self._contact_reminder
@@ -549,6 +602,37 @@ class ReferralWorkflow:
             )
         )
         self._changed()
+
+    def _protection_warning(self) -> None:
+        state = self._state
+        state.protection_warning_sent = True
+        assert state.protected_until is not None
+        self._system_event(
+            "protection_warning",
+            f"protection ends {state.protected_until:%Y-%m-%d %H:%M} UTC; "
+            "referrer and sales warned",
+        )
+        self._queue_referrer_email(f"protection_warning/{state.protection_extensions}")
+        self._queue_staff_email(
+            "staff_protection_warning",
+            str(self._rules.recipients.sales),
+            state.model_copy(deep=True),
+            suffix=f"/{state.protection_extensions}",
+        )
+
+    def _protection_expiry(self) -> None:
+        """The protection ran out before the deal was won or lost: the prospect is free."""
+        self._state = expire(self._state, workflow.now())
+        self._changed()
+        self._queue_stage_effects()
+
+    def _clawback_window_end(self) -> None:
+        state = self._state
+        state.clawback_closed = True
+        state.closed_at = workflow.now()
+        self._system_event("clawback_window_closed", "no more refunds can claw back; closed")
+        release = ProspectRelease(domain=state.prospect_domain, referral_id=state.referral_id)
+        self._queue_write("release_prospect", release)
 
     def _contact_reminder(self) -> None:
         self._state.contact_reminder_sent = True
@@ -581,19 +665,28 @@ class ReferralWorkflow:
             suffix=f"/{count}",
         )
 
+    def _published_key(self) -> tuple[Any, ...]:
+        key: tuple[Any, ...] = (self._state.stage, self._state.contact_sla_breached)
+        if self._features.protection_window:
+            key += (self._state.protected_until,)
+        return key
+
     def _changing_search_attributes(self) -> list[SearchAttributeUpdate[Any]]:
-        self._published = (self._state.stage, self._state.contact_sla_breached)
-        return [
+        self._published = self._published_key()
+        updates: list[SearchAttributeUpdate[Any]] = [
             STAGE_KEY.value_set(self._state.stage.value),
             SLA_KEY.value_set(self._state.contact_sla_breached),
         ]
+        if self._features.protection_window:
+            protected = self._state.protected_until
+            updates.append(
+                PROTECTED_KEY.value_set(protected) if protected else PROTECTED_KEY.value_unset()
+            )
+        return updates
 
     def _publish(self) -> None:
         """Keep the Temporal UI truthful: search attributes and current details."""
-        if self._indexed and self._published != (
-            self._state.stage,
-            self._state.contact_sla_breached,
-        ):
+        if self._indexed and self._published != self._published_key():
             workflow.upsert_search_attributes(self._changing_search_attributes())
         self._publish_details()
 
