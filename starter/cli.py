@@ -113,11 +113,23 @@ def describe(state: ReferralState, workflow: str | None = None) -> str:
         lines.append(
             f"  commission   {c.amount} {c.currency} ({c.rate * 100:.2f}% of {c.basis_amount}), "
             f"{c.status.value}; customer paid {c.customer_paid} of {c.basis_amount}"
+            + (f"; clawed back {c.clawed_back}, net {c.net}" if c.clawed_back else "")
         )
         lines.append(
             f"  payment due  {at(s.payment_due_at)} ({s.payment_terms_days} days terms)"
             + (f", {s.payment_reminders_sent} reminder(s) sent" if s.payment_reminders_sent else "")
         )
+    if s.protected_until is not None and s.stage in (Stage.QUALIFYING, Stage.APPROVED):
+        extended = f", extended {s.protection_extensions}x" if s.protection_extensions else ""
+        lines.append(f"  protected    until {at(s.protected_until)}{extended}")
+    for r in s.refunds:
+        currency = s.commission.currency if s.commission else ""
+        lines.append(
+            f"  refund       {at(r.at)} {r.amount} {currency} (ref. {r.reference}): "
+            f"{r.reason}; commission clawed back {r.clawback}"
+        )
+    if s.in_clawback_window and s.clawback_until is not None:
+        lines.append(f"  clawback     refunds claw back until {at(s.clawback_until)}")
     if s.consent is not None:
         lines.append(f"  consent      {s.consent.statement}, accepted {at(s.consent.accepted_at)}")
     if s.closed_at is not None:
@@ -127,7 +139,7 @@ def describe(state: ReferralState, workflow: str | None = None) -> str:
             f"  ERASED       {at(s.erased.at)} by {s.erased.by}: {s.erased.reason} "
             "(personal data replaced by a pseudonym)"
         )
-    allowed = ", ".join(a.value for a in allowed_actions(s.stage)) or "none (closed)"
+    allowed = ", ".join(a.value for a in allowed_actions(s)) or "none (closed)"
     lines.append(f"  next         {allowed}")
     if workflow is not None and workflow != "running":
         lines.append(f"  WORKFLOW     {workflow}: run `referrals reconcile`")
@@ -301,6 +313,7 @@ def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[A
             currency=getattr(args, "currency", None),
             payment_terms_days=getattr(args, "payment_terms_days", None),
             reference=getattr(args, "reference", None),
+            days=getattr(args, "days", None),
             request_id=args.request_id or f"cli-{uuid.uuid4()}",
         )
         client = await connect()
@@ -311,7 +324,89 @@ def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[A
     return command
 
 
+def emit(
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    header: str,
+    line: str,
+    empty: str = "nothing to show",
+) -> None:
+    """Rows as JSON, CSV, or a table (`header`, and `line` formatted with each row)."""
+    if args.json:
+        print_json(rows)
+    elif args.csv:
+        fields = list(rows[0]) if rows else []
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not rows:
+        print(empty)
+    else:
+        print(header)
+        for row in rows:
+            print(line.format(**row))
+
+
+def cmd_commission_lines(args: argparse.Namespace) -> int:
+    """The ledger's append-only lines; entitlement lines sum to each referral's commission."""
+    from activities.ledger import ledger_lines
+
+    rows = [
+        {
+            "referral_id": row.referral_id,
+            "referrer_email": row.referrer_email,
+            "kind": row.kind,
+            "amount": str(round_money(row.amount, row.currency)),
+            "currency": row.currency,
+            "reference": row.reference or "",
+            "reason": row.reason or "",
+            "at": as_utc(row.at).isoformat(),
+            "actor": row.actor,
+        }
+        for row in ledger_lines(open_database())
+    ]
+    emit(
+        rows,
+        args,
+        f"{'AT':<26} {'REFERRAL':<14} {'KIND':<9} {'AMOUNT':>14}  REFERENCE  REFERRER",
+        "{at:<26} {referral_id:<14} {kind:<9} {amount:>10} {currency}  {reference}  "
+        "{referrer_email}",
+    )
+    return 0
+
+
+def cmd_commission_balances(args: argparse.Namespace) -> int:
+    """Each referrer's net standing per currency; a negative balance is owed to us."""
+    from activities.ledger import balances
+
+    rows = [
+        {
+            "referrer_email": b.referrer_email,
+            "currency": b.currency,
+            "earned": str(round_money(b.earned, b.currency)),
+            "clawed_back": str(round_money(b.clawed_back, b.currency)),
+            "paid": str(round_money(b.paid, b.currency)),
+            "balance": str(round_money(b.balance, b.currency)),
+            "owed_to_us": str(round_money(b.owed_to_us, b.currency)),
+        }
+        for b in balances(open_database())
+    ]
+    emit(
+        rows,
+        args,
+        f"{'REFERRER':<40} {'CUR':<4} {'EARNED':>12} {'CLAWED BACK':>12} {'PAID':>12} "
+        f"{'BALANCE':>12} {'OWED TO US':>12}",
+        "{referrer_email:<40} {currency:<4} {earned:>12} {clawed_back:>12} {paid:>12} "
+        "{balance:>12} {owed_to_us:>12}",
+    )
+    return 0
+
+
 def cmd_commissions(args: argparse.Namespace) -> int:
+    if args.lines:
+        return cmd_commission_lines(args)
+    if args.by_referrer:
+        return cmd_commission_balances(args)
     with Session(open_database()) as session:
         query = select(CommissionRow).order_by(col(CommissionRow.updated_at).desc())
         if args.status:
@@ -333,22 +428,15 @@ def cmd_commissions(args: argparse.Namespace) -> int:
             }
             for row in session.exec(query)
         ]
-    if args.json:
-        print_json(rows)
-    elif args.csv:
-        fields = list(rows[0]) if rows else ["referral_id", "amount", "currency", "status"]
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    elif not rows:
-        print("no commissions" + (f" with status {args.status}" if args.status else ""))
-    else:
-        print(f"{'REFERRAL':<14} {'STATUS':<8} {'AMOUNT':>14} {'PAID BY CUSTOMER':>18}  REFERRER")
-        for r in rows:
-            print(
-                f"{r['referral_id']:<14} {r['status']:<8} {r['amount'] + ' ' + r['currency']:>14} "
-                f"{r['customer_paid']:>18}  {r['referrer_email']}"
-            )
+    emit(
+        rows,
+        args,
+        f"{'REFERRAL':<14} {'STATUS':<8} {'RATE':>6} {'AMOUNT':>14} {'PAID BY CUSTOMER':>18}  "
+        "REFERRER",
+        "{referral_id:<14} {status:<8} {rate:>6} {amount:>10} {currency}  {customer_paid:>18}  "
+        "{referrer_email}",
+        "no commissions" + (f" with status {args.status}" if args.status else ""),
+    )
     return 0
 
 
@@ -547,8 +635,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--reference", required=True, help="the payment's unique reference")
     sub = add_action(Action.PAYOUT, "mark the commission paid to the referrer")
     sub.add_argument("--reference", required=True, help="the payout's reference")
+    sub = add_action(Action.EXTEND, "extend the prospect's protection")
+    sub.add_argument("--days", type=int, required=True)
+    sub.add_argument("--reason", required=True)
+    sub = add_action(Action.REFUND, "record a customer refund or credit note (claws back)")
+    sub.add_argument("--amount", required=True)
+    sub.add_argument("--reference", required=True, help="the refund's unique reference")
+    sub.add_argument("--reason", required=True)
     sub = add("commissions", cmd_commissions, "finance's export of the commission ledger")
     sub.add_argument("--status", choices=[s.value for s in CommissionStatus])
+    view = sub.add_mutually_exclusive_group()
+    view.add_argument("--lines", action="store_true", help="the ledger's lines, oldest first")
+    view.add_argument(
+        "--by-referrer", action="store_true", help="each referrer's balance, per currency"
+    )
     fmt = sub.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")

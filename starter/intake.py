@@ -23,10 +23,11 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim
 from activities.ledger import release_claim
-from activities.records import discard_referral, save_referral
+from activities.records import discard_referral, load_referral, save_referral
 from starter.client import task_queue
 from starter.consent import consent_statement
 from starter.contact_window import contact_window
+from starter.domains import email_domain, public_sector_suffix, registrable_domain
 from starter.links import referrer_key
 from workflows.models import (
     ConsentRecord,
@@ -34,6 +35,7 @@ from workflows.models import (
     ReferralInput,
     ReferralRecord,
     Submission,
+    normalize_domain,
 )
 from workflows.referral import ReferralWorkflow
 from workflows.transitions import initial_state
@@ -60,10 +62,17 @@ class SubmissionRefused(Exception):
 
 
 class DuplicateReferral(Exception):
-    def __init__(self, domain: str, referral_id: str) -> None:
-        super().__init__(f"prospect {domain} already has an open referral ({referral_id})")
+    """The prospect is already referred. The public message never names the other referral
+    or its referrer: only until when the prospect is protected, or that it is under review."""
+
+    def __init__(self, domain: str, referral_id: str, protected_until: datetime | None) -> None:
+        standing = (
+            f"protected until {protected_until:%Y-%m-%d}" if protected_until else "being reviewed"
+        )
+        super().__init__(f"prospect {domain} already has an open referral, {standing}")
         self.domain = domain
         self.referral_id = referral_id
+        self.protected_until = protected_until
 
 
 # Fields that may hold several lines; every other text is one line.
@@ -150,7 +159,29 @@ _BOOLEAN = TypeAdapter(bool)
 def eligibility_errors(submission: Submission, rules: ProgramRules) -> list[FieldError]:
     """The program's rules, field by field (the model already checked the shapes)."""
     fields = (submission.prospect.sector, submission.opportunity.product, submission.consent)
-    return _rule_errors(fields, rules)
+    errors = _rule_errors(fields, rules)
+    website = submission.prospect.website
+    suffix = public_sector_suffix(website, rules.public_sector.domain_suffixes)
+    if suffix is not None and not any(e.code == "public_sector" for e in errors):
+        errors.append(
+            FieldError(
+                "prospect.website",
+                f"{normalize_domain(website)} is a public-sector domain (under {suffix}): "
+                "public-sector opportunities are not eligible (program rule: public sector "
+                "excluded)",
+                "public_sector_domain",
+            )
+        )
+    if email_domain(str(submission.referrer.email)) == registrable_domain(website):
+        errors.append(
+            FieldError(
+                "prospect.website",
+                "you cannot refer your own company: the prospect's domain is your email's "
+                "(program rule: no self-referral)",
+                "self_referral",
+            )
+        )
+    return errors
 
 
 def _rule_errors(fields: tuple[Any, Any, bool], rules: ProgramRules) -> list[FieldError]:
@@ -236,13 +267,15 @@ async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_
         if existing is None:  # released meanwhile: try again
             continue
         if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
-            raise DuplicateReferral(domain, existing.referral_id)
+            other = await asyncio.to_thread(load_referral, engine, existing.referral_id)
+            protected = other.protected_until if other else None
+            raise DuplicateReferral(domain, existing.referral_id, protected)
         if await asyncio.to_thread(
             _take_over_claim, engine, domain, existing.referral_id, referral_id
         ):
             return
     claim = await asyncio.to_thread(_current_claim, engine, domain)
-    raise DuplicateReferral(domain, claim.referral_id if claim else "unknown")
+    raise DuplicateReferral(domain, claim.referral_id if claim else "unknown", None)
 
 
 async def _referral_is_open(client: Client, referral_id: str, claimed_at: datetime) -> bool:
@@ -275,7 +308,7 @@ async def submit_referral(
     errors = eligibility_errors(submission, rules)
     if errors:
         raise SubmissionRefused(errors)
-    domain = submission.prospect.domain
+    domain = registrable_domain(submission.prospect.website)
     referral_id = new_referral_id()
     await _claim_prospect(client, engine, domain, referral_id)
     product = rules.product(submission.opportunity.product)
@@ -291,6 +324,7 @@ async def submit_referral(
         submitted_by=submitted_by,
         referrer_key=referrer_key(str(submission.referrer.email), key),
         consent=ConsentRecord(statement=statement, accepted_at=received_at),
+        prospect_domain=domain,
     )
     # Recorded before the workflow starts, so the confirmation page, `referrals show` and the
     # status link find the referral at once; the workflow's own first write is the same row.

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
@@ -363,6 +364,14 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def duplicate_message(duplicate: DuplicateReferral, texts: dict[str, Any], lang: str) -> str:
+    """Until when the prospect is protected, or that it is under review; never by whom."""
+    if duplicate.protected_until is None:
+        return str(texts["errors"]["duplicate"])
+    day = long_date(duplicate.protected_until.date(), lang)
+    return str(texts["errors"]["duplicate_protected"]).replace("{date}", day)
+
+
 def pick_language(request: Request) -> str:
     """`?lang=` first, then the browser's Accept-Language, then French."""
     asked = request.query_params.get("lang")
@@ -409,6 +418,12 @@ def localized_errors(errors: list[FieldError], texts: dict[str, Any]) -> dict[st
     return result
 
 
+def percent(rate: Decimal, lang: str) -> str:
+    """`10 %` in French, `10%` in English; `7.5` becomes `7,5` in French."""
+    text = f"{rate * 100:f}".rstrip("0").rstrip(".")
+    return f"{text.replace('.', ',')}\u202f%" if lang == "fr" else f"{text}%"
+
+
 def timeline(state: ReferralState) -> list[tuple[datetime, str]]:
     """What the referrer may see: dated steps, no notes, no names, no refused actions."""
     visible = {"submitted", "contacted", "accept", "decline", "approve", "reject", "won", "lost"}
@@ -417,7 +432,13 @@ def timeline(state: ReferralState) -> list[tuple[datetime, str]]:
     for entry in state.history:
         if entry.outcome == "refused":
             continue
-        if entry.action in visible or entry.action in ("cancel", "payout"):
+        if entry.action in visible or entry.action in (
+            "cancel",
+            "payout",
+            "extend",
+            "expire",
+            "refund",
+        ):
             steps.append((entry.at, entry.action))
     if state.stage in (Stage.COMMISSION_PAYABLE, Stage.COMMISSION_PAID) and payments:
         steps.append((payments[-1].at, "commission_payable"))
@@ -509,7 +530,11 @@ def create_app(
             errors=errors or {},
             problem=problem,
             csrf=csrf_token(nonce, intake.key),
-            products=[p for p in intake.rules.products if p.multi_tenant_cloud],
+            products=[
+                (p, percent(intake.rules.commission_for(p.id).rate, lang))
+                for p in intake.rules.products
+                if p.multi_tenant_cloud
+            ],
             countries=intake.countries,
             currencies=CURRENCIES,
             honeypot=HONEYPOT,
@@ -594,8 +619,8 @@ def create_app(
         except SubmissionRefused as refused:
             errors = localized_errors(refused.errors, texts)
             return render_form(request, lang, values, errors, texts["problems"]["fix"], 422)
-        except DuplicateReferral:
-            errors = {"prospect.website": texts["errors"]["duplicate"]}
+        except DuplicateReferral as duplicate:
+            errors = {"prospect.website": duplicate_message(duplicate, texts, lang)}
             return render_form(request, lang, values, errors, texts["problems"]["fix"], 409)
         except (RuntimeError, RPCError, OSError):
             problem = texts["problems"]["unavailable"]
@@ -697,7 +722,7 @@ def create_app(
         except SubmissionRefused as error:
             return refused(422, "invalid submission", error.errors)
         except DuplicateReferral as duplicate:
-            message = "this prospect already has an open referral"
+            message = duplicate_message(duplicate, intake.texts["en"], "en")
             return refused(
                 409,
                 f"prospect {duplicate.domain} already has an open referral",
