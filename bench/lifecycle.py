@@ -29,7 +29,7 @@ from starter.program import load_program
 from tests.conftest import SEARCH_ATTRIBUTES, free_port
 from tests.factories import submission_data
 from worker import build_worker
-from workflows.models import Action, ReferralState, StaffAction
+from workflows.models import Action, ClawbackRules, ReferralState, StaffAction
 
 STEPS = [
     StaffAction(action=Action.CONTACTED, actor="bench"),
@@ -47,7 +47,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def main(count: int) -> None:
-    rules = load_program("program.yaml")
+    # Payout closes a referral at once, so each one is timed to its end (no clawback window).
+    rules = load_program("program.yaml").model_copy(update={"clawback": ClawbackRules(days=0)})
     work = Path(tempfile.mkdtemp(prefix="referral-bench-"))
     engine = make_engine(f"sqlite:///{work / 'bench.db'}")
     upgrade(engine)

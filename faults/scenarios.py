@@ -38,7 +38,7 @@ from faults.stack import (
     wait_for,
 )
 from starter.program import load_program
-from workflows.models import ProgramRules
+from workflows.models import ClawbackRules, ProgramRules
 
 PROGRAM = ROOT / "program.yaml"
 DRIVE_TIMEOUT = 300.0
@@ -300,7 +300,9 @@ async def run_scenario(
     started = time.monotonic()
     workdir = root / scenario.name
     workdir.mkdir(parents=True)
-    rules = load_program(PROGRAM)
+    # Payout closes a referral at once: the suite checks how each one ended, not the clawback
+    # window after payout (tests/test_clawback.py does, on the time-skipping server).
+    rules = load_program(PROGRAM).model_copy(update={"clawback": ClawbackRules(days=0)})
     db = ScenarioDatabase(backend, workdir)
     smtp = RecordingSmtpServer("127.0.0.1", free_port())
     server = TemporalServer(children, workdir)

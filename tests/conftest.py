@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
@@ -34,6 +35,7 @@ from workflows.models import ProgramRules
 from workflows.referral import (
     DOMAIN_KEY,
     PRODUCT_KEY,
+    PROTECTED_KEY,
     REFERRER_EMAIL_KEY,
     REFERRER_KEY,
     SLA_KEY,
@@ -51,21 +53,53 @@ SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
     REFERRER_EMAIL_KEY,  # still set by referrals started before release 0.3
     PRODUCT_KEY,
     SLA_KEY,
+    PROTECTED_KEY,
 ]
 
 
 @pytest.fixture(scope="session")
-def rules() -> ProgramRules:
+def shipped_rules() -> ProgramRules:
     return load_program(ROOT / "program.yaml")
+
+
+@pytest.fixture(scope="session")
+def program_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped program, except that payout closes a referral at once: most tests follow a
+    referral to its end, which would otherwise wait out the clawback window (tests of the
+    window use `shipped_rules`). The CLI and web app of the tests read this file."""
+    data = yaml.safe_load((ROOT / "program.yaml").read_text(encoding="utf-8"))
+    data["clawback"] = {"days": 0}
+    path = tmp_path_factory.mktemp("program") / "program.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def rules(program_file: Path) -> ProgramRules:
+    return load_program(program_file)
+
+
+async def start_time_skipping() -> WorkflowEnvironment:
+    return await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(BIN / "temporal-test-server"),
+        data_converter=data_converter(),
+    )
 
 
 @pytest_asyncio.fixture(scope="session")
 async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     """The time-skipping test server: timers fire as soon as nothing else can happen."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(BIN / "temporal-test-server"),
-        data_converter=data_converter(),
-    )
+    env = await start_time_skipping()
+    yield env
+    await env.shutdown()
+
+
+@pytest_asyncio.fixture
+async def own_time_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server for one test, for referrals that close during a sleep: once a
+    workflow has completed, the shared server's clock can stall on a later sleep or leap
+    years ahead, and every test after it would inherit that clock."""
+    env = await start_time_skipping()
     yield env
     await env.shutdown()
 
@@ -205,12 +239,12 @@ Cli = Callable[..., Awaitable[Result]]
 
 
 @pytest.fixture
-def cli(live: Live, tmp_path: Path) -> Cli:
+def cli(live: Live, tmp_path: Path, program_file: Path) -> Cli:
     env = {
         **os.environ,
         "TEMPORAL_ADDRESS": live.address,
         "REFERRALS_DATABASE_URL": live.database_url,
-        "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
+        "REFERRALS_PROGRAM": str(program_file),
         "REFERRALS_ACTOR": "desk-anna",
     }
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ PROSPECT_DOMAIN = "fromagerie-bellevue.example"
 
 # Real seconds to wait for something the worker does asynchronously (an activity after an update).
 SETTLE = 10.0
+# Timers fire at their instant plus the milliseconds their workflow task took.
+TIMER_SLACK = timedelta(seconds=1)
 
 
 @dataclass
@@ -240,3 +242,21 @@ async def advance(handle: WorkflowHandle[Any, Any], to: Stage) -> ReferralState:
         assert state.stage is stage
     assert state.stage is to
     return state
+
+
+def fired_at(at: datetime, due: datetime) -> bool:
+    return due <= at < due + TIMER_SLACK
+
+
+async def sleep_until(env: WorkflowEnvironment, instant: datetime) -> None:
+    await env.sleep(instant - await env.get_current_time())
+
+
+async def final_state(
+    env: WorkflowEnvironment, handle: WorkflowHandle[Any, ReferralState]
+) -> ReferralState:
+    """The result of a referral that closed during the last sleep. Read without the SDK's
+    automatic time skipping: waiting on a result lets the test server move its clock to the
+    next timer anywhere on it, years ahead at times, which breaks every later test."""
+    with env.auto_time_skipping_disabled():
+        return await handle.result()

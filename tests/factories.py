@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,8 @@ def state_at(stage: Stage, rules: ProgramRules, basis: str = "180000.00") -> Ref
         contact_calendar=window,
         history=[HistoryEntry(at=window.received_at, action="submitted", actor="referrer")],
     )
+    if stage in (Stage.QUALIFYING, Stage.APPROVED):
+        state.protected_until = window.received_at + timedelta(days=rules.protection.days)
     if stage in (Stage.WON, Stage.COMMISSION_PAYABLE):
         paid = Decimal(basis) if stage is Stage.COMMISSION_PAYABLE else Decimal("0")
         state.commission = Commission(

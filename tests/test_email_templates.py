@@ -27,6 +27,7 @@ from workflows.models import (
     Prospect,
     ReferralState,
     Referrer,
+    Refund,
     Stage,
 )
 
@@ -73,6 +74,13 @@ REFERRER_TEMPLATES = {
     "referrer_rejected": Stage.REJECTED,
     "referrer_lost": Stage.LOST,
     "referrer_cancelled": Stage.CANCELLED,
+    "referrer_expired": Stage.EXPIRED,
+}
+# Referrer emails about something other than a new stage.
+REFERRER_NOTICES = {
+    "referrer_protection_warning": Stage.APPROVED,
+    "referrer_protection_extended": Stage.APPROVED,
+    "referrer_refund": Stage.COMMISSION_PAID,
 }
 STAFF_TEMPLATES = {
     "staff_new_referral": Stage.SUBMITTED,
@@ -84,8 +92,10 @@ STAFF_TEMPLATES = {
     "staff_payment_overdue": Stage.WON,
     "staff_referral_cancelled": Stage.CANCELLED,
     "staff_email_failed": Stage.QUALIFYING,
+    "staff_protection_warning": Stage.APPROVED,
+    "staff_refund": Stage.COMMISSION_PAID,
 }
-TEMPLATE_STAGES = {**REFERRER_TEMPLATES, **STAFF_TEMPLATES}
+TEMPLATE_STAGES = {**REFERRER_TEMPLATES, **REFERRER_NOTICES, **STAFF_TEMPLATES}
 # What the workflow passes besides the referral, for the templates that need it.
 TEMPLATE_EXTRA = {
     "staff_email_failed": {
@@ -197,12 +207,14 @@ def make_state(stage: Stage, *, language: Language = "fr", minimal: bool = False
             Stage.WON,
             Stage.CANCELLED,
         ],
+        Stage.EXPIRED: [Stage.CONTACTED, Stage.QUALIFYING, Stage.APPROVED, Stage.EXPIRED],
     }[stage]
     for step in path:
         if step is Stage.CONTACTED:
             history.append(_entry(4, 3, "contacted", SECRET_NOTE))
         elif step is Stage.QUALIFYING:
             history.append(_entry(5, 3, "accept", SECRET_NOTE))
+            state.protected_until = datetime(2025, 9, 1, 22, 0, tzinfo=UTC)
         elif step is Stage.APPROVED:
             history.append(_entry(14, 3, "approve", SECRET_NOTE))
         elif step is Stage.WON:
@@ -242,6 +254,21 @@ def make_state(stage: Stage, *, language: Language = "fr", minimal: bool = False
             history.append(_entry(20, 6, "payout", "reference PAYOUT-2025-0042"))
             state.commission.status = CommissionStatus.PAID
             state.commission.payout_reference = "PAYOUT-2025-0042"
+            state.commission.paid_amount = Decimal("12000.00")
+            # Within the clawback window, the customer got a credit note.
+            state.refunds.append(
+                Refund(
+                    at=datetime(2025, 7, 2, 9, 0, tzinfo=UTC),
+                    amount=Decimal("30000.00"),
+                    reference="AVOIR-2025-07",
+                    reason=SECRET_REASON,
+                    clawback=Decimal("3000.00"),
+                )
+            )
+            state.commission.customer_refunded = Decimal("30000.00")
+            state.commission.clawed_back = Decimal("3000.00")
+        elif step is Stage.EXPIRED:
+            history.append(_entry(2, 9, "expire", "protection ended 2025-09-01"))
         elif step in (Stage.DECLINED, Stage.REJECTED, Stage.LOST, Stage.CANCELLED):
             history.append(_entry(21, 6, step.value, SECRET_REASON))
             if step is Stage.CANCELLED and state.commission is not None:

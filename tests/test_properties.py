@@ -30,8 +30,11 @@ from starter.program import load_program
 from tests.factories import ONE_LINE_FIELDS, state_at, submission_data
 from workflows.models import (
     COUNTRY_CODES,
+    ENTITLEMENT_KINDS,
     Action,
     Commission,
+    CommissionLine,
+    LineKind,
     ProgramRules,
     ReferralState,
     Refusal,
@@ -39,7 +42,7 @@ from workflows.models import (
     Stage,
     Submission,
 )
-from workflows.transitions import apply_action
+from workflows.transitions import apply_action, commission_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES: ProgramRules = load_program(ROOT / "program.yaml")
@@ -517,6 +520,68 @@ class TransitionMachine(RuleBasedStateMachine):
 
 TestTransitionMachine = TransitionMachine.TestCase
 TestTransitionMachine.settings = STATEFUL
+
+
+# --- the commission ledger's lines ----------------------------------------------------------
+
+LEDGER_STEPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just(Action.PAYMENT), st.decimals(Decimal("0.01"), Decimal("900000"), places=2)
+        ),
+        st.tuples(
+            st.just(Action.REFUND), st.decimals(Decimal("0.01"), Decimal("900000"), places=2)
+        ),
+        st.tuples(st.just(Action.PAYOUT), st.none()),
+    ),
+    max_size=12,
+)
+
+
+@MODEL
+@given(
+    basis=st.decimals(Decimal("0.01"), Decimal("900000"), places=2),
+    product=st.sampled_from(["cloudsuite-financials", "hcm-talent"]),
+    steps=LEDGER_STEPS,
+)
+def test_lines_sum_to_the_net_commission_and_never_exceed_the_cap(
+    basis: Decimal, product: str, steps: list[tuple[Action, Decimal | None]]
+) -> None:
+    """Payments, refunds (before and after payout) and payouts in any order: the entitlement
+    lines (accrual, clawback, void) always sum to the net commission, which stays within the
+    product's cap and never below zero; what was paid out is never more than was earned."""
+    terms = RULES.commission_for(product)
+    assert terms.cap is not None
+    state = state_at(Stage.APPROVED, RULES)
+    state.opportunity.product = product
+    at = START
+    lines: list[CommissionLine] = []
+    won = StaffAction(action=Action.WON, actor="sales", amount=basis, currency="EUR")
+    for n, (action, amount) in enumerate([(Action.WON, basis), *steps]):
+        at += timedelta(days=1)
+        request = (
+            won
+            if action is Action.WON
+            else StaffAction(
+                action=action, actor="finance", amount=amount, reference=f"REF-{n}", reason="r"
+            )
+        )
+        result = apply_action(state, request, RULES, at)
+        if isinstance(result, Refusal):
+            continue
+        if action is Action.PAYOUT:  # as the workflow does: refunds claw back for a while
+            result.clawback_until, result.closed_at = at + timedelta(days=90), None
+        lines += commission_lines(state, result, request)
+        state = result
+        commission = state.commission
+        assert commission is not None
+        entitled = sum((x.amount for x in lines if x.kind in ENTITLEMENT_KINDS), Decimal(0))
+        assert entitled == commission.net
+        assert Decimal(0) <= commission.net <= commission.amount <= terms.cap
+        paid = sum((x.amount for x in lines if x.kind is LineKind.PAID), Decimal(0))
+        accrued = sum((x.amount for x in lines if x.kind is LineKind.ACCRUAL), Decimal(0))
+        assert paid <= accrued
+        assert all(x.amount < 0 for x in lines if x.kind is LineKind.CLAWBACK)
 
 
 @pytest.mark.parametrize("action", [Action.WON, Action.PAYMENT])

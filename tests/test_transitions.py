@@ -1,6 +1,6 @@
 """The transition table, every stage x every action, and the commission arithmetic."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -10,6 +10,7 @@ from workflows.models import (
     Action,
     CommissionRules,
     CommissionStatus,
+    LineKind,
     ProgramRules,
     ReferralState,
     Refusal,
@@ -17,7 +18,7 @@ from workflows.models import (
     Stage,
     round_money,
 )
-from workflows.transitions import apply_action, compute_commission
+from workflows.transitions import apply_action, commission_lines, compute_commission, expire
 
 NOW = datetime(2026, 12, 10, 15, 0, tzinfo=UTC)
 
@@ -37,14 +38,20 @@ EXPECTED: dict[Stage, dict[Action, Stage]] = {
         Action.APPROVE: Stage.APPROVED,
         Action.REJECT: Stage.REJECTED,
         Action.CANCEL: Stage.CANCELLED,
+        Action.EXTEND: Stage.QUALIFYING,
     },
     Stage.APPROVED: {
         Action.WON: Stage.WON,
         Action.LOST: Stage.LOST,
         Action.CANCEL: Stage.CANCELLED,
+        Action.EXTEND: Stage.APPROVED,
     },
     Stage.WON: {Action.PAYMENT: Stage.WON, Action.CANCEL: Stage.CANCELLED},
-    Stage.COMMISSION_PAYABLE: {Action.PAYOUT: Stage.COMMISSION_PAID},
+    Stage.COMMISSION_PAYABLE: {
+        Action.PAYOUT: Stage.COMMISSION_PAID,
+        Action.REFUND: Stage.COMMISSION_PAYABLE,
+    },
+    # `commission_paid` takes refunds only while its clawback window is open (tested below).
 }
 
 
@@ -58,6 +65,7 @@ def valid_request(action: Action) -> StaffAction:
         amount=Decimal("1000"),
         currency="EUR",
         reference="REF-1",
+        days=30,
     )
 
 
@@ -223,3 +231,155 @@ def test_round_money_is_half_up_not_bankers() -> None:
     assert round_money(Decimal("2.675"), "EUR") == Decimal("2.68")
     assert round_money(Decimal("2.665"), "EUR") == Decimal("2.67")
     assert round_money(Decimal("0.125"), "KWD") == Decimal("0.125")
+
+
+def apply(state: ReferralState, rules: ProgramRules, **fields: object) -> ReferralState:
+    result = apply_action(state, StaffAction.model_validate(fields), rules, NOW)
+    assert isinstance(result, ReferralState), result
+    return result
+
+
+def test_accept_protects_the_prospect_and_extend_moves_the_end(rules: ProgramRules) -> None:
+    accepted = apply(state_at(Stage.CONTACTED, rules), rules, action="accept")
+    assert accepted.protected_until == NOW + timedelta(days=rules.protection.days)
+    extended = apply(accepted, rules, action="extend", days=30, reason="board meets in June")
+    assert extended.protected_until == accepted.protected_until + timedelta(days=30)
+    assert extended.protection_extensions == 1
+    assert extended.history[-1].note == "board meets in June; extended by 30 days"
+    approved = apply(extended, rules, action="approve")
+    again = apply(approved, rules, action="extend", days=10, reason="legal review")
+    assert again.protection_extensions == rules.protection.max_extensions == 2
+    refused = apply_action(
+        again, StaffAction(action=Action.EXTEND, days=5, reason="more"), rules, NOW
+    )
+    assert isinstance(refused, Refusal)
+    assert (
+        refused.reason == "the protection was already extended 2 times, the most the program allows"
+    )
+
+
+@pytest.mark.parametrize("days", [None, 0, -3, 366])
+def test_extend_needs_a_sensible_number_of_days(days: int | None, rules: ProgramRules) -> None:
+    request = StaffAction(action=Action.EXTEND, days=days, reason="why")
+    refused = apply_action(state_at(Stage.QUALIFYING, rules), request, rules, NOW)
+    assert isinstance(refused, Refusal) and "--days" in refused.reason
+
+
+def test_expiry_closes_the_referral_as_system(rules: ProgramRules) -> None:
+    state = state_at(Stage.APPROVED, rules)
+    expired = expire(state, NOW)
+    assert expired.stage is Stage.EXPIRED and expired.is_terminal
+    assert expired.closed_at == NOW
+    entry = expired.history[-1]
+    assert (entry.action, entry.actor) == ("expire", "system")
+    assert f"protection ended {state.protected_until:%Y-%m-%d}" in (entry.note or "")
+
+
+def test_a_product_with_its_own_rate_and_cap(rules: ProgramRules) -> None:
+    own = rules.commission_for("hcm-talent")
+    assert (own.rate, own.cap, own.currency) == (Decimal("0.15"), Decimal("20000.00"), "EUR")
+    assert rules.commission_for("cloudsuite-financials") == rules.commission
+    state = state_at(Stage.APPROVED, rules)
+    state.opportunity.product = "hcm-talent"
+    small = apply(state, rules, action="won", amount="100000", currency="EUR")
+    assert small.commission is not None
+    assert (small.commission.rate, small.commission.amount) == (
+        Decimal("0.15"),
+        Decimal("15000.00"),
+    )
+    large = apply(state, rules, action="won", amount="1000000", currency="EUR")
+    assert large.commission is not None and large.commission.amount == Decimal("20000.00")
+
+
+def test_refund_before_payout_lowers_what_is_payable(rules: ProgramRules) -> None:
+    payable = state_at(Stage.COMMISSION_PAYABLE, rules, basis="180000.00")
+    refunded = apply(
+        payable, rules, action="refund", amount="45000", reference="AV-1", reason="credit note"
+    )
+    commission = refunded.commission
+    assert commission is not None and refunded.stage is Stage.COMMISSION_PAYABLE
+    assert (commission.clawed_back, commission.net) == (Decimal("4500.00"), Decimal("13500.00"))
+    assert refunded.refunds[-1].clawback == Decimal("4500.00")
+    lines = commission_lines(
+        payable, refunded, StaffAction(action=Action.REFUND, reference="AV-1", reason="credit note")
+    )
+    assert [(x.kind, x.amount, x.reference, x.reason) for x in lines] == [
+        (LineKind.CLAWBACK, Decimal("-4500.00"), "AV-1", "credit note")
+    ]
+    paid = apply(refunded, rules, action="payout", reference="VIR-1")
+    assert paid.commission is not None and paid.commission.paid_amount == Decimal("13500.00")
+
+
+@pytest.mark.parametrize(
+    ("amount", "reference", "reason"),
+    [
+        (
+            "179999.01",
+            "AV-2",
+            "a refund of 179999.01 exceeds what the customer paid and was not refunded "
+            "(179999.00 EUR)",
+        ),
+        ("10", "AV-1", "refund reference 'AV-1' is already recorded"),
+        ("0", "AV-2", "refund needs a positive amount"),
+        ("10", " ", "refund needs a reference (--reference)"),
+    ],
+)
+def test_refunds_that_cannot_be(
+    amount: str, reference: str, reason: str, rules: ProgramRules
+) -> None:
+    state = apply(
+        state_at(Stage.COMMISSION_PAYABLE, rules),
+        rules,
+        action="refund",
+        amount="1",
+        reference="AV-1",
+        reason="r",
+    )
+    request = StaffAction(
+        action=Action.REFUND, amount=Decimal(amount), reference=reference, reason="r"
+    )
+    refused = apply_action(state, request, rules, NOW)
+    assert isinstance(refused, Refusal) and reason in refused.reason
+
+
+def test_refund_after_payout_only_while_the_window_is_open(rules: ProgramRules) -> None:
+    paid = apply(state_at(Stage.COMMISSION_PAYABLE, rules), rules, action="payout", reference="V1")
+    assert paid.is_terminal, "without a clawback window, payout closes the referral"
+    refund = StaffAction(action=Action.REFUND, amount=Decimal("18000"), reference="AV", reason="r")
+    assert isinstance(apply_action(paid, refund, rules, NOW), Refusal)
+    paid.clawback_until, paid.closed_at = NOW + timedelta(days=90), None
+    assert not paid.is_terminal
+    clawed = apply_action(paid, refund, rules, NOW)
+    assert isinstance(clawed, ReferralState) and clawed.commission is not None
+    assert clawed.commission.clawed_back == Decimal("1800.00")
+    assert clawed.commission.paid_amount == Decimal("18000.00"), "a paid line is never edited"
+    paid.clawback_closed = True
+    assert isinstance(apply_action(paid, refund, rules, NOW), Refusal)
+
+
+def test_the_lines_of_a_lifecycle(rules: ProgramRules) -> None:
+    approved = state_at(Stage.APPROVED, rules)
+    steps = [
+        dict(action="won", amount="200000", currency="EUR"),
+        dict(action="payment", amount="200000", reference="INV-1"),
+        dict(action="payout", reference="VIR-1"),
+    ]
+    state, kinds = approved, []
+    for step in steps:
+        after = apply(state, rules, **step)
+        lines = commission_lines(state, after, StaffAction.model_validate(step))
+        kinds += [(x.kind, x.amount, x.reference) for x in lines]
+        state = after
+    assert kinds == [
+        (LineKind.ACCRUAL, Decimal("20000.00"), None),
+        (LineKind.PAYABLE, Decimal("20000.00"), None),
+        (LineKind.PAID, Decimal("20000.00"), "VIR-1"),
+    ]
+    won = apply(approved, rules, action="won", amount="200000", currency="EUR")
+    cancelled = apply(won, rules, action="cancel", reason="duplicate deal")
+    void = commission_lines(
+        won, cancelled, StaffAction(action=Action.CANCEL, reason="duplicate deal")
+    )
+    assert [(x.kind, x.amount, x.reason) for x in void] == [
+        (LineKind.VOID, Decimal("-20000.00"), "duplicate deal")
+    ]

@@ -31,6 +31,7 @@ from markupsafe import escape
 from sqlmodel import Session
 
 from activities.db import ProspectClaim
+from activities.email import long_date
 from starter.links import csrf_token, public_url, status_token
 from starter.web import CSRF_COOKIE, MAX_BODY_BYTES, create_app
 from tests.conftest import Live, eventually, free_port
@@ -256,6 +257,11 @@ async def test_form_is_french_by_default(web: httpx.AsyncClient, rules: ProgramR
     assert offered == [p.id for p in rules.products if p.multi_tenant_cloud]
     assert "ln-on-premises" not in offered and "m3-single-tenant" not in offered
     assert "LN On-Premises" not in html
+    # Each product states its rate: the program's, or its own.
+    assert ">CloudSuite Financials (commission de 10\u202f%)</option>" in html
+    assert ">HCM Talent Management (commission de 15\u202f%)</option>" in html
+    english = (await web.get("/?lang=en")).text
+    assert ">HCM Talent Management (commission 15%)</option>" in english
     # Emails in French unless chosen otherwise; a fresh form carries a CSRF token and cookie.
     assert state.values["referrer.language"] == "fr"
     assert state.values["lang"] == "fr"
@@ -460,7 +466,10 @@ async def test_form_refusal_shows_every_value_in_detail(web: httpx.AsyncClient) 
     assert 'value="j.roche@fromagerie-bellevue.example"' in html
     assert 'value="180000.00"' in html
     assert '<option value="FR" selected>France</option>' in html
-    assert '<option value="cloudsuite-financials" selected>CloudSuite Financials</option>' in html
+    assert (
+        '<option value="cloudsuite-financials" selected>'
+        "CloudSuite Financials (commission de 10\u202f%)</option>"
+    ) in html
     assert '<option value="CHF" selected>CHF</option>' in html
     assert '<option value="EUR" selected>' not in html
     assert re.search(
@@ -806,6 +815,34 @@ async def test_api_duplicate_is_409(web: httpx.AsyncClient, live: Live) -> None:
     assert [(e["field"], e["code"]) for e in body["errors"]] == [("prospect.website", "duplicate")]
     claim = claim_of(live, site)
     assert claim is not None and claim.referral_id == first.json()["referral_id"]
+
+
+async def test_api_duplicate_after_acceptance_says_until_when(
+    web: httpx.AsyncClient, live: Live
+) -> None:
+    site = unique_site()
+    first = await web.post("/api/referrals", json=submission_data(**{"prospect.website": site}))
+    handle = live.client.get_workflow_handle(first.json()["referral_id"])
+    for action in (Action.CONTACTED, Action.ACCEPT):
+        accepted = await handle.execute_update(
+            "act", StaffAction(action=action, actor="alice"), result_type=ReferralState
+        )
+    assert accepted.protected_until is not None
+    again = await web.post(
+        "/api/referrals",
+        json=submission_data(
+            **{"prospect.website": site, "referrer.email": "other@consulting.example"}
+        ),
+    )
+    assert again.status_code == 409
+    (error,) = again.json()["errors"]
+    day = long_date(accepted.protected_until.date(), "en")
+    assert error["message"] == TEXTS["en"]["errors"]["duplicate_protected"].replace("{date}", day)
+    assert accepted.referrer.name not in again.text
+    assert str(accepted.referrer.email) not in again.text
+    await handle.execute_update(
+        "act", StaffAction(action=Action.CANCEL, actor="alice", reason="test over")
+    )
 
 
 async def test_api_concurrent_submissions_for_one_prospect(

@@ -113,7 +113,7 @@ async def test_temporal_cancellation_cannot_void_a_payable_commission(
         assert state.stage is Stage.COMMISSION_PAYABLE
         assert state.history[-1].note == (
             "cancellation requested in Temporal, not applied: cancel is not allowed in stage "
-            "commission_payable (allowed: payout)"
+            "commission_payable (allowed: payout, refund)"
         )
         assert (await handle.describe()).status is WorkflowExecutionStatus.RUNNING
         await act(handle, Action.PAYOUT, "erin", reference="VIR-1")
