@@ -29,6 +29,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowHistory,
 )
 from temporalio.testing import WorkflowEnvironment
 
@@ -71,6 +72,19 @@ class Desk:
             received_at=received_at,
         )
         return self.client.get_workflow_handle(referral_id)
+
+    async def start_unindexed(self, env: WorkflowEnvironment) -> WorkflowHandle[Any, Any]:
+        """On the time-skipping server, which has no custom search attributes."""
+        referral_id = f"R-{uuid.uuid4().hex[:10].upper()}"
+        given = referral_input(
+            self.rules, referral_id=referral_id, received_at=await env.get_current_time()
+        ).model_copy(update={"index_search_attributes": False})
+        return await self.client.start_workflow(
+            ReferralWorkflow.run, given, id=referral_id, task_queue=QUEUE
+        )
+
+    async def state(self, handle: WorkflowHandle[Any, Any]) -> ReferralState:
+        return await handle.query("state", result_type=ReferralState)
 
     async def act(self, handle: WorkflowHandle[Any, Any], action: Action, **values: Any) -> None:
         await handle.execute_update(
@@ -224,10 +238,64 @@ async def upgraded_from_0_1_0(desk: Desk) -> list[WorkflowHandle[Any, Any]]:
         second = desk.client.get_workflow_handle(given.referral_id)
         await walk_to(desk, second, Stage.WON)
         await desk.act(second, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
-        await desk.act(second, Action.PAYOUT, reference="VIR-1")
-        await second.result()
+        await desk.act(second, Action.PAYOUT, reference="VIR-1")  # open for clawback
     described = await second.describe()
     return [run1, desk.client.get_workflow_handle(given.referral_id, run_id=described.run_id)]
+
+
+async def extension(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """Still running when recorded: protected since `accept`, extended once (ProtectedUntil)."""
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.APPROVED)
+    await desk.act(handle, Action.EXTEND, days=45, reason="the board meets in spring")
+    return handle
+
+
+async def refund_before_payout(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """A credit note while payable lowers what is paid out; then open for clawback."""
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.WON)
+    await desk.act(handle, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
+    refund = {"amount": Decimal("45000"), "reference": "AV-1", "reason": "two modules returned"}
+    await desk.act(handle, Action.REFUND, **refund)
+    await desk.act(handle, Action.PAYOUT, reference="VIR-1")
+    return handle
+
+
+async def refund_after_payout(desk: Desk) -> WorkflowHandle[Any, Any]:
+    """Still running when recorded: paid out, then clawed back by a refund, window open."""
+    handle = await desk.submit()
+    await walk_to(desk, handle, Stage.WON)
+    await desk.act(handle, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
+    await desk.act(handle, Action.PAYOUT, reference="VIR-1")
+    refund = {"amount": Decimal("90000"), "reference": "AV-1", "reason": "contract halved"}
+    await desk.act(handle, Action.REFUND, **refund)
+    return handle
+
+
+async def protection_expiry(desk: Desk, env: WorkflowEnvironment) -> WorkflowHandle[Any, Any]:
+    """Accepted, extended, warned, then expired: months of timers, on the time-skipping server."""
+    handle = await desk.start_unindexed(env)
+    await walk_to(desk, handle, Stage.QUALIFYING)
+    await desk.act(handle, Action.EXTEND, days=30, reason="budget vote in June")
+    ends = (await desk.state(handle)).protected_until
+    assert ends is not None
+    await env.sleep(ends + timedelta(hours=1) - await env.get_current_time())
+    return handle
+
+
+async def clawback_window_closed(desk: Desk, env: WorkflowEnvironment) -> WorkflowHandle[Any, Any]:
+    """Paid, refunded in the window, then closed when the window ends (time-skipping server)."""
+    handle = await desk.start_unindexed(env)
+    await walk_to(desk, handle, Stage.WON)
+    await desk.act(handle, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
+    await desk.act(handle, Action.PAYOUT, reference="VIR-1")
+    refund = {"amount": Decimal("18000"), "reference": "AV-1", "reason": "one licence returned"}
+    await desk.act(handle, Action.REFUND, **refund)
+    ends = (await desk.state(handle)).clawback_until
+    assert ends is not None
+    await env.sleep(ends + timedelta(hours=1) - await env.get_current_time())
+    return handle
 
 
 Runs = WorkflowHandle[Any, Any] | list[WorkflowHandle[Any, Any]]
@@ -244,6 +312,14 @@ PATHS: list[Callable[[Desk], Awaitable[Runs]]] = [
     in_flight_submitted,
     email_refused,
     upgraded_from_0_1_0,
+    extension,
+    refund_before_payout,
+    refund_after_payout,
+]
+# Paths that wait months: recorded on a time-skipping server each, run to their end.
+TIMED_PATHS: list[Callable[[Desk, WorkflowEnvironment], Awaitable[WorkflowHandle[Any, Any]]]] = [
+    protection_expiry,
+    clawback_window_closed,
 ]
 BOUNCING_DOMAIN = "bounce.example"
 
@@ -268,6 +344,26 @@ async def settle(handle: WorkflowHandle[Any, Any]) -> None:
         pass  # cancelled from Temporal
     except TimeoutError:
         await asyncio.sleep(2)  # in flight: let the queued emails and writes finish
+
+
+async def record_timed(
+    path: Callable[[Desk, WorkflowEnvironment], Awaitable[WorkflowHandle[Any, Any]]],
+    engine: Engine,
+    smtp: SmtpSettings,
+    rules: ProgramRules,
+) -> WorkflowHistory:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(BIN / "temporal-test-server"),
+        data_converter=data_converter(),
+    )
+    try:
+        async with build_worker(env.client, engine, smtp, queue=QUEUE):
+            handle = await path(Desk(env.client, engine, rules, smtp), env)
+            with env.auto_time_skipping_disabled():  # closed during the sleep: just read it
+                await handle.result()
+            return await handle.fetch_history()
+    finally:
+        await env.shutdown()
 
 
 async def record(target: Path) -> None:
@@ -295,11 +391,13 @@ async def record(target: Path) -> None:
                 for n, handle in enumerate(got if isinstance(got, list) else [got], start=1)
             }
             await asyncio.gather(*(settle(handle) for handle in runs.values()))
-            target.mkdir(parents=True)
-            for name, handle in runs.items():
-                history = await handle.fetch_history()
-                (target / f"{name}.json").write_text(history.to_json(), encoding="utf-8")
-                print(f"  {name}: {len(history.events)} events")
+            histories = {name: await handle.fetch_history() for name, handle in runs.items()}
+        for timed in TIMED_PATHS:
+            histories[timed.__name__] = await record_timed(timed, engine, smtp, rules)
+        target.mkdir(parents=True)
+        for name, history in histories.items():
+            (target / f"{name}.json").write_text(history.to_json(), encoding="utf-8")
+            print(f"  {name}: {len(history.events)} events")
     finally:
         await env.shutdown()
         sink.stop()
