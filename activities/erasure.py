@@ -156,6 +156,11 @@ async def erase_referral(
         raise ErasureRefused(f"unknown referral {referral_id}")
     if state.erased is not None:
         return f"{referral_id}: already erased on {state.erased.at:%Y-%m-%d} by {state.erased.by}"
+    if state.in_clawback_window and state.clawback_until is not None:
+        raise ErasureRefused(
+            f"{referral_id} is open to clawback until {state.clawback_until:%Y-%m-%d}: "
+            "it can be erased once that window has ended"
+        )
     if not state.is_terminal:
         raise ErasureRefused(
             f"{referral_id} is open ({state.stage.value}): cancel it before erasing it"

@@ -34,6 +34,7 @@ from workflows.models import (
     ProgramRules,
     ReferralInput,
     ReferralRecord,
+    Stage,
     Submission,
     normalize_domain,
 )
@@ -268,7 +269,8 @@ async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_
             continue
         if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
             other = await asyncio.to_thread(load_referral, engine, existing.referral_id)
-            protected = other.protected_until if other else None
+            protecting = other is not None and other.stage in (Stage.QUALIFYING, Stage.APPROVED)
+            protected = other.protected_until if other is not None and protecting else None
             raise DuplicateReferral(domain, existing.referral_id, protected)
         if await asyncio.to_thread(
             _take_over_claim, engine, domain, existing.referral_id, referral_id

@@ -79,6 +79,8 @@ async def test_one_paid_one_clawed_back_and_what_the_referrer_owes(
         return any(line["kind"] == "clawback" and line["referral_id"] == clawed for line in lines)
 
     await eventually(clawback_recorded)
+    kept = await cli("erase", clawed, "--reason", "GDPR request")
+    assert kept.code == 1 and "is open to clawback until" in kept.err, kept
     lines = json.loads((await cli("commissions", "--lines", "--json")).out)
     mine = [
         (line["kind"], line["amount"], line["reference"], line["reason"])
