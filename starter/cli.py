@@ -351,6 +351,11 @@ def cmd_commission_lines(args: argparse.Namespace) -> int:
     """The ledger's append-only lines; entitlement lines sum to each referral's commission."""
     from activities.ledger import ledger_lines
 
+    engine = open_database()
+    with Session(engine) as session:  # the rate each referral's commission was earned at
+        rates = {
+            c.referral_id: str(c.rate.normalize()) for c in session.exec(select(CommissionRow))
+        }
     rows = [
         {
             "referral_id": row.referral_id,
@@ -358,18 +363,19 @@ def cmd_commission_lines(args: argparse.Namespace) -> int:
             "kind": row.kind,
             "amount": str(round_money(row.amount, row.currency)),
             "currency": row.currency,
+            "rate": rates.get(row.referral_id, ""),
             "reference": row.reference or "",
             "reason": row.reason or "",
             "at": as_utc(row.at).isoformat(),
             "actor": row.actor,
         }
-        for row in ledger_lines(open_database())
+        for row in ledger_lines(engine)
     ]
     emit(
         rows,
         args,
-        f"{'AT':<26} {'REFERRAL':<14} {'KIND':<9} {'AMOUNT':>14}  REFERENCE  REFERRER",
-        "{at:<26} {referral_id:<14} {kind:<9} {amount:>10} {currency}  {reference}  "
+        f"{'AT':<26} {'REFERRAL':<14} {'KIND':<9} {'AMOUNT':>14} {'RATE':>6}  REFERENCE  REFERRER",
+        "{at:<26} {referral_id:<14} {kind:<9} {amount:>10} {currency} {rate:>6}  {reference}  "
         "{referrer_email}",
     )
     return 0

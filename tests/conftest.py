@@ -79,27 +79,15 @@ def rules(program_file: Path) -> ProgramRules:
     return load_program(program_file)
 
 
-async def start_time_skipping() -> WorkflowEnvironment:
-    return await WorkflowEnvironment.start_time_skipping(
+@pytest_asyncio.fixture
+async def time_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping test server for each test: timers fire as soon as nothing else can
+    happen. One per test, because its clock is global: once a workflow has completed, waiting
+    on a result can leap it years ahead, or a later sleep stall, for every test after it."""
+    env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(BIN / "temporal-test-server"),
         data_converter=data_converter(),
     )
-
-
-@pytest_asyncio.fixture(scope="session")
-async def time_env() -> AsyncIterator[WorkflowEnvironment]:
-    """The time-skipping test server: timers fire as soon as nothing else can happen."""
-    env = await start_time_skipping()
-    yield env
-    await env.shutdown()
-
-
-@pytest_asyncio.fixture
-async def own_time_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A time-skipping server for one test, for referrals that close during a sleep: once a
-    workflow has completed, the shared server's clock can stall on a later sleep or leap
-    years ahead, and every test after it would inherit that clock."""
-    env = await start_time_skipping()
     yield env
     await env.shutdown()
 

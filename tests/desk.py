@@ -193,8 +193,8 @@ async def referral_desk(
         try:
             yield desk
         finally:
-            # A left-over run would keep timers on the shared time-skipping server, and a
-            # workflow task nobody polls stops its clock for every later test.
+            # A left-over run would keep timers on the server after its worker is gone, and a
+            # workflow task nobody polls stops the server's clock.
             await desk.close_open_workflows()
 
 
@@ -257,6 +257,6 @@ async def final_state(
 ) -> ReferralState:
     """The result of a referral that closed during the last sleep. Read without the SDK's
     automatic time skipping: waiting on a result lets the test server move its clock to the
-    next timer anywhere on it, years ahead at times, which breaks every later test."""
+    next timer anywhere on it, years ahead at times, and a later sleep may then stall."""
     with env.auto_time_skipping_disabled():
         return await handle.result()

@@ -161,7 +161,7 @@ async def fill_form(page: Page, website: str, email: str, consent: bool) -> None
     await field(page, "contact.name").fill("Julien Roche")
     await field(page, "contact.email").fill("j.roche@fromagerie-bellevue.example")
     await field(page, "contact.title").fill("Directeur administratif et financier")
-    await field(page, "opportunity.product").select_option(label="CloudSuite Financials")
+    await field(page, "opportunity.product").select_option("cloudsuite-financials")
     await field(page, "opportunity.estimated_annual_value").fill("180000")
     await field(page, "opportunity.notes").fill(
         "Remplacement d'un ERP vieillissant sur trois sites ; décision prévue au T2."

@@ -30,10 +30,10 @@ def lines(desk: Desk) -> list[tuple[LineKind, Decimal, str | None]]:
 
 
 async def test_refund_before_payout_lowers_what_is_paid(
-    own_time_env: WorkflowEnvironment, shipped_rules: ProgramRules
+    time_env: WorkflowEnvironment, shipped_rules: ProgramRules
 ):
     rules = shipped_rules
-    async with referral_desk(own_time_env, rules) as desk:
+    async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
         rid = (await advance(handle, Stage.WON)).referral_id
         await act(handle, Action.PAYMENT, "dave", amount=Decimal("180000"), reference="INV-1")
@@ -56,8 +56,8 @@ async def test_refund_before_payout_lowers_what_is_paid(
         paid = await act(handle, Action.PAYOUT, "erin", reference="VIR-1")
         assert paid.commission is not None and paid.commission.paid_amount == Decimal("13500.00")
         assert paid.clawback_until == paid.history[-1].at + timedelta(days=rules.clawback.days)
-        await sleep_until(own_time_env, paid.clawback_until + timedelta(hours=1))
-        result = await final_state(own_time_env, handle)
+        await sleep_until(time_env, paid.clawback_until + timedelta(hours=1))
+        result = await final_state(time_env, handle)
 
     assert result.stage is Stage.COMMISSION_PAID and result.clawback_closed
     assert lines(desk) == [
@@ -76,10 +76,10 @@ async def test_refund_before_payout_lowers_what_is_paid(
 
 
 async def test_refund_after_payout_claws_back_until_the_window_closes(
-    own_time_env: WorkflowEnvironment, shipped_rules: ProgramRules
+    time_env: WorkflowEnvironment, shipped_rules: ProgramRules
 ):
     rules = shipped_rules
-    async with referral_desk(own_time_env, rules) as desk:
+    async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
         rid = (await advance(handle, Stage.WON)).referral_id
         await act(handle, Action.PAYMENT, "dave", amount=Decimal("180000"), reference="INV-1")
@@ -87,7 +87,7 @@ async def test_refund_after_payout_claws_back_until_the_window_closes(
         assert paid.stage is Stage.COMMISSION_PAID and paid.closed_at is None
         assert paid.clawback_until is not None
 
-        await sleep_until(own_time_env, paid.clawback_until - timedelta(days=1))
+        await sleep_until(time_env, paid.clawback_until - timedelta(days=1))
         assert (await query_state(handle)).closed_at is None
         assert desk.releases == [], "the prospect stays claimed while refunds can claw back"
         clawed = await act(
@@ -114,8 +114,8 @@ async def test_refund_after_payout_claws_back_until_the_window_closes(
             refused.value.cause
         )
 
-        await sleep_until(own_time_env, paid.clawback_until + timedelta(hours=1))
-        result = await final_state(own_time_env, handle)
+        await sleep_until(time_env, paid.clawback_until + timedelta(hours=1))
+        result = await final_state(time_env, handle)
         with pytest.raises(RPCError):  # completed: nothing more can be recorded
             await act(handle, Action.REFUND, "dave", amount=Decimal("1"), reference="AV-9")
 

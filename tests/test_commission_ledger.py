@@ -87,6 +87,7 @@ async def test_one_paid_one_clawed_back_and_what_the_referrer_owes(
         for line in lines
         if line["referral_id"] == clawed
     ]
+    assert {line["rate"] for line in lines if line["referral_id"] == clawed} == {"0.1"}
     assert mine == [
         ("accrual", "18000.00", "", ""),
         ("payable", "18000.00", "", ""),

@@ -37,10 +37,10 @@ def protection_mail(desk: Desk, rid: str) -> list[tuple[str, datetime]]:
 
 
 async def test_warning_then_expiry_at_their_instants(
-    own_time_env: WorkflowEnvironment, shipped_rules: ProgramRules
+    time_env: WorkflowEnvironment, shipped_rules: ProgramRules
 ):
     rules = shipped_rules
-    async with referral_desk(own_time_env, rules) as desk:
+    async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
         accepted = await advance(handle, Stage.QUALIFYING)
         rid = accepted.referral_id
@@ -48,8 +48,8 @@ async def test_warning_then_expiry_at_their_instants(
         warns = ends - timedelta(days=rules.protection.warning_days)
         assert accepted.protected_until == ends
 
-        await sleep_until(own_time_env, ends + timedelta(hours=1))
-        result = await final_state(own_time_env, handle)
+        await sleep_until(time_env, ends + timedelta(hours=1))
+        result = await final_state(time_env, handle)
 
     assert result.stage is Stage.EXPIRED and result.closed_at is not None
     (warning, warned), (expiry, expired) = system_entries(result)
@@ -71,11 +71,11 @@ async def test_warning_then_expiry_at_their_instants(
 
 
 async def test_an_extension_moves_warning_and_expiry(
-    own_time_env: WorkflowEnvironment, shipped_rules: ProgramRules
+    time_env: WorkflowEnvironment, shipped_rules: ProgramRules
 ):
     rules = shipped_rules
     assert rules.protection.max_extensions == 2
-    async with referral_desk(own_time_env, rules) as desk:
+    async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
         accepted = await advance(handle, Stage.QUALIFYING)
         rid = accepted.referral_id
@@ -89,13 +89,13 @@ async def test_an_extension_moves_warning_and_expiry(
         assert extended.history[-1].note == "board in June; extended by 30 days"
 
         # Past the first end: no warning was due yet, and nothing expired.
-        await sleep_until(own_time_env, first_end + timedelta(hours=1))
+        await sleep_until(time_env, first_end + timedelta(hours=1))
         state = await query_state(handle)
         assert state.stage is Stage.QUALIFYING and not state.protection_warning_sent
 
         await act(handle, Action.APPROVE, "bob")
         second_end = first_end + timedelta(days=30)
-        await sleep_until(own_time_env, second_end - warning + timedelta(hours=1))
+        await sleep_until(time_env, second_end - warning + timedelta(hours=1))
         assert (await query_state(handle)).protection_warning_sent
 
         # Extended again after the warning: a new warning before the new end.
@@ -106,8 +106,8 @@ async def test_an_extension_moves_warning_and_expiry(
             await act(handle, Action.EXTEND, "alice", days=5, reason="one more")
         assert "already extended 2 times" in str(refused.value.cause)
 
-        await sleep_until(own_time_env, third_end + timedelta(hours=1))
-        result = await final_state(own_time_env, handle)
+        await sleep_until(time_env, third_end + timedelta(hours=1))
+        result = await final_state(time_env, handle)
 
     assert result.stage is Stage.EXPIRED and result.protection_extensions == 2
     expected = [
@@ -134,10 +134,10 @@ async def test_an_extension_moves_warning_and_expiry(
 
 @pytest.mark.parametrize("closing", [Action.WON, Action.LOST])
 async def test_won_or_lost_before_the_end_stops_the_clock(
-    closing: Action, own_time_env: WorkflowEnvironment, shipped_rules: ProgramRules
+    closing: Action, time_env: WorkflowEnvironment, shipped_rules: ProgramRules
 ):
     rules = shipped_rules
-    async with referral_desk(own_time_env, rules) as desk:
+    async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
         approved = await advance(handle, Stage.APPROVED)
         rid = approved.referral_id
@@ -147,9 +147,9 @@ async def test_won_or_lost_before_the_end_stops_the_clock(
         )
         await act(handle, closing, "carol", **values)
         if closing is Action.LOST:  # closed: the workflow has ended, its timers with it
-            state = await final_state(own_time_env, handle)
+            state = await final_state(time_env, handle)
         else:  # payment reminders keep it busy past the end of the protection
-            await sleep_until(own_time_env, approved.protected_until + timedelta(days=30))
+            await sleep_until(time_env, approved.protected_until + timedelta(days=30))
             state = await query_state(handle)
             assert state.stage is Stage.WON
             await act(handle, Action.CANCEL, "carol", reason="test over")

@@ -693,6 +693,34 @@ async def test_status_page_follows_the_referral_without_staff_details(
     assert "SECRET-NOTE" not in english.text and "desk-anna" not in english.text
 
 
+async def test_status_page_shows_the_end_of_protection(web: httpx.AsyncClient, live: Live) -> None:
+    referral_id, path = await submit_api(web)
+    handle = live.client.get_workflow_handle(referral_id)
+    steps = [
+        StaffAction(action=Action.CONTACTED, actor="desk-anna"),
+        StaffAction(action=Action.ACCEPT, actor="desk-anna"),
+        StaffAction(action=Action.EXTEND, actor="desk-anna", days=30, reason="SECRET-REASON"),
+    ]
+    for step in steps:
+        state = await handle.execute_update("act", step, result_type=ReferralState)
+    assert state.protected_until is not None
+    html = (await web.get(path)).text
+    shown = re.search(r'<dd id="protected-until">([^<]+)</dd>', html)
+    assert shown is not None and str(state.protected_until.year) in shown.group(1)
+    assert escape(TEXTS["fr"]["status"]["protected_until"]) in html
+    assert re.findall(r'<li data-step="(\w+)">', html) == [
+        "submitted",
+        "contacted",
+        "accept",
+        "extend",
+    ]
+    assert escape(TEXTS["fr"]["steps"]["extend"]) in html and "SECRET-REASON" not in html
+    await handle.execute_update(
+        "act", StaffAction(action=Action.REJECT, actor="desk-anna", reason="no budget")
+    )
+    assert 'id="protected-until"' not in (await web.get(path)).text
+
+
 async def test_status_page_for_an_english_referrer(web: httpx.AsyncClient) -> None:
     _, path = await submit_api(web, **{"referrer.language": "en"})
     page = await web.get(path)
