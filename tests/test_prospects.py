@@ -14,6 +14,7 @@ from starter.intake import DuplicateReferral, SubmissionRefused, submit_referral
 from tests.conftest import Live, eventually
 from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction
+from workflows.referral import PROTECTED_KEY
 
 
 def unique() -> str:
@@ -138,4 +139,12 @@ async def test_protected_until_lists_what_expires_soon(live: Live, rules: Progra
         return [w.id async for w in live.client.list_workflows(query)] == []
 
     await eventually(moved)
+    handle = live.client.get_workflow_handle(rid)
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(PROTECTED_KEY) == extended.protected_until
+    # Won: the protection no longer runs, and a search for what expires soon skips it.
+    await act(live, rid, Action.APPROVE)
+    await act(live, rid, Action.WON, amount="180000", currency="EUR")
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(PROTECTED_KEY) is None
     await act(live, rid, Action.CANCEL, reason="test over")

@@ -665,10 +665,17 @@ class ReferralWorkflow:
             suffix=f"/{count}",
         )
 
+    def _protection_end(self) -> datetime | None:
+        """What ProtectedUntil shows: the end of a protection that still runs, so a search
+        for what expires soon finds no referral already won, lost or closed."""
+        state = self._state
+        protecting = state.stage in (Stage.QUALIFYING, Stage.APPROVED)
+        return state.protected_until if protecting else None
+
     def _published_key(self) -> tuple[Any, ...]:
         key: tuple[Any, ...] = (self._state.stage, self._state.contact_sla_breached)
         if self._features.protection_window:
-            key += (self._state.protected_until,)
+            key += (self._protection_end(),)
         return key
 
     def _changing_search_attributes(self) -> list[SearchAttributeUpdate[Any]]:
@@ -678,7 +685,7 @@ class ReferralWorkflow:
             SLA_KEY.value_set(self._state.contact_sla_breached),
         ]
         if self._features.protection_window:
-            protected = self._state.protected_until
+            protected = self._protection_end()
             updates.append(
                 PROTECTED_KEY.value_set(protected) if protected else PROTECTED_KEY.value_unset()
             )
