@@ -9,27 +9,34 @@ import io
 import json
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from activities.email import format_money
 from starter.intake import submit_referral
 from tests.conftest import Cli, Live, eventually
 from tests.factories import submission
-from workflows.models import ProgramRules
+from workflows.models import Action, ProgramRules, ReferralState, StaffAction
 
 
-async def walk(cli: Cli, rid: str, *steps: tuple[str, ...]) -> None:
-    for command, *options in steps:
-        done = await cli(command, rid, *options)
-        assert done.code == 0, done
+async def walk(live: Live, rid: str, *steps: tuple[Action, dict[str, Any]]) -> None:
+    """The steps around the ones under test, by updates (a CLI process costs a second)."""
+    handle = live.client.get_workflow_handle(rid)
+    for action, values in steps:
+        request = StaffAction(action=action, actor="desk-anna", **values)
+        await handle.execute_update("act", request, result_type=ReferralState)
 
 
-TO_APPROVED = [("contacted",), ("accept",), ("approve",)]
+TO_APPROVED: list[tuple[Action, dict[str, Any]]] = [
+    (Action.CONTACTED, {}),
+    (Action.ACCEPT, {}),
+    (Action.APPROVE, {}),
+]
 
 
-def won(amount: str, reference: str) -> list[tuple[str, ...]]:
+def won(amount: str, reference: str) -> list[tuple[Action, dict[str, Any]]]:
     return [
-        ("won", "--amount", amount, "--currency", "EUR"),
-        ("payment", "--amount", amount, "--reference", reference),
+        (Action.WON, {"amount": Decimal(amount), "currency": "EUR"}),
+        (Action.PAYMENT, {"amount": Decimal(amount), "reference": reference}),
     ]
 
 
@@ -51,13 +58,8 @@ async def test_one_paid_one_clawed_back_and_what_the_referrer_owes(
 
     paid, clawed = await submit("cloudsuite-financials"), await submit("cloudsuite-financials")
     for rid, n in ((paid, 1), (clawed, 2)):
-        await walk(
-            cli,
-            rid,
-            *TO_APPROVED,
-            *won("180000", f"INV-{n}"),
-            ("payout", "--reference", f"VIR-{n}"),
-        )
+        payout = (Action.PAYOUT, {"reference": f"VIR-{n}"})
+        await walk(live, rid, *TO_APPROVED, *won("180000", f"INV-{n}"), payout)
     shown = (await cli("show", clawed)).out
     assert "10.00% of 180000.00" in shown and "refunds claw back until" in shown
 
@@ -123,11 +125,11 @@ async def test_one_paid_one_clawed_back_and_what_the_referrer_owes(
     # The same referrer's next commission, under a product with its own rate (15 %, capped at
     # 20 000): finance's payout email says what to net against it.
     third = await submit("hcm-talent")
-    await walk(cli, third, *TO_APPROVED)
+    await walk(live, third, *TO_APPROVED)
     extended = await cli("extend", third, "--days", "30", "--reason", "budget vote in March")
     assert extended.code == 0, extended
     assert "extended 1x" in (await cli("show", third)).out
-    await walk(cli, third, *won("100000", "INV-3"))
+    await walk(live, third, *won("100000", "INV-3"))
     own_rate = (await cli("show", third)).out
     assert "15000.00 EUR (15.00% of 100000.00)" in own_rate
     refused = await cli("extend", third, "--days", "10", "--reason", "late")
