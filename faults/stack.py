@@ -51,10 +51,20 @@ class StackError(RuntimeError):
     """A process did not start or stop as expected; the message says which and why."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port nothing listens on, never the same one twice: a port handed out is bound only
+    later, and meanwhile the system may offer it again (the SMTP server and the Temporal
+    server were once given one port, and the server could not start)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 # Looked up once here: between fork and exec the child must not load libraries (the other
