@@ -50,7 +50,9 @@ PROSPECT_DOMAIN = "fromagerie-bellevue.example"
 
 # Real seconds to wait for something the worker does asynchronously (an activity after an update).
 SETTLE = 10.0
-# Timers fire at their instant plus the milliseconds their workflow task took.
+# A Temporal timer starts when the workflow task that set it completes, while the workflow
+# computed its duration from that task's start (workflow.now()): it fires at its instant plus
+# the few milliseconds the task took, never before. Days-scale timers, so a small slack.
 TIMER_SLACK = timedelta(seconds=1)
 
 
@@ -233,6 +235,11 @@ async def advance(handle: WorkflowHandle[Any, Any], to: Stage) -> ReferralState:
         (Stage.QUALIFYING, Action.ACCEPT, {}),
         (Stage.APPROVED, Action.APPROVE, {}),
         (Stage.WON, Action.WON, {**WON_180K, "payment_terms_days": 30}),
+        (
+            Stage.COMMISSION_PAYABLE,
+            Action.PAYMENT,
+            {"amount": Decimal("180000"), "reference": "INV-1"},
+        ),
     ]
     state = await query_state(handle)
     for stage, action, values in path:
@@ -244,8 +251,15 @@ async def advance(handle: WorkflowHandle[Any, Any], to: Stage) -> ReferralState:
     return state
 
 
-def fired_at(at: datetime, due: datetime) -> bool:
-    return due <= at < due + TIMER_SLACK
+def system_entries(state: ReferralState) -> list[tuple[str, datetime]]:
+    """What the timers did: the history entries the workflow wrote itself."""
+    return [(h.action, h.at) for h in state.history if h.outcome == "system"]
+
+
+def assert_fired_at(entries: list[tuple[str, datetime]], expected: list[tuple[str, datetime]]):
+    assert [action for action, _ in entries] == [action for action, _ in expected]
+    for (action, at), (_, due) in zip(entries, expected, strict=True):
+        assert due <= at < due + TIMER_SLACK, f"{action} at {at}, due {due}"
 
 
 async def sleep_until(env: WorkflowEnvironment, instant: datetime) -> None:

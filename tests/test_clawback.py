@@ -16,8 +16,8 @@ from tests.desk import (
     Desk,
     act,
     advance,
+    assert_fired_at,
     final_state,
-    fired_at,
     query_state,
     referral_desk,
     sleep_until,
@@ -35,8 +35,7 @@ async def test_refund_before_payout_lowers_what_is_paid(
     rules = shipped_rules
     async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
-        rid = (await advance(handle, Stage.WON)).referral_id
-        await act(handle, Action.PAYMENT, "dave", amount=Decimal("180000"), reference="INV-1")
+        rid = (await advance(handle, Stage.COMMISSION_PAYABLE)).referral_id
 
         refunded = await act(
             handle,
@@ -81,8 +80,7 @@ async def test_refund_after_payout_claws_back_until_the_window_closes(
     rules = shipped_rules
     async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
-        rid = (await advance(handle, Stage.WON)).referral_id
-        await act(handle, Action.PAYMENT, "dave", amount=Decimal("180000"), reference="INV-1")
+        rid = (await advance(handle, Stage.COMMISSION_PAYABLE)).referral_id
         paid = await act(handle, Action.PAYOUT, "erin", reference="VIR-1")
         assert paid.stage is Stage.COMMISSION_PAID and paid.closed_at is None
         assert paid.clawback_until is not None
@@ -121,7 +119,10 @@ async def test_refund_after_payout_claws_back_until_the_window_closes(
 
     closing = result.history[-1]
     assert (closing.action, closing.actor) == ("clawback_window_closed", "system")
-    assert fired_at(closing.at, paid.clawback_until) and result.closed_at == closing.at
+    assert_fired_at(
+        [(closing.action, closing.at)], [("clawback_window_closed", paid.clawback_until)]
+    )
+    assert result.closed_at == closing.at
     assert desk.releases == [ProspectRelease(domain=PROSPECT_DOMAIN, referral_id=rid)]
     assert lines(desk) == [
         (LineKind.ACCRUAL, Decimal("18000.00"), None),

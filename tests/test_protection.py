@@ -15,17 +15,14 @@ from tests.desk import (
     Desk,
     act,
     advance,
+    assert_fired_at,
     final_state,
-    fired_at,
     query_state,
     referral_desk,
     sleep_until,
+    system_entries,
 )
-from workflows.models import Action, ProgramRules, ProspectRelease, ReferralState, Stage
-
-
-def system_entries(state: ReferralState) -> list[tuple[str, datetime]]:
-    return [(h.action, h.at) for h in state.history if h.actor == "system"]
+from workflows.models import Action, ProgramRules, ProspectRelease, Stage
 
 
 def protection_mail(desk: Desk, rid: str) -> list[tuple[str, datetime]]:
@@ -52,18 +49,17 @@ async def test_warning_then_expiry_at_their_instants(
         result = await final_state(time_env, handle)
 
     assert result.stage is Stage.EXPIRED and result.closed_at is not None
-    (warning, warned), (expiry, expired) = system_entries(result)
-    assert (warning, expiry) == ("protection_warning", "expire")
-    assert fired_at(warned, warns) and fired_at(expired, ends)
+    assert_fired_at(system_entries(result), [("protection_warning", warns), ("expire", ends)])
     assert result.history[-1].note == f"protection ended {ends:%Y-%m-%d}; the prospect is released"
 
-    mail = protection_mail(desk, rid)
-    assert [key for key, _ in mail] == [
-        "referrer/protection_warning/0",
-        "staff_protection_warning/0",
-        "referrer/expired",
-    ]
-    assert all(fired_at(at, warns) for _, at in mail[:2]) and fired_at(mail[2][1], ends)
+    assert_fired_at(
+        protection_mail(desk, rid),
+        [
+            ("referrer/protection_warning/0", warns),
+            ("staff_protection_warning/0", warns),
+            ("referrer/expired", ends),
+        ],
+    )
     to = {s.request.template: s.request.to for s in desk.emails}
     assert to["staff_protection_warning"] == [str(rules.recipients.sales)]
     assert desk.releases == [ProspectRelease(domain=PROSPECT_DOMAIN, referral_id=rid)]
@@ -115,9 +111,7 @@ async def test_an_extension_moves_warning_and_expiry(
         ("protection_warning", third_end - warning),
         ("expire", third_end),
     ]
-    entries = system_entries(result)
-    assert [action for action, _ in entries] == [action for action, _ in expected]
-    assert all(fired_at(at, due) for (_, at), (_, due) in zip(entries, expected, strict=True))
+    assert_fired_at(system_entries(result), expected)
     assert [key for key, _ in protection_mail(desk, rid)] == [
         "referrer/protection_extended/1",
         "referrer/protection_warning/1",

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -20,9 +20,11 @@ from tests.desk import (
     Desk,
     act,
     advance,
+    assert_fired_at,
     query_state,
     referral_desk,
     state_until,
+    system_entries,
 )
 from workflows.models import (
     Action,
@@ -189,22 +191,6 @@ async def test_negative_branch_ends_the_referral(
 
 
 # --- 3. contact reminder and escalation ---------------------------------------------------
-
-
-def system_entries(state: ReferralState) -> list[tuple[str, datetime]]:
-    return [(h.action, h.at) for h in state.history if h.outcome == "system"]
-
-
-# A Temporal timer starts when the workflow task that set it completes, while the workflow
-# computed its duration from that task's start (workflow.now()): it fires at its instant plus
-# the few milliseconds the task took, never before. Days-scale timers, so a small slack.
-TIMER_SLACK = timedelta(seconds=1)
-
-
-def assert_fired_at(entries: list[tuple[str, datetime]], expected: list[tuple[str, datetime]]):
-    assert [action for action, _ in entries] == [action for action, _ in expected]
-    for (action, at), (_, due) in zip(entries, expected, strict=True):
-        assert due <= at < due + TIMER_SLACK, f"{action} at {at}, due {due}"
 
 
 async def test_contact_reminder_and_escalation_fire_at_their_instants(
