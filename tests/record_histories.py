@@ -111,8 +111,16 @@ async def walk_to(desk: Desk, handle: WorkflowHandle[Any, Any], stage: Stage) ->
         (Action.ACCEPT, {}),
         (Action.APPROVE, {"note": "budget confirmed"}),
         (Action.WON, {"amount": Decimal("180000"), "currency": "EUR", "payment_terms_days": 0}),
+        (Action.PAYMENT, {"amount": Decimal("180000"), "reference": "INV-1"}),
     ]
-    order = [Stage.SUBMITTED, Stage.CONTACTED, Stage.QUALIFYING, Stage.APPROVED, Stage.WON]
+    order = [
+        Stage.SUBMITTED,
+        Stage.CONTACTED,
+        Stage.QUALIFYING,
+        Stage.APPROVED,
+        Stage.WON,
+        Stage.COMMISSION_PAYABLE,
+    ]
     current = (await handle.query("state", result_type=ReferralState)).stage
     for (action, values), reached in zip(path, order[1:], strict=True):
         if order.index(reached) > order.index(current):
@@ -254,8 +262,7 @@ async def extension(desk: Desk) -> WorkflowHandle[Any, Any]:
 async def refund_before_payout(desk: Desk) -> WorkflowHandle[Any, Any]:
     """A credit note while payable lowers what is paid out; then open for clawback."""
     handle = await desk.submit()
-    await walk_to(desk, handle, Stage.WON)
-    await desk.act(handle, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
+    await walk_to(desk, handle, Stage.COMMISSION_PAYABLE)
     refund = {"amount": Decimal("45000"), "reference": "AV-1", "reason": "two modules returned"}
     await desk.act(handle, Action.REFUND, **refund)
     await desk.act(handle, Action.PAYOUT, reference="VIR-1")
@@ -265,8 +272,7 @@ async def refund_before_payout(desk: Desk) -> WorkflowHandle[Any, Any]:
 async def refund_after_payout(desk: Desk) -> WorkflowHandle[Any, Any]:
     """Still running when recorded: paid out, then clawed back by a refund, window open."""
     handle = await desk.submit()
-    await walk_to(desk, handle, Stage.WON)
-    await desk.act(handle, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
+    await walk_to(desk, handle, Stage.COMMISSION_PAYABLE)
     await desk.act(handle, Action.PAYOUT, reference="VIR-1")
     refund = {"amount": Decimal("90000"), "reference": "AV-1", "reason": "contract halved"}
     await desk.act(handle, Action.REFUND, **refund)
@@ -287,8 +293,7 @@ async def protection_expiry(desk: Desk, env: WorkflowEnvironment) -> WorkflowHan
 async def clawback_window_closed(desk: Desk, env: WorkflowEnvironment) -> WorkflowHandle[Any, Any]:
     """Paid, refunded in the window, then closed when the window ends (time-skipping server)."""
     handle = await desk.start_unindexed(env)
-    await walk_to(desk, handle, Stage.WON)
-    await desk.act(handle, Action.PAYMENT, amount=Decimal("180000"), reference="INV-1")
+    await walk_to(desk, handle, Stage.COMMISSION_PAYABLE)
     await desk.act(handle, Action.PAYOUT, reference="VIR-1")
     refund = {"amount": Decimal("18000"), "reference": "AV-1", "reason": "one licence returned"}
     await desk.act(handle, Action.REFUND, **refund)
