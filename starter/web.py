@@ -426,19 +426,16 @@ def percent(rate: Decimal, lang: str) -> str:
 
 def timeline(state: ReferralState) -> list[tuple[datetime, str]]:
     """What the referrer may see: dated steps, no notes, no names, no refused actions."""
-    visible = {"submitted", "contacted", "accept", "decline", "approve", "reject", "won", "lost"}
+    visible = {
+        "submitted", "contacted", "accept", "decline", "approve", "reject", "won", "lost",
+        "cancel", "payout", "extend", "expire", "refund",
+    }  # fmt: skip
     steps: list[tuple[datetime, str]] = []
     payments = [h for h in state.history if h.action == "payment" and h.outcome == "applied"]
     for entry in state.history:
         if entry.outcome == "refused":
             continue
-        if entry.action in visible or entry.action in (
-            "cancel",
-            "payout",
-            "extend",
-            "expire",
-            "refund",
-        ):
+        if entry.action in visible:
             steps.append((entry.at, entry.action))
     if state.stage in (Stage.COMMISSION_PAYABLE, Stage.COMMISSION_PAID) and payments:
         steps.append((payments[-1].at, "commission_payable"))
