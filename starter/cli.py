@@ -119,9 +119,9 @@ def describe(state: ReferralState, workflow: str | None = None) -> str:
             f"  payment due  {at(s.payment_due_at)} ({s.payment_terms_days} days terms)"
             + (f", {s.payment_reminders_sent} reminder(s) sent" if s.payment_reminders_sent else "")
         )
-    if s.protected_until is not None and s.stage in (Stage.QUALIFYING, Stage.APPROVED):
+    if s.protection_end is not None:
         extended = f", extended {s.protection_extensions}x" if s.protection_extensions else ""
-        lines.append(f"  protected    until {at(s.protected_until)}{extended}")
+        lines.append(f"  protected    until {at(s.protection_end)}{extended}")
     for r in s.refunds:
         currency = s.commission.currency if s.commission else ""
         lines.append(

@@ -34,7 +34,6 @@ from workflows.models import (
     ProgramRules,
     ReferralInput,
     ReferralRecord,
-    Stage,
     Submission,
     normalize_domain,
 )
@@ -269,8 +268,7 @@ async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_
             continue
         if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
             other = await asyncio.to_thread(load_referral, engine, existing.referral_id)
-            protecting = other is not None and other.stage in (Stage.QUALIFYING, Stage.APPROVED)
-            protected = other.protected_until if other is not None and protecting else None
+            protected = other.protection_end if other is not None else None
             raise DuplicateReferral(domain, existing.referral_id, protected)
         if await asyncio.to_thread(
             _take_over_claim, engine, domain, existing.referral_id, referral_id

@@ -449,6 +449,13 @@ class ReferralState(BaseModel):
         return self.stage in TERMINAL_STAGES
 
     @property
+    def protection_end(self) -> datetime | None:
+        """The end of a protection that still runs: won, lost or closed, the prospect is no
+        longer waiting on it (the date stays in `protected_until` for the record)."""
+        protecting = self.stage in (Stage.QUALIFYING, Stage.APPROVED)
+        return self.protected_until if protecting else None
+
+    @property
     def in_clawback_window(self) -> bool:
         return self.clawback_until is not None and not self.clawback_closed
 

@@ -568,9 +568,8 @@ class ReferralWorkflow:
 
     def _next_timer(self) -> tuple[datetime, Callable[[], None]] | None:
         state = self._state
-        protected = (Stage.QUALIFYING, Stage.APPROVED)
-        if self._features.protection_window and state.stage in protected and state.protected_until:
-            ends = state.protected_until
+        ends = state.protection_end
+        if self._features.protection_window and ends is not None:
             warn = ends - timedelta(days=self._rules.protection.warning_days)
             if not state.protection_warning_sent and warn < ends:
                 return warn, self._protection_warning
@@ -665,17 +664,10 @@ class ReferralWorkflow:
             suffix=f"/{count}",
         )
 
-    def _protection_end(self) -> datetime | None:
-        """What ProtectedUntil shows: the end of a protection that still runs, so a search
-        for what expires soon finds no referral already won, lost or closed."""
-        state = self._state
-        protecting = state.stage in (Stage.QUALIFYING, Stage.APPROVED)
-        return state.protected_until if protecting else None
-
     def _published_key(self) -> tuple[Any, ...]:
         key: tuple[Any, ...] = (self._state.stage, self._state.contact_sla_breached)
         if self._features.protection_window:
-            key += (self._protection_end(),)
+            key += (self._state.protection_end,)
         return key
 
     def _changing_search_attributes(self) -> list[SearchAttributeUpdate[Any]]:
@@ -685,7 +677,7 @@ class ReferralWorkflow:
             SLA_KEY.value_set(self._state.contact_sla_breached),
         ]
         if self._features.protection_window:
-            protected = self._protection_end()
+            protected = self._state.protection_end
             updates.append(
                 PROTECTED_KEY.value_set(protected) if protected else PROTECTED_KEY.value_unset()
             )
