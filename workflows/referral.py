@@ -423,7 +423,8 @@ class ReferralWorkflow:
             self._publish_details()
 
     def _queue_referrer_email(self, what: str) -> None:
-        """An email to the referrer about `what` (`protection_warning/0`…): key and template."""
+        """An email to the referrer about `what` (a stage, `protection_warning/0`…): its key
+        and, from its first part, its template."""
         state = self._state
         self._queue_email(
             f"{state.referral_id}/referrer/{what}",
@@ -437,13 +438,7 @@ class ReferralWorkflow:
         state = self._state
         recipients = self._rules.recipients
         snapshot = state.model_copy(deep=True)
-        self._queue_email(
-            f"{state.referral_id}/referrer/{state.stage.value}",
-            [str(state.referrer.email)],
-            state.referrer.language,
-            f"referrer_{state.stage.value}",
-            snapshot,
-        )
+        self._queue_referrer_email(state.stage.value)
         notice = STAFF_NOTICE.get(state.stage)
         if notice is not None:
             role, template = notice
