@@ -130,6 +130,17 @@ class CommissionLineRow(SQLModel, table=True):
     actor: str
 
 
+class SignInLinkRow(SQLModel, table=True):
+    """A sign-in link once used: the primary key lets each link in only once, whichever web
+    process sees it. Holds no address, only the link's random nonce."""
+
+    __tablename__ = "sign_in_link"
+
+    nonce: str = Field(primary_key=True)
+    audience: str
+    used_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
 class SentEmail(SQLModel, table=True):
     """Emails known to be sent, by idempotency key: a retried activity does not resend."""
 

@@ -1,8 +1,11 @@
 """Email: render a Jinja2 template in the recipient's language and send it over SMTP, once.
 
-A template is `templates/email/{lang}/{name}.txt`: its first line is
-`Subject: …`, the rest is the plain-text body. The HTML part is the same
-paragraphs in `_layout.html`, autoescaped, so each message is worded once.
+A template is `templates/email/{name}.txt`, one for every language: its texts are English
+gettext messages (`{% trans %}`, `_()`), translated by the `emails` catalogs of `locale/`
+(activities/i18n.py). Its first line is `Subject: …`, the rest is the plain-text body. The
+HTML part is the same paragraphs in `_layout.html`, autoescaped, so each message is worded
+once. A paragraph written as a `{% trans %}` block ends with `{% endtrans +%}`: the `+`
+keeps the line break that `trim_blocks` would otherwise take.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import smtplib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -22,15 +25,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import jinja2
+from jinja2.runtime import Context
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import i18n
 from activities.db import SentEmail
 from activities.ledger import balances
-from workflows.models import EmailRequest, minor_unit_digits, round_money
+from workflows.models import EmailRequest
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -64,7 +69,26 @@ class RenderedEmail:
     html: str
 
 
+@jinja2.pass_context
+def _local(context: Context, moment: datetime | None, with_time: bool = False) -> str:
+    """In the program's time zone; staff get the time too, referrers the date."""
+    if moment is None:
+        return "—"
+    value = moment.astimezone(context["zone"])
+    if with_time:
+        return value.strftime("%Y-%m-%d %H:%M %Z")
+    return i18n.format_date(value.date(), context["lang"])
+
+
+@jinja2.pass_context
+def _deadline_day(context: Context, moment: datetime) -> str:
+    """A deadline at 00:00 local is reached at the end of the previous day."""
+    return _local(context, moment - timedelta(seconds=1))
+
+
 def _environment() -> jinja2.Environment:
+    """One environment for every email, whatever its language: the language, the time zone
+    and the referral come with each render (sends run in parallel threads)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES / "email"),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
@@ -73,30 +97,12 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=False,
     )
+    i18n.install(env)
+    env.filters.update(local=_local, deadline_day=_deadline_day)
     return env
 
 
-_MONTHS = {
-    "fr": "janvier février mars avril mai juin juillet août septembre octobre novembre décembre",
-    "en": "January February March April May June July August September October November December",
-}
-
-
-def long_date(day: date, language: str) -> str:
-    """`4 décembre 2026` / `4 December 2026`: how people write dates in a sentence."""
-    month = _MONTHS.get(language, _MONTHS["en"]).split()[day.month - 1]
-    return f"{'1er' if language == 'fr' and day.day == 1 else day.day} {month} {day.year}"
-
-
-def format_money(amount: Decimal | None, currency: str | None, language: str) -> str:
-    """`12,000.00 EUR` in English, `12 000,00 EUR` in French, in the currency's minor unit."""
-    if amount is None:
-        return "—"
-    digits = minor_unit_digits(currency or "")
-    text = f"{round_money(amount, currency or ''):,.{digits}f}"
-    if language == "fr":
-        text = text.replace(",", "\u202f").replace(".", ",")
-    return f"{text} {currency or ''}".strip()
+_ENVIRONMENT = _environment()
 
 
 def render_email(
@@ -106,40 +112,22 @@ def render_email(
     payload (anyone who can read a payload could open the page); `facts`: what only the
     database knows when the email is sent (a referrer's balance)."""
     referral = request.referral
-    zone = ZoneInfo(referral.contact_calendar.timezone)
-
-    def local(moment: datetime | None, with_time: bool = False) -> str:
-        if moment is None:
-            return "—"
-        value = moment.astimezone(zone)
-        if with_time:
-            return value.strftime("%Y-%m-%d %H:%M %Z")
-        return long_date(value.date(), request.language)
-
-    def deadline_day(moment: datetime) -> str:
-        """A deadline at 00:00 local is reached at the end of the previous day."""
-        return local(moment - timedelta(seconds=1))
-
-    env = _environment()
-
-    def money(amount: Decimal | None, currency: str | None = None) -> str:
-        return format_money(amount, currency, request.language)
-
-    env.filters.update(local=local, money=money, deadline_day=deadline_day)
     context = {
+        "lang": request.language,
+        "zone": ZoneInfo(referral.contact_calendar.timezone),
         "r": referral,
         "extra": request.extra,
         "status_url": status_url,
         "facts": facts or {},
     }
-    source = env.get_template(f"{request.language}/{request.template}.txt").render(context)
+    source = _ENVIRONMENT.get_template(f"{request.template}.txt").render(context)
     first, _, body = source.strip().partition("\n")
     if not first.startswith("Subject:"):
         raise ValueError(f"template {request.template} must start with a 'Subject:' line")
     subject = first.removeprefix("Subject:").strip()
     text = body.strip() + "\n"
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    html = env.get_template("_layout.html").render(
+    html = _ENVIRONMENT.get_template("_layout.html").render(
         subject=subject, paragraphs=paragraphs, r=referral, lang=request.language
     )
     return RenderedEmail(subject=subject, text=text, html=html)

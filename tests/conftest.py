@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import mailbox
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -13,6 +14,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -173,6 +175,26 @@ class MailSink:
 
     def settings(self) -> SmtpSettings:
         return SmtpSettings(host=self.host, port=self.port)
+
+    def sign_in_links(self, to: str) -> list[str]:
+        """The paths (with query) of the sign-in links emailed to `to`, oldest first (by the
+        delivery time in the Maildir key, finer than the Date header's second)."""
+        box = mailbox.Maildir(self.maildir, create=False)
+
+        def delivered(key: str) -> tuple[int, ...]:
+            found = re.match(r"(\d+)\.M(\d+)P\d+Q(\d+)", key)
+            return tuple(int(n) for n in found.groups()) if found else ()
+
+        links = []
+        for key in sorted(box.keys(), key=delivered):
+            message = message_from_bytes(box.get_bytes(key), policy=policy.default)
+            if not isinstance(message, EmailMessage) or str(message["To"]).lower() != to.lower():
+                continue
+            body = message.get_body(("plain",))
+            text = body.get_content() if body is not None else ""
+            for url in re.findall(r"https?://\S+/sign-in/\S+", text):
+                links.append(f"{urlsplit(url).path}?{urlsplit(url).query}")
+        return links
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import pytest_asyncio
-import yaml
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
-from activities.email import long_date
+from activities.i18n import format_date, translations
+from starter.web.intake import ERROR_MESSAGES, FIELD_MESSAGES, STAGE_NAMES, STEP_NAMES
 from tests.conftest import ROOT, Live, free_port
 from workflows.models import ReferralState, Stage
 
@@ -36,9 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
-FR: dict[str, Any] = yaml.safe_load(
-    (ROOT / "templates" / "web" / "messages" / "fr.yaml").read_text("utf-8")
-)
+FR = translations("fr").gettext  # the pages' texts in French
 
 
 def field(page: Page, name: str) -> Any:
@@ -56,43 +55,30 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest_asyncio.fixture(scope="module")
-async def web(
-    chromium: Path, live: Live, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[str]:
-    """`referrals web` as its own process; the base URL once /healthz says Temporal and the
-    database are reachable."""
+@asynccontextmanager
+async def referrals_web(workdir: Path, ready: str, **settings: str) -> AsyncIterator[str]:
+    """`referrals web` as its own process, with `settings` added to its environment; the base
+    URL once `ready` answers 200."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    workdir = tmp_path_factory.mktemp("web")
     env = {
         key: value
         for key, value in os.environ.items()
         if key not in ("REFERRALS_DEV_MAILDIR", "TEMPORAL_PROFILE", "TEMPORAL_CONFIG_FILE")
     }
     env.update(
-        TEMPORAL_ADDRESS=live.address,
-        TEMPORAL_NAMESPACE=live.client.namespace,
-        REFERRALS_DATABASE_URL=live.database_url,
         REFERRALS_PROGRAM=str(ROOT / "program.yaml"),
         REFERRALS_PUBLIC_URL=base,
         REFERRALS_SECRET_KEY="browser-test-secret",
+        **settings,
     )
     log_path = workdir / "web.log"
     with log_path.open("wb") as log:
         # Asynchronously, so the in-process worker keeps serving while the server runs.
         process = await asyncio.create_subprocess_exec(
-            str(REFERRALS),
-            "web",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            env=env,
-            cwd=workdir,
-            stdout=log,
-            stderr=log,
-        )
+            str(REFERRALS), "web", "--host", "127.0.0.1", "--port", str(port),
+            env=env, cwd=workdir, stdout=log, stderr=log,
+        )  # fmt: skip
         try:
             deadline = time.monotonic() + 30
             async with httpx.AsyncClient(timeout=2) as http:
@@ -100,12 +86,14 @@ async def web(
                     if process.returncode is not None:
                         pytest.fail(f"referrals web exited early:\n{log_path.read_text()}")
                     try:
-                        if (await http.get(f"{base}/healthz")).status_code == 200:
+                        if (await http.get(f"{base}{ready}")).status_code == 200:
                             break
                     except httpx.TransportError:
                         pass
                     if time.monotonic() > deadline:
-                        pytest.fail(f"referrals web never became healthy:\n{log_path.read_text()}")
+                        pytest.fail(
+                            f"referrals web never answered {ready}:\n{log_path.read_text()}"
+                        )
                     await asyncio.sleep(0.2)
             yield base
         finally:
@@ -116,6 +104,24 @@ async def web(
                 except TimeoutError:
                     process.kill()
                     await process.wait()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def web(
+    chromium: Path, live: Live, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """`referrals web` on the session's dev server, database and mail sink; the base URL once
+    /healthz says Temporal and the database are reachable."""
+    async with referrals_web(
+        tmp_path_factory.mktemp("web"),
+        "/healthz",
+        TEMPORAL_ADDRESS=live.address,
+        TEMPORAL_NAMESPACE=live.client.namespace,
+        REFERRALS_DATABASE_URL=live.database_url,
+        REFERRALS_SMTP_HOST=live.sink.host,
+        REFERRALS_SMTP_PORT=str(live.sink.port),
+    ) as base:
+        yield base
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -181,7 +187,7 @@ async def test_a_french_referrer_submits_and_follows_the_referral(
 ) -> None:
     await page.goto(f"{web}/?lang=fr")
     await expect(page.locator("html")).to_have_attribute("lang", "fr")
-    await expect(page.locator("h1")).to_have_text(FR["form"]["title"])
+    await expect(page.locator("h1")).to_have_text(FR("Refer an opportunity"))
     await expect(field(page, "referrer.language")).to_have_value("fr")
     await expect(field(page, "opportunity.currency")).to_have_value("EUR")
     await screenshot(page, "form.png")
@@ -191,11 +197,11 @@ async def test_a_french_referrer_submits_and_follows_the_referral(
     async with page.expect_response(
         lambda r: r.request.method == "POST" and r.url == f"{web}/referrals"
     ) as posted:
-        await page.get_by_role("button", name=FR["form"]["submit"]).click()
+        await page.get_by_role("button", name=FR("Send the referral")).click()
     assert (await posted.value).status == 303
     await page.wait_for_url(f"{web}/confirmation/**")
 
-    await expect(page.locator("h1")).to_have_text(FR["confirmation"]["title"])
+    await expect(page.locator("h1")).to_have_text(FR("Thank you, your referral is registered"))
     referral_id = (await page.locator("#referral-id").inner_text()).strip()
     assert referral_id.startswith("R-") and len(referral_id) == 12, referral_id
 
@@ -212,30 +218,34 @@ async def test_a_french_referrer_submits_and_follows_the_referral(
     ]
     # The deadline falls at 00:00 local: the page names the last day, in the desk's zone.
     zone = ZoneInfo(state.contact_calendar.timezone)
-    last_day = long_date(
+    last_day = format_date(
         (state.contact_deadline.astimezone(zone) - timedelta(seconds=1)).date(), "fr"
     )
     await expect(page.locator("main")).to_contain_text(
-        FR["confirmation"]["next"].replace("{deadline}", last_day)
+        FR(
+            "Someone from our team will contact you by %(deadline)s to discuss this "
+            "opportunity. A confirmation email will reach you in a few moments."
+        )
+        % {"deadline": last_day}
     )
     await screenshot(page, "confirmation.png")
 
     link = page.locator("#status-link")
-    await expect(link).to_have_text(FR["confirmation"]["follow_link"])
+    await expect(link).to_have_text(FR("Follow my referral"))
     assert (await link.get_attribute("href") or "").startswith(f"{web}/status/")
     await link.click()
     await page.wait_for_url(f"{web}/status/**")
 
-    await expect(page.locator("h1")).to_have_text(FR["status"]["title"])
+    await expect(page.locator("h1")).to_have_text(FR("Your referral"))
     stage = page.locator("#stage")
     await expect(stage).to_have_attribute("data-stage", "submitted")
-    await expect(stage).to_have_text(FR["stages"]["submitted"])
+    await expect(stage).to_have_text(FR(STAGE_NAMES[Stage.SUBMITTED]))
     await expect(page.locator("main")).to_contain_text(referral_id)
     await expect(page.locator("main")).to_contain_text(last_day)
     steps = page.locator("#timeline li")
     await expect(steps).to_have_count(1)
     await expect(steps.first).to_have_attribute("data-step", "submitted")
-    await expect(steps.first).to_contain_text(FR["steps"]["submitted"])
+    await expect(steps.first).to_contain_text(FR(STEP_NAMES["submitted"]))
     # The referrer's page shows no internal actor or email.
     assert "web:" not in await page.locator("main").inner_text()
     await screenshot(page, "status.png")
@@ -254,12 +264,14 @@ async def submit_invalid(page: Page, web: str) -> None:
     async with page.expect_response(
         lambda r: r.request.method == "POST" and r.url == f"{web}/referrals"
     ) as posted:
-        await page.get_by_role("button", name=FR["form"]["submit"]).click()
+        await page.get_by_role("button", name=FR("Send the referral")).click()
     response = await posted.value
     assert response.status == 422, response.status  # the server refused, re-rendering the form
     await page.wait_for_load_state()
     assert page.url == f"{web}/referrals"
-    await expect(page.locator("#problem")).to_have_text(FR["problems"]["fix"])
+    await expect(page.locator("#problem")).to_have_text(
+        FR("Please correct the fields marked below; what you typed is kept.")
+    )
 
 
 async def test_invalid_submission_is_refused_by_the_server_and_keeps_the_input(
@@ -274,7 +286,7 @@ async def test_invalid_submission_is_refused_by_the_server_and_keeps_the_input(
 
     email_error = field(page, "referrer.email-error")
     await expect(email_error).to_be_visible()
-    await expect(email_error).to_have_text(FR["errors"]["fields"]["referrer.email"])
+    await expect(email_error).to_have_text(FR(FIELD_MESSAGES["referrer.email"]))
     await expect(field(page, "referrer.email")).to_have_attribute("aria-invalid", "true")
     await expect(field(page, "referrer.email")).to_have_value("claire@")
     await expect(field(page, "referrer.name")).to_have_value("Claire Martin")
@@ -295,7 +307,7 @@ async def test_invalid_submission_is_refused_by_the_server_and_keeps_the_input(
     await submit_invalid(page, web)
     consent_error = page.locator("#consent-error")
     await expect(consent_error).to_be_visible()
-    await expect(consent_error).to_have_text(" ".join(FR["errors"]["consent_required"].split()))
+    await expect(consent_error).to_have_text(FR(ERROR_MESSAGES["consent_required"]))
     await expect(page.locator(".error")).to_have_count(1)
     await expect(field(page, "prospect.website")).to_have_value(site)
     await screenshot(page, "form-errors-consent.png")

@@ -11,7 +11,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from activities.email import format_money
+from activities.i18n import format_money
 from starter.intake import submit_referral
 from tests.conftest import Cli, Live, eventually
 from tests.factories import submission

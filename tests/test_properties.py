@@ -65,7 +65,7 @@ STATEFUL = settings(
 
 # --- random submissions -------------------------------------------------------------------------
 
-# What the intake refuses as hostile (see `starter.web.hostile_text_errors`): valid text
+# What the intake refuses as hostile (see `starter.intake.control_character_errors`): valid text
 # never holds it; the tests about control characters below use it on purpose.
 HOSTILE_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
 LINE = st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp"))

@@ -17,19 +17,17 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from starter.web import (
+from starter.web import create_app, served_app
+from starter.web.security import (
     RATE_LIMIT_ENV,
     TRUSTED_PROXIES_ENV,
     RateLimit,
     RateLimiter,
     client_address,
-    create_app,
     parse_networks,
-    served_app,
 )
 from tests.conftest import Live
 from tests.test_web import (
-    TEXTS,
     FormState,
     assert_kept,
     assert_problem,
@@ -37,6 +35,7 @@ from tests.test_web import (
     csrf_of,
     form_fields,
     open_form,
+    translated,
 )
 from workflows.models import ProgramRules
 
@@ -261,7 +260,11 @@ async def test_form_over_the_limit_keeps_what_was_typed(
         page = await web.post("/referrals", data={**fields, "csrf": token, "lang": lang})
         assert_limited(page)
         assert page.headers["content-type"].startswith("text/html")
-        assert_problem(page.text, TEXTS[lang]["problems"]["rate_limited"])
+        too_many = (
+            "Too many referrals were sent from your connection in a short time. What you typed "
+            "is kept; please wait a moment, then send it again."
+        )
+        assert_problem(page.text, translated(lang, too_many))
         assert_kept(page.text, fields)
         assert claim_of(live, fields["prospect.website"]) is None
         # After the wait, the kept form (with its fresh token) goes through as it is.

@@ -25,15 +25,22 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import pytest_asyncio
-import yaml
 from fastapi import FastAPI
 from markupsafe import escape
 from sqlmodel import Session
 
 from activities.db import ProspectClaim
-from activities.email import long_date
+from activities.i18n import format_date, translations
 from starter.links import csrf_token, public_url, status_token
-from starter.web import CSRF_COOKIE, MAX_BODY_BYTES, create_app
+from starter.web import create_app
+from starter.web.intake import (
+    CSRF_COOKIE,
+    ERROR_MESSAGES,
+    FIELD_MESSAGES,
+    STAGE_NAMES,
+    STEP_NAMES,
+)
+from starter.web.security import MAX_BODY_BYTES
 from tests.conftest import Live, eventually, free_port
 from tests.factories import submission_data
 from workflows.models import (
@@ -47,10 +54,6 @@ from workflows.models import (
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-secret"
-TEXTS: dict[str, dict[str, Any]] = {
-    lang: yaml.safe_load((ROOT / "templates" / "web" / "messages" / f"{lang}.yaml").read_text())
-    for lang in ("fr", "en")
-}
 REFERRER_EMAIL = "claire.martin@conseil-martin.example"
 
 
@@ -187,20 +190,22 @@ def tamper(token: str) -> str:
     return token[:middle] + replacement + token[middle + 1 :]
 
 
-MONTHS = {
-    "fr": "janvier février mars avril mai juin juillet août septembre octobre novembre décembre",
-    "en": "January February March April May June July August September October November December",
-}
+def translated(lang: str, message: str) -> str:
+    """`message`, an English text of the pages, as they show it in `lang` (from the catalogs;
+    tests/test_i18n.py checks every one is translated)."""
+    return translations(lang).gettext(message)
+
+
+FIX = "Please correct the fields marked below; what you typed is kept."
+CSRF = "The form expired or could not be verified. What you typed is kept; please send it again."
 
 
 def deadline_days(state: ReferralState, rules: ProgramRules, lang: str) -> list[str]:
     """The last local day to contact the referrer (a 00:00 deadline ends the day before), as
-    the page may write it: `2026-12-04`, or in words (`4 décembre 2026`, `4 December 2026`)."""
+    the page may write it: `2026-12-04`, or in words (`4 décembre 2026`, `December 4, 2026`)."""
     zone = ZoneInfo(rules.calendar.timezone)
     day = (state.contact_deadline - timedelta(seconds=1)).astimezone(zone).date()
-    month = MONTHS[lang].split()[day.month - 1]
-    number = "1er" if lang == "fr" and day.day == 1 else str(day.day)
-    return [day.isoformat(), f"{number} {month} {day.year}"]
+    return [day.isoformat(), format_date(day, lang)]
 
 
 async def state_of(live: Live, referral_id: str) -> ReferralState:
@@ -245,8 +250,14 @@ async def test_form_is_french_by_default(web: httpx.AsyncClient, rules: ProgramR
     assert page.headers["content-type"].startswith("text/html")
     html = page.text
     assert '<html lang="fr">' in html
-    assert f"<h1>{escape(TEXTS['fr']['form']['title'])}</h1>" in html
-    assert f"<p>{escape(TEXTS['fr']['form']['intro'])}</p>" in html
+    assert f"<h1>{translated('fr', 'Refer an opportunity')}</h1>" in html
+    intro = (
+        "Refer a company interested in one of our multi-tenant cloud products. We will contact "
+        "you within 3 to 5 business days of receipt. Public-sector opportunities are not "
+        "eligible. The referral commission is paid once the customer has paid in full, under "
+        "its payment terms."
+    )
+    assert f"<p>{translated('fr', intro)}</p>" in html  # a catalog's text is markup
     # The program's rules, stated up front.
     assert "3 à 5 jours ouvrés" in html
     assert "secteur public ne sont pas éligibles" in html
@@ -258,8 +269,8 @@ async def test_form_is_french_by_default(web: httpx.AsyncClient, rules: ProgramR
     assert "ln-on-premises" not in offered and "m3-single-tenant" not in offered
     assert "LN On-Premises" not in html
     # Each product states its rate: the program's, or its own.
-    assert ">CloudSuite Financials (commission de 10\u202f%)</option>" in html
-    assert ">HCM Talent Management (commission de 15\u202f%)</option>" in html
+    assert ">CloudSuite Financials (commission de 10\xa0%)</option>" in html
+    assert ">HCM Talent Management (commission de 15\xa0%)</option>" in html
     english = (await web.get("/?lang=en")).text
     assert ">HCM Talent Management (commission 15%)</option>" in english
     # Emails in French unless chosen otherwise; a fresh form carries a CSRF token and cookie.
@@ -283,7 +294,7 @@ async def test_form_in_english(
     assert page.status_code == 200
     html = page.text
     assert '<html lang="en">' in html
-    assert f"<h1>{escape(TEXTS['en']['form']['title'])}</h1>" in html
+    assert "<h1>Refer an opportunity</h1>" in html
     assert "within 3 to 5 business days" in html
     assert "Public-sector opportunities are not eligible" in html
     assert "paid once the customer has paid in full" in html
@@ -333,12 +344,15 @@ async def test_form_post_confirms_starts_workflow_and_emails(
     assert claim is not None and claim.referral_id == referral_id
 
     # The confirmation: reference, contact deadline, personal status link.
-    sentence = TEXTS["fr"]["confirmation"]["next"]
-    assert "{deadline}" in sentence
+    sentence = translated(
+        "fr",
+        "Someone from our team will contact you by %(deadline)s to discuss this opportunity. A "
+        "confirmation email will reach you in a few moments.",
+    )
     shown = [
         day
         for day in deadline_days(state, rules, "fr")
-        if f"<p>{escape(sentence.replace('{deadline}', day))}</p>" in html
+        if f"<p>{escape(sentence % {'deadline': day})}</p>" in html
     ]
     assert shown, html
     link = re.search(r'<a id="status-link" href="([^"]+)">', html)
@@ -379,13 +393,13 @@ async def test_confirmation_in_english_when_the_form_was(
     page = await web.get(posted.headers["location"])
     assert page.status_code == 200
     assert '<html lang="en">' in page.text
-    assert f"<h1>{escape(TEXTS['en']['confirmation']['title'])}</h1>" in page.text
+    assert "<h1>Thank you, your referral is registered</h1>" in page.text
 
 
 async def test_confirmation_of_a_bad_token_is_not_found(web: httpx.AsyncClient) -> None:
     page = await web.get(f"/confirmation/{status_token('R-NOPE', 'another-key')}")
     assert page.status_code == 404
-    assert escape(TEXTS["fr"]["not_found"]["title"]) in page.text
+    assert translated("fr", "Link not found") in page.text
 
 
 # --- refusals, field by field, keeping what was typed ----------------------------------------
@@ -440,10 +454,11 @@ async def test_form_refusal_keeps_what_was_typed(
     assert page.status_code == 422, page.text
     html = page.text
     assert f'<html lang="{lang}">' in html
-    errors = TEXTS[lang]["errors"]
-    message = errors["fields"][field] if message_key.startswith("fields.") else errors[message_key]
-    assert_error(html, field, message)
-    assert_problem(html, TEXTS[lang]["problems"]["fix"])
+    message = (
+        FIELD_MESSAGES[field] if message_key.startswith("fields.") else ERROR_MESSAGES[message_key]
+    )
+    assert_error(html, field, translated(lang, message))
+    assert_problem(html, translated(lang, FIX))
     assert list(FormState(html).texts) == ["problem", f"{field}-error"]  # only that field
     # The product select only offers eligible products: the refused one cannot be "kept".
     unofferable = ("opportunity.product",) if field == "opportunity.product" else ()
@@ -468,7 +483,7 @@ async def test_form_refusal_shows_every_value_in_detail(web: httpx.AsyncClient) 
     assert '<option value="FR" selected>France</option>' in html
     assert (
         '<option value="cloudsuite-financials" selected>'
-        "CloudSuite Financials (commission de 10\u202f%)</option>"
+        "CloudSuite Financials (commission de 10\xa0%)</option>"
     ) in html
     assert '<option value="CHF" selected>CHF</option>' in html
     assert '<option value="EUR" selected>' not in html
@@ -500,8 +515,12 @@ async def test_form_duplicate_is_409(web: httpx.AsyncClient, live: Live, lang: s
     )
     page = await post_form(web, second, lang)
     assert page.status_code == 409
-    assert_error(page.text, "prospect.website", TEXTS[lang]["errors"]["duplicate"])
-    assert_problem(page.text, TEXTS[lang]["problems"]["fix"])
+    duplicate = (
+        "This company is already referred, and that referral is being reviewed. Thank you all "
+        "the same: only one referral per company can be open at a time."
+    )
+    assert_error(page.text, "prospect.website", translated(lang, duplicate))
+    assert_problem(page.text, translated(lang, FIX))
     assert_kept(page.text, second)
     again = claim_of(live, first["prospect.website"])
     assert again is not None and again.referral_id == claim.referral_id
@@ -517,7 +536,7 @@ async def test_form_without_csrf_token_is_refused_keeping_values(
     await open_form(web)
     page = await web.post("/referrals", data={**fields, "lang": "fr"})
     assert page.status_code == 403
-    assert_problem(page.text, TEXTS["fr"]["problems"]["csrf"])
+    assert_problem(page.text, translated("fr", CSRF))
     assert_kept(page.text, fields)
     assert claim_of(live, fields["prospect.website"]) is None
     # As the message promises, sending the kept form again works.
@@ -533,7 +552,7 @@ async def test_form_without_any_cookie_is_refused(app: FastAPI, live: Live) -> N
             "/referrals", data={**fields, "csrf": csrf_token("made-up", KEY), "lang": "en"}
         )
     assert page.status_code == 403
-    assert_problem(page.text, TEXTS["en"]["problems"]["csrf"])
+    assert_problem(page.text, CSRF)
     assert_kept(page.text, fields)
     assert claim_of(live, fields["prospect.website"]) is None
 
@@ -557,7 +576,7 @@ async def test_form_with_bad_csrf_token_is_refused(
             assert other.cookies[CSRF_COOKIE] != nonce
     page = await web.post("/referrals", data={**fields, "csrf": token, "lang": "fr"})
     assert page.status_code == 403
-    assert_problem(page.text, TEXTS["fr"]["problems"]["csrf"])
+    assert_problem(page.text, translated("fr", CSRF))
     assert_kept(page.text, fields)
     assert claim_of(live, fields["prospect.website"]) is None
 
@@ -655,18 +674,18 @@ async def test_status_page_follows_the_referral_without_staff_details(
     web: httpx.AsyncClient, live: Live, rules: ProgramRules
 ) -> None:
     referral_id, path = await submit_api(web)
-    fr = TEXTS["fr"]
     page = await web.get(path)
     assert page.status_code == 200
     html = page.text
     assert '<html lang="fr">' in html  # the referrer's language, not the browser's
     assert f'<dd class="reference">{referral_id}</dd>' in html
     assert "Fromagerie Bellevue SAS" in html and "CloudSuite Financials" in html
-    assert f'data-stage="submitted"><strong>{escape(fr["stages"]["submitted"])}</strong>' in html
+    submitted = escape(translated("fr", STAGE_NAMES[Stage.SUBMITTED]))
+    assert f'data-stage="submitted"><strong>{submitted}</strong>' in html
     state = await state_of(live, referral_id)
     assert any(f"<dd>{day}</dd>" in html for day in deadline_days(state, rules, "fr"))
     assert re.findall(r'<li data-step="(\w+)">', html) == ["submitted"]
-    assert escape(fr["steps"]["submitted"]) in html
+    assert escape(translated("fr", STEP_NAMES["submitted"])) in html
 
     browser_en = await web.get(path, headers={"Accept-Language": "en-US,en;q=0.9"})
     assert '<html lang="fr">' in browser_en.text
@@ -680,16 +699,18 @@ async def test_status_page_follows_the_referral_without_staff_details(
     page = await web.get(path)
     assert page.status_code == 200
     html = page.text
-    assert f'data-stage="contacted"><strong>{escape(fr["stages"]["contacted"])}</strong>' in html
+    contacted = escape(translated("fr", STAGE_NAMES[Stage.CONTACTED]))
+    assert f'data-stage="contacted"><strong>{contacted}</strong>' in html
     assert re.findall(r'<li data-step="(\w+)">', html) == ["submitted", "contacted"]
-    assert escape(fr["steps"]["contacted"]) in html
-    assert escape(fr["status"]["contact_by"]) not in html  # contacted: no deadline any more
+    assert escape(translated("fr", STEP_NAMES["contacted"])) in html
+    contact_by = translated("fr", "Contact expected by")
+    assert contact_by not in html  # contacted: no deadline any more
     assert "SECRET-NOTE" not in html and "desk-anna" not in html
     assert REFERRER_EMAIL not in html and "Julien Roche" not in html
 
     english = await web.get(path, params={"lang": "en"})
     assert '<html lang="en">' in english.text
-    assert escape(TEXTS["en"]["stages"]["contacted"]) in english.text
+    assert escape(STAGE_NAMES[Stage.CONTACTED]) in english.text
     assert "SECRET-NOTE" not in english.text and "desk-anna" not in english.text
 
 
@@ -707,14 +728,14 @@ async def test_status_page_shows_the_end_of_protection(web: httpx.AsyncClient, l
     html = (await web.get(path)).text
     shown = re.search(r'<dd id="protected-until">([^<]+)</dd>', html)
     assert shown is not None and str(state.protected_until.year) in shown.group(1)
-    assert escape(TEXTS["fr"]["status"]["protected_until"]) in html
+    assert translated("fr", "Protected until") in html
     assert re.findall(r'<li data-step="(\w+)">', html) == [
         "submitted",
         "contacted",
         "accept",
         "extend",
     ]
-    assert escape(TEXTS["fr"]["steps"]["extend"]) in html and "SECRET-REASON" not in html
+    assert escape(translated("fr", STEP_NAMES["extend"])) in html and "SECRET-REASON" not in html
     await handle.execute_update(
         "act", StaffAction(action=Action.REJECT, actor="desk-anna", reason="no budget")
     )
@@ -725,7 +746,7 @@ async def test_status_page_for_an_english_referrer(web: httpx.AsyncClient) -> No
     _, path = await submit_api(web, **{"referrer.language": "en"})
     page = await web.get(path)
     assert '<html lang="en">' in page.text
-    assert escape(TEXTS["en"]["stages"]["submitted"]) in page.text
+    assert escape(STAGE_NAMES[Stage.SUBMITTED]) in page.text
 
 
 @pytest.mark.parametrize("forgery", ["tampered", "unknown-referral", "other-key", "garbage"])
@@ -744,7 +765,7 @@ async def test_status_page_of_a_bad_token_is_not_found(
         token = "R-0000000000"
     page = await web.get(f"/status/{token}")
     assert page.status_code == 404
-    assert f"<h1>{escape(TEXTS['fr']['not_found']['title'])}</h1>" in page.text
+    assert f"<h1>{translated('fr', 'Link not found')}</h1>" in page.text
     assert 'class="reference"' not in page.text and 'id="timeline"' not in page.text
 
 
@@ -864,8 +885,11 @@ async def test_api_duplicate_after_acceptance_says_until_when(
     )
     assert again.status_code == 409
     (error,) = again.json()["errors"]
-    day = long_date(accepted.protected_until.date(), "en")
-    assert error["message"] == TEXTS["en"]["errors"]["duplicate_protected"].replace("{date}", day)
+    day = format_date(accepted.protected_until.date(), "en")
+    assert error["message"] == (
+        f"This company is already referred, and protected for that referral until {day}. "
+        "Thank you all the same: only one referral per company can be open at a time."
+    )
     assert accepted.referrer.name not in again.text
     assert str(accepted.referrer.email) not in again.text
     await handle.execute_update(
@@ -917,7 +941,10 @@ async def test_temporal_unreachable(
     async with asgi_client(app) as web:
         page = await post_form(web, fields, "en")
         assert page.status_code == 503
-        assert_problem(page.text, TEXTS["en"]["problems"]["unavailable"])
+        assert_problem(
+            page.text,
+            "The service is briefly unavailable. What you typed is kept; please try again shortly.",
+        )
         assert_kept(page.text, fields)
         assert csrf_of(page.text)
 

@@ -26,15 +26,16 @@ from pydantic import (
 )
 
 
-def _load_countries() -> dict[str, str]:
-    """ISO 3166 alpha-2 code -> English name, from the tz database's own table."""
+def _load_country_codes() -> frozenset[str]:
+    """The ISO 3166 alpha-2 codes of the tz database's own table; their names, in each
+    language, are Babel's (activities/i18n.py)."""
     table = resources.files("tzdata").joinpath("zoneinfo", "iso3166.tab").read_text()
-    rows = (line.split("\t", 1) for line in table.splitlines() if line and not line.startswith("#"))
-    return {code: name.strip() for code, name in rows}
+    return frozenset(
+        line.split("\t", 1)[0] for line in table.splitlines() if line and not line.startswith("#")
+    )
 
 
-COUNTRY_NAMES = _load_countries()
-COUNTRY_CODES = frozenset(COUNTRY_NAMES)
+COUNTRY_CODES = _load_country_codes()
 
 # Currencies whose minor unit is not the cent (ISO 4217); every other one has two decimals.
 _MINOR_UNIT_DIGITS = {
@@ -227,6 +228,11 @@ class Recipients(Strict):
     finance: EmailStr
 
 
+class StaffRules(Strict):
+    # Who may sign in to the program dashboard (`GET /staff`).
+    emails: list[EmailStr] = []
+
+
 class ProgramRules(Strict):
     """The program's rules; a snapshot of them travels in every referral's workflow input."""
 
@@ -244,6 +250,9 @@ class ProgramRules(Strict):
     protection: ProtectionRules = ProtectionRules()
     clawback: ClawbackRules = ClawbackRules()
     recipients: Recipients
+    # Operational settings, read from program.yaml when used: never part of the snapshot a
+    # referral carries.
+    staff: StaffRules = Field(default=StaffRules(), exclude=True)
 
     def product(self, product_id: str) -> Product | None:
         return next((p for p in self.products if p.id == product_id), None)

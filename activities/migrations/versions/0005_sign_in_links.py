@@ -1,0 +1,29 @@
+"""Sign-in links of the referrer portal and the staff dashboard: each is usable once.
+
+Revision ID: 0005
+Revises: 0004
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "sign_in_link",
+        sa.Column("nonce", sa.String(), nullable=False),
+        sa.Column("audience", sa.String(), nullable=False),
+        sa.Column("used_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("nonce"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("sign_in_link")

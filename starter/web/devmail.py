@@ -1,0 +1,66 @@
+"""Dev mode only: what the SMTP sink caught, at `/dev/mail`."""
+
+from __future__ import annotations
+
+import mailbox
+import re
+from datetime import UTC, datetime
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+
+def _read_mail(maildir: Path) -> list[tuple[str, EmailMessage]]:
+    box = mailbox.Maildir(maildir, create=False)
+    found = []
+    for key in box.keys():
+        parsed = message_from_bytes(box.get_bytes(key), policy=policy.default)
+        if isinstance(parsed, EmailMessage):
+            found.append((key, parsed))
+
+    def sent_at(item: tuple[str, EmailMessage]) -> tuple[datetime, tuple[int, ...]]:
+        """Date header, then the delivery time in the Maildir key (finer than a second)."""
+        try:
+            date = parsedate_to_datetime(str(item[1]["Date"]))
+        except (TypeError, ValueError):
+            date = datetime.min
+        if date.tzinfo is None:  # "-0000" dates parse naive; they are UTC
+            date = date.replace(tzinfo=UTC)
+        delivered = re.match(r"(\d+)\.M(\d+)P\d+Q(\d+)", item[0])
+        return date, tuple(int(n) for n in delivered.groups()) if delivered else ()
+
+    return sorted(found, key=sent_at, reverse=True)
+
+
+def add_dev_mail_routes(app: FastAPI, templates: Jinja2Templates, maildir: Path) -> None:
+    @app.get("/dev/mail", response_class=HTMLResponse, include_in_schema=False)
+    async def mail_list(request: Request) -> HTMLResponse:
+        messages = _read_mail(maildir) if (maildir / "new").exists() else []
+        return templates.TemplateResponse(
+            request, "dev_mail.html", {"lang": "en", "messages": messages, "message": None}
+        )
+
+    @app.get("/dev/mail/{key}", response_class=HTMLResponse, include_in_schema=False)
+    async def mail_message(request: Request, key: str) -> HTMLResponse:
+        found = dict(_read_mail(maildir)) if (maildir / "new").exists() else {}
+        message = found.get(key)
+        if message is None:
+            return HTMLResponse("no such message", status_code=404)
+        text_part = message.get_body(("plain",))
+        html_part = message.get_body(("html",))
+        return templates.TemplateResponse(
+            request,
+            "dev_mail.html",
+            {
+                "lang": "en",
+                "messages": None,
+                "message": message,
+                "text": text_part.get_content() if text_part else "",
+                "html": html_part.get_content() if html_part else "",
+            },
+        )

@@ -1,0 +1,218 @@
+"""Sign-in by emailed link (portal and dashboard): the links go through a real SMTP server on
+loopback, the one-time use through a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from itsdangerous import TimestampSigner
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+from starlette.requests import Request
+
+from activities.db import ReferralRow, make_engine
+from activities.schema import upgrade
+from starter.web.security import RateLimiter
+from starter.web.signin import (
+    CSRF_COOKIE,
+    REFERRER,
+    STAFF,
+    LinkRefused,
+    add_sign_in_routes,
+    link_token,
+    redeem,
+    signed_in,
+)
+from starter.web.site import Site
+from tests.conftest import MailSink
+from workflows.models import ProgramRules, StaffRules
+
+KEY = "sign-in-test-key"
+STAFF_EMAIL = "manager@nuage-logiciel.example"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('signin') / 'referrals.db'}")
+    upgrade(engine)
+    return engine
+
+
+def site_for(rules: ProgramRules, engine: Engine, mail_sink: MailSink, limit: str = "off") -> Site:
+    staff = rules.model_copy(update={"staff": StaffRules(emails=[STAFF_EMAIL.upper()])})
+    return Site(
+        rules=staff,
+        engine=engine,
+        key=KEY,
+        smtp=mail_sink.settings(),
+        limiter=RateLimiter.from_setting(limit),
+    )
+
+
+def app_for(site: Site) -> FastAPI:
+    app = FastAPI()
+    add_sign_in_routes(app, site, REFERRER)
+    add_sign_in_routes(app, site, STAFF)
+    return app
+
+
+@pytest_asyncio.fixture
+async def web(rules: ProgramRules, engine: Engine, mail_sink: MailSink) -> AsyncIterator[Site]:
+    yield site_for(rules, engine, mail_sink)
+
+
+def referral_of(engine: Engine, email: str) -> None:
+    """The one fact `may_sign_in` needs of a referrer: a referral row with their address."""
+    now = datetime.now(UTC)
+    with Session(engine) as session:
+        session.add(
+            ReferralRow(
+                referral_id=f"referral-{uuid.uuid4().hex[:8]}",
+                stage="submitted",
+                prospect_company="Fromagerie Bellevue",
+                prospect_domain=f"{uuid.uuid4().hex[:8]}.example",
+                product="cloudsuite-financials",
+                referrer_email=email,
+                submitted_at=now,
+                contact_deadline=now,
+                contact_sla_breached=False,
+                revision=1,
+                state="{}",
+                updated_at=now,
+            )
+        )
+        session.commit()
+
+
+async def ask(client: httpx.AsyncClient, home: str, email: str, lang: str = "en") -> httpx.Response:
+    page = await client.get(f"{home}/sign-in/not-a-token?lang={lang}")  # any page sets the CSRF
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    return await client.post(f"{home}/sign-in", data={"email": email, "lang": lang, "csrf": csrf})
+
+
+def links(sink: MailSink, email: str) -> list[str]:
+    return sink.sign_in_links(email)
+
+
+async def settle(sink: MailSink, email: str, count: int) -> list[str]:
+    """Links are sent after the answer: wait until `count` have arrived."""
+    deadline = time.monotonic() + 10
+    while len(found := links(sink, email)) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return found
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def test_known_and_unknown_addresses_get_the_same_answer_and_only_one_email(
+    web: Site, mail_sink: MailSink, engine: Engine
+) -> None:
+    known = f"claire-{uuid.uuid4().hex[:6]}@conseil-durand.example"
+    unknown = f"nobody-{uuid.uuid4().hex[:6]}@conseil-durand.example"
+    referral_of(engine, known)
+    async with client_for(app_for(web)) as client:
+        for_known = await ask(client, "/me", known)
+        for_unknown = await ask(client, "/me", unknown)
+        for_staff = await ask(client, "/staff", known)  # a referrer is not staff
+    assert for_known.status_code == for_unknown.status_code == for_staff.status_code == 200
+    assert for_known.text == for_unknown.text
+    assert 'id="sent"' in for_known.text
+    assert len(await settle(mail_sink, known, 1)) == 1
+    await asyncio.sleep(0.3)
+    assert links(mail_sink, unknown) == []
+    assert [link for link in links(mail_sink, known) if link.startswith("/staff")] == []
+    message = next(m for m in mail_sink.messages() if str(m["To"]) == known)
+    assert message["Subject"] == "Sign in to see your referrals"
+    assert "valid for 30 minutes" in message.get_content()
+
+
+async def test_a_link_signs_in_once_with_a_safe_cookie(web: Site, mail_sink: MailSink) -> None:
+    async with client_for(app_for(web)) as client:
+        before = len(links(mail_sink, STAFF_EMAIL))
+        await ask(client, "/staff", STAFF_EMAIL, lang="fr")
+        link = (await settle(mail_sink, STAFF_EMAIL, before + 1))[-1]
+        assert link.startswith("/staff/sign-in/") and link.endswith("?lang=fr")
+        opened = await client.get(link)
+        again = await client.get(link)
+    assert opened.status_code == 303
+    assert opened.headers["location"] == "/staff?lang=fr"
+    cookie = opened.headers["set-cookie"].lower()
+    assert cookie.startswith(f"{STAFF.cookie}=")
+    for attribute in ("httponly", "samesite=lax", "path=/staff", "max-age=28800"):
+        assert attribute in cookie
+    assert again.status_code == 400
+    assert 'id="problem"' in again.text and "a déjà servi" in again.text
+
+
+def test_expired_forged_and_reused_links_are_refused(
+    web: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fresh = link_token(web, STAFF, STAFF_EMAIL)
+    assert redeem(web, REFERRER, fresh) is LinkRefused.INVALID  # another audience's salt
+    assert redeem(web, STAFF, fresh[:-2] + "xx") is LinkRefused.INVALID
+    assert redeem(web, STAFF, fresh) == STAFF_EMAIL
+    assert redeem(web, STAFF, fresh) is LinkRefused.USED
+    issued = int(time.time()) - 31 * 60
+    monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: issued)
+    stale = link_token(web, STAFF, STAFF_EMAIL)
+    monkeypatch.undo()
+    assert redeem(web, STAFF, stale) is LinkRefused.EXPIRED
+
+
+async def test_sessions_are_per_audience_and_sign_out_ends_them(
+    web: Site, mail_sink: MailSink
+) -> None:
+    async with client_for(app_for(web)) as client:
+        before = len(links(mail_sink, STAFF_EMAIL))
+        await ask(client, "/staff", STAFF_EMAIL)
+        link = (await settle(mail_sink, STAFF_EMAIL, before + 1))[-1]
+        opened = await client.get(link)
+        session = opened.cookies[STAFF.cookie]
+        as_staff = httpx.Request("GET", "http://testserver/staff", cookies={STAFF.cookie: session})
+        as_referrer = httpx.Request(
+            "GET", "http://testserver/me", cookies={REFERRER.cookie: session}
+        )
+        assert signed_in(_request(as_staff), web, STAFF) == STAFF_EMAIL
+        assert signed_in(_request(as_referrer), web, REFERRER) is None
+        out = await client.post("/staff/sign-out?lang=en")
+    assert out.status_code == 303 and out.headers["location"] == "/staff?lang=en"
+    assert f'{STAFF.cookie}=""' in out.headers["set-cookie"]
+    assert "max-age=0" in out.headers["set-cookie"].lower()
+
+
+def _request(request: httpx.Request) -> Request:
+    """A Starlette request carrying `request`'s cookies, for `signed_in`."""
+    headers = [(k.lower().encode(), v.encode()) for k, v in request.headers.items()]
+    return Request({"type": "http", "headers": headers, "path": request.url.path})
+
+
+async def test_bad_input_is_answered_and_kept(web: Site) -> None:
+    async with client_for(app_for(web)) as client:
+        invalid = await ask(client, "/me", "not an address")
+        client.cookies.delete(CSRF_COOKIE)
+        no_csrf = await client.post("/me/sign-in", data={"email": STAFF_EMAIL, "lang": "en"})
+    assert invalid.status_code == 422
+    assert 'value="not an address"' in invalid.text and 'aria-invalid="true"' in invalid.text
+    assert no_csrf.status_code == 403
+    assert f'value="{STAFF_EMAIL}"' in no_csrf.text
+
+
+async def test_asking_for_links_is_rate_limited(
+    rules: ProgramRules, engine: Engine, mail_sink: MailSink
+) -> None:
+    site = site_for(rules, engine, mail_sink, limit="2/minute")
+    async with client_for(app_for(site)) as client:
+        answers = [await ask(client, "/me", f"x{n}@example.com") for n in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert int(answers[2].headers["retry-after"]) >= 1
+    assert 'value="x2@example.com"' in answers[2].text
