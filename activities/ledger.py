@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import ColumnElement, case, func
+from sqlalchemy import ColumnElement, Select, case, func
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, delete, select
@@ -72,17 +74,20 @@ def save_commission(engine: Engine, record: CommissionRecord) -> bool:
 
 @dataclass(frozen=True)
 class Balance:
-    """One referrer's standing in one currency, from the ledger's lines.
+    """One referrer's standing in one currency (or on one referral), from the ledger's lines.
 
     earned: commissions won, less those voided; clawed_back: taken back by refunds;
-    paid: paid out. balance = earned - clawed_back - paid: positive, still owed to the
-    referrer; negative, owed to us (a clawback after payout), to net on the next payout."""
+    paid: paid out; payable: the customer has paid in full and the commission awaits payout
+    (the payable lines, less the clawbacks that lowered them, of referrals not paid out yet).
+    balance = earned - clawed_back - paid: positive, still owed to the referrer; negative,
+    owed to us (a clawback after payout), to net on the next payout."""
 
     referrer_email: str
     currency: str
     earned: Decimal
     clawed_back: Decimal
     paid: Decimal
+    payable: Decimal
 
     @property
     def balance(self) -> Decimal:
@@ -93,38 +98,59 @@ class Balance:
         return max(Decimal(0), -self.balance)
 
 
+_LINE: Any = CommissionLineRow.__table__.c  # type: ignore[attr-defined]
+
+
+def _sums(*group: Any) -> Select[Any]:
+    """The sums of `Balance`, per `group` (the grouping columns come first in each row)."""
+
+    def total(*kinds: LineKind, unpaid_only: bool = False) -> ColumnElement[Decimal]:
+        picked = _LINE.kind.in_([k.value for k in kinds])
+        if unpaid_only:
+            paid_out = sa_select(_LINE.referral_id).where(_LINE.kind == LineKind.PAID.value)
+            picked = picked & _LINE.referral_id.not_in(paid_out)
+        return func.coalesce(func.sum(case((picked, _LINE.amount), else_=0)), 0)
+
+    return (
+        sa_select(
+            *group,
+            total(LineKind.ACCRUAL, LineKind.VOID),
+            total(LineKind.CLAWBACK),
+            total(LineKind.PAID),
+            total(LineKind.PAYABLE, LineKind.CLAWBACK, unpaid_only=True),
+        )
+        .group_by(*group)
+        .order_by(*group)
+    )
+
+
+def _balance(email: str, currency: str, sums: Sequence[Any]) -> Balance:
+    earned, clawed, paid, payable = (Decimal(value) for value in sums)
+    return Balance(email, currency, earned, -clawed, paid, payable)
+
+
 def balances(
     engine: Engine, referrer_email: str | None = None, exclude_referral: str | None = None
 ) -> list[Balance]:
     """Per referrer and currency, summed by the database."""
-
-    line = CommissionLineRow.__table__.c  # type: ignore[attr-defined]
-
-    def total(*kinds: LineKind) -> ColumnElement[Decimal]:
-        picked = case((line.kind.in_([k.value for k in kinds]), line.amount), else_=0)
-        return func.coalesce(func.sum(picked), 0)
-
-    query = (
-        sa_select(
-            line.referrer_email,
-            line.currency,
-            total(LineKind.ACCRUAL, LineKind.VOID),
-            total(LineKind.CLAWBACK),
-            total(LineKind.PAID),
-        )
-        .group_by(line.referrer_email, line.currency)
-        .order_by(line.referrer_email, line.currency)
-    )
+    query = _sums(_LINE.referrer_email, _LINE.currency)
     if referrer_email is not None:
-        query = query.where(line.referrer_email == referrer_email.lower())
+        query = query.where(_LINE.referrer_email == referrer_email.lower())
     if exclude_referral is not None:
-        query = query.where(line.referral_id != exclude_referral)
+        query = query.where(_LINE.referral_id != exclude_referral)
     with engine.connect() as connection:
         rows = connection.execute(query).all()
-    return [
-        Balance(email, currency, Decimal(earned), -Decimal(clawed), Decimal(paid))
-        for email, currency, earned, clawed, paid in rows
-    ]
+    return [_balance(email, currency, sums) for email, currency, *sums in rows]
+
+
+def referral_balances(engine: Engine, referrer_email: str) -> dict[str, Balance]:
+    """The same sums per referral of one referrer (a referral has one currency): each row of
+    a statement, whose totals `balances` gives."""
+    email = referrer_email.lower()
+    query = _sums(_LINE.referral_id, _LINE.currency).where(_LINE.referrer_email == email)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return {referral: _balance(email, currency, sums) for referral, currency, *sums in rows}
 
 
 def ledger_lines(engine: Engine) -> list[CommissionLineRow]:

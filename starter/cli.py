@@ -11,7 +11,7 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from pathlib import Path
@@ -446,6 +446,29 @@ def cmd_commissions(args: argparse.Namespace) -> int:
     return 0
 
 
+def iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The program's figures, as the staff dashboard shows them, from the system of record."""
+    from starter.figures import as_text, program_figures
+
+    rules = load_program()
+    if args.product is not None and rules.product(args.product) is None:
+        known = ", ".join(p.id for p in rules.products)
+        raise Refused(f"unknown product {args.product!r} (products: {known})")
+    figures = program_figures(open_database(), rules, since=args.since, product=args.product)
+    if args.json:
+        print_json(figures.model_dump(mode="json"))
+    else:
+        print(as_text(figures))
+    return 0
+
+
 async def cmd_reconcile(args: argparse.Namespace) -> int:
     from activities.reconcile import reconcile
 
@@ -659,6 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
     add("reconcile", cmd_reconcile, "compare the database with Temporal and repair what differs")
+    sub = add("report", cmd_report, "the program's figures: funnel, time in stage, commission")
+    sub.add_argument(
+        "--since",
+        type=iso_date,
+        metavar="DATE",
+        help="only referrals submitted on or after DATE (YYYY-MM-DD, in the program's time zone)",
+    )
+    sub.add_argument("--product", metavar="ID", help="only referrals for this product")
+    sub.add_argument("--json", action="store_true")
     sub = add("erase", cmd_erase, "erase a closed referral's personal data (or a referrer's)")
     sub.add_argument("id", nargs="?")
     sub.add_argument("--referrer", metavar="EMAIL", help="every closed referral of this referrer")

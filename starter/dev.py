@@ -162,6 +162,10 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
             "REFERRALS_PUBLIC_URL", f"http://{web.host}:{web.port}"
         ),
         "REFERRALS_DEV_MAILDIR": str(sink.maildir.resolve()),
+        # Where the staff dashboard links each referral's workflow.
+        "REFERRALS_TEMPORAL_UI_URL": os.environ.get(
+            "REFERRALS_TEMPORAL_UI_URL", f"http://{t.ip}:{t.ui_port}"
+        ),
         # The UI decodes payloads through the codec server, which answers only the UI.
         "REFERRALS_CODEC_ORIGINS": f"http://{t.ip}:{t.ui_port},http://localhost:{t.ui_port}",
     }
@@ -221,6 +225,8 @@ Referral Desk is running ({rules.name}).
   Worker            task queue {os.environ.get("REFERRALS_TASK_QUEUE", "referrals")}
   Mail sink         {sink.host}:{sink.port}, every email kept in {sink.maildir}/new
   Intake form       http://{web.host}:{web.port}/
+  Referrer portal   http://{web.host}:{web.port}/me      (sign-in links arrive in the mailbox)
+  Staff dashboard   http://{web.host}:{web.port}/staff   (for the addresses in staff.emails)
   Dev mailbox       http://{web.host}:{web.port}/dev/mail
 Try: referrals submit examples/referral.json   (Ctrl-C stops everything)
 """,

@@ -582,6 +582,25 @@ async def test_security_headers_on_every_route(
         shown = await check(web, "GET", "/dev/mail/1800000000.M1P1Q1.host", 200)
         assert '<iframe sandbox="" srcdoc="' in shown.text and "<script" not in shown.text
         await check(web, "GET", "/dev/mail/none", 404)
+        # The portal and the dashboard, signed out, then signed in through an emailed link.
+        staff_email = str(rules.staff.emails[0])
+        for home, email in (("/me", fields["referrer.email"]), ("/staff", staff_email)):
+            page = await check(web, "GET", home, 200)
+            await check(web, "POST", f"{home}/sign-in", 403, data={"email": email})
+            asked = {"email": email, "csrf": csrf_of(page.text), "lang": "en"}
+            sent = len(live.sink.sign_in_links(email))
+            await check(web, "POST", f"{home}/sign-in", 200, data=asked)
+            await check(web, "GET", f"{home}/sign-in/forged", 400)
+            for _ in range(100):
+                if len(live.sink.sign_in_links(email)) > sent:
+                    break
+                await asyncio.sleep(0.05)
+            await check(web, "GET", live.sink.sign_in_links(email)[-1], 303)
+            await check(web, "GET", home, 200)
+        await check(web, "GET", "/me/statement.csv", 200)
+        await check(web, "GET", "/staff/charts/funnel.svg", 200)
+        for home in ("/me", "/staff"):
+            await check(web, "POST", f"{home}/sign-out", 303)
         await check(slow, "POST", "/api/referrals", 422, json={})
         await check(slow, "POST", "/api/referrals", 429, json={})
         slow_page = await slow.get("/")

@@ -30,6 +30,7 @@ from starter.links import secret_key
 from starter.program import load_program
 from starter.web.devmail import add_dev_mail_routes
 from starter.web.intake import add_intake_routes
+from starter.web.portal import add_portal_routes
 from starter.web.security import (
     DEFAULT_RATE_LIMIT,
     MAX_BODY_BYTES,
@@ -43,6 +44,7 @@ from starter.web.security import (
     parse_networks,
 )
 from starter.web.site import STATIC, Site
+from starter.web.staff import add_staff_routes
 from workflows.models import ProgramRules, Submission
 
 
@@ -113,6 +115,8 @@ def create_app(
         return JSONResponse(body.model_dump(), status_code=422)
 
     add_intake_routes(app, site)
+    add_portal_routes(app, site)
+    add_staff_routes(app, site)
 
     @app.get("/healthz", summary="Health: Temporal and the database")
     async def healthz() -> JSONResponse:

@@ -1,0 +1,246 @@
+"""The referrer portal (`/me`): a referrer signed in by emailed link (starter.web.signin) sees
+every referral they submitted, with its key dates and commission, their commission totals per
+currency, and can download it all as a CSV statement.
+
+Reads only the system of record, in a few queries whatever the number of referrals: the
+referrals, the dates of their applied events, and the ledger's sums per referral and per
+currency (activities.ledger, the same sums as `referrals commissions --by-referrer`). An erased
+referral is not listed: erasure replaces the referrer's address on its rows by a pseudonym.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from activities.db import ReferralEventRow, ReferralRow, as_utc
+from activities.ledger import Balance, balances, referral_balances
+from activities.records import list_referrals
+from starter.links import status_token
+from starter.web.intake import STAGE_NAMES
+from starter.web.signin import (
+    PRIVATE,
+    REFERRER,
+    add_sign_in_routes,
+    sign_in_page,
+    signed_in,
+)
+from starter.web.site import Site, pick_language
+from workflows.models import ReferralState, round_money
+
+# The history actions whose (applied) date the portal shows beside the submission date.
+DATED_ACTIONS = ("contacted", "won")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+STATEMENT_COLUMNS = [
+    "reference",
+    "submitted",
+    "prospect",
+    "product",
+    "stage",
+    "contacted",
+    "protected_until",
+    "won",
+    "commission",
+    "currency",
+    "commission_status",
+    "paid",
+    "clawed_back",
+]
+TOTAL_COLUMNS = ["total", "currency", "earned", "payable", "paid", "clawed_back"]
+
+
+@dataclass(frozen=True)
+class StatementRow:
+    """One referral as its referrer sees it; days are local dates in the program's zone."""
+
+    referral_id: str
+    status_token: str
+    prospect: str
+    product: str
+    stage: str
+    submitted: date
+    contacted: date | None
+    protected_until: date | None  # the last protected day, while the protection runs
+    won: date | None
+    commission: Decimal | None
+    currency: str | None
+    commission_status: str | None
+    paid: Decimal
+    clawed_back: Decimal
+
+
+@dataclass(frozen=True)
+class Statement:
+    """Every referral of one referrer, newest first, and their ledger totals per currency
+    (`Balance`: earned, payable, paid, clawed back)."""
+
+    email: str
+    rows: list[StatementRow]
+    totals: list[Balance]
+
+
+def _event_dates(engine: Engine, email: str) -> dict[tuple[str, str], datetime]:
+    """When each referral of `email` was contacted and won (the first applied entry)."""
+    event = ReferralEventRow.__table__.c  # type: ignore[attr-defined]
+    referral = ReferralRow.__table__.c  # type: ignore[attr-defined]
+    mine = select(referral.referral_id).where(referral.referrer_email == email)
+    query = (
+        select(event.referral_id, event.action, func.min(event.at))
+        .where(
+            event.referral_id.in_(mine),
+            event.action.in_(DATED_ACTIONS),
+            event.outcome == "applied",
+        )
+        .group_by(event.referral_id, event.action)
+    )
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return {(referral_id, action): as_utc(at) for referral_id, action, at in rows}
+
+
+def referrer_statement(engine: Engine, key: str, zone: ZoneInfo, email: str) -> Statement:
+    """`key` signs each referral's status link; `zone` (the program's) dates the days."""
+    email = email.strip().lower()
+    dates = _event_dates(engine, email)
+    amounts = referral_balances(engine, email)
+
+    def day(moment: datetime) -> date:
+        return as_utc(moment).astimezone(zone).date()
+
+    def day_of(referral_id: str, action: str) -> date | None:
+        at = dates.get((referral_id, action))
+        return day(at) if at else None
+
+    rows = []
+    for row in list_referrals(engine, referrer_email=email):
+        state = ReferralState.model_validate_json(row.state)
+        ends = state.protection_end
+        ledger = amounts.get(row.referral_id)
+        rows.append(
+            StatementRow(
+                referral_id=row.referral_id,
+                status_token=status_token(row.referral_id, key),
+                prospect=state.prospect.company,
+                product=state.product_name,
+                stage=row.stage,
+                submitted=day(row.submitted_at),
+                contacted=day_of(row.referral_id, "contacted"),
+                # It ends at an instant; the day before a midnight end is the last one.
+                protected_until=day(ends - timedelta(seconds=1)) if ends else None,
+                won=day_of(row.referral_id, "won"),
+                commission=row.commission_amount,
+                currency=row.commission_currency,
+                commission_status=row.commission_status,
+                paid=ledger.paid if ledger else Decimal(0),
+                clawed_back=ledger.clawed_back if ledger else Decimal(0),
+            )
+        )
+    return Statement(email, rows, balances(engine, referrer_email=email))
+
+
+def spreadsheet_text(text: str) -> str:
+    """A text cell a spreadsheet shows as text: a leading formula character gets a quote."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
+def _amount(amount: Decimal | None, currency: str | None) -> str:
+    return "" if amount is None or currency is None else str(round_money(amount, currency))
+
+
+def statement_csv(statement: Statement) -> str:
+    """One row per referral, then a blank row and the totals per currency. Stable column
+    names and codes (stages and commission statuses as `referrals` prints them), ISO dates
+    and plain decimal amounts, so a spreadsheet or a script reads it in any language; a BOM,
+    so Excel takes it for UTF-8."""
+    out = io.StringIO()
+    out.write("\ufeff")
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(STATEMENT_COLUMNS)
+    for row in statement.rows:
+        has_commission = row.commission is not None
+        writer.writerow(
+            [
+                row.referral_id,
+                row.submitted.isoformat(),
+                spreadsheet_text(row.prospect),
+                spreadsheet_text(row.product),
+                row.stage,
+                row.contacted.isoformat() if row.contacted else "",
+                row.protected_until.isoformat() if row.protected_until else "",
+                row.won.isoformat() if row.won else "",
+                _amount(row.commission, row.currency),
+                row.currency or "",
+                row.commission_status or "",
+                _amount(row.paid, row.currency) if has_commission else "",
+                _amount(row.clawed_back, row.currency) if has_commission else "",
+            ]
+        )
+    writer.writerow([])
+    writer.writerow(TOTAL_COLUMNS)
+    for total in statement.totals:
+        currency = total.currency
+        writer.writerow(
+            [
+                "total",
+                currency,
+                _amount(total.earned, currency),
+                _amount(total.payable, currency),
+                _amount(total.paid, currency),
+                _amount(total.clawed_back, currency),
+            ]
+        )
+    return out.getvalue()
+
+
+def add_portal_routes(app: FastAPI, site: Site) -> None:
+    add_sign_in_routes(app, site, REFERRER)
+    zone = ZoneInfo(site.rules.calendar.timezone)
+
+    async def statement_of(email: str) -> Statement:
+        return await asyncio.to_thread(referrer_statement, site.engine, site.key, zone, email)
+
+    @app.get(REFERRER.home, response_class=HTMLResponse, include_in_schema=False)
+    async def portal(request: Request) -> Response:
+        """The sign-in form, or the signed-in referrer's referrals and totals."""
+        lang = pick_language(request)
+        email = signed_in(request, site, REFERRER)
+        if email is None:
+            return sign_in_page(request, site, REFERRER, lang)
+        response = site.render(
+            request,
+            "portal.html",
+            lang,
+            home=REFERRER.home,
+            statement=await statement_of(email),
+            stage_names=STAGE_NAMES,  # as the status page names them
+        )
+        response.headers.update(PRIVATE)
+        return response
+
+    @app.get(f"{REFERRER.home}/statement.csv", include_in_schema=False)
+    async def statement_download(request: Request) -> Response:
+        email = signed_in(request, site, REFERRER)
+        if email is None:
+            return RedirectResponse(
+                f"{REFERRER.home}?lang={pick_language(request)}", status_code=303
+            )
+        today = datetime.now(zone).date().isoformat()
+        return Response(
+            statement_csv(await statement_of(email)),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="referrals-statement-{today}.csv"',
+                **PRIVATE,
+            },
+        )

@@ -1,0 +1,284 @@
+"""The program dashboard (`/staff`): staff listed in `staff.emails` sign in by emailed link
+(starter.web.signin) and see the program's figures (starter.figures) for a period and a
+product, each chart beside the numbers it draws.
+
+Charts are SVG drawn on the server by pygal and served by `/staff/charts/<name>.svg`, so the
+page loads nothing but this app (the CSP allows images from it, no script): pygal's script
+tags are removed. Each referral in a list links to its workflow in the Temporal UI
+(`REFERRALS_TEMPORAL_UI_URL`, the namespace of `TEMPORAL_NAMESPACE`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import pygal
+from babel.numbers import format_decimal
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
+from pygal.style import Style
+
+from activities.i18n import N_, format_percent, translations
+from starter.figures import ProgramFigures, program_figures
+from starter.web.signin import PRIVATE, STAFF, add_sign_in_routes, sign_in_page, signed_in
+from starter.web.site import Site, pick_language
+from workflows.models import Stage
+
+TEMPORAL_UI_ENV = "REFERRALS_TEMPORAL_UI_URL"
+DEFAULT_TEMPORAL_UI = "http://127.0.0.1:8233"
+CHARTS = ("funnel", "ended", "time", "contact", "commission", "referrers")
+STAGE_LABELS = {
+    Stage.SUBMITTED: N_("Submitted"),
+    Stage.CONTACTED: N_("Contacted"),
+    Stage.QUALIFYING: N_("Accepted (qualifying)"),
+    Stage.APPROVED: N_("Approved"),
+    Stage.WON: N_("Won"),
+    Stage.COMMISSION_PAYABLE: N_("Commission payable"),
+    Stage.COMMISSION_PAID: N_("Commission paid"),
+    Stage.DECLINED: N_("Declined"),
+    Stage.REJECTED: N_("Rejected"),
+    Stage.LOST: N_("Lost"),
+    Stage.EXPIRED: N_("Expired"),
+    Stage.CANCELLED: N_("Cancelled"),
+}
+# The site's palette (templates/web/static/site.css): accent blue first.
+CHART_STYLE = Style(
+    background="#ffffff",
+    plot_background="#ffffff",
+    foreground="#1f2933",
+    foreground_strong="#1f2933",
+    foreground_subtle="#cbd2d9",
+    colors=("#1d4ed8", "#93c5fd", "#0f766e", "#b42318", "#a16207"),
+    font_family="system-ui, sans-serif",
+    label_font_size=13,
+    major_label_font_size=13,
+    value_font_size=13,
+    value_label_font_size=13,
+    legend_font_size=13,
+    title_font_size=15,
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The period and product asked for in the query string; `problems` names what was
+    ignored because it was not valid."""
+
+    since: date | None
+    product: str | None
+    problems: tuple[str, ...]
+
+    def query(self, lang: str, **extra: str) -> str:
+        values = {"lang": lang, **extra}
+        if self.since:
+            values["since"] = self.since.isoformat()
+        if self.product:
+            values["product"] = self.product
+        return urlencode(values)
+
+
+def choice_of(request: Request, site: Site) -> Choice:
+    """From `?since=YYYY-MM-DD&product=ID`; a bad value shows everything, and says so."""
+    problems = []
+    since = None
+    asked = request.query_params.get("since", "").strip()
+    if asked:
+        try:
+            since = date.fromisoformat(asked)
+        except ValueError:
+            problems.append("since")
+    product = request.query_params.get("product", "").strip() or None
+    if product is not None and site.rules.product(product) is None:
+        problems.append("product")
+        product = None
+    return Choice(since, product, tuple(problems))
+
+
+def temporal_ui_link(referral_id: str) -> str:
+    """The referral's workflow (its id is the referral id) in the Temporal UI."""
+    base = os.environ.get(TEMPORAL_UI_ENV, DEFAULT_TEMPORAL_UI).rstrip("/")
+    namespace = os.environ.get("TEMPORAL_NAMESPACE", "default")
+    return f"{base}/namespaces/{quote(namespace, safe='')}/workflows/{quote(referral_id, safe='')}"
+
+
+def _without_scripts(root: Any) -> Any:
+    """pygal writes its configuration in a script element (and its credits in comments): an
+    image needs neither."""
+    for parent in list(root.iter()):
+        for child in list(parent):
+            if not isinstance(child.tag, str) or child.tag.endswith("script"):
+                parent.remove(child)
+    return root
+
+
+def _number(value: Decimal | int, lang: str) -> str:
+    return format_decimal(value, "#,##0.##", locale=lang)
+
+
+def _whole_ticks(largest: int) -> list[int]:
+    """A count's axis: whole numbers only, ten ticks at most."""
+    step = max(1, -(-largest // 10))
+    return list(range(0, largest + step, step))
+
+
+def _days(value: Decimal, lang: str) -> str:
+    return format_decimal(value, "#,##0.00", locale=lang)
+
+
+def chart_svg(name: str, figures: ProgramFigures, lang: str, currency: str | None = None) -> str:
+    """One chart of the dashboard as an SVG document, its labels in `lang`."""
+    gettext = translations(lang).gettext
+
+    def stage(s: Stage) -> str:
+        return gettext(STAGE_LABELS[s])
+
+    def count(value: float) -> str:
+        return _number(int(value), lang)
+
+    def days(value: float) -> str:
+        return _number(Decimal(str(value)), lang)
+
+    def share(value: float) -> str:
+        return format_percent(Decimal(str(value)) / 100, lang)
+
+    def money(value: float) -> str:
+        return _number(Decimal(str(value)), lang)
+
+    common: dict[str, Any] = {
+        "style": CHART_STYLE,
+        "js": [],
+        "width": 720,
+        "height": 360,
+        "print_values": True,
+        "print_zeroes": False,
+        "show_y_guides": False,
+        "margin": 12,
+        "truncate_label": -1,
+        "truncate_legend": -1,
+    }
+    chart: Any
+    if name == "funnel":
+        chart = pygal.HorizontalBar(show_legend=False, value_formatter=count, **common)
+        chart.title = gettext("Referrals reaching each step")
+        steps = list(reversed(figures.funnel))  # the first step at the top
+        chart.x_labels = [stage(s.stage) for s in steps]
+        chart.add(gettext("Referrals"), [s.referrals for s in steps])
+        chart.y_labels = _whole_ticks(figures.referrals)
+    elif name == "ended":
+        chart = pygal.Bar(show_legend=False, value_formatter=count, **common)
+        chart.title = gettext("Referrals ended without a commission")
+        chart.x_labels = [stage(s.stage) for s in figures.ended]
+        chart.add(gettext("Referrals"), [s.referrals for s in figures.ended])
+        chart.y_labels = _whole_ticks(max(s.referrals for s in figures.ended))
+    elif name == "time":
+        chart = pygal.HorizontalBar(
+            value_formatter=days, legend_at_bottom=True, legend_at_bottom_columns=2, **common
+        )
+        chart.title = gettext("Days spent in each stage")
+        timed = list(reversed(figures.time_in_stage))
+        chart.x_labels = [stage(t.stage) for t in timed]
+        chart.add(gettext("Median"), [float(t.median_days or 0) for t in timed])
+        chart.add(gettext("90th percentile"), [float(t.p90_days or 0) for t in timed])
+    elif name == "contact":
+        contact = figures.contact
+        chart = pygal.HorizontalBar(
+            show_legend=False, value_formatter=share, range=(0, 100), **common
+        )
+        chart.title = gettext("Referrers contacted in time")
+        chart.x_labels = [gettext("Before the deadline"), gettext("Before the reminder")]
+        chart.add(
+            gettext("Share of referrals contacted"),
+            [
+                float((contact.before_deadline_share or 0) * 100),
+                float((contact.before_reminder_share or 0) * 100),
+            ],
+        )
+    elif name == "commission":
+        months = [m for m in figures.commission_by_month if m.currency == currency]
+        chart = pygal.StackedBar(value_formatter=money, legend_at_bottom=True, **common)
+        chart.title = gettext("Commission by month won ({currency})").format(currency=currency)
+        chart.x_labels = [m.month for m in months]
+        chart.legend_at_bottom_columns = 3
+        chart.add(gettext("Pending"), [float(m.pending) for m in months])
+        chart.add(gettext("Payable"), [float(m.payable) for m in months])
+        chart.add(gettext("Paid"), [float(m.paid) for m in months])
+    else:
+        chart = pygal.HorizontalBar(
+            value_formatter=count, legend_at_bottom=True, legend_at_bottom_columns=2, **common
+        )
+        chart.title = gettext("Top referrers")
+        top = list(reversed(figures.top_referrers))
+        chart.x_labels = [r.referrer_email for r in top]
+        chart.add(gettext("Referrals"), [r.referrals for r in top])
+        chart.add(gettext("Deals won"), [r.won for r in top])
+        chart.y_labels = _whole_ticks(max((r.referrals for r in top), default=0))
+    chart.add_xml_filter(_without_scripts)
+    return str(chart.render(is_unicode=True))
+
+
+def add_staff_routes(
+    app: FastAPI, site: Site, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> None:
+    """`clock` says when "now" is: this month's breaches and the protections ending soon
+    depend on it."""
+    add_sign_in_routes(app, site, STAFF)
+
+    async def figures_for(choice: Choice) -> ProgramFigures:
+        return await asyncio.to_thread(
+            program_figures,
+            site.engine,
+            site.rules,
+            since=choice.since,
+            product=choice.product,
+            now=clock(),
+        )
+
+    @app.get(STAFF.home, response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard(request: Request) -> Response:
+        """The sign-in form, or the figures for the period and product asked for."""
+        lang = pick_language(request)
+        email = signed_in(request, site, STAFF)
+        if email is None:
+            return sign_in_page(request, site, STAFF, lang)
+        choice = choice_of(request, site)
+        figures = await figures_for(choice)
+        gettext: Callable[[str], str] = translations(lang).gettext
+        currencies = sorted({m.currency for m in figures.commission_by_month})
+        response = site.render(
+            request,
+            "staff.html",
+            lang,
+            home=STAFF.home,
+            email=email,
+            choice=choice,
+            figures=figures,
+            currencies=currencies,
+            stage_label=lambda s: gettext(STAGE_LABELS[Stage(s)]),
+            number=lambda value: _number(value, lang),
+            days=lambda value: _days(value, lang),
+            temporal_ui=temporal_ui_link,
+            chart_url=lambda name, **extra: (
+                f"{STAFF.home}/charts/{name}.svg?{choice.query(lang, **extra)}"
+            ),
+        )
+        response.headers.update(PRIVATE)
+        return response
+
+    @app.get(f"{STAFF.home}/charts/{{name}}.svg", include_in_schema=False)
+    async def chart(request: Request, name: str) -> Response:
+        if signed_in(request, site, STAFF) is None:
+            return Response(status_code=403, headers=PRIVATE)
+        if name not in CHARTS:
+            return Response(status_code=404, headers=PRIVATE)
+        choice = choice_of(request, site)
+        figures = await figures_for(choice)
+        currency = request.query_params.get("currency") or site.rules.commission.currency
+        svg = await asyncio.to_thread(chart_svg, name, figures, pick_language(request), currency)
+        return Response(svg, media_type="image/svg+xml", headers=PRIVATE)

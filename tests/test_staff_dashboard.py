@@ -1,0 +1,240 @@
+"""The program dashboard (`/staff`) in process: sign-in by the emailed link (a real SMTP server on
+loopback), then the figures of the known referrals of tests/test_figures.py on the page and in
+its charts."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+
+from activities.db import make_engine
+from activities.schema import upgrade
+from starter.web.security import RateLimiter
+from starter.web.signin import STAFF
+from starter.web.site import Site
+from starter.web.staff import CHARTS, add_staff_routes
+from tests.conftest import MailSink
+from tests.test_figures import NOW, known_referrals, record
+from tests.test_sign_in import ask, settle
+from workflows.models import ProgramRules, StaffRules
+
+
+@pytest.fixture(scope="module")
+def known_db(tmp_path_factory: pytest.TempPathFactory, shipped_rules: ProgramRules) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('staff') / 'referrals.db'}")
+    upgrade(engine)
+    for story in known_referrals():
+        record(engine, shipped_rules, story)
+    return engine
+
+
+@pytest.fixture
+def staff_email() -> str:
+    """Of this test only: the session's mail sink is shared by every test."""
+    return f"manager-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"
+
+
+@pytest.fixture
+def app(
+    known_db: Engine, shipped_rules: ProgramRules, mail_sink: MailSink, staff_email: str
+) -> FastAPI:
+    site = Site(
+        rules=shipped_rules.model_copy(update={"staff": StaffRules(emails=[staff_email])}),
+        engine=known_db,
+        key="staff-dashboard-test-key",
+        smtp=mail_sink.settings(),
+        limiter=RateLimiter.from_setting("off"),
+    )
+    app = FastAPI()
+    add_staff_routes(app, site, clock=lambda: NOW)
+    return app
+
+
+@pytest_asyncio.fixture
+async def visitor(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def staff(
+    visitor: httpx.AsyncClient, mail_sink: MailSink, staff_email: str
+) -> httpx.AsyncClient:
+    """Signed in through the link emailed to a staff address."""
+    await ask(visitor, STAFF.home, staff_email)
+    [link] = await settle(mail_sink, staff_email, 1)
+    opened = await visitor.get(link)
+    assert opened.status_code == 303 and opened.headers["location"].startswith(STAFF.home)
+    return visitor
+
+
+def row(page: str, marker: str) -> str:
+    """The table row holding `marker`, tags and all, on one line."""
+    at = page.index(marker)
+    start, end = page.rindex("<tr", 0, at), page.index("</tr>", at)
+    return re.sub(r"[ \t\r\n]+", " ", page[start:end])  # spaces in numbers stay
+
+
+def cells(page: str, marker: str) -> list[str]:
+    """The text of the header and data cells of the row holding `marker`."""
+    return [
+        re.sub(r"<[^>]+>", "", cell).strip()
+        for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row(page, marker))
+    ]
+
+
+async def test_signed_out_visitors_get_the_sign_in_form_and_no_figures(
+    visitor: httpx.AsyncClient,
+) -> None:
+    page = await visitor.get("/staff?lang=en")
+    chart = await visitor.get("/staff/charts/funnel.svg")
+
+    assert page.status_code == 200
+    assert 'id="email"' in page.text and "Program dashboard" in page.text
+    assert 'id="funnel"' not in page.text
+    assert chart.status_code == 403 and chart.content == b""
+
+
+async def test_an_address_not_on_the_staff_list_gets_the_same_answer_and_no_email(
+    visitor: httpx.AsyncClient, mail_sink: MailSink, staff_email: str
+) -> None:
+    stranger = f"someone-{uuid.uuid4().hex[:8]}@partner-a.example"
+
+    for_stranger = await ask(visitor, STAFF.home, stranger)
+    for_staff = await ask(visitor, STAFF.home, staff_email)
+
+    assert for_stranger.status_code == for_staff.status_code == 200
+    assert for_stranger.text == for_staff.text
+    assert len(await settle(mail_sink, staff_email, 1)) == 1
+    assert mail_sink.sign_in_links(stranger) == []
+
+
+async def test_the_page_shows_the_known_figures(staff: httpx.AsyncClient, staff_email: str) -> None:
+    response = await staff.get("/staff?lang=en")
+    page = response.text
+
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    assert f"Signed in as {staff_email}." in page
+    assert "12 referrals in all." in page
+    assert cells(page, 'data-stage="submitted"><th') == ["Submitted", "12", "—"]
+    funnel = [
+        ("contacted", "Contacted", "10", "83.33%"),
+        ("qualifying", "Accepted (qualifying)", "9", "90%"),
+        ("approved", "Approved", "6", "66.67%"),
+        ("won", "Won", "4", "66.67%"),
+        ("commission_payable", "Commission payable", "2", "50%"),
+        ("commission_paid", "Commission paid", "1", "50%"),
+    ]
+    funnel_table = page.split('id="funnel"')[1].split("</table>")[0]
+    for stage, *shown in funnel:
+        assert cells(funnel_table, f'data-stage="{stage}"') == shown
+    ended_table = page.split('id="ended"')[1].split("</table>")[0]
+    assert cells(ended_table, 'data-stage="declined"') == ["Declined", "2"]
+    assert cells(ended_table, 'data-stage="expired"') == ["Expired", "1"]
+    time_table = page.split('id="time"')[1].split("</table>")[0]
+    assert cells(time_table, 'data-stage="submitted"') == ["Submitted", "11", "2.00", "5.00"]
+    assert cells(time_table, 'data-stage="contacted"') == ["Contacted", "10", "1.50", "3.10"]
+    assert cells(time_table, 'data-stage="qualifying"') == [
+        "Accepted (qualifying)", "8", "15.00", "75.00"
+    ]  # fmt: skip
+    assert cells(page, 'data-when="before_reminder"') == ["Before the reminder", "8", "80%"]
+    assert cells(page, 'data-when="before_deadline"') == ["Before the deadline", "9", "90%"]
+    assert "Of 10 referrals contacted" in page
+    assert "Contact deadline breached in 2027-03: 1 referral" in page
+    assert cells(page, ">R-FIG11</a>") == [
+        "R-FIG11", "Fromagerie Bellevue SAS", "hcm-talent", "Submitted", "March 8, 2027"
+    ]  # fmt: skip
+    assert "Protection ending within 30 days: 1 referral" in page
+    assert cells(page, ">R-FIG10</a>")[3:] == ["Accepted (qualifying)", "March 27, 2027"]
+    assert cells(page, 'data-month="2026-11"') == ["2026-11", "€20,000.00", "€0.00", "€10,000.00"]
+    assert cells(page, 'data-month="2027-01"') == ["2027-01", "€0.00", "€15,000.00", "€0.00"]
+    assert cells(page, 'alice@partner-a.example</th><td class="num" data-count') == [
+        "alice@partner-a.example", "5", "2"
+    ]  # fmt: skip
+    assert cells(page, 'alice@partner-a.example</th><td class="num" data-earned') == [
+        "alice@partner-a.example", "€25,000.00"
+    ]  # fmt: skip
+
+
+async def test_each_listed_referral_links_to_its_workflow_in_the_temporal_ui(
+    staff: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = (await staff.get("/staff?lang=en")).text
+    monkeypatch.setenv("REFERRALS_TEMPORAL_UI_URL", "https://temporal.example.com/")
+    monkeypatch.setenv("TEMPORAL_NAMESPACE", "referrals-prod")
+    configured = (await staff.get("/staff?lang=en")).text
+
+    assert re.findall(r'href="(http[^"]+)" class="workflow"', default) == [
+        "http://127.0.0.1:8233/namespaces/default/workflows/R-FIG11",
+        "http://127.0.0.1:8233/namespaces/default/workflows/R-FIG10",
+    ]
+    assert (
+        'href="https://temporal.example.com/namespaces/referrals-prod/workflows/R-FIG10"'
+        in configured
+    )
+
+
+async def test_period_and_product(staff: httpx.AsyncClient) -> None:
+    chosen = (await staff.get("/staff?lang=en&since=2026-09-01&product=hcm-talent")).text
+    wrong = (await staff.get("/staff?lang=en&since=yesterday&product=nothing")).text
+
+    assert "3 referrals submitted since September 1, 2026." in chosen
+    assert '<option value="hcm-talent" selected>' in chosen
+    assert cells(chosen.split('id="funnel"')[1], 'data-stage="contacted"')[1:] == ["2", "66.67%"]
+    assert 'src="/staff/charts/funnel.svg?lang=en&amp;since=2026-09-01&amp;product=hcm-talent"' in (
+        chosen
+    )
+    assert 'id="since-error"' in wrong and 'id="product-error"' in wrong
+    assert "12 referrals in all." in wrong
+
+
+async def test_the_page_in_french(staff: httpx.AsyncClient) -> None:
+    page = (await staff.get("/staff?lang=fr")).text
+
+    assert '<html lang="fr">' in page
+    assert "Tableau de bord du programme" in page and "12 référencements en tout." in page
+    funnel_table = page.split('id="funnel"')[1]
+    assert cells(funnel_table, 'data-stage="contacted"') == ["Contacté", "10", "83,33\u00a0%"]
+    assert cells(page, 'data-month="2027-01"')[2] == "15\u202f000,00\u00a0€"
+
+
+@pytest.mark.parametrize("name", CHARTS)
+async def test_charts_are_svg_drawn_here_with_their_numbers(
+    staff: httpx.AsyncClient, name: str
+) -> None:
+    chart = await staff.get(f"/staff/charts/{name}.svg?lang=en")
+
+    assert chart.status_code == 200
+    assert chart.headers["content-type"] == "image/svg+xml"
+    svg = chart.text
+    assert "<script" not in svg
+    assert re.findall(r"https?://[^\"'\s<>]+", svg) == ["http://www.w3.org/2000/svg"]
+    numbers = {
+        "funnel": ["Referrals reaching each step", ">12<", ">10<", ">9<"],
+        "ended": ["Referrals ended without a commission", ">2<"],
+        "time": ["Days spent in each stage", ">75<", ">1.5<", ">3.1<"],
+        "contact": ["Referrers contacted in time", ">80%<", ">90%<"],
+        "commission": ["Commission by month won (EUR)", ">20,000<", ">15,000<", ">10,000<"],
+        "referrers": ["Top referrers", "alice@partner-a.example", ">5<"],
+    }
+    for expected in numbers[name]:
+        assert expected in svg, expected
+
+
+async def test_a_chart_in_french_and_an_unknown_chart(staff: httpx.AsyncClient) -> None:
+    french = (await staff.get("/staff/charts/funnel.svg?lang=fr")).text
+    unknown = await staff.get("/staff/charts/pie.svg")
+
+    assert (
+        "Référencements parvenus à chaque étape" in french and "Accepté (qualification)" in french
+    )
+    assert unknown.status_code == 404
