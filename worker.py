@@ -20,6 +20,7 @@ from activities.ledger import LedgerActivities
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
+from activities.webhooks import WebhookActivities
 from starter.client import connect, task_queue
 from starter.links import status_url
 from starter.program import ProgramError, load_program
@@ -28,8 +29,10 @@ from workflows.models import ProgramRules
 from workflows.reconcile import ReconcileWorkflow
 from workflows.referral import ReferralWorkflow
 from workflows.retention import RetentionWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
-# Activities are synchronous (SMTP, SQL): one thread each, and never more taken than threads.
+# Activities block on SMTP and SQL: one thread each (record_referral, async for the Temporal
+# client it starts webhook deliveries with, hands its SQL to a thread), never more than threads.
 ACTIVITY_THREADS = 8
 # On SIGTERM or Ctrl-C, in-flight activities may finish: longer than any activity's timeout.
 GRACEFUL_SHUTDOWN = timedelta(seconds=75)
@@ -52,7 +55,8 @@ def build_worker(
     """`rules`: the program in force, for its retention period (default: program.yaml)."""
     email = EmailActivities(engine, smtp, status_link=status_url)
     ledger = LedgerActivities(engine)
-    records = RecordActivities(engine)
+    records = RecordActivities(engine, client)
+    webhooks = WebhookActivities(engine)
     reconcile = ReconcileActivities(client, engine)
     retention = RetentionActivities(
         client, engine, (rules or load_program()).retention.personal_data_days
@@ -60,7 +64,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=queue or task_queue(),
-        workflows=[ReferralWorkflow, ReconcileWorkflow, RetentionWorkflow],
+        workflows=[ReferralWorkflow, ReconcileWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
         workflow_runner=workflow_runner(),
         activities=[
             email.send_email,
@@ -69,6 +73,8 @@ def build_worker(
             records.record_referral,
             reconcile.reconcile,
             retention.erase_expired,
+            webhooks.deliver_webhook,
+            webhooks.mark_webhook_failed,
         ],
         activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,

@@ -163,6 +163,47 @@ class ProspectClaim(SQLModel, table=True):
     claimed_at: datetime = Field(default_factory=_now)
 
 
+class WebhookDeliveryRow(SQLModel, table=True):
+    """One referral event for one webhook endpoint: the outbox, written in the transaction
+    that records the event. `id` is the message's Standard Webhooks `webhook-id`, the same on
+    every attempt and redelivery. `payload` is the message without personal data, which is
+    added from the referral's row when sent (so an erasure applies to later sends too)."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (
+        UniqueConstraint("event_key", "endpoint_url", name="uq_webhook_delivery_event_endpoint"),
+    )
+
+    id: str = Field(primary_key=True)
+    event_key: str
+    event_type: str
+    referral_id: str = Field(index=True)
+    endpoint_url: str
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    # pending (being attempted), delivered, failed (retries exhausted or refused for good)
+    status: str = Field(index=True)
+    attempts: int = 0
+    last_outcome: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    redeliveries: int = 0
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class WebhookAttemptRow(SQLModel, table=True):
+    """Each attempt to deliver a webhook message and what the endpoint answered."""
+
+    __tablename__ = "webhook_attempt"
+    __table_args__ = (UniqueConstraint("delivery_id", "number", name="uq_webhook_attempt_number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(index=True)
+    number: int
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    status_code: int | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    duration_ms: int
+
+
 def database_url() -> str:
     url = os.environ.get("REFERRALS_DATABASE_URL")
     if url:

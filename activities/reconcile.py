@@ -13,7 +13,8 @@ the authority on everything else. Repairs:
 - a running referral started before the system of record (no database row): sent the
   `upgrade` signal, which carries it over to a run that records itself;
 - a referral started before the system of record and closed since (no database row):
-  recorded from its workflow's result or, when it did not complete, its last state.
+  recorded from its workflow's result or, when it did not complete, its last state;
+- a webhook delivery still pending that no workflow delivers: its delivery started.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.db import ProspectClaim, ReferralRow, as_utc
 from activities.ledger import release_claim, save_commission
 from activities.records import load_referral, save_referral
+from activities.webhooks import start_stalled_deliveries
+from starter.client import task_queue
 from workflows.models import (
     CommissionRecord,
     CommissionStatus,
@@ -100,6 +103,7 @@ async def reconcile(client: Client, engine: Engine) -> ReconcileReport:
     recorded = await asyncio.to_thread(_known, engine, set(closed))
     for referral_id in sorted(set(closed) - recorded):
         report.fixed.append(await _record_closed(client, engine, referral_id, closed[referral_id]))
+    report.fixed.extend(await start_stalled_deliveries(client, engine, task_queue(), GRACE))
     report.checked = len(open_rows)
     return report
 

@@ -8,20 +8,24 @@ has deleted a closed workflow.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, delete, select
 from temporalio import activity
+from temporalio.client import Client
 
-from activities.db import ReferralEventRow, ReferralRow, as_utc
+from activities.db import ReferralEventRow, ReferralRow, WebhookDeliveryRow, as_utc
+from activities.webhooks import enqueue_deliveries, start_pending_deliveries
 from workflows.models import HistoryEntry, ReferralRecord, ReferralState, Stage
 
 
 def write_referral(session: Session, record: ReferralRecord) -> None:
     """Upsert the referral's row (unless it already holds a later revision) and append the
-    events it does not have yet. Idempotent; the caller commits."""
+    events it does not have yet, with their webhook deliveries (activities.webhooks).
+    Idempotent; the caller commits."""
     state = record.state
     row = session.get(ReferralRow, state.referral_id)
     if row is None:
@@ -34,9 +38,11 @@ def write_referral(session: Session, record: ReferralRecord) -> None:
             select(ReferralEventRow.seq).where(ReferralEventRow.referral_id == state.referral_id)
         )
     )
+    added = []
     for entry in record.events:
         if entry.seq is not None and entry.seq not in stored:
             stored.add(entry.seq)
+            added.append(entry)
             session.add(
                 ReferralEventRow(
                     referral_id=state.referral_id,
@@ -49,6 +55,7 @@ def write_referral(session: Session, record: ReferralRecord) -> None:
                     request_id=entry.request_id,
                 )
             )
+    enqueue_deliveries(session, state, added)
 
 
 def _facts(state: ReferralState) -> dict[str, Any]:
@@ -89,17 +96,29 @@ def discard_referral(engine: Engine, referral_id: str) -> None:
             delete(ReferralEventRow).where(col(ReferralEventRow.referral_id) == referral_id)
         )
         session.exec(delete(ReferralRow).where(col(ReferralRow.referral_id) == referral_id))
+        session.exec(
+            delete(WebhookDeliveryRow).where(col(WebhookDeliveryRow.referral_id) == referral_id)
+        )
         session.commit()
 
 
 class RecordActivities:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, client: Client) -> None:
         self._engine = engine
+        self._client = client
 
     @activity.defn(name="record_referral")
-    def record_referral(self, record: ReferralRecord) -> None:
-        """Write one change of a referral to the system of record."""
-        save_referral(self._engine, record)
+    async def record_referral(self, record: ReferralRecord) -> None:
+        """Write one change of a referral to the system of record, then start the delivery
+        of its webhook messages (none unless program.yaml has webhooks)."""
+        await asyncio.to_thread(save_referral, self._engine, record)
+        await start_pending_deliveries(
+            self._client,
+            self._engine,
+            record.state.referral_id,
+            [entry.seq for entry in record.events],
+            activity.info().task_queue,
+        )
 
 
 # --- reading ----------------------------------------------------------------------------------

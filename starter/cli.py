@@ -32,7 +32,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.db import CommissionRow, as_utc, make_engine
 from activities.records import list_referrals, load_referral
 from activities.schema import SchemaOutOfDate, open_database, upgrade
-from starter.client import connect, temporal_address
+from starter.client import connect, task_queue, temporal_address
 from starter.encryption import EncryptionKeyError
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
 from starter.links import referrer_key
@@ -539,6 +539,51 @@ async def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from activities.webhooks import list_deliveries
+
+    rows = [
+        {
+            "id": row.id,
+            "event_type": row.event_type,
+            "referral_id": row.referral_id,
+            "endpoint_url": row.endpoint_url,
+            "status": row.status,
+            "attempts": row.attempts,
+            "redeliveries": row.redeliveries,
+            "last_outcome": row.last_outcome,
+            "created_at": as_utc(row.created_at).isoformat(),
+            "updated_at": as_utc(row.updated_at).isoformat(),
+        }
+        for row in list_deliveries(open_database(), failed_only=args.failed)
+    ]
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no failed webhook deliveries" if args.failed else "no webhook deliveries")
+        return 0
+    print(f"{'ID':<36} {'EVENT':<29} {'REFERRAL':<14} {'STATUS':<9} {'TRIES':>5}  {'UPDATED':<25}")
+    for r in rows:
+        print(
+            f"{r['id']:<36} {r['event_type']:<29} {r['referral_id']:<14} {r['status']:<9} "
+            f"{r['attempts']:>5}  {r['updated_at']:<25}"
+        )
+        print(f"    to {r['endpoint_url']}; last: {r['last_outcome'] or '—'}")
+    return 0
+
+
+async def cmd_webhooks_redeliver(args: argparse.Namespace) -> int:
+    from activities.webhooks import RedeliveryRefused, redeliver
+
+    try:
+        workflow = await redeliver(await connect(), open_database(), args.id, task_queue())
+    except RedeliveryRefused as error:
+        raise Refused(str(error)) from error
+    print(f"{args.id}: redelivery started ({workflow})")
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     engine = make_engine()
     before, after = upgrade(engine)
@@ -697,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--reason", required=True)
     sub = add("replay-check", cmd_replay_check, "replay running referrals on this code")
     sub.add_argument("--limit", type=int, default=1000, help="at most N referrals (1000)")
+    sub = add("webhooks", cmd_webhooks, "webhook deliveries, newest first (or redeliver one)")
+    sub.add_argument("--failed", action="store_true", help="only those that were given up")
+    sub.add_argument("--json", action="store_true")
+    redeliver_help = "send a webhook message again (same webhook-id, new attempts)"
+    hooks = sub.add_subparsers(dest="webhooks_command", metavar="WEBHOOKS_COMMAND")
+    sub = hooks.add_parser("redeliver", help=redeliver_help, description=redeliver_help)
+    sub.set_defaults(handler=cmd_webhooks_redeliver)
+    sub.add_argument("id", help="the delivery's id (its webhook-id, msg_…)")
     db = add("db", lambda _: 2, "manage the database").add_subparsers(
         dest="db_command", required=True, metavar="DB_COMMAND"
     )

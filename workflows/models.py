@@ -7,6 +7,8 @@ shape is checked in one place.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -233,6 +235,65 @@ class StaffRules(Strict):
     emails: list[EmailStr] = []
 
 
+# What a webhook endpoint may subscribe to (docs/webhooks.md).
+WebhookEvent = Literal[
+    "referral.submitted",
+    "referral.contacted",
+    "referral.accepted",
+    "referral.declined",
+    "referral.approved",
+    "referral.rejected",
+    "referral.won",
+    "referral.lost",
+    "referral.cancelled",
+    "referral.expired",
+    "referral.protection_extended",
+    "commission.payable",
+    "commission.paid",
+    "commission.clawback",
+]
+
+
+def _check_webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) address")
+    return url
+
+
+def _check_webhook_secret(secret: str) -> str:
+    """Standard Webhooks secrets: `whsec_` and 24 to 64 random bytes in base64."""
+    key = secret.removeprefix("whsec_")
+    try:
+        size = len(base64.b64decode(key, validate=True)) if key != secret else 0
+    except binascii.Error:
+        size = 0
+    if not 24 <= size <= 64:
+        raise ValueError(
+            "a webhook secret is 'whsec_' followed by 24 to 64 random bytes in base64, e.g. "
+            "python -c \"import base64,os; print('whsec_' + base64.b64encode(os.urandom(32))"
+            '.decode())"'
+        )
+    return secret
+
+
+class WebhookEndpoint(Strict):
+    """A partner tool or CRM told of referral events (docs/webhooks.md)."""
+
+    url: Annotated[Text, AfterValidator(_check_webhook_url)]
+    secret: Annotated[Text, AfterValidator(_check_webhook_secret)]
+    events: list[WebhookEvent] = Field(min_length=1)
+    include_personal_data: bool = False
+
+
+def _distinct_urls(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
+    """An endpoint is known by its url: each message is sent once to each url."""
+    urls = [endpoint.url for endpoint in endpoints]
+    if len(set(urls)) != len(urls):
+        raise ValueError("each webhook url may appear only once")
+    return endpoints
+
+
 class ProgramRules(Strict):
     """The program's rules; a snapshot of them travels in every referral's workflow input."""
 
@@ -251,8 +312,11 @@ class ProgramRules(Strict):
     clawback: ClawbackRules = ClawbackRules()
     recipients: Recipients
     # Operational settings, read from program.yaml when used: never part of the snapshot a
-    # referral carries.
+    # referral carries (a webhook secret has no place in workflow history).
     staff: StaffRules = Field(default=StaffRules(), exclude=True)
+    webhooks: Annotated[list[WebhookEndpoint], AfterValidator(_distinct_urls)] = Field(
+        default=[], exclude=True
+    )
 
     def product(self, product_id: str) -> Product | None:
         return next((p for p in self.products if p.id == product_id), None)

@@ -1,0 +1,521 @@
+"""Signed webhooks: partner tools and CRMs told of referral events (docs/webhooks.md).
+
+An outbox. When the system of record appends a referral event, the same transaction adds
+one `webhook_delivery` row per endpoint of program.yaml subscribed to it
+(`enqueue_deliveries`). After the commit, `record_referral` starts one
+WebhookDeliveryWorkflow per pending row, which runs `deliver_webhook` until the endpoint
+takes it (Standard Webhooks signature, backoff for up to three days). A failing endpoint
+holds up nothing: the referral workflow never waits on a delivery. With no webhook
+configured, nothing is written and nothing started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, func, select
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.db import ReferralRow, WebhookAttemptRow, WebhookDeliveryRow, as_utc
+from starter.program import ProgramError, load_program, program_path
+from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
+from workflows.webhook_delivery import WebhookDeliveryInput, WebhookDeliveryWorkflow
+
+log = logging.getLogger(__name__)
+
+# History action -> event type. `payment` is `commission.payable` only when it completes
+# the commission basis (see `event_type`); refused actions are never sent.
+EVENT_TYPES = {
+    "submitted": "referral.submitted",
+    "contacted": "referral.contacted",
+    "accept": "referral.accepted",
+    "decline": "referral.declined",
+    "approve": "referral.approved",
+    "reject": "referral.rejected",
+    "won": "referral.won",
+    "lost": "referral.lost",
+    "cancel": "referral.cancelled",
+    "expire": "referral.expired",
+    "extend": "referral.protection_extended",
+    "payout": "commission.paid",
+    "refund": "commission.clawback",
+}
+PAYABLE = "commission.payable"
+
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+HTTP_TIMEOUT = httpx.Timeout(10.0)
+USER_AGENT = "ReferralDesk-Webhooks/1"
+# Kept of an endpoint's answer to a failed attempt, for `referrals webhooks`.
+ANSWER_CHARS = 200
+RETRY_ENV = {
+    "initial_interval_s": "REFERRALS_WEBHOOK_RETRY_INITIAL_S",
+    "maximum_interval_s": "REFERRALS_WEBHOOK_RETRY_MAX_S",
+    "give_up_after_s": "REFERRALS_WEBHOOK_GIVE_UP_S",
+}
+
+
+class RedeliveryRefused(Exception):
+    """The message cannot be redelivered now; the message says why."""
+
+
+# --- the endpoints --------------------------------------------------------------------------
+
+_loaded: tuple[tuple[Path, int, int], list[WebhookEndpoint]] | None = None
+
+
+def configured_endpoints() -> list[WebhookEndpoint]:
+    """The endpoints of program.yaml as it is now (they are not part of a referral's rules
+    snapshot), re-read when the file changes. No file, no endpoints. Should the file turn
+    invalid while a process runs, the endpoints last read stay in force and a warning is
+    logged once: the system of record must not stop on it (every process that starts checks
+    the file)."""
+    global _loaded
+    path = program_path()
+    try:
+        stat = path.stat()
+    except OSError:
+        return []
+    version = (path.resolve(), stat.st_mtime_ns, stat.st_size)
+    if _loaded is not None and _loaded[0] == version:
+        return _loaded[1]
+    try:
+        endpoints = load_program(path).webhooks
+    except ProgramError as error:
+        same_file = _loaded is not None and _loaded[0][0] == version[0]
+        endpoints = _loaded[1] if _loaded is not None and same_file else []
+        log.warning("webhooks: %s; keeping the %d endpoint(s) last read", error, len(endpoints))
+    _loaded = (version, endpoints)
+    return endpoints
+
+
+def _endpoint(url: str) -> WebhookEndpoint | None:
+    return next((e for e in configured_endpoints() if e.url == url), None)
+
+
+# --- the outbox -----------------------------------------------------------------------------
+
+
+def event_type(entry: HistoryEntry, state: ReferralState) -> str | None:
+    """The webhook event a history entry is, if any. `state` is the referral after it."""
+    if entry.outcome == "refused":
+        return None
+    if entry.action == "payment":
+        return PAYABLE if entry.at == _completing_payment_at(state) else None
+    return EVENT_TYPES.get(entry.action)
+
+
+def _completing_payment_at(state: ReferralState) -> datetime | None:
+    """When the customer's payments reached the commission basis (the referral became
+    commission_payable), or None."""
+    if state.commission is None:
+        return None
+    paid = Decimal(0)
+    for payment in state.payments:
+        paid += payment.amount
+        if paid >= state.commission.basis_amount:
+            return payment.at
+    return None
+
+
+def delivery_id(event_key: str, url: str) -> str:
+    """The `webhook-id`: derived from the event and the endpoint, so the same message keeps
+    the same id whoever writes it and however often."""
+    digest = hashlib.sha256(f"{event_key} {url}".encode()).digest()
+    return "msg_" + base64.b32encode(digest[:20]).decode().lower()
+
+
+def _when(moment: datetime | None) -> str | None:
+    return as_utc(moment).isoformat() if moment else None
+
+
+def _money(amount: Decimal, currency: str) -> str:
+    return str(round_money(amount, currency))
+
+
+def message(kind: str, entry: HistoryEntry, state: ReferralState) -> dict[str, Any]:
+    """The message without personal data: the referral as recorded with this event."""
+    commission = state.commission
+    return {
+        "type": kind,
+        "timestamp": _when(entry.at),
+        "data": {
+            "referral_id": state.referral_id,
+            "event_seq": entry.seq,
+            "stage": state.stage.value,
+            "product": state.opportunity.product,
+            "product_name": state.product_name,
+            "prospect_company": state.prospect.company,
+            "prospect_domain": state.prospect_domain,
+            "prospect_country": state.prospect.country,
+            "submitted_at": _when(state.submitted_at),
+            "protected_until": _when(state.protected_until),
+            "closed_at": _when(state.closed_at),
+            "commission": None
+            if commission is None
+            else {
+                "amount": _money(commission.amount, commission.currency),
+                "currency": commission.currency,
+                "status": commission.status.value,
+                "basis_amount": _money(commission.basis_amount, commission.currency),
+                "customer_paid": _money(commission.customer_paid, commission.currency),
+                "clawed_back": _money(commission.clawed_back, commission.currency),
+            },
+        },
+    }
+
+
+def personal_data(state: ReferralState) -> dict[str, Any]:
+    """Added to `data` for endpoints with `include_personal_data: true` only."""
+    referrer, contact = state.referrer, state.contact
+    return {
+        "referrer": {
+            "name": referrer.name,
+            "email": str(referrer.email),
+            "company": referrer.company,
+            "phone": referrer.phone,
+            "language": referrer.language,
+        },
+        "contact": {
+            "name": contact.name,
+            "email": str(contact.email),
+            "title": contact.title,
+            "phone": contact.phone,
+        },
+    }
+
+
+def enqueue_deliveries(
+    session: Session, state: ReferralState, entries: Iterable[HistoryEntry]
+) -> None:
+    """In the caller's transaction: a pending delivery for each newly recorded event and
+    each endpoint subscribed to it."""
+    endpoints = configured_endpoints()
+    if not endpoints:
+        return
+    now = datetime.now(UTC)
+    for entry in entries:
+        kind = event_type(entry, state)
+        if kind is None:
+            continue
+        key = f"{state.referral_id}/{entry.seq}"
+        payload = json.dumps(message(kind, entry, state), ensure_ascii=False)
+        for endpoint in endpoints:
+            if kind in endpoint.events:
+                session.add(
+                    WebhookDeliveryRow(
+                        id=delivery_id(key, endpoint.url),
+                        event_key=key,
+                        event_type=kind,
+                        referral_id=state.referral_id,
+                        endpoint_url=endpoint.url,
+                        payload=payload,
+                        status=PENDING,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+
+
+def pending_deliveries(
+    engine: Engine, referral_id: str, seqs: Iterable[int | None]
+) -> list[WebhookDeliveryRow]:
+    """The deliveries of these events still pending (none without webhooks configured)."""
+    keys = [f"{referral_id}/{seq}" for seq in seqs if seq is not None]
+    if not keys or not configured_endpoints():
+        return []
+    with Session(engine) as session:
+        return list(
+            session.exec(
+                select(WebhookDeliveryRow).where(
+                    WebhookDeliveryRow.referral_id == referral_id,
+                    WebhookDeliveryRow.status == PENDING,
+                    col(WebhookDeliveryRow.event_key).in_(keys),
+                )
+            ).all()
+        )
+
+
+# --- starting delivery workflows ------------------------------------------------------------
+
+
+def workflow_id(delivery: WebhookDeliveryRow) -> str:
+    """The workflow delivering this message now: the first one, or the latest redelivery."""
+    if delivery.redeliveries:
+        return f"webhook-{delivery.id}-redeliver-{delivery.redeliveries}"
+    return f"webhook-{delivery.id}"
+
+
+def delivery_input(delivery_id: str) -> WebhookDeliveryInput:
+    """The retry schedule: the program's, unless REFERRALS_WEBHOOK_RETRY_* say otherwise."""
+    given = {field: float(os.environ[env]) for field, env in RETRY_ENV.items() if env in os.environ}
+    return WebhookDeliveryInput(delivery_id=delivery_id, **given)
+
+
+async def start_delivery(client: Client, delivery: WebhookDeliveryRow, task_queue: str) -> bool:
+    """Start the delivery's workflow; False if it was already started (this one is never
+    started twice, so a retried caller never sends a message twice)."""
+    try:
+        await client.start_workflow(
+            WebhookDeliveryWorkflow.run,
+            delivery_input(delivery.id),
+            id=workflow_id(delivery),
+            task_queue=task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            static_summary=f"webhook {delivery.event_type} of {delivery.referral_id}",
+        )
+    except WorkflowAlreadyStartedError:
+        return False
+    return True
+
+
+async def start_pending_deliveries(
+    client: Client, engine: Engine, referral_id: str, seqs: list[int | None], task_queue: str
+) -> None:
+    """After the events are committed: start the delivery of each of them still pending.
+    Run again by a retried activity, it starts what a failed run did not."""
+    for delivery in await asyncio.to_thread(pending_deliveries, engine, referral_id, seqs):
+        await start_delivery(client, delivery, task_queue)
+
+
+def _stalled(engine: Engine, before: datetime) -> list[WebhookDeliveryRow]:
+    with Session(engine) as session:
+        return list(
+            session.exec(
+                select(WebhookDeliveryRow).where(
+                    WebhookDeliveryRow.status == PENDING,
+                    col(WebhookDeliveryRow.updated_at) < before,
+                )
+            ).all()
+        )
+
+
+async def start_stalled_deliveries(
+    client: Client, engine: Engine, task_queue: str, grace: timedelta
+) -> list[str]:
+    """For `referrals reconcile`: start the pending deliveries no workflow delivers (the
+    process stopped between the commit and the start, or reconcile itself recorded the
+    event). One line per delivery started."""
+    lines = []
+    for delivery in await asyncio.to_thread(_stalled, engine, datetime.now(UTC) - grace):
+        if await start_delivery(client, delivery, task_queue):
+            lines.append(
+                f"{delivery.id}: webhook {delivery.event_type} of {delivery.referral_id} "
+                "was not being delivered; started"
+            )
+    return lines
+
+
+# --- delivering -----------------------------------------------------------------------------
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks: `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")), the key
+    being the base64 after `whsec_`."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def _body(session: Session, delivery: WebhookDeliveryRow, endpoint: WebhookEndpoint) -> bytes:
+    content = json.loads(delivery.payload)
+    if endpoint.include_personal_data:
+        row = session.get(ReferralRow, delivery.referral_id)
+        assert row is not None  # checked by the caller
+        content["data"].update(personal_data(ReferralState.model_validate_json(row.state)))
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _refuse(engine: Engine, delivery_id: str, why: str) -> ApplicationError:
+    """A message that can never be delivered: say why in its row; not retried."""
+    with Session(engine) as session:
+        delivery = session.get(WebhookDeliveryRow, delivery_id)
+        if delivery is not None:
+            delivery.last_outcome = why
+            delivery.updated_at = datetime.now(UTC)
+            session.add(delivery)
+            session.commit()
+    return ApplicationError(why, type="WebhookRefused", non_retryable=True)
+
+
+def _record_attempt(
+    engine: Engine, delivery_id: str, attempt: WebhookAttemptRow, outcome: str, delivered: bool
+) -> None:
+    with Session(engine) as session:
+        delivery = session.get(WebhookDeliveryRow, delivery_id)
+        assert delivery is not None
+        count = session.exec(
+            select(func.count()).where(WebhookAttemptRow.delivery_id == delivery_id)
+        ).one()
+        attempt.number = count + 1
+        session.add(attempt)
+        delivery.attempts = attempt.number
+        delivery.last_outcome = outcome
+        delivery.updated_at = attempt.at
+        if delivered:
+            delivery.status = DELIVERED
+        session.add(delivery)
+        session.commit()
+
+
+def deliver(engine: Engine, delivery_id: str) -> None:
+    """One attempt: sign, POST, record the attempt; raise unless the endpoint took it (2xx).
+    410 Gone, an endpoint no longer configured or a referral no longer recorded are final;
+    anything else (other statuses, timeouts, refused connections) is retried."""
+    with Session(engine) as session:
+        delivery = session.get(WebhookDeliveryRow, delivery_id)
+        if delivery is None:
+            raise ApplicationError(
+                f"unknown webhook delivery {delivery_id}", type="WebhookRefused", non_retryable=True
+            )
+        endpoint = _endpoint(delivery.endpoint_url)
+        if endpoint is None:
+            raise _refuse(engine, delivery_id, "endpoint no longer in program.yaml: not sent")
+        if session.get(ReferralRow, delivery.referral_id) is None:
+            raise _refuse(engine, delivery_id, "referral no longer recorded: not sent")
+        body = _body(session, delivery, endpoint)
+        url = delivery.endpoint_url
+    at = datetime.now(UTC)
+    timestamp = int(at.timestamp())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(endpoint.secret, delivery_id, timestamp, body),
+    }
+    started = time.monotonic()
+    status: int | None = None
+    error: str | None = None
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=HTTP_TIMEOUT)
+        status = response.status_code
+        outcome = f"{status} {response.reason_phrase}".strip()
+        if not response.is_success:
+            answer = " ".join(response.text[:ANSWER_CHARS].split())
+            error = f"{outcome}: {answer}" if answer else outcome
+    except httpx.HTTPError as failure:
+        error = f"{type(failure).__name__}: {failure}".rstrip(": ")
+        outcome = error
+    attempt = WebhookAttemptRow(
+        delivery_id=delivery_id,
+        number=0,
+        at=at,
+        status_code=status,
+        error=error,
+        duration_ms=round((time.monotonic() - started) * 1000),
+    )
+    _record_attempt(engine, delivery_id, attempt, error or outcome, delivered=error is None)
+    if status == 410:
+        raise ApplicationError(
+            f"{url} answered 410 Gone: not retried", type="WebhookRefused", non_retryable=True
+        )
+    if error is not None:
+        raise ApplicationError(f"{url}: {error}", type="WebhookFailed")
+
+
+def mark_failed(engine: Engine, delivery_id: str) -> None:
+    with Session(engine) as session:
+        delivery = session.get(WebhookDeliveryRow, delivery_id)
+        if delivery is not None and delivery.status == PENDING:
+            delivery.status = FAILED
+            delivery.updated_at = datetime.now(UTC)
+            session.add(delivery)
+            session.commit()
+
+
+class WebhookActivities:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @activity.defn(name="deliver_webhook")
+    def deliver_webhook(self, delivery_id: str) -> None:
+        """One attempt to deliver a webhook message."""
+        deliver(self._engine, delivery_id)
+
+    @activity.defn(name="mark_webhook_failed")
+    def mark_webhook_failed(self, delivery_id: str) -> None:
+        """Retries are exhausted, or the message was refused for good."""
+        mark_failed(self._engine, delivery_id)
+
+
+# --- staff: list, redeliver, repair ---------------------------------------------------------
+
+
+def list_deliveries(engine: Engine, failed_only: bool = False) -> list[WebhookDeliveryRow]:
+    """Newest first."""
+    query = select(WebhookDeliveryRow).order_by(
+        col(WebhookDeliveryRow.created_at).desc(), col(WebhookDeliveryRow.id)
+    )
+    if failed_only:
+        query = query.where(WebhookDeliveryRow.status == FAILED)
+    with Session(engine) as session:
+        return list(session.exec(query).all())
+
+
+def list_attempts(engine: Engine, delivery_id: str) -> list[WebhookAttemptRow]:
+    with Session(engine) as session:
+        return list(
+            session.exec(
+                select(WebhookAttemptRow)
+                .where(WebhookAttemptRow.delivery_id == delivery_id)
+                .order_by(col(WebhookAttemptRow.number))
+            ).all()
+        )
+
+
+async def _running(client: Client, workflow: str) -> bool:
+    try:
+        description = await client.get_workflow_handle(workflow).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return description.status == WorkflowExecutionStatus.RUNNING
+
+
+def _next_redelivery(engine: Engine, delivery_id: str) -> WebhookDeliveryRow:
+    """Count one more redelivery and make the message pending again."""
+    with Session(engine) as session:
+        delivery = session.get(WebhookDeliveryRow, delivery_id)
+        assert delivery is not None
+        delivery.redeliveries += 1
+        delivery.status = PENDING
+        delivery.updated_at = datetime.now(UTC)
+        session.add(delivery)
+        session.commit()
+        session.refresh(delivery)
+        return delivery
+
+
+async def redeliver(client: Client, engine: Engine, delivery_id: str, task_queue: str) -> str:
+    """Send a message again (same `webhook-id`, new attempts): returns its workflow id."""
+    with Session(engine) as session:
+        delivery = session.get(WebhookDeliveryRow, delivery_id)
+    if delivery is None:
+        raise RedeliveryRefused(f"unknown webhook delivery {delivery_id}")
+    if await _running(client, workflow_id(delivery)):
+        raise RedeliveryRefused(
+            f"{delivery_id} is still being attempted ({workflow_id(delivery)}); "
+            "redeliver it once it is delivered or failed"
+        )
+    delivery = await asyncio.to_thread(_next_redelivery, engine, delivery_id)
+    await start_delivery(client, delivery, task_queue)
+    return workflow_id(delivery)

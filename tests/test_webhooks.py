@@ -1,0 +1,567 @@
+"""Signed webhooks: the outbox written with each event, the Standard Webhooks signature, and
+delivery end to end on the dev server to real HTTP receivers on loopback that verify every
+signature, one failing then recovering, one always down, one holding another secret."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
+
+from activities.db import CommissionRow, WebhookAttemptRow, WebhookDeliveryRow
+from activities.records import save_referral
+from activities.webhooks import (
+    EVENT_TYPES,
+    PAYABLE,
+    list_attempts,
+    sign,
+    start_pending_deliveries,
+    start_stalled_deliveries,
+)
+from starter.intake import new_referral_id, submit_referral
+from starter.program import ProgramError, load_program
+from tests.conftest import Cli, Live, eventually
+from tests.factories import RECEIVED, referral_input, submission
+from workflows.models import (
+    Action,
+    HistoryEntry,
+    ProgramRules,
+    ReferralRecord,
+    ReferralState,
+    Refusal,
+    StaffAction,
+    Stage,
+    WebhookEvent,
+)
+from workflows.transitions import apply_action, initial_state
+
+ALL_EVENTS = list(WebhookEvent.__args__)  # type: ignore[attr-defined]
+REFERRER_EMAIL = "claire.martin@conseil-martin.example"
+CONTACT_EMAIL = "j.roche@fromagerie-bellevue.example"
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes).decode()
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, tolerance: int = 300) -> bool:
+    """Standard Webhooks verification, written from the specification, apart from the code
+    under test: any `v1,` signature of the space-separated list may match; the timestamp must
+    be recent."""
+    try:
+        message_id = headers["webhook-id"]
+        timestamp = headers["webhook-timestamp"]
+        signatures = headers["webhook-signature"].split(" ")
+        if abs(time.time() - int(timestamp)) > tolerance:
+            return False
+        key = base64.b64decode(secret.split("_", 1)[1])
+    except (KeyError, ValueError):
+        return False
+    content = message_id.encode() + b"." + timestamp.encode() + b"." + body
+    expected = base64.b64encode(hmac.digest(key, content, "sha256"))
+    return any(
+        version == "v1" and hmac.compare_digest(given.encode(), expected)
+        for version, _, given in (s.partition(",") for s in signatures)
+    )
+
+
+# --- the signature ------------------------------------------------------------------------
+
+
+def test_signature_matches_the_standard_webhooks_example() -> None:
+    """The specification's published example (secret, id, timestamp, body -> signature)."""
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"test": 2432232314}'
+    signature = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    headers = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-signature": signature}
+    assert verify(secret, {**headers, "webhook-timestamp": "1614265330"}, body, tolerance=10**10)
+    assert not verify(secret, {**headers, "webhook-timestamp": "1614265331"}, body, 10**10)
+
+
+def test_every_event_type_is_emitted_and_subscribable() -> None:
+    assert sorted([*EVENT_TYPES.values(), PAYABLE]) == sorted(ALL_EVENTS)
+
+
+# --- program.yaml -------------------------------------------------------------------------
+
+
+def write_program(path: Path, webhooks: list[dict[str, Any]], base: Path) -> Path:
+    data = yaml.safe_load(base.read_text(encoding="utf-8"))
+    data["webhooks"] = webhooks
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ({"secret": "s3cret"}, "webhooks.0.secret: Value error, a webhook secret is 'whsec_'"),
+        ({"secret": "whsec_c2hvcnQ="}, "24 to 64 random bytes"),
+        ({"url": "ftp://crm.example/x"}, "webhooks.0.url: Value error, 'ftp://crm.example/x' is"),
+        ({"events": ["referral.won", "deal.won"]}, "webhooks.0.events.1: Input should be"),
+        ({"events": []}, "webhooks.0.events: List should have at least 1 item"),
+        ({"colour": "blue"}, "webhooks.0.colour: Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_endpoint_stops_the_program_with_its_field(
+    tmp_path: Path, program_file: Path, endpoint: dict[str, Any], message: str
+) -> None:
+    good = {"url": "https://crm.example/hooks", "secret": new_secret(), "events": ["referral.won"]}
+    path = write_program(tmp_path / "program.yaml", [{**good, **endpoint}], program_file)
+    with pytest.raises(ProgramError) as raised:
+        load_program(path)
+    assert message in str(raised.value)
+
+
+def test_an_endpoint_url_appears_once(tmp_path: Path, program_file: Path) -> None:
+    endpoint = {"url": "https://crm.example/h", "secret": new_secret(), "events": ["referral.won"]}
+    path = write_program(tmp_path / "program.yaml", [endpoint, endpoint], program_file)
+    with pytest.raises(ProgramError, match="each webhook url may appear only once"):
+        load_program(path)
+
+
+# --- the outbox ---------------------------------------------------------------------------
+
+
+def lifecycle(rules: ProgramRules) -> list[ReferralRecord]:
+    """One referral's writes to the system of record, change by change as the workflow makes
+    them, a refused action and a partial payment among them. A new referral id each time:
+    delivery ids, and so their workflow ids, derive from it."""
+    state = initial_state(referral_input(rules, referral_id=new_referral_id()))
+    records = [ReferralRecord(state=state.model_copy(update={"history": []}), events=state.history)]
+    steps: list[dict[str, Any]] = [
+        {"action": Action.CONTACTED},
+        {"action": Action.APPROVE},  # refused: not allowed yet
+        {"action": Action.ACCEPT},
+        {"action": Action.EXTEND, "days": 30, "reason": "board meets in June"},
+        {"action": Action.APPROVE},
+        {"action": Action.WON, "amount": Decimal("180000"), "currency": "EUR"},
+        {"action": Action.PAYMENT, "amount": Decimal("100000"), "reference": "INV-1"},
+        {"action": Action.PAYMENT, "amount": Decimal("80000"), "reference": "INV-2"},
+        {
+            "action": Action.REFUND,
+            "amount": Decimal("18000"),
+            "reference": "AV-1",
+            "reason": "credit note",
+        },
+        {"action": Action.PAYOUT, "reference": "VIR-1"},
+    ]
+    for number, step in enumerate(steps, start=1):
+        at = RECEIVED + timedelta(days=number)
+        result = apply_action(state, StaffAction(actor="alice", **step), rules, at)
+        if isinstance(result, Refusal):
+            entry = HistoryEntry(
+                at=at,
+                action=step["action"].value,
+                actor="alice",
+                outcome="refused",
+                seq=state.next_seq(),
+            )
+            state = state.model_copy(update={"history": [*state.history, entry]})
+        else:
+            state = result
+        state.revision += 1
+        records.append(
+            ReferralRecord(
+                state=state.model_copy(update={"history": []}), events=[state.history[-1]]
+            )
+        )
+    return records
+
+
+def deliveries(engine: Engine, referral_id: str | None = None) -> list[WebhookDeliveryRow]:
+    with Session(engine) as session:
+        query = select(WebhookDeliveryRow).order_by(WebhookDeliveryRow.event_key)
+        if referral_id is not None:
+            query = query.where(WebhookDeliveryRow.referral_id == referral_id)
+        return list(session.exec(query).all())
+
+
+def test_without_webhooks_nothing_is_written(
+    engine: Engine, rules: ProgramRules, program_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REFERRALS_PROGRAM", str(program_file))
+    for record in lifecycle(rules):
+        save_referral(engine, record)
+    assert deliveries(engine) == []
+
+
+def test_each_event_is_queued_once_for_each_subscribed_endpoint(
+    engine: Engine,
+    rules: ProgramRules,
+    program_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    crm = {"url": "https://crm.example/hooks", "secret": new_secret(), "events": ALL_EVENTS}
+    finance = {
+        "url": "http://127.0.0.1:9/finance",
+        "secret": new_secret(),
+        "events": ["commission.payable", "commission.paid"],
+    }
+    path = write_program(tmp_path / "program.yaml", [crm, finance], program_file)
+    monkeypatch.setenv("REFERRALS_PROGRAM", str(path))
+    records = lifecycle(rules)
+    for record in records:
+        save_referral(engine, record)
+    for record in records:  # a retried activity writes again: nothing more
+        save_referral(engine, record)
+
+    rows = sorted(deliveries(engine), key=lambda r: int(r.event_key.rpartition("/")[2]))
+    to_crm = [r for r in rows if r.endpoint_url == crm["url"]]
+    assert [r.event_type for r in to_crm] == [
+        "referral.submitted",
+        "referral.contacted",
+        "referral.accepted",
+        "referral.protection_extended",
+        "referral.approved",
+        "referral.won",
+        "commission.payable",  # the second payment, which completes the basis
+        "commission.clawback",
+        "commission.paid",
+    ]
+    assert [r.event_type for r in rows if r.endpoint_url == finance["url"]] == [
+        "commission.payable",
+        "commission.paid",
+    ]
+    assert all(r.status == "pending" and r.attempts == 0 for r in rows)
+    assert len({r.id for r in rows}) == len(rows)
+    assert all(r.id.startswith("msg_") for r in rows)
+    won = json.loads(next(r.payload for r in to_crm if r.event_type == "referral.won"))
+    assert won["type"] == "referral.won"
+    assert won["data"]["stage"] == "won"
+    assert won["data"]["commission"] == {
+        "amount": "18000.00",
+        "currency": "EUR",
+        "status": "pending",
+        "basis_amount": "180000.00",
+        "customer_paid": "0.00",
+        "clawed_back": "0.00",
+    }
+    stored = " ".join(r.payload for r in rows)
+    assert REFERRER_EMAIL not in stored and "Claire" not in stored  # added only when sent
+
+
+async def test_a_delivery_is_started_once_whoever_starts_it(
+    engine: Engine,
+    dev_env: WorkflowEnvironment,
+    rules: ProgramRules,
+    program_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """record_referral starts the deliveries of the events it wrote, again when retried;
+    reconcile starts those nobody started. Neither ever starts one twice."""
+    crm = {"url": "https://crm.example/hooks", "secret": new_secret(), "events": ALL_EVENTS}
+    monkeypatch.setenv(
+        "REFERRALS_PROGRAM", str(write_program(tmp_path / "program.yaml", [crm], program_file))
+    )
+    client = dev_env.client
+    queue = f"webhooks-test-{uuid.uuid4()}"  # no worker: the workflows only wait
+    submitted, contacted = lifecycle(rules)[:2]
+    referral_id = submitted.state.referral_id
+    save_referral(engine, submitted)
+    save_referral(engine, contacted)
+    first, second = deliveries(engine)
+    started = []
+    try:
+        for _ in range(2):  # the activity, then its retry
+            await start_pending_deliveries(client, engine, referral_id, [0], queue)
+        started.append(client.get_workflow_handle(f"webhook-{first.id}"))
+        assert (await started[0].describe()).status == WorkflowExecutionStatus.RUNNING
+        lines = await start_stalled_deliveries(client, engine, queue, timedelta(0))
+        started.append(client.get_workflow_handle(f"webhook-{second.id}"))
+        assert lines == [
+            f"{second.id}: webhook referral.contacted of {referral_id} was not being "
+            "delivered; started"
+        ]
+        assert await start_stalled_deliveries(client, engine, queue, timedelta(0)) == []
+        assert (await started[1].describe()).status == WorkflowExecutionStatus.RUNNING
+    finally:
+        for handle in started:
+            await handle.terminate(reason="test over")
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    verified: bool
+    answered: int
+
+    @property
+    def message(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+
+@dataclass
+class Endpoint:
+    """How one path of the receiver behaves: the secret it verifies with, and how many
+    requests it answers 503 before answering 200 (`down`: every one)."""
+
+    secret: str
+    fail_first: int = 0
+    down: bool = False
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on loopback, endpoints by path; a request whose signature does not
+    verify is answered 401."""
+
+    port: int
+    endpoints: dict[str, Endpoint]
+    received: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def answer(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        with self.lock:
+            endpoint = self.endpoints.get(path)
+            if endpoint is None:
+                return 404
+            verified = verify(endpoint.secret, headers, body)
+            if not verified:
+                status = 401
+            elif endpoint.down or endpoint.fail_first > 0:
+                endpoint.fail_first -= 1
+                status = 503
+            else:
+                status = 200
+            self.received.append(Received(path, headers, body, verified, status))
+            return status
+
+    def at(self, path: str, referral_id: str) -> list[Received]:
+        with self.lock:
+            return [
+                r
+                for r in self.received
+                if r.path == path and r.message["data"]["referral_id"] == referral_id
+            ]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state: dict[str, Receiver] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            status = state["receiver"].answer(self.path, headers, body)
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state["receiver"] = Receiver(port=server.server_address[1], endpoints={})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state["receiver"]
+    server.shutdown()
+    server.server_close()
+
+
+async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
+    return await live.client.get_workflow_handle(referral_id).execute_update(
+        "act", StaffAction(action=action, actor="alice", **values), result_type=ReferralState
+    )
+
+
+async def test_deliveries_are_signed_retried_recorded_and_never_hold_up_the_referral(
+    live: Live,
+    cli: Cli,
+    rules: ProgramRules,
+    program_file: Path,
+    receiver: Receiver,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    crm, flaky, down, wrong = new_secret(), new_secret(), new_secret(), new_secret()
+    receiver.endpoints = {
+        "/crm": Endpoint(crm),
+        "/flaky": Endpoint(flaky, fail_first=2),
+        "/down": Endpoint(down, down=True),
+        "/wrong": Endpoint(new_secret()),  # verifies with another secret than ours
+    }
+    webhooks: list[dict[str, Any]] = [
+        {
+            "url": receiver.url("/crm"),
+            "secret": crm,
+            "events": ALL_EVENTS,
+            "include_personal_data": True,
+        },
+        {
+            "url": receiver.url("/flaky"),
+            "secret": flaky,
+            "events": ["referral.submitted", "referral.contacted", "referral.won"],
+        },
+        {"url": receiver.url("/down"), "secret": down, "events": ["referral.submitted"]},
+        {"url": receiver.url("/wrong"), "secret": wrong, "events": ["referral.submitted"]},
+    ]
+    path = write_program(tmp_path / "program.yaml", webhooks, program_file)
+    monkeypatch.setenv("REFERRALS_PROGRAM", str(path))
+    monkeypatch.setenv("REFERRALS_WEBHOOK_RETRY_INITIAL_S", "0.2")
+    monkeypatch.setenv("REFERRALS_WEBHOOK_RETRY_MAX_S", "0.5")
+    monkeypatch.setenv("REFERRALS_WEBHOOK_GIVE_UP_S", "4")
+
+    site = f"https://www.prospect-{uuid.uuid4().hex[:8]}.example/"
+    referral_id = await submit_referral(
+        live.client, live.engine, rules, submission(**{"prospect.website": site})
+    )
+    await act(live, referral_id, Action.CONTACTED)
+    await act(live, referral_id, Action.ACCEPT)
+    await act(live, referral_id, Action.APPROVE)
+    await act(live, referral_id, Action.WON, amount=Decimal("180000"), currency="EUR")
+    await act(live, referral_id, Action.PAYMENT, amount=Decimal("100000"), reference="INV-1")
+    await act(live, referral_id, Action.PAYMENT, amount=Decimal("80000"), reference="INV-2")
+    await act(live, referral_id, Action.PAYOUT, reference="VIR-1")
+    handle = live.client.get_workflow_handle(referral_id, result_type=ReferralState)
+    # The referral, its emails and its ledger went on while /down and /wrong refused.
+    assert (await handle.result()).stage is Stage.COMMISSION_PAID
+    with Session(live.engine) as session:
+        commission = session.get(CommissionRow, referral_id)
+        assert commission is not None and commission.status == "paid"
+    referrer_mails = [
+        m
+        for m in live.sink.messages()
+        if m["X-Referral-Id"] == referral_id and m["To"] == REFERRER_EMAIL
+    ]
+    assert len(referrer_mails) == 7
+
+    async def settled() -> bool:
+        return all(d.status != "pending" for d in deliveries(live.engine, referral_id))
+
+    await eventually(settled, seconds=30)
+    rows = {(d.endpoint_url, d.event_type): d for d in deliveries(live.engine, referral_id)}
+    assert len(rows) == 7 + 3 + 1 + 1
+
+    # /crm: every event, once each, signed, with personal data.
+    got = receiver.at("/crm", referral_id)
+    assert all(r.verified and r.answered == 200 for r in got)
+    in_order = sorted(got, key=lambda r: int(r.message["data"]["event_seq"]))
+    assert [r.message["type"] for r in in_order] == [
+        "referral.submitted",
+        "referral.contacted",
+        "referral.accepted",
+        "referral.approved",
+        "referral.won",
+        "commission.payable",  # the second payment completed the basis
+        "commission.paid",
+    ]
+    for r in got:
+        delivery = rows[(receiver.url("/crm"), r.message["type"])]
+        assert r.headers["webhook-id"] == delivery.id
+        assert r.headers["content-type"] == "application/json"
+        assert delivery.status == "delivered" and delivery.attempts == 1
+        assert r.message["data"]["referrer"]["email"] == REFERRER_EMAIL
+        assert r.message["data"]["contact"]["email"] == CONTACT_EMAIL
+    paid = next(r.message for r in got if r.message["type"] == "commission.paid")
+    assert paid["data"]["stage"] == "commission_paid"
+    assert paid["data"]["commission"]["amount"] == "18000.00"
+    assert paid["data"]["commission"]["status"] == "paid"
+
+    # /flaky: two 503s, then everything delivered; each attempt recorded with its answer.
+    got = receiver.at("/flaky", referral_id)
+    assert all(r.verified for r in got)
+    assert [r.answered for r in got].count(503) == 2
+    assert sorted(r.message["type"] for r in got if r.answered == 200) == [
+        "referral.contacted",
+        "referral.submitted",
+        "referral.won",
+    ]
+    assert all(REFERRER_EMAIL not in r.body.decode() for r in got)
+    assert all(CONTACT_EMAIL not in r.body.decode() for r in got)
+    assert all("referrer" not in r.message["data"] for r in got)
+    flaky_rows = [d for (url, _), d in rows.items() if url == receiver.url("/flaky")]
+    assert all(d.status == "delivered" for d in flaky_rows)
+    attempts = [a for d in flaky_rows for a in list_attempts(live.engine, d.id)]
+    assert len(attempts) == len(got) == 5
+    assert sorted(a.status_code or 0 for a in attempts) == [200, 200, 200, 503, 503]
+    assert all(
+        a.error and a.error.startswith("503 Service Unavailable")
+        for a in attempts
+        if a.status_code == 503
+    )
+    for d in flaky_rows:  # the same webhook-id on every attempt
+        ids = {r.headers["webhook-id"] for r in got if r.message["type"] == d.event_type}
+        assert ids == {d.id}
+
+    # /down and /wrong: given up after the retry schedule; every attempt recorded.
+    gone = rows[(receiver.url("/down"), "referral.submitted")]
+    refused = rows[(receiver.url("/wrong"), "referral.submitted")]
+    for delivery, status in ((gone, 503), (refused, 401)):
+        assert delivery.status == "failed" and delivery.attempts >= 2
+        recorded = list_attempts(live.engine, delivery.id)
+        assert [a.number for a in recorded] == list(range(1, delivery.attempts + 1))
+        assert {a.status_code for a in recorded} == {status}
+    assert all(not r.verified for r in receiver.at("/wrong", referral_id))
+
+    # The CLI lists what failed; a redelivery keeps the webhook-id and adds attempts.
+    result = await cli("webhooks", "--failed", "--json")
+    assert result.code == 0, result.err
+    failed = {d["id"]: d for d in json.loads(result.out)}
+    assert {gone.id, refused.id} <= set(failed)
+    assert failed[gone.id]["status"] == "failed"
+    assert failed[gone.id]["endpoint_url"] == receiver.url("/down")
+    assert failed[gone.id]["last_outcome"].startswith("503")
+    listing = await cli("webhooks")
+    assert listing.code == 0 and gone.id in listing.out and "referral.submitted" in listing.out
+
+    receiver.endpoints["/down"].down = False
+    redo = await cli("webhooks", "redeliver", gone.id)
+    assert redo.code == 0, redo.err
+    assert f"webhook-{gone.id}-redeliver-1" in redo.out
+
+    async def redelivered() -> bool:
+        with Session(live.engine) as session:
+            row = session.get(WebhookDeliveryRow, gone.id)
+            return row is not None and row.status == "delivered"
+
+    await eventually(redelivered)
+    last = receiver.at("/down", referral_id)[-1]
+    assert last.answered == 200 and last.verified and last.headers["webhook-id"] == gone.id
+    recorded = list_attempts(live.engine, gone.id)
+    assert len(recorded) == gone.attempts + 1 and recorded[-1].status_code == 200
+
+    unknown = await cli("webhooks", "redeliver", "msg_nosuchdelivery")
+    assert unknown.code == 1
+    assert unknown.err.strip().splitlines() == [
+        "referrals: unknown webhook delivery msg_nosuchdelivery"
+    ]
+    with Session(live.engine) as session:
+        assert (
+            session.exec(
+                select(WebhookAttemptRow).where(
+                    WebhookAttemptRow.delivery_id == "msg_nosuchdelivery"
+                )
+            ).all()
+            == []
+        )
