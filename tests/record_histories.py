@@ -9,21 +9,27 @@ by an older release stays in the corpus, and `make test` replays every set on to
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.engine import Engine
+from sqlmodel import Session as SqlSession
+from sqlmodel import select
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -31,11 +37,13 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowHistory,
 )
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.db import make_engine
+from activities.db import WebhookDeliveryRow, make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
+from activities.webhooks import redeliver
 from starter.client import data_converter
 from starter.encryption import KEYS_ENV, new_key_entry
 from starter.intake import submit_referral
@@ -303,6 +311,91 @@ async def clawback_window_closed(desk: Desk, env: WorkflowEnvironment) -> Workfl
     return handle
 
 
+class WebhookReceiver(BaseHTTPRequestHandler):
+    """Loopback endpoints: `/ok` answers 200, `/flaky` 503 to the first two attempts of each
+    message, `/down` 503 until `recovered` is set."""
+
+    attempts: dict[str, int] = {}
+    recovered = False
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        seen = self.attempts[self.headers["webhook-id"]] = (
+            self.attempts.get(self.headers["webhook-id"], 0) + 1
+        )
+        failing = (self.path == "/flaky" and seen <= 2) or (
+            self.path == "/down" and not WebhookReceiver.recovered
+        )
+        self.send_response(503 if failing else 200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def webhooks(desk: Desk, program: Path) -> dict[str, WorkflowHandle[Any, Any]]:
+    """One referral's `referral.submitted` sent to three endpoints: delivered at once, after
+    two failed attempts, given up (failed); then the failed one redelivered once its endpoint
+    is back. The retry schedule is shortened (REFERRALS_WEBHOOK_* in `main`)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WebhookReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    secret = "whsec_" + base64.b64encode(uuid.uuid4().bytes * 2).decode()
+    endpoints = [
+        {"url": f"{base}/{name}", "secret": secret, "events": ["referral.submitted"]}
+        for name in ("ok", "flaky", "down")
+    ]
+    data = yaml.safe_load((ROOT / "program.yaml").read_text(encoding="utf-8"))
+    program.write_text(yaml.safe_dump({**data, "webhooks": endpoints}), encoding="utf-8")
+    try:
+        referral = await desk.submit()
+        rows: list[WebhookDeliveryRow] = []
+        for _ in range(100):  # queued with the event, by the intake or record_referral
+            with SqlSession(desk.engine) as session:
+                rows = list(
+                    session.exec(
+                        select(WebhookDeliveryRow).where(
+                            WebhookDeliveryRow.referral_id == referral.id
+                        )
+                    )
+                )
+            if len(rows) == len(endpoints):
+                break
+            await asyncio.sleep(0.1)
+        by_endpoint = {row.endpoint_url.rsplit("/", 1)[1]: row.id for row in rows}
+        runs = {
+            path: desk.client.get_workflow_handle(f"webhook-{by_endpoint[name]}")
+            for path, name in (
+                ("webhook_delivered", "ok"),
+                ("webhook_retried", "flaky"),
+                ("webhook_failed", "down"),
+            )
+        }
+        for handle in runs.values():
+            await _started(handle)
+        outcomes = [await handle.result() for handle in runs.values()]
+        assert outcomes == ["delivered", "delivered", "failed"], outcomes
+        WebhookReceiver.recovered = True
+        again = await redeliver(desk.client, desk.engine, by_endpoint["down"], QUEUE)
+        runs["webhook_redelivered"] = desk.client.get_workflow_handle(again)
+        assert await runs["webhook_redelivered"].result() == "delivered"
+        return runs
+    finally:
+        program.write_text((ROOT / "program.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+        server.shutdown()
+
+
+async def _started(handle: WorkflowHandle[Any, Any]) -> None:
+    """record_referral starts deliveries just after its write: wait for the workflow."""
+    for _ in range(100):
+        try:
+            await handle.describe()
+            return
+        except RPCError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{handle.id} never started")
+
+
 Runs = WorkflowHandle[Any, Any] | list[WorkflowHandle[Any, Any]]
 PATHS: list[Callable[[Desk], Awaitable[Runs]]] = [
     full_lifecycle,
@@ -374,6 +467,11 @@ async def record_timed(
 async def record(target: Path) -> None:
     rules = load_program(ROOT / "program.yaml")
     work = Path(tempfile.mkdtemp(prefix="referral-histories-"))
+    # The worker reads webhook endpoints from this file when it records an event: none until
+    # the webhook paths add them.
+    program = work / "program.yaml"
+    program.write_text((ROOT / "program.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    os.environ["REFERRALS_PROGRAM"] = str(program)
     engine = make_engine(f"sqlite:///{work / 'referrals.db'}")
     upgrade(engine)
     port = free_port()
@@ -396,6 +494,7 @@ async def record(target: Path) -> None:
                 for n, handle in enumerate(got if isinstance(got, list) else [got], start=1)
             }
             await asyncio.gather(*(settle(handle) for handle in runs.values()))
+            runs.update(await webhooks(desk, program))
             histories = {name: await handle.fetch_history() for name, handle in runs.items()}
         for timed in TIMED_PATHS:
             histories[timed.__name__] = await record_timed(timed, engine, smtp, rules)
@@ -412,6 +511,12 @@ def main() -> int:
     # Recorded with a key of their own, stored with the set, so the replay test decodes them.
     keys = new_key_entry()
     os.environ[KEYS_ENV] = keys
+    # Webhook deliveries retry within seconds, not days (see `webhooks`).
+    os.environ.update(
+        REFERRALS_WEBHOOK_RETRY_INITIAL_S="0.2",
+        REFERRALS_WEBHOOK_RETRY_MAX_S="0.5",
+        REFERRALS_WEBHOOK_GIVE_UP_S="3",
+    )
     release = version("referral-desk")
     target = HISTORIES / release
     if target.exists():

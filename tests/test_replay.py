@@ -17,6 +17,7 @@ from starter.client import data_converter
 from starter.encryption import EncryptionCodec, KeyRing, new_key_entry
 from worker import workflow_runner
 from workflows.referral import ReferralWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 # Sets recorded before a patch that has since been retired (docs/rollout.md): kept as the
@@ -42,6 +43,7 @@ PATHS_SINCE: dict[str, set[str]] = {
         "refund_after_payout",
         "clawback_window_closed",
     },
+    "0.5.0": {"webhook_delivered", "webhook_retried", "webhook_failed", "webhook_redelivered"},
 }
 
 
@@ -61,7 +63,7 @@ def recording_codec(folder: Path) -> EncryptionCodec:
 @pytest.mark.parametrize("path", STORED, ids=[f"{p.parent.name}/{p.stem}" for p in STORED])
 async def test_stored_history_replays(path: Path) -> None:
     replayer = Replayer(
-        workflows=[ReferralWorkflow],
+        workflows=[ReferralWorkflow, WebhookDeliveryWorkflow],
         workflow_runner=workflow_runner(),
         data_converter=data_converter(recording_codec(path.parent)),
     )
