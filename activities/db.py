@@ -132,13 +132,17 @@ class CommissionLineRow(SQLModel, table=True):
 
 class SignInLinkRow(SQLModel, table=True):
     """A sign-in link once used: the primary key lets each link in only once, whichever web
-    process sees it. Holds no address, only the link's random nonce."""
+    process sees it, and `signed_out_at` ends the session it opened. Holds no address, only
+    the link's random nonce."""
 
     __tablename__ = "sign_in_link"
 
     nonce: str = Field(primary_key=True)
     audience: str
     used_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    signed_out_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
 
 
 class SentEmail(SQLModel, table=True):

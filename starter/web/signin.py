@@ -5,7 +5,8 @@ A visitor gives an address. If it may sign in, it receives a link that is signed
 minutes and usable once; the page answers the same either way and is sent before any email
 goes out, so the form tells nobody who refers or who works here, not even by its timing.
 Opening the link sets a signed, httponly, SameSite session cookie of that audience only: a
-referrer's session never opens the dashboard.
+referrer's session never opens the dashboard. The session is the link's: signing out marks
+the link's row, so a copy of the cookie is worth nothing afterwards.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ REFERRER = Audience(name="referrer", home="/me", cookie="referrals_me")
 STAFF = Audience(name="staff", home="/staff", cookie="referrals_staff")
 
 
+@dataclass(frozen=True)
+class SignedIn:
+    email: str
+    nonce: str  # the link's, which names the session
+
+
 class LinkRefused(StrEnum):
     INVALID = "invalid"
     EXPIRED = "expired"
@@ -77,8 +84,8 @@ def link_token(site: Site, audience: Audience, email: str) -> str:
     return _links(site, audience).dumps({"email": email, "nonce": secrets.token_urlsafe(18)})
 
 
-def redeem(site: Site, audience: Audience, token: str) -> str | LinkRefused:
-    """The address a link signs in, or why it does not. The first use records the link's nonce;
+def redeem(site: Site, audience: Audience, token: str) -> SignedIn | LinkRefused:
+    """Who a link signs in, or why it does not. The first use records the link's nonce;
     the primary key refuses a second use, whichever web process sees it."""
     try:
         value = _links(site, audience).loads(token, max_age=LINK_MAX_AGE_SECONDS)
@@ -98,7 +105,7 @@ def redeem(site: Site, audience: Audience, token: str) -> str | LinkRefused:
             session.commit()
     except IntegrityError:
         return LinkRefused.USED
-    return str(value["email"])
+    return SignedIn(email=str(value["email"]), nonce=str(value["nonce"]))
 
 
 def may_sign_in(site: Site, audience: Audience, email: str) -> bool:
@@ -112,16 +119,40 @@ def may_sign_in(site: Site, audience: Audience, email: str) -> bool:
     return found is not None
 
 
-def signed_in(request: Request, site: Site, audience: Audience) -> str | None:
-    """The address of this audience's session, or None."""
+def _session(request: Request, site: Site, audience: Audience) -> SignedIn | None:
+    """What this audience's cookie says, if we signed it and it is not over 8 hours old."""
     cookie = request.cookies.get(audience.cookie)
     if not cookie:
         return None
     try:
-        email = _sessions(site, audience).loads(cookie, max_age=SESSION_MAX_AGE_SECONDS)
+        value = _sessions(site, audience).loads(cookie, max_age=SESSION_MAX_AGE_SECONDS)
     except BadSignature:  # SignatureExpired included
         return None
-    return email if isinstance(email, str) else None
+    if not isinstance(value, dict) or not {"email", "nonce"} <= value.keys():
+        return None
+    return SignedIn(email=str(value["email"]), nonce=str(value["nonce"]))
+
+
+def signed_in(request: Request, site: Site, audience: Audience) -> str | None:
+    """The address of this audience's session, or None: no cookie, or one not ours, too old,
+    or of a session signed out since."""
+    session = _session(request, site, audience)
+    if session is None:
+        return None
+    with Session(site.engine) as db:
+        link = db.get(SignInLinkRow, session.nonce)
+    if link is None or link.audience != audience.name or link.signed_out_at is not None:
+        return None
+    return session.email
+
+
+def sign_out(site: Site, session: SignedIn) -> None:
+    with Session(site.engine) as db:
+        link = db.get(SignInLinkRow, session.nonce)
+        if link is not None and link.signed_out_at is None:
+            link.signed_out_at = datetime.now(UTC)
+            db.add(link)
+            db.commit()
 
 
 def sign_in_page(
@@ -234,7 +265,7 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
         response = RedirectResponse(f"{audience.home}?lang={lang}", status_code=303)
         response.set_cookie(
             audience.cookie,
-            _sessions(site, audience).dumps(outcome),
+            _sessions(site, audience).dumps({"email": outcome.email, "nonce": outcome.nonce}),
             max_age=SESSION_MAX_AGE_SECONDS,
             path=audience.home,
             httponly=True,
@@ -244,7 +275,10 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
         return response
 
     @app.post(f"{audience.home}/sign-out", include_in_schema=False)
-    async def sign_out(request: Request) -> Response:
+    async def end_session(request: Request) -> Response:
+        session = _session(request, site, audience)
+        if session is not None:
+            await asyncio.to_thread(sign_out, site, session)
         response = RedirectResponse(f"{audience.home}?lang={language(request)}", status_code=303)
         response.delete_cookie(audience.cookie, path=audience.home)
         return response

@@ -1,4 +1,5 @@
-"""Sign-in links of the referrer portal and the staff dashboard: each is usable once.
+"""Sign-in links of the referrer portal and the staff dashboard: each is usable once, and
+the session it opened ends at sign-out.
 
 Revision ID: 0005
 Revises: 0004
@@ -21,6 +22,7 @@ def upgrade() -> None:
         sa.Column("nonce", sa.String(), nullable=False),
         sa.Column("audience", sa.String(), nullable=False),
         sa.Column("used_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("signed_out_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("nonce"),
     )
 
