@@ -41,8 +41,8 @@ test: setup  ## the whole suite, against real Temporal servers
 faults: setup  ## fault injection: referrals through worker kills, restarts, SMTP and DB outages
 	$(BIN)/python -m faults
 
-bench: setup  ## referrals walked end to end on a real dev server: latency and throughput
-	$(BIN)/python -m bench.lifecycle
+bench: setup  ## the referral lifecycle against a bare Temporal one: bench/results.json (QUICK=1: short)
+	BENCH_QUICK=$(QUICK) $(BIN)/python -m bench
 
 histories: setup  ## record this release's referral histories (tests/histories/<version>/)
 	$(BIN)/python -m tests.record_histories

@@ -1,35 +1,25 @@
-"""Benchmark: referrals submitted and walked to commission_paid on a real dev server.
-
-Real worker, real activities (SQLite ledger, emails to a loopback SMTP sink).
-Prints latency percentiles for submission and staff updates, and throughput.
-Run with `make bench` (BENCH_REFERRALS=N to change the count).
-"""
+"""Referrals walked from submission to `commission_paid`, and the bare lifecycle of the same
+shape, each timed on the dev server the bench runs (see bench/__main__.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import statistics
-import sys
-import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 
-from temporalio.testing import WorkflowEnvironment
+from sqlalchemy.engine import Engine
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Worker
 
-from activities.db import make_engine
-from activities.email import SmtpSettings
-from activities.schema import upgrade
-from starter.client import data_converter
+from bench.bare import BareLifecycle, BarePlan, bare_noop
 from starter.intake import parse_submission, submit_referral
-from starter.mail_sink import start_sink
-from starter.program import load_program
-from tests.conftest import SEARCH_ATTRIBUTES, free_port
 from tests.factories import submission_data
-from worker import build_worker
-from workflows.models import Action, ClawbackRules, ReferralState, StaffAction
+from worker import ACTIVITY_THREADS, workflow_runner
+from workflows.models import Action, ProgramRules, ReferralState, StaffAction
 
 STEPS = [
     StaffAction(action=Action.CONTACTED, actor="bench"),
@@ -39,61 +29,97 @@ STEPS = [
     StaffAction(action=Action.PAYMENT, actor="bench", amount=Decimal("120000"), reference="INV"),
     StaffAction(action=Action.PAYOUT, actor="bench", reference="VIR"),
 ]
+BARE_QUEUE = "bench-bare"
 
 
-def percentile(values: list[float], q: float) -> float:
+@dataclass
+class Run:
+    """What one batch of lifecycles took: wall time and each call's latency."""
+
+    lifecycles: int
+    seconds: float = 0.0
+    submit_ms: list[float] = field(default_factory=list)
+    update_ms: list[float] = field(default_factory=list)
+    last_id: str = ""
+
+    @property
+    def per_second(self) -> float:
+        return self.lifecycles / self.seconds
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """Nearest-rank p50, p95 and p99, in milliseconds to 0.1."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def rank(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 1)
+
+    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99)}
 
 
-async def main(count: int) -> None:
-    # Payout closes a referral at once, so each one is timed to its end (no clawback window).
-    rules = load_program("program.yaml").model_copy(update={"clawback": ClawbackRules(days=0)})
-    work = Path(tempfile.mkdtemp(prefix="referral-bench-"))
-    engine = make_engine(f"sqlite:///{work / 'bench.db'}")
-    upgrade(engine)
-    port = free_port()
-    sink = start_sink("127.0.0.1", port, work / "mail")
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=data_converter(),
-    )
-    submit_ms: list[float] = []
-    update_ms: list[float] = []
-    try:
-        worker = build_worker(env.client, engine, SmtpSettings("127.0.0.1", port), "referrals")
-        async with worker:
+async def walk_referrals(client: Client, engine: Engine, rules: ProgramRules, count: int) -> Run:
+    """`count` referrals at once, each submitted then moved by updates to its end."""
+    run = Run(count)
+
+    async def one() -> None:
+        data = submission_data(**{"prospect.website": f"b-{uuid.uuid4().hex[:10]}.example"})
+        started = time.perf_counter()
+        referral_id = await submit_referral(client, engine, rules, parse_submission(data))
+        run.submit_ms.append((time.perf_counter() - started) * 1000)
+        handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
+        for step in STEPS:
             started = time.perf_counter()
+            await handle.execute_update("act", step, result_type=ReferralState)
+            run.update_ms.append((time.perf_counter() - started) * 1000)
+        await handle.result()
+        run.last_id = referral_id
 
-            async def one() -> None:
-                data = submission_data(**{"prospect.website": f"b-{uuid.uuid4().hex[:10]}.example"})
-                t0 = time.perf_counter()
-                rid = await submit_referral(env.client, engine, rules, parse_submission(data))
-                submit_ms.append((time.perf_counter() - t0) * 1000)
-                handle = env.client.get_workflow_handle(rid, result_type=ReferralState)
-                for step in STEPS:
-                    t0 = time.perf_counter()
-                    await handle.execute_update("act", step, result_type=ReferralState)
-                    update_ms.append((time.perf_counter() - t0) * 1000)
-                await handle.result()
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    run.seconds = time.perf_counter() - started
+    return run
 
-            await asyncio.gather(*(one() for _ in range(count)))
-            elapsed = time.perf_counter() - started
-    finally:
-        await env.shutdown()
-        sink.stop()
-    emails = len(list((work / "mail" / "new").iterdir()))
-    print(
-        f"referrals walked to commission_paid: {count} in {elapsed:.1f} s "
-        f"({count / elapsed:.1f} referrals/s, {emails} emails delivered)"
+
+def shape_of(history: WorkflowHistory) -> BarePlan:
+    """The writes and emails a referral ran after its start and after each update it
+    accepted, in order (an activity is counted where it was scheduled)."""
+    plan = BarePlan(writes=[0], emails=[0])
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            plan.writes.append(0)
+            plan.emails.append(0)
+        elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            name = event.activity_task_scheduled_event_attributes.activity_type.name
+            (plan.emails if name == "send_email" else plan.writes)[-1] += 1
+    return plan
+
+
+async def walk_bare(client: Client, plan: BarePlan, count: int) -> Run:
+    """`count` bare lifecycles at once on their own queue, with a worker like the project's
+    (same workflow runner, same activity threads)."""
+    run = Run(count)
+    worker = Worker(
+        client,
+        task_queue=BARE_QUEUE,
+        workflows=[BareLifecycle],
+        activities=[bare_noop],
+        workflow_runner=workflow_runner(),
+        activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
+        max_concurrent_activities=ACTIVITY_THREADS,
     )
-    for name, values in (("submit", submit_ms), ("update", update_ms)):
-        print(
-            f"{name:>7} latency ms: p50 {statistics.median(values):.0f}  "
-            f"p95 {percentile(values, 0.95):.0f}  max {max(values):.0f}  (n={len(values)})"
+
+    async def one() -> None:
+        handle = await client.start_workflow(
+            BareLifecycle.run, plan, id=f"bare-{uuid.uuid4().hex}", task_queue=BARE_QUEUE
         )
+        for step in range(1, plan.updates + 1):
+            started = time.perf_counter()
+            await handle.execute_update(BareLifecycle.act, step)
+            run.update_ms.append((time.perf_counter() - started) * 1000)
+        await handle.result()
 
-
-if __name__ == "__main__":
-    asyncio.run(main(int(os.environ.get("BENCH_REFERRALS", "50"))))
+    async with worker:
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(count)))
+        run.seconds = time.perf_counter() - started
+    return run
