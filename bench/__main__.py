@@ -2,7 +2,8 @@
 shape, in one run, on one dev server, with the real worker, SQLite and a loopback SMTP sink.
 
 Writes bench/results.json and prints a table. `make bench QUICK=1` (BENCH_QUICK=1) walks
-fewer lifecycles, for a run of a minute or two; BENCH_REFERRALS=N sets the number.
+fewer lifecycles and posts, for a run of a minute or two; BENCH_REFERRALS=N and
+BENCH_POSTS=N set the numbers.
 """
 
 from __future__ import annotations
@@ -22,22 +23,27 @@ from temporalio.testing import WorkflowEnvironment
 from activities.db import make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
+from bench.intake import post_referrals
 from bench.lifecycle import percentiles, shape_of, walk_bare, walk_referrals
 from starter.client import data_converter
+from starter.encryption import KEYS_ENV, new_key_entry
 from starter.mail_sink import start_sink
 from starter.program import load_program
-from tests.conftest import SEARCH_ATTRIBUTES, free_port
+from tests.conftest import SEARCH_ATTRIBUTES, free_port, referrals_web
 from worker import build_worker
 from workflows.models import ClawbackRules
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-async def measure(count: int) -> dict[str, Any]:
+async def measure(count: int, posts: int) -> dict[str, Any]:
+    # The bench's worker and the web app it starts share one payload key.
+    os.environ[KEYS_ENV] = new_key_entry()
     # Payout closes a referral at once, so each one is timed to its end (no clawback window).
     rules = load_program("program.yaml").model_copy(update={"clawback": ClawbackRules(days=0)})
     work = Path(tempfile.mkdtemp(prefix="referral-bench-"))
-    engine = make_engine(f"sqlite:///{work / 'bench.db'}")
+    database_url = f"sqlite:///{work / 'bench.db'}"
+    engine = make_engine(database_url)
     upgrade(engine)
     port = free_port()
     sink = start_sink("127.0.0.1", port, work / "mail")
@@ -51,6 +57,18 @@ async def measure(count: int) -> dict[str, Any]:
             await walk_referrals(env.client, engine, rules, 2)  # warm: imports, sandbox, pool
             project = await walk_referrals(env.client, engine, rules, count)
             history = await env.client.get_workflow_handle(project.last_id).fetch_history()
+            async with referrals_web(
+                work,
+                "/healthz",
+                TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
+                TEMPORAL_NAMESPACE=env.client.namespace,
+                REFERRALS_DATABASE_URL=database_url,
+                REFERRALS_SMTP_HOST="127.0.0.1",
+                REFERRALS_SMTP_PORT=str(port),
+                REFERRALS_RATE_LIMIT="off",
+            ) as base:
+                await post_referrals(base, 20)  # warm
+                intake = await post_referrals(base, posts)
         plan = shape_of(history)
         await walk_bare(env.client, plan, 2)
         bare = await walk_bare(env.client, plan, count)
@@ -68,6 +86,12 @@ async def measure(count: int) -> dict[str, Any]:
         "update_latency_ms": percentiles(project.update_ms),
         "bare_update_latency_ms": percentiles(bare.update_ms),
         "submit_latency_ms": percentiles(project.submit_ms),
+        "intake_rps": round(intake.per_second, 1),
+        "intake_p99_ms": percentiles(intake.latency_ms)["p99"],
+        "intake_errors": sum(intake.errors.values()),
+        "intake_latency_ms": percentiles(intake.latency_ms),
+        "intake_posts": posts,
+        "intake_errors_by_status": {str(k): v for k, v in intake.errors.items()},
         "lifecycle_shape": {"updates": plan.updates, "writes": plan.writes, "emails": plan.emails},
         "lifecycle_history": {
             "events": len(history.events),
@@ -85,6 +109,7 @@ def table(results: dict[str, Any]) -> str:
         ("update p95 ms", update["p95"], bare["p95"]),
         ("update p99 ms", update["p99"], bare["p99"]),
     ]
+    intake = results["intake_latency_ms"]
     lines = [f"{'':<16}{'project':>10}{'bare':>10}"]
     lines += [f"{name:<16}{mine:>10}{theirs:>10}" for name, mine, theirs in rows]
     shape = results["lifecycle_shape"]
@@ -94,13 +119,19 @@ def table(results: dict[str, Any]) -> str:
         f"history {results['lifecycle_history']['events']} events, "
         f"{results['lifecycle_history']['json_bytes']} bytes"
     )
+    lines.append(
+        f"intake: {results['intake_rps']} posts/s from 20 clients, p50 {intake['p50']} ms, "
+        f"p99 {intake['p99']} ms, {results['intake_errors']} errors "
+        f"({results['intake_posts']} posts)"
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     count = int(os.environ.get("BENCH_REFERRALS") or (20 if quick else 100))
-    results = asyncio.run(measure(count))
+    posts = int(os.environ.get("BENCH_POSTS") or (200 if quick else 1000))
+    results = asyncio.run(measure(count, posts))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(table(results))
     print(f"written to {RESULTS}")

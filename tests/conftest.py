@@ -8,7 +8,9 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import pytest_asyncio
 import yaml
@@ -236,6 +239,57 @@ async def live(
 
 
 REFERRALS = str(BIN / "referrals")
+
+
+@asynccontextmanager
+async def referrals_web(workdir: Path, ready: str, **settings: str) -> AsyncIterator[str]:
+    """`referrals web` as its own process, with `settings` added to its environment; the base
+    URL once `ready` answers 200."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("REFERRALS_DEV_MAILDIR", "TEMPORAL_PROFILE", "TEMPORAL_CONFIG_FILE")
+    }
+    env.update(
+        REFERRALS_PROGRAM=str(ROOT / "program.yaml"),
+        REFERRALS_PUBLIC_URL=base,
+        REFERRALS_SECRET_KEY="browser-test-secret",
+        **settings,
+    )
+    log_path = workdir / "web.log"
+    with log_path.open("wb") as log:
+        # Asynchronously, so the in-process worker keeps serving while the server runs.
+        process = await asyncio.create_subprocess_exec(
+            REFERRALS, "web", "--host", "127.0.0.1", "--port", str(port),
+            env=env, cwd=workdir, stdout=log, stderr=log,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            async with httpx.AsyncClient(timeout=2) as http:
+                while True:
+                    if process.returncode is not None:
+                        pytest.fail(f"referrals web exited early:\n{log_path.read_text()}")
+                    try:
+                        if (await http.get(f"{base}{ready}")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        pytest.fail(
+                            f"referrals web never answered {ready}:\n{log_path.read_text()}"
+                        )
+                    await asyncio.sleep(0.2)
+            yield base
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), timeout=10)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
 
 
 @dataclass

@@ -9,20 +9,18 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import httpx
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from activities.i18n import format_date, translations
 from starter.web.intake import ERROR_MESSAGES, FIELD_MESSAGES, STAGE_NAMES, STEP_NAMES
-from tests.conftest import ROOT, Live, free_port
+from tests.conftest import ROOT, Live, referrals_web
 from workflows.models import ReferralState, Stage
 
 REFERRALS = Path(sys.executable).parent / "referrals"
@@ -53,57 +51,6 @@ def chromium() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return CHROMIUM
-
-
-@asynccontextmanager
-async def referrals_web(workdir: Path, ready: str, **settings: str) -> AsyncIterator[str]:
-    """`referrals web` as its own process, with `settings` added to its environment; the base
-    URL once `ready` answers 200."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("REFERRALS_DEV_MAILDIR", "TEMPORAL_PROFILE", "TEMPORAL_CONFIG_FILE")
-    }
-    env.update(
-        REFERRALS_PROGRAM=str(ROOT / "program.yaml"),
-        REFERRALS_PUBLIC_URL=base,
-        REFERRALS_SECRET_KEY="browser-test-secret",
-        **settings,
-    )
-    log_path = workdir / "web.log"
-    with log_path.open("wb") as log:
-        # Asynchronously, so the in-process worker keeps serving while the server runs.
-        process = await asyncio.create_subprocess_exec(
-            str(REFERRALS), "web", "--host", "127.0.0.1", "--port", str(port),
-            env=env, cwd=workdir, stdout=log, stderr=log,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 30
-            async with httpx.AsyncClient(timeout=2) as http:
-                while True:
-                    if process.returncode is not None:
-                        pytest.fail(f"referrals web exited early:\n{log_path.read_text()}")
-                    try:
-                        if (await http.get(f"{base}{ready}")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        pytest.fail(
-                            f"referrals web never answered {ready}:\n{log_path.read_text()}"
-                        )
-                    await asyncio.sleep(0.2)
-            yield base
-        finally:
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), timeout=10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -17,8 +17,8 @@ from playwright.async_api import Browser, Page, expect
 from activities.db import make_engine
 from activities.schema import upgrade
 from starter.program import load_program
-from tests.conftest import ROOT, MailSink
-from tests.test_browser import SCREENSHOTS, browser, chromium, referrals_web  # noqa: F401
+from tests.conftest import ROOT, MailSink, referrals_web
+from tests.test_browser import SCREENSHOTS, browser, chromium  # noqa: F401
 from tests.test_figures import NOW, known_referrals, record
 
 STAFF_EMAIL = "finance-partners@nuage-logiciel.example"  # listed in program.yaml
