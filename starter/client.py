@@ -25,6 +25,11 @@ def temporal_address() -> str:
     return str(config.get("target_host") or DEFAULT_ADDRESS)
 
 
+def temporal_namespace() -> str:
+    config = ClientConfig.load_client_connect_config()
+    return str(config.get("namespace") or "default")
+
+
 def data_converter(codec: EncryptionCodec | None = None) -> DataConverter:
     """Pydantic models in, encrypted payloads out; failure messages and stack traces are
     encrypted too, since they can quote an address."""

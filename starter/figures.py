@@ -28,6 +28,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from activities.db import CommissionLineRow, CommissionRow, ReferralEventRow, ReferralRow, as_utc
 from workflows.models import (
     ENTITLEMENT_KINDS,
+    PROTECTING_STAGES,
     CommissionStatus,
     LineKind,
     ProgramRules,
@@ -67,7 +68,6 @@ ENTERED_BY: dict[str, Stage] = {
 }
 # The ledger lines that sum to what a referrer earned (accrual, clawback, void).
 ENTITLEMENT: list[str] = sorted(kind.value for kind in ENTITLEMENT_KINDS)
-PROTECTING: list[Stage] = [Stage.QUALIFYING, Stage.APPROVED]
 EXPIRING_WITHIN = timedelta(days=30)
 TOP = 10
 SHARE = Decimal("0.0001")
@@ -473,7 +473,7 @@ def _expiring(connection: Any, selection: _Selection, now: datetime) -> list[Exp
                 _referral.c.protected_until,
             )
             .where(
-                _referral.c.stage.in_([s.value for s in PROTECTING]),
+                _referral.c.stage.in_([s.value for s in PROTECTING_STAGES]),
                 _referral.c.protected_until >= _utc(now),
                 _referral.c.protected_until < _utc(now + EXPIRING_WITHIN),
             )

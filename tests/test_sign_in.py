@@ -181,14 +181,15 @@ async def test_sessions_are_per_audience_and_sign_out_ends_them(
         opened = await client.get(link)
         session = opened.cookies[STAFF.cookie]
         as_staff = _request(STAFF.home, {STAFF.cookie: session})
-        assert signed_in(as_staff, web, STAFF) == STAFF_EMAIL
-        assert signed_in(_request(REFERRER.home, {REFERRER.cookie: session}), web, REFERRER) is None
+        assert await signed_in(as_staff, web, STAFF) == STAFF_EMAIL
+        as_referrer = _request(REFERRER.home, {REFERRER.cookie: session})
+        assert await signed_in(as_referrer, web, REFERRER) is None
         out = await client.post("/staff/sign-out?lang=en")
     assert out.status_code == 303 and out.headers["location"] == "/staff?lang=en"
     assert f'{STAFF.cookie}=""' in out.headers["set-cookie"]
     assert "max-age=0" in out.headers["set-cookie"].lower()
     # A copy of the cookie kept from before is worth nothing now.
-    assert signed_in(as_staff, web, STAFF) is None
+    assert await signed_in(as_staff, web, STAFF) is None
 
 
 def _request(path: str, cookies: dict[str, str]) -> Request:

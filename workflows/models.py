@@ -362,6 +362,8 @@ TERMINAL_STAGES = frozenset(
         Stage.EXPIRED,
     }
 )
+# The stages in which a referral's protection runs (`protected_until`, from `accept`).
+PROTECTING_STAGES = (Stage.QUALIFYING, Stage.APPROVED)
 
 
 class Action(StrEnum):
@@ -525,8 +527,7 @@ class ReferralState(BaseModel):
     def protection_end(self) -> datetime | None:
         """The end of a protection that still runs: won, lost or closed, the prospect is no
         longer waiting on it (the date stays in `protected_until` for the record)."""
-        protecting = self.stage in (Stage.QUALIFYING, Stage.APPROVED)
-        return self.protected_until if protecting else None
+        return self.protected_until if self.stage in PROTECTING_STAGES else None
 
     @property
     def in_clawback_window(self) -> bool:

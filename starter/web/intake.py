@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -14,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel
 from temporalio.service import RPCError
 
-from activities.i18n import LANGUAGES, N_, countries, format_date, translations
+from activities.i18n import N_, countries, format_date, translations
 from activities.records import load_referral
 from starter.consent import consent_statement
 from starter.intake import (
@@ -24,7 +23,7 @@ from starter.intake import (
     parse_submission,
     submit_referral,
 )
-from starter.links import csrf_token, csrf_valid, public_url, referral_from_token, status_token
+from starter.links import csrf_valid, public_url, referral_from_token, status_token
 from starter.web.security import ApiError, ApiRefusal
 from starter.web.site import Site, pick_language
 from workflows.models import ReferralState, Stage, Submission
@@ -186,16 +185,15 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
         problem: str | None = None,
         status: int = 200,
     ) -> HTMLResponse:
-        nonce = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(16)
-        response = site.render(
+        return site.render_with_csrf(
             request,
+            CSRF_COOKIE,
             "form.html",
             lang,
             status,
             values=values or {"referrer.language": lang},
             errors=errors or {},
             problem=problem,
-            csrf=csrf_token(nonce, site.key),
             products=[
                 (p, site.rules.commission_for(p.id).rate)
                 for p in site.rules.products
@@ -206,8 +204,6 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
             consent_statement=consent_statement(lang)[1],
             honeypot=HONEYPOT,
         )
-        response.set_cookie(CSRF_COOKIE, nonce, httponly=True, samesite="strict", max_age=4 * 3600)
-        return response
 
     async def start(submission: Submission, consent_language: str | None = None) -> str:
         """`consent_language`: the language the consent statement was shown in (the form's
@@ -235,8 +231,7 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
         back empty)."""
         raw = await request.form()
         form = {k: v for k, v in raw.items() if isinstance(v, str)}
-        lang = form.get("lang") if form.get("lang") in LANGUAGES else pick_language(request)
-        assert lang is not None
+        lang = pick_language(request, form)
         _ = translations(lang).gettext
         values = {k: v for k, v in form.items() if k not in ("csrf", "lang", HONEYPOT)}
         retry = site.over_limit(request)

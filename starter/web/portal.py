@@ -214,7 +214,7 @@ def add_portal_routes(app: FastAPI, site: Site) -> None:
     async def portal(request: Request) -> Response:
         """The sign-in form, or the signed-in referrer's referrals and totals."""
         lang = pick_language(request)
-        email = signed_in(request, site, REFERRER)
+        email = await signed_in(request, site, REFERRER)
         if email is None:
             return sign_in_page(request, site, REFERRER, lang)
         response = site.render(
@@ -230,7 +230,7 @@ def add_portal_routes(app: FastAPI, site: Site) -> None:
 
     @app.get(f"{REFERRER.home}/statement.csv", include_in_schema=False)
     async def statement_download(request: Request) -> Response:
-        email = signed_in(request, site, REFERRER)
+        email = await signed_in(request, site, REFERRER)
         if email is None:
             return RedirectResponse(
                 f"{REFERRER.home}?lang={pick_language(request)}", status_code=303

@@ -30,8 +30,8 @@ from sqlmodel import Session, select
 
 from activities.db import ReferralRow, SignInLinkRow
 from activities.email import deliver
-from starter.links import csrf_token, csrf_valid, public_url
-from starter.web.site import LANGUAGES, Site, pick_language
+from starter.links import csrf_valid, public_url
+from starter.web.site import Site, pick_language
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +133,17 @@ def _session(request: Request, site: Site, audience: Audience) -> SignedIn | Non
     return SignedIn(email=str(value["email"]), nonce=str(value["nonce"]))
 
 
-def signed_in(request: Request, site: Site, audience: Audience) -> str | None:
+def _still_open(site: Site, audience: Audience, session: SignedIn) -> bool:
+    with Session(site.engine) as db:
+        link = db.get(SignInLinkRow, session.nonce)
+    return link is not None and link.audience == audience.name and link.signed_out_at is None
+
+
+async def signed_in(request: Request, site: Site, audience: Audience) -> str | None:
     """The address of this audience's session, or None: no cookie, or one not ours, too old,
     or of a session signed out since."""
     session = _session(request, site, audience)
-    if session is None:
-        return None
-    with Session(site.engine) as db:
-        link = db.get(SignInLinkRow, session.nonce)
-    if link is None or link.audience != audience.name or link.signed_out_at is not None:
+    if session is None or not await asyncio.to_thread(_still_open, site, audience, session):
         return None
     return session.email
 
@@ -167,9 +169,9 @@ def sign_in_page(
     problem: str | None = None,
 ) -> HTMLResponse:
     """The form asking for an address; `problem` says why the visitor is back here."""
-    nonce = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(16)
-    response = site.render(
+    return site.render_with_csrf(
         request,
+        CSRF_COOKIE,
         "sign_in.html",
         lang,
         status,
@@ -178,12 +180,7 @@ def sign_in_page(
         email=email,
         error=error,
         problem=problem,
-        csrf=csrf_token(nonce, site.key),
     )
-    response.set_cookie(
-        CSRF_COOKIE, nonce, httponly=True, samesite="strict", max_age=4 * 3600, path="/"
-    )
-    return response
 
 
 def _link_message(site: Site, audience: Audience, email: str, lang: str) -> EmailMessage:
@@ -223,15 +220,11 @@ async def _send(site: Site, message: EmailMessage) -> None:
 def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
     sending: set[asyncio.Task[None]] = set()  # keeps each send alive until it ends
 
-    def language(request: Request, form: dict[str, str] | None = None) -> str:
-        asked = (form or {}).get("lang")
-        return asked if asked in LANGUAGES else pick_language(request)
-
     @app.post(f"{audience.home}/sign-in", response_class=HTMLResponse, include_in_schema=False)
     async def ask_for_link(request: Request) -> Response:
         raw = await request.form()
         form = {k: v for k, v in raw.items() if isinstance(v, str)}
-        lang = language(request, form)
+        lang = pick_language(request, form)
         typed = form.get("email", "").strip()
         retry = site.over_limit(request)
         if retry is not None:
@@ -258,7 +251,7 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
         f"{audience.home}/sign-in/{{token}}", response_class=HTMLResponse, include_in_schema=False
     )
     async def open_link(request: Request, token: str) -> Response:
-        lang = language(request)
+        lang = pick_language(request)
         outcome = await asyncio.to_thread(redeem, site, audience, token)
         if isinstance(outcome, LinkRefused):
             return sign_in_page(request, site, audience, lang, 400, problem=f"link_{outcome}")
@@ -279,6 +272,7 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
         session = _session(request, site, audience)
         if session is not None:
             await asyncio.to_thread(sign_out, site, session)
-        response = RedirectResponse(f"{audience.home}?lang={language(request)}", status_code=303)
+        home = f"{audience.home}?lang={pick_language(request)}"
+        response = RedirectResponse(home, status_code=303)
         response.delete_cookie(audience.cookie, path=audience.home)
         return response

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,6 +23,7 @@ from activities import i18n
 from activities.email import SmtpSettings
 from activities.i18n import LANGUAGES
 from starter.client import connect
+from starter.links import CSRF_MAX_AGE_SECONDS, csrf_token
 from starter.web.security import Network, RateLimiter, client_address
 from workflows.models import ProgramRules
 
@@ -28,11 +31,12 @@ TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates" / "web"
 STATIC = TEMPLATES / "static"
 
 
-def pick_language(request: Request) -> str:
-    """`?lang=` first, then the browser's Accept-Language, then French."""
-    asked = request.query_params.get("lang")
-    if asked in LANGUAGES:
-        return asked
+def pick_language(request: Request, form: Mapping[str, str] | None = None) -> str:
+    """A posted form's `lang` (the language of the page it was filled in) first, then
+    `?lang=`, then the browser's Accept-Language, then French."""
+    for asked in ((form or {}).get("lang"), request.query_params.get("lang")):
+        if asked in LANGUAGES:
+            return asked
     ranked = []
     for part in request.headers.get("accept-language", "").split(","):
         tag, _, q = part.strip().partition(";q=")
@@ -94,6 +98,20 @@ class Site:
             {"lang": lang, "rules": self.rules, **context},
             status_code=status,
         )
+
+    def render_with_csrf(
+        self, request: Request, cookie: str, name: str, lang: str, status: int = 200, **context: Any
+    ) -> HTMLResponse:
+        """A page whose form posts back here: its `csrf` token is tied to a nonce kept in the
+        visitor's `cookie` (see starter.links.csrf_valid)."""
+        nonce = request.cookies.get(cookie) or secrets.token_urlsafe(16)
+        response = self.render(
+            request, name, lang, status, csrf=csrf_token(nonce, self.key), **context
+        )
+        response.set_cookie(
+            cookie, nonce, httponly=True, samesite="strict", max_age=CSRF_MAX_AGE_SECONDS
+        )
+        return response
 
     def over_limit(self, request: Request) -> dict[str, str] | None:
         """Count this attempt; over the limit, the `Retry-After` header to answer with.

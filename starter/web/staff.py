@@ -5,7 +5,7 @@ product, each chart beside the numbers it draws.
 Charts are SVG drawn on the server by pygal and served by `/staff/charts/<name>.svg`, so the
 page loads nothing but this app (the CSP allows images from it, no script): pygal's script
 tags are removed. Each referral in a list links to its workflow in the Temporal UI
-(`REFERRALS_TEMPORAL_UI_URL`, the namespace of `TEMPORAL_NAMESPACE`).
+(`REFERRALS_TEMPORAL_UI_URL`, in the namespace the app's client uses).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, Response
 from pygal.style import Style
 
 from activities.i18n import N_, format_percent, translations
+from starter.client import temporal_namespace
 from starter.figures import ProgramFigures, program_figures
 from starter.web.signin import PRIVATE, STAFF, add_sign_in_routes, sign_in_page, signed_in
 from starter.web.site import Site, pick_language
@@ -104,7 +105,7 @@ def choice_of(request: Request, site: Site) -> Choice:
 def temporal_ui_link(referral_id: str) -> str:
     """The referral's workflow (its id is the referral id) in the Temporal UI."""
     base = os.environ.get(TEMPORAL_UI_ENV, DEFAULT_TEMPORAL_UI).rstrip("/")
-    namespace = os.environ.get("TEMPORAL_NAMESPACE", "default")
+    namespace = temporal_namespace()
     return f"{base}/namespaces/{quote(namespace, safe='')}/workflows/{quote(referral_id, safe='')}"
 
 
@@ -142,14 +143,12 @@ def chart_svg(name: str, figures: ProgramFigures, lang: str, currency: str | Non
     def count(value: float) -> str:
         return _number(int(value), lang)
 
-    def days(value: float) -> str:
+    def amount(value: float) -> str:
+        """Days and money alike: up to two decimals."""
         return _number(Decimal(str(value)), lang)
 
     def share(value: float) -> str:
         return format_percent(Decimal(str(value)) / 100, lang)
-
-    def money(value: float) -> str:
-        return _number(Decimal(str(value)), lang)
 
     common: dict[str, Any] = {
         "style": CHART_STYLE,
@@ -179,7 +178,7 @@ def chart_svg(name: str, figures: ProgramFigures, lang: str, currency: str | Non
         chart.y_labels = _whole_ticks(max(s.referrals for s in figures.ended))
     elif name == "time":
         chart = pygal.HorizontalBar(
-            value_formatter=days, legend_at_bottom=True, legend_at_bottom_columns=2, **common
+            value_formatter=amount, legend_at_bottom=True, legend_at_bottom_columns=2, **common
         )
         chart.title = gettext("Days spent in each stage")
         timed = list(reversed(figures.time_in_stage))
@@ -202,7 +201,7 @@ def chart_svg(name: str, figures: ProgramFigures, lang: str, currency: str | Non
         )
     elif name == "commission":
         months = [m for m in figures.commission_by_month if m.currency == currency]
-        chart = pygal.StackedBar(value_formatter=money, legend_at_bottom=True, **common)
+        chart = pygal.StackedBar(value_formatter=amount, legend_at_bottom=True, **common)
         chart.title = gettext("Commission by month won ({currency})").format(currency=currency)
         chart.x_labels = [m.month for m in months]
         chart.legend_at_bottom_columns = 3
@@ -244,7 +243,7 @@ def add_staff_routes(
     async def dashboard(request: Request) -> Response:
         """The sign-in form, or the figures for the period and product asked for."""
         lang = pick_language(request)
-        email = signed_in(request, site, STAFF)
+        email = await signed_in(request, site, STAFF)
         if email is None:
             return sign_in_page(request, site, STAFF, lang)
         choice = choice_of(request, site)
@@ -273,7 +272,7 @@ def add_staff_routes(
 
     @app.get(f"{STAFF.home}/charts/{{name}}.svg", include_in_schema=False)
     async def chart(request: Request, name: str) -> Response:
-        if signed_in(request, site, STAFF) is None:
+        if await signed_in(request, site, STAFF) is None:
             return Response(status_code=403, headers=PRIVATE)
         if name not in CHARTS:
             return Response(status_code=404, headers=PRIVATE)
