@@ -19,7 +19,7 @@ from bench.bare import BareLifecycle, BarePlan, bare_noop
 from starter.intake import parse_submission, submit_referral
 from tests.factories import submission_data
 from worker import ACTIVITY_THREADS, workflow_runner
-from workflows.models import Action, ProgramRules, ReferralState, StaffAction
+from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction
 
 STEPS = [
     StaffAction(action=Action.CONTACTED, actor="bench"),
@@ -69,7 +69,7 @@ async def walk_referrals(client: Client, engine: Engine, rules: ProgramRules, co
         handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
         for step in STEPS:
             started = time.perf_counter()
-            await handle.execute_update("act", step, result_type=ReferralState)
+            await handle.execute_update("act", step, result_type=ActResult)
             run.update_ms.append((time.perf_counter() - started) * 1000)
         await handle.result()
         run.last_id = referral_id

@@ -31,7 +31,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from starter.cli import Refused, send_action
 from starter.intake import parse_submission, submit_referral
-from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
+from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction, Stage
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "referral.json"
 ACTOR = "fault-suite"
@@ -207,10 +207,10 @@ class Batch:
 
     async def _update(
         self, referral: Referral, request: StaffAction, duplicate: bool = False
-    ) -> ReferralState | None:
+    ) -> ActResult | None:
         rid = referral.referral_id
 
-        async def attempt() -> ReferralState:
+        async def attempt() -> ActResult:
             return await send_action(self.client, rid, request, ATTEMPT_SECONDS)
 
         return await self._retrying(referral, request, attempt, duplicate, "update act")

@@ -39,6 +39,7 @@ from starter.links import referrer_key
 from starter.program import ProgramError, load_program
 from workflows.models import (
     Action,
+    ActResult,
     CommissionStatus,
     ReferralState,
     StaffAction,
@@ -177,7 +178,7 @@ async def workflow_status(referral_id: str) -> str:
 
 async def send_action(
     client: Client, referral_id: str, request: StaffAction, timeout: float
-) -> ReferralState:
+) -> ActResult:
     """Apply one staff action through the `act` update, its request id as the update id, so
     a retried command is applied once. Waits at most `timeout` seconds in all."""
     handle = client.get_workflow_handle(referral_id)
@@ -191,7 +192,7 @@ async def send_action(
             request,
             id=request.request_id,
             wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-            result_type=ReferralState,
+            result_type=ActResult,
             rpc_timeout=timedelta(seconds=timeout),
         )
         accepted = True

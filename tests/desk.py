@@ -30,6 +30,7 @@ from starter.intake import parse_submission
 from worker import workflow_runner
 from workflows.models import (
     Action,
+    ActResult,
     CommissionRecord,
     ContactWindow,
     EmailRequest,
@@ -203,9 +204,16 @@ async def referral_desk(
 async def act(
     handle: WorkflowHandle[Any, Any], action: Action, actor: str, **values: Any
 ) -> ReferralState:
-    return await handle.execute_update(
-        "act", StaffAction(action=action, actor=actor, **values), result_type=ReferralState
-    )
+    return await act_on(handle, StaffAction(action=action, actor=actor, **values))
+
+
+async def act_on(handle: WorkflowHandle[Any, Any], request: StaffAction) -> ReferralState:
+    """The `act` update, then the whole referral (the update answers with where it stands
+    only); a timer or a failed email may have changed it again since."""
+    done = await handle.execute_update("act", request, result_type=ActResult)
+    state = await query_state(handle)
+    assert state.referral_id == done.referral_id and state.revision >= done.revision
+    return state
 
 
 async def query_state(handle: WorkflowHandle[Any, Any]) -> ReferralState:

@@ -15,7 +15,7 @@ from activities.i18n import format_money
 from starter.intake import submit_referral
 from tests.conftest import Cli, Live, eventually
 from tests.factories import submission
-from workflows.models import Action, ProgramRules, ReferralState, StaffAction
+from workflows.models import Action, ActResult, ProgramRules, StaffAction
 
 
 async def walk(live: Live, rid: str, *steps: tuple[Action, dict[str, Any]]) -> None:
@@ -23,7 +23,7 @@ async def walk(live: Live, rid: str, *steps: tuple[Action, dict[str, Any]]) -> N
     handle = live.client.get_workflow_handle(rid)
     for action, values in steps:
         request = StaffAction(action=action, actor="desk-anna", **values)
-        await handle.execute_update("act", request, result_type=ReferralState)
+        await handle.execute_update("act", request, result_type=ActResult)
 
 
 TO_APPROVED: list[tuple[Action, dict[str, Any]]] = [

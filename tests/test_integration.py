@@ -14,6 +14,7 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from activities.db import CommissionRow, ProspectClaim
 from starter.intake import DuplicateReferral, submit_referral
 from tests.conftest import Live, eventually
+from tests.desk import act_on
 from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
 
@@ -23,9 +24,8 @@ def unique_site() -> str:
 
 
 async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
-    return await live.client.get_workflow_handle(referral_id).execute_update(
-        "act", StaffAction(action=action, actor="alice", **values), result_type=ReferralState
-    )
+    handle = live.client.get_workflow_handle(referral_id)
+    return await act_on(handle, StaffAction(action=action, actor="alice", **values))
 
 
 async def test_referral_runs_to_commission_paid(live: Live, rules: ProgramRules) -> None:

@@ -12,6 +12,7 @@ import pytest
 from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, SubmissionRefused, submit_referral
 from tests.conftest import Live, eventually
+from tests.desk import act_on
 from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction
 from workflows.referral import PROTECTED_KEY
@@ -22,9 +23,8 @@ def unique() -> str:
 
 
 async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
-    return await live.client.get_workflow_handle(referral_id).execute_update(
-        "act", StaffAction(action=action, actor="alice", **values), result_type=ReferralState
-    )
+    handle = live.client.get_workflow_handle(referral_id)
+    return await act_on(handle, StaffAction(action=action, actor="alice", **values))
 
 
 async def submit(live: Live, rules: ProgramRules, **changes: Any) -> str:

@@ -42,9 +42,11 @@ from starter.web.intake import (
 )
 from starter.web.security import MAX_BODY_BYTES
 from tests.conftest import Live, eventually, free_port
+from tests.desk import act_on
 from tests.factories import submission_data
 from workflows.models import (
     Action,
+    ActResult,
     ProgramRules,
     ReferralState,
     StaffAction,
@@ -694,7 +696,7 @@ async def test_status_page_follows_the_referral_without_staff_details(
     await handle.execute_update(
         "act",
         StaffAction(action=Action.CONTACTED, actor="desk-anna", note="SECRET-NOTE"),
-        result_type=ReferralState,
+        result_type=ActResult,
     )
     page = await web.get(path)
     assert page.status_code == 200
@@ -723,7 +725,7 @@ async def test_status_page_shows_the_end_of_protection(web: httpx.AsyncClient, l
         StaffAction(action=Action.EXTEND, actor="desk-anna", days=30, reason="SECRET-REASON"),
     ]
     for step in steps:
-        state = await handle.execute_update("act", step, result_type=ReferralState)
+        state = await act_on(handle, step)
     assert state.protected_until is not None
     html = (await web.get(path)).text
     shown = re.search(r'<dd id="protected-until">([^<]+)</dd>', html)
@@ -873,9 +875,7 @@ async def test_api_duplicate_after_acceptance_says_until_when(
     first = await web.post("/api/referrals", json=submission_data(**{"prospect.website": site}))
     handle = live.client.get_workflow_handle(first.json()["referral_id"])
     for action in (Action.CONTACTED, Action.ACCEPT):
-        accepted = await handle.execute_update(
-            "act", StaffAction(action=action, actor="alice"), result_type=ReferralState
-        )
+        accepted = await act_on(handle, StaffAction(action=action, actor="alice"))
     assert accepted.protected_until is not None
     again = await web.post(
         "/api/referrals",

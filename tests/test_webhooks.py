@@ -38,6 +38,7 @@ from activities.webhooks import (
 from starter.intake import new_referral_id, submit_referral
 from starter.program import ProgramError, load_program
 from tests.conftest import Cli, Live, eventually
+from tests.desk import act_on
 from tests.factories import RECEIVED, referral_input, submission
 from workflows.models import (
     Action,
@@ -390,9 +391,8 @@ def receiver() -> Iterator[Receiver]:
 
 
 async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
-    return await live.client.get_workflow_handle(referral_id).execute_update(
-        "act", StaffAction(action=action, actor="alice", **values), result_type=ReferralState
-    )
+    handle = live.client.get_workflow_handle(referral_id)
+    return await act_on(handle, StaffAction(action=action, actor="alice", **values))
 
 
 async def test_deliveries_are_signed_retried_recorded_and_never_hold_up_the_referral(

@@ -28,10 +28,10 @@ from tests.desk import (
 )
 from workflows.models import (
     Action,
+    ActResult,
     CommissionStatus,
     ProgramRules,
     ProspectRelease,
-    ReferralState,
     StaffAction,
     Stage,
 )
@@ -339,7 +339,7 @@ async def assert_refused(
 ) -> None:
     before = await query_state(handle)
     with pytest.raises(WorkflowUpdateFailedError) as raised:
-        await handle.execute_update("act", request, result_type=ReferralState)
+        await handle.execute_update("act", request, result_type=ActResult)
     message = str(raised.value.cause)
     for fragment in fragments:
         assert fragment in message, message

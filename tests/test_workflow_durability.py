@@ -30,6 +30,7 @@ from tests.desk import (
 )
 from workflows.models import (
     Action,
+    ActResult,
     CommissionStatus,
     EmailRequest,
     ProgramRules,
@@ -257,13 +258,13 @@ async def test_a_repeated_request_is_applied_once(
     async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
         contacted = StaffAction(action=Action.CONTACTED, actor="alice", request_id="req-1")
-        first = await handle.execute_update("act", contacted, id="req-1", result_type=ReferralState)
-        again = await handle.execute_update("act", contacted, id="req-1", result_type=ReferralState)
+        first = await handle.execute_update("act", contacted, id="req-1", result_type=ActResult)
+        again = await handle.execute_update("act", contacted, id="req-1", result_type=ActResult)
         assert first.stage is again.stage is Stage.CONTACTED
         # The same request by another path (a signal, a new update id) changes nothing either.
         await handle.signal("action", contacted)
         later = await handle.execute_update(
-            "act", contacted, id=f"retry-{uuid.uuid4()}", result_type=ReferralState
+            "act", contacted, id=f"retry-{uuid.uuid4()}", result_type=ActResult
         )
         assert later.stage is Stage.CONTACTED
         accept = StaffAction(action=Action.ACCEPT, actor="crm", request_id="sig-1")

@@ -381,6 +381,10 @@ class Action(StrEnum):
     REFUND = "refund"
 
 
+# The desk's notes that the sales handoff email quotes (templates/email/staff_sales_handoff).
+DESK_NOTE_ACTIONS = (Action.CONTACTED, Action.ACCEPT)
+
+
 class StaffAction(BaseModel):
     """One staff decision, as sent by the CLI (update) or by any signal sender."""
 
@@ -538,6 +542,17 @@ class ReferralState(BaseModel):
         numbered = [entry.seq for entry in self.history if entry.seq is not None]
         return max(numbered) + 1 if numbered else len(self.history)
 
+    def email_snapshot(self) -> ReferralState:
+        """The referral as an email about it sees it, and no more: a payload copied into the
+        history for every email. Templates read the last history entry (who did what, with
+        which note) and the desk's notes on contact and acceptance; never the consent text."""
+        kept = [
+            entry for entry in self.history[:-1] if entry.note and entry.action in DESK_NOTE_ACTIONS
+        ]
+        return self.model_copy(
+            update={"history": kept + self.history[-1:], "consent": None}, deep=True
+        )
+
 
 class ReferralInput(BaseModel):
     referral_id: str
@@ -557,6 +572,17 @@ class ReferralInput(BaseModel):
     index_search_attributes: bool = True
     # A referral carried over to a new run (continue-as-new) resumes from this state.
     resume: ReferralState | None = None
+
+
+class ActResult(BaseModel):
+    """What the `act` update answers: where the referral stands once the action is recorded.
+    The whole referral is `referrals show` (the system of record) or the `state` query.
+    Referrals started before `slim-payloads` answer with the whole state, which decodes as
+    this too (its other fields are ignored)."""
+
+    referral_id: str
+    stage: Stage
+    revision: int
 
 
 class Refusal(BaseModel):

@@ -29,6 +29,7 @@ from temporalio.exceptions import TimeoutError as ActivityTimeout
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
         Action,
+        ActResult,
         CommissionRecord,
         EmailRequest,
         HistoryEntry,
@@ -128,6 +129,9 @@ class Features:
     clawback_window: bool
     # The ledger keeps append-only commission lines (accrual, payable, paid, clawback, void).
     commission_lines: bool
+    # Emails carry what their templates read, not the whole referral; `act` answers with
+    # where the referral stands (ActResult), not the whole referral.
+    slim_payloads: bool
 
     @classmethod
     def decide(cls) -> Features:
@@ -236,7 +240,7 @@ class ReferralWorkflow:
     # --- staff actions -----------------------------------------------------------------
 
     @workflow.update(name="act")
-    async def act(self, request: StaffAction) -> ReferralState:
+    async def act(self, request: StaffAction) -> ReferralState | ActResult:
         request = self._with_request_id(request)
         if not self._is_repeat(request):
             result = apply_action(self._state, request, self._rules, workflow.now())
@@ -246,6 +250,11 @@ class ReferralWorkflow:
         if self._features.system_of_record:  # staff read their own writes
             revision = self._state.revision
             await workflow.wait_condition(lambda: self._recorded_revision >= revision)
+        if self._features.slim_payloads:
+            state = self._state
+            return ActResult(
+                referral_id=state.referral_id, stage=state.stage, revision=state.revision
+            )
         return self._state
 
     @act.validator
@@ -341,7 +350,7 @@ class ReferralWorkflow:
             number = len(new.refunds)
             self._queue_referrer_email(f"refund/{number}")
             self._queue_staff_email(
-                "staff_refund", str(self._rules.recipients.finance), new.model_copy(deep=True),
+                "staff_refund", str(self._rules.recipients.finance), self._snapshot(),
                 suffix=f"/{number}",
             )  # fmt: skip
 
@@ -431,13 +440,19 @@ class ReferralWorkflow:
             [str(state.referrer.email)],
             state.referrer.language,
             f"referrer_{what.split('/')[0]}",
-            state.model_copy(deep=True),
+            self._snapshot(),
         )
+
+    def _snapshot(self) -> ReferralState:
+        """The referral as an email queued now will show it."""
+        if self._features.slim_payloads:
+            return self._state.email_snapshot()
+        return self._state.model_copy(deep=True)
 
     def _queue_stage_effects(self) -> None:
         state = self._state
         recipients = self._rules.recipients
-        snapshot = state.model_copy(deep=True)
+        snapshot = self._snapshot()
         self._queue_referrer_email(state.stage.value)
         notice = STAFF_NOTICE.get(state.stage)
         if notice is not None:
@@ -533,7 +548,7 @@ class ReferralWorkflow:
             [desk],
             self._rules.staff_language,
             "staff_email_failed",
-            self._state.model_copy(deep=True),
+            self._snapshot(),
             {"to": to, "template": request.template, "reason": reason},
         )
 
@@ -610,7 +625,7 @@ class ReferralWorkflow:
         self._queue_staff_email(
             "staff_protection_warning",
             str(self._rules.recipients.sales),
-            state.model_copy(deep=True),
+            self._snapshot(),
             suffix=f"/{state.protection_extensions}",
         )
 
@@ -634,7 +649,7 @@ class ReferralWorkflow:
         self._queue_staff_email(
             "staff_contact_reminder",
             str(self._rules.recipients.desk),
-            self._state.model_copy(deep=True),
+            self._snapshot(),
         )
 
     def _contact_escalation(self) -> None:
@@ -643,7 +658,7 @@ class ReferralWorkflow:
         self._queue_staff_email(
             "staff_contact_escalation",
             str(self._rules.recipients.desk_manager),
-            self._state.model_copy(deep=True),
+            self._snapshot(),
         )
 
     def _payment_reminder(self) -> None:
@@ -655,7 +670,7 @@ class ReferralWorkflow:
         self._queue_staff_email(
             "staff_payment_overdue",
             str(self._rules.recipients.finance),
-            self._state.model_copy(deep=True),
+            self._snapshot(),
             suffix=f"/{count}",
         )
 
