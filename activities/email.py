@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import smtplib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,13 +201,7 @@ class _Deadline:
             client.sock.settimeout(self.left())
 
 
-def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
-    """One SMTP exchange, bounded by `smtp.deadline_seconds` as a whole.
-
-    The message is the server's once it answers the data with 250: whatever QUIT gets
-    afterwards (421 from a server shutting down, a reset, a timeout) must not fail the
-    send, or the retry would deliver it twice. (`with SMTP()` raises unless QUIT gets 221.)"""
-    deadline = _Deadline(smtp.deadline_seconds)
+def _open(smtp: SmtpSettings, deadline: _Deadline) -> smtplib.SMTP:
     client = smtplib.SMTP(smtp.host, smtp.port, timeout=deadline.left())
     try:
         if smtp.starttls:
@@ -215,16 +210,88 @@ def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
         if smtp.user:
             deadline.apply(client)
             client.login(smtp.user, smtp.password or "")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _send(client: smtplib.SMTP, message: EmailMessage, deadline: _Deadline) -> None:
+    try:
         deadline.apply(client)
         client.send_message(message)
     except BaseException:
         client.close()
         raise
+
+
+def _quit(client: smtplib.SMTP, deadline: _Deadline) -> None:
+    """The message is the server's once it answered the data with 250: whatever QUIT gets
+    afterwards (421 from a server shutting down, a reset, a timeout) must not fail the send,
+    or the retry would deliver it twice. (`with SMTP()` raises unless QUIT gets 221.)"""
     try:
         deadline.apply(client)
         client.quit()
     except (smtplib.SMTPException, OSError):
         client.close()
+
+
+def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
+    """One SMTP exchange on its own connection, bounded by `smtp.deadline_seconds` as a whole."""
+    deadline = _Deadline(smtp.deadline_seconds)
+    client = _open(smtp, deadline)
+    _send(client, message, deadline)
+    _quit(client, deadline)
+
+
+# A connection kept between messages is replaced after this long unused (servers drop idle
+# clients after a few minutes) or after this many messages (relays limit them per session).
+CONNECTION_IDLE_SECONDS = 30.0
+MESSAGES_PER_CONNECTION = 100
+
+
+class SmtpConnection(threading.local):
+    """One SMTP session per sending thread, kept between messages: connecting, the greeting,
+    EHLO, STARTTLS and login cost more round trips than the message itself.
+
+    A kept session is checked with NOOP before each message; one that fails it, or any error
+    while sending, is dropped and the next message opens a new one. A message is sent once
+    per call, as with `deliver`: nothing here sends it again."""
+
+    def __init__(self, smtp: SmtpSettings) -> None:
+        self._smtp = smtp
+        self._client: smtplib.SMTP | None = None
+        self._sent = 0
+        self._used_at = 0.0
+
+    def deliver(self, message: EmailMessage) -> None:
+        """Bounded by `smtp.deadline_seconds` as a whole, the NOOP included."""
+        deadline = _Deadline(self._smtp.deadline_seconds)
+        client = self._kept(deadline)
+        if client is None:
+            client = _open(self._smtp, deadline)
+            self._sent = 0
+        _send(client, message, deadline)
+        self._client, self._sent, self._used_at = client, self._sent + 1, time.monotonic()
+
+    def _kept(self, deadline: _Deadline) -> smtplib.SMTP | None:
+        client, self._client = self._client, None
+        if client is None:
+            return None
+        idle = time.monotonic() - self._used_at
+        if idle > CONNECTION_IDLE_SECONDS or self._sent >= MESSAGES_PER_CONNECTION:
+            _quit(client, deadline)
+            return None
+        try:
+            deadline.apply(client)
+            code, _ = client.noop()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+            return None
+        if code != 250:
+            _quit(client, deadline)
+            return None
+        return client
 
 
 class EmailActivities:
@@ -237,6 +304,7 @@ class EmailActivities:
         """`status_link(referral_id)`: the referrer's status page link, for their emails."""
         self._engine = engine
         self._smtp = smtp
+        self._connection = SmtpConnection(smtp)
         self._status_link = status_link
 
     def _facts(self, request: EmailRequest) -> dict[str, Any]:
@@ -272,7 +340,7 @@ class EmailActivities:
         rendered = render_email(request, link, self._facts(request))
         message = build_message(request, rendered)
         try:
-            deliver(self._smtp, message)
+            self._connection.deliver(message)
         except smtplib.SMTPException as error:
             refusal = permanent(error)
             if refusal is not None:

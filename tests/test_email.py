@@ -5,6 +5,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,16 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.db import SentEmail, make_engine
-from activities.email import PERMANENT_EMAIL_FAILURE, EmailActivities, SmtpSettings, message_id
+from activities.email import (
+    MESSAGES_PER_CONNECTION,
+    PERMANENT_EMAIL_FAILURE,
+    EmailActivities,
+    RenderedEmail,
+    SmtpSettings,
+    build_message,
+    deliver,
+    message_id,
+)
 from activities.schema import upgrade
 from starter.mail_sink import MaildirHandler
 from tests.conftest import MailSink, free_port
@@ -150,6 +160,24 @@ class Relay(MaildirHandler):
     def __init__(self, path: Path, *, quit_reply: str | None = None) -> None:
         super().__init__(path)
         self.quit_reply = quit_reply
+        self.sessions = 0  # EHLOs: one per SMTP session the client opened
+        self._open: list[SMTP] = []
+
+    async def handle_EHLO(
+        self, server: SMTP, session: SmtpSession, envelope: Envelope, hostname: str, responses: Any
+    ) -> Any:
+        self.sessions += 1
+        session.host_name = hostname
+        self._open.append(server)
+        return responses
+
+    def drop_sessions(self) -> None:
+        """Close every client connection, as a relay restarting or timing out idle ones."""
+        for server in self._open:
+            if server.transport is not None:
+                server.loop.call_soon_threadsafe(server.transport.close)
+        self._open.clear()
+        time.sleep(0.2)
 
     async def handle_RCPT(
         self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str, options: Any
@@ -200,14 +228,49 @@ def test_a_message_accepted_before_a_failed_quit_counts_as_sent(
     rules: ProgramRules, engine: Engine, relay: tuple[Relay, SmtpSettings]
 ) -> None:
     """The relay accepts the data, then answers QUIT 421 (shutting down): the message is
-    the relay's, so the send succeeded and is not repeated."""
+    the relay's, so the send succeeded and is not repeated; a kept session retired with the
+    same answer fails nothing either."""
+    handler, settings = relay
+    message = build_message(
+        request(rules, "R-TEST000001/referrer/lost/quit"),
+        RenderedEmail(subject="Lost", text="lost\n", html="<p>lost</p>"),
+    )
+    deliver(settings, message)  # one message, one session, QUIT answered 421
+    assert len(handler.maildir) == 1
+    activities = EmailActivities(engine, settings)
+    env = ActivityEnvironment()
+    for number in range(MESSAGES_PER_CONNECTION + 1):  # the last one retires the kept session
+        key = f"R-TEST000001/referrer/lost/{engine.url.get_backend_name()}-quit-{number}"
+        first = env.run(activities.send_email, request(rules, key, "referrer_lost"))
+        assert first == message_id(key, str(rules.sender))
+    assert len(handler.maildir) == MESSAGES_PER_CONNECTION + 2
+    assert handler.sessions == 3
+
+
+def test_one_session_carries_many_messages_and_a_dropped_one_is_replaced(
+    rules: ProgramRules, engine: Engine, relay: tuple[Relay, SmtpSettings]
+) -> None:
+    """Messages from one thread share an SMTP session; when the relay drops it between two
+    messages (a restart, an idle timeout), the next message opens a new one, and every
+    message arrives once."""
     handler, settings = relay
     activities = EmailActivities(engine, settings)
-    key = f"R-TEST000001/referrer/lost/{engine.url.get_backend_name()}-quit"
-    first = ActivityEnvironment().run(activities.send_email, request(rules, key, "referrer_lost"))
-    again = ActivityEnvironment().run(activities.send_email, request(rules, key, "referrer_lost"))
-    assert first == again == message_id(key, str(rules.sender))
-    assert len(handler.maildir) == 1
+    env = ActivityEnvironment()
+    backend = engine.url.get_backend_name()
+
+    def send(number: int) -> None:
+        key = f"R-TEST000001/referrer/won/{backend}-session-{number}"
+        env.run(activities.send_email, request(rules, key, "referrer_won"))
+
+    for number in range(5):
+        send(number)
+    assert handler.sessions == 1 and len(handler.maildir) == 5
+    handler.drop_sessions()
+    for number in range(5, 8):
+        send(number)
+    assert handler.sessions == 2 and len(handler.maildir) == 8
+    keys = [m["X-Idempotency-Key"] for m in handler.maildir]
+    assert len(set(keys)) == 8
 
 
 def test_a_sent_message_whose_record_fails_is_not_sent_again(
