@@ -356,6 +356,31 @@ def test_renders_subject_text_and_escaped_html(template: str, language: Language
 
 
 @pytest.mark.parametrize(("template", "language"), ALL_CASES)
+def test_the_email_snapshot_renders_as_the_whole_referral(
+    template: str, language: Language
+) -> None:
+    """Emails carry `ReferralState.email_snapshot()` (slim payloads): every template must
+    read nothing that the snapshot leaves out."""
+    state = make_state(TEMPLATE_STAGES[template], language=language)
+    snapshot = state.email_snapshot()
+    assert snapshot.consent is None and len(snapshot.history) <= len(state.history)
+
+    def rendered(referral: ReferralState) -> RenderedEmail:
+        request = EmailRequest(
+            key=f"{REFERRAL_ID}/{template}",
+            to=["someone@example.com"],
+            sender="referrals@example.com",
+            language=language,
+            template=template,
+            referral=referral,
+            extra=TEMPLATE_EXTRA.get(template, {}),
+        )
+        return render_email(request, "https://referrals.example/status/t")
+
+    assert rendered(snapshot) == rendered(state)
+
+
+@pytest.mark.parametrize(("template", "language"), ALL_CASES)
 def test_renders_with_every_optional_field_empty(template: str, language: Language) -> None:
     email = render(template, language, minimal=True)
     assert REFERRAL_ID in email.text
