@@ -23,6 +23,14 @@ from activities.schema import SchemaOutOfDate, open_database
 from activities.webhooks import WebhookActivities
 from starter.client import connect, task_queue
 from starter.links import status_url
+from starter.metrics import (
+    ActivityMetrics,
+    MetricsSettingError,
+    metrics_endpoint,
+    refresh_gauges,
+    refresh_interval,
+    worker_runtime,
+)
 from starter.program import ProgramError, load_program
 from starter.schedules import ensure_schedules
 from workflows.models import ProgramRules
@@ -84,27 +92,43 @@ def build_worker(
 
 
 async def run_worker() -> None:
+    # REFERRALS_METRICS_PORT: Prometheus metrics, Temporal's and the program's (starter.metrics).
+    metrics = metrics_endpoint()
+    interval = refresh_interval() if metrics else 0.0
     rules = load_program()
     engine = open_database()
-    client = await connect()
+    runtime = worker_runtime(metrics.port, metrics.host) if metrics else None
+    client = await connect(runtime=runtime)
     for schedule in await ensure_schedules(client, rules):
         print(f"created the schedule {schedule}", flush=True)
-    worker = build_worker(client, engine, SmtpSettings.from_env(), rules=rules)
+    worker = build_worker(
+        client,
+        engine,
+        SmtpSettings.from_env(),
+        rules=rules,
+        interceptors=[ActivityMetrics()] if runtime else [],
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    gauges = None
+    if metrics and runtime:
+        gauges = asyncio.create_task(refresh_gauges(engine, runtime.metric_meter, interval))
+        print(f"metrics on {metrics.url}", flush=True)
     async with worker:
         print(f"worker polling task queue {task_queue()!r}", flush=True)
         await stop.wait()
         print("worker stopping: finishing in-flight activities…", flush=True)
+        if gauges:
+            gauges.cancel()
     print("worker stopped", flush=True)
 
 
 def main() -> None:
     try:
         asyncio.run(run_worker())
-    except (SchemaOutOfDate, ProgramError) as error:
+    except (SchemaOutOfDate, ProgramError, MetricsSettingError) as error:
         print(f"worker: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -624,9 +624,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    from starter.metrics import MetricsSettingError
     from starter.web import run_web
 
-    run_web(args.host, args.port)
+    try:
+        run_web(args.host, args.port)
+    except MetricsSettingError as error:  # REFERRALS_WEB_METRICS_PORT unusable
+        raise Refused(str(error)) from error
     return 0
 
 

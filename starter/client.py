@@ -10,6 +10,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.envconfig import ClientConfig
+from temporalio.runtime import Runtime
 
 from starter.encryption import EncryptionCodec
 
@@ -40,9 +41,10 @@ def data_converter(codec: EncryptionCodec | None = None) -> DataConverter:
     )
 
 
-async def connect() -> Client:
+async def connect(*, runtime: Runtime | None = None) -> Client:
     """Honours TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_PROFILE, TEMPORAL_CONFIG_FILE,
-    API keys and mTLS settings, as the `temporal` CLI does."""
+    API keys and mTLS settings, as the `temporal` CLI does. `runtime`: the Temporal runtime
+    (its telemetry: the worker's metrics) instead of the default one."""
     config = ClientConfig.load_client_connect_config()
     config.setdefault("target_host", DEFAULT_ADDRESS)
-    return await Client.connect(**config, data_converter=data_converter())
+    return await Client.connect(**config, data_converter=data_converter(), runtime=runtime)

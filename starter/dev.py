@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict
 from activities.db import make_engine
 from activities.schema import upgrade
 from starter.encryption import load_key_ring
+from starter.metrics import HOST_ENV, PORT_ENV, MetricsSettingError, port_setting
 from starter.program import load_program
+from starter.web.metrics import PORT_ENV as WEB_PORT_ENV
 from worker import GRACEFUL_SHUTDOWN
 
 BIN = Path(sys.executable).parent
@@ -57,12 +59,21 @@ class CodecServerSettings(Strict):
     port: int = 8081
 
 
+class MetricsSettings(Strict):
+    """Prometheus metrics: the worker's (Temporal's and the program's) and the web app's."""
+
+    host: str = "127.0.0.1"
+    worker_port: int = 9464
+    web_port: int = 9465
+
+
 class DevStack(Strict):
     temporal: TemporalSettings = TemporalSettings()
     search_attributes: dict[str, Literal["Keyword", "Bool", "Text", "Int", "Double", "Datetime"]]
     mail_sink: MailSinkSettings = MailSinkSettings()
     web: WebSettings = WebSettings()
     codec_server: CodecServerSettings = CodecServerSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 def load_stack(path: Path = Path("temporal-dev.yaml")) -> DevStack:
@@ -135,6 +146,31 @@ def set_retention(stack: DevStack) -> None:
     raise RuntimeError(f"could not set the namespace retention: {done.stderr.strip()}")
 
 
+def metrics_ports(stack: DevStack) -> tuple[str, dict[str, str]]:
+    """The metrics host, and REFERRALS_METRICS_PORT / REFERRALS_WEB_METRICS_PORT for the worker
+    and the web app: the environment's, else the stack's; "off" for a port already in use
+    (metrics are worth a warning, not a stack that will not start)."""
+    host = os.environ.get(HOST_ENV) or stack.metrics.host
+    ports: dict[str, str] = {}
+    for variable, default, what in [
+        (PORT_ENV, stack.metrics.worker_port, "worker"),
+        (WEB_PORT_ENV, stack.metrics.web_port, "web app"),
+    ]:
+        port = port_setting(os.environ.get(variable, str(default)), variable)
+        if port is not None and _listening(host, port):
+            print(
+                f"referrals dev: {host}:{port} is in use: the {what} runs without metrics",
+                file=sys.stderr,
+            )
+            port = None
+        ports[variable] = "off" if port is None else str(port)
+    return host, ports
+
+
+def _metrics_url(host: str, port: str) -> str:
+    return "off" if port == "off" else f"http://{host}:{port}/metrics"
+
+
 def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     stack = load_stack(config)
     rules = load_program()  # a bad program.yaml stops here, before anything starts
@@ -148,6 +184,11 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
         if _listening(host, port):
             print(f"referrals dev: {host}:{port} ({what}) is already in use", file=sys.stderr)
             return 1
+    try:
+        metrics_host, metrics = metrics_ports(stack)
+    except MetricsSettingError as error:
+        print(f"referrals dev: {error}", file=sys.stderr)
+        return 1
     t.db_filename.parent.mkdir(parents=True, exist_ok=True)
     migrated_from, schema = upgrade(make_engine())
     if migrated_from != schema:
@@ -168,6 +209,8 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
         ),
         # The UI decodes payloads through the codec server, which answers only the UI.
         "REFERRALS_CODEC_ORIGINS": f"http://{t.ip}:{t.ui_port},http://localhost:{t.ui_port}",
+        HOST_ENV: metrics_host,
+        **metrics,
     }
     processes: list[subprocess.Popen[bytes]] = []
     names: dict[int, str] = {}
@@ -228,6 +271,8 @@ Referral Desk is running ({rules.name}).
   Referrer portal   http://{web.host}:{web.port}/me      (sign-in links arrive in the mailbox)
   Staff dashboard   http://{web.host}:{web.port}/staff   (for the addresses in staff.emails)
   Dev mailbox       http://{web.host}:{web.port}/dev/mail
+  Worker metrics    {_metrics_url(metrics_host, metrics[PORT_ENV])}  (Temporal's and the program's)
+  Web app metrics   {_metrics_url(metrics_host, metrics[WEB_PORT_ENV])}  (requests)
 Try: referrals submit examples/referral.json   (Ctrl-C stops everything)
 """,
             flush=True,

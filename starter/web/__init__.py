@@ -30,6 +30,7 @@ from starter.links import secret_key
 from starter.program import load_program
 from starter.web.devmail import add_dev_mail_routes
 from starter.web.intake import add_intake_routes
+from starter.web.metrics import RequestMetrics, WebMetrics, web_metrics_port
 from starter.web.portal import add_portal_routes
 from starter.web.security import (
     DEFAULT_RATE_LIMIT,
@@ -58,6 +59,7 @@ def create_app(
     smtp: SmtpSettings | None = None,
     rate_limit: str | RateLimiter | None = None,
     trusted_proxies: str | Iterable[str] | None = None,
+    metrics: WebMetrics | None = None,
 ) -> FastAPI:
     """The app; `maildir` (dev mode only) enables `/dev/mail`; `smtp` (default from the
     environment) sends the sign-in links.
@@ -67,7 +69,8 @@ def create_app(
     in process: the served app (`served_app`) applies the 10/minute default, while in-process
     callers (tests, an embedding app behind its own limits) choose theirs. `trusted_proxies`
     (default `REFERRALS_TRUSTED_PROXIES`, else none) are the peers whose `X-Forwarded-For`
-    is believed.
+    is believed. `metrics` (default: new ones, in a registry of their own) count the requests;
+    `app.state.metrics` holds them, and `run_web` serves them on REFERRALS_WEB_METRICS_PORT.
     """
     if rate_limit is None:
         rate_limit = os.environ.get(RATE_LIMIT_ENV) or "off"
@@ -92,7 +95,10 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    app.add_middleware(SecurityHeaders)  # added last: outermost, so it also marks 413s
+    app.add_middleware(SecurityHeaders)  # after BodyLimit: outside it, so it also marks 413s
+    app.state.metrics = metrics or WebMetrics()
+    # Added last: outermost, so it counts every answer, 413s included.
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics, routes=app.router.routes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(StarletteHTTPException)
@@ -180,6 +186,11 @@ def served_app() -> FastAPI:
 def run_web(host: str, port: int) -> None:
     import uvicorn
 
+    metrics_port = web_metrics_port()
+    app = served_app()
+    if metrics_port is not None:
+        # Its own port, on loopback unless REFERRALS_METRICS_HOST says otherwise: not public.
+        print(f"metrics on {app.state.metrics.serve(metrics_port)}", flush=True)
     # proxy_headers off: uvicorn must not rewrite the peer address from X-Forwarded-For;
     # the app reads that header itself, and only from REFERRALS_TRUSTED_PROXIES.
-    uvicorn.run(served_app(), host=host, port=port, log_level="info", proxy_headers=False)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
