@@ -11,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Numeric, Text, UniqueConstraint, event
+from sqlalchemy import Column, DateTime, Index, Numeric, Text, UniqueConstraint, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel, create_engine
 
@@ -65,6 +65,12 @@ class ReferralRow(SQLModel, table=True):
     `state` is the whole ReferralState as JSON, its history left out (see ReferralEventRow)."""
 
     __tablename__ = "referral"
+    __table_args__ = (
+        # `referrals list`: newest first, a page at a time (ties by id).
+        Index("ix_referral_submitted_at", "submitted_at", "referral_id"),
+        # The latest change, which tells the dashboard its cached figures are stale.
+        Index("ix_referral_updated_at", "updated_at"),
+    )
 
     referral_id: str = Field(primary_key=True)
     stage: str = Field(index=True)
@@ -98,7 +104,12 @@ class ReferralEventRow(SQLModel, table=True):
     """Append-only: one row per history entry of a referral, the audit trail of every decision."""
 
     __tablename__ = "referral_event"
-    __table_args__ = (UniqueConstraint("referral_id", "seq", name="uq_referral_event_seq"),)
+    __table_args__ = (
+        UniqueConstraint("referral_id", "seq", name="uq_referral_event_seq"),
+        # The figures read the log by action (contacted, accept, won…): this index holds all
+        # they read of it.
+        Index("ix_referral_event_action", "action", "referral_id", "outcome", "at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     referral_id: str = Field(index=True)

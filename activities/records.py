@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, col, delete, func, select
 from temporalio import activity
 from temporalio.client import Client
 
@@ -151,6 +151,16 @@ def load_referral(engine: Engine, referral_id: str) -> ReferralState | None:
     return state
 
 
+def _listed(query: Any, stage: Stage | None, referrer_email: str | None, open_only: bool) -> Any:
+    if stage is not None:
+        query = query.where(ReferralRow.stage == stage.value)
+    if referrer_email is not None:
+        query = query.where(ReferralRow.referrer_email == referrer_email.strip().lower())
+    if open_only:
+        query = query.where(col(ReferralRow.closed_at).is_(None))
+    return query
+
+
 def list_referrals(
     engine: Engine,
     *,
@@ -158,16 +168,35 @@ def list_referrals(
     referrer_email: str | None = None,
     open_only: bool = False,
     limit: int | None = None,
+    offset: int = 0,
 ) -> list[ReferralRow]:
-    """Newest first."""
-    query = select(ReferralRow).order_by(col(ReferralRow.submitted_at).desc())
-    if stage is not None:
-        query = query.where(ReferralRow.stage == stage.value)
-    if referrer_email is not None:
-        query = query.where(ReferralRow.referrer_email == referrer_email.strip().lower())
-    if open_only:
-        query = query.where(col(ReferralRow.closed_at).is_(None))
+    """Newest first (ties by id, so pages never overlap); `limit` rows from `offset`, or
+    all. The `ix_referral_submitted_at` index serves the order, so a page costs what its
+    rows cost, however many referrals there are."""
+    query = _listed(
+        select(ReferralRow).order_by(
+            col(ReferralRow.submitted_at).desc(), col(ReferralRow.referral_id).desc()
+        ),
+        stage,
+        referrer_email,
+        open_only,
+    )
     if limit is not None:
         query = query.limit(limit)
+    if offset:
+        query = query.offset(offset)
     with Session(engine) as session:
         return list(session.exec(query).all())
+
+
+def count_referrals(
+    engine: Engine,
+    *,
+    stage: Stage | None = None,
+    referrer_email: str | None = None,
+    open_only: bool = False,
+) -> int:
+    """How many referrals `list_referrals` would list without a limit."""
+    query = _listed(select(func.count()).select_from(ReferralRow), stage, referrer_email, open_only)
+    with Session(engine) as session:
+        return int(session.exec(query).one())

@@ -30,7 +30,7 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import CommissionRow, as_utc, make_engine
-from activities.records import list_referrals, load_referral
+from activities.records import count_referrals, list_referrals, load_referral
 from activities.schema import SchemaOutOfDate, open_database, upgrade
 from starter.client import connect, task_queue, temporal_address
 from starter.encryption import EncryptionKeyError
@@ -49,6 +49,8 @@ from workflows.models import (
 from workflows.transitions import allowed_actions
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
+# `referrals list`: rows per page.
+DEFAULT_LIST_LIMIT = 50
 
 
 class Refused(Exception):
@@ -252,6 +254,21 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """A page of referrals, newest first: `--limit` rows (50; 0 for all) of page `--page`.
+    `--json` prints a plain list: every referral unless `--limit` or `--page` is given, as
+    it always has for the scripts that read it."""
+    if args.limit is not None and args.limit < 0:
+        raise Usage("--limit must be 0 (all) or more")
+    if args.page < 1:
+        raise Usage("--page must be 1 or more")
+    if args.limit == 0 and args.page > 1:
+        raise Usage("--limit 0 lists every referral on one page: no --page")
+    limit = args.limit
+    if limit is None:
+        limit = 0 if args.json and args.page == 1 else DEFAULT_LIST_LIMIT
+    engine = open_database()
+    stage = Stage(args.stage) if args.stage else None
+    offset = (args.page - 1) * limit
     rows: list[dict[str, Any]] = [
         {
             "referral_id": row.referral_id,
@@ -265,16 +282,24 @@ def cmd_list(args: argparse.Namespace) -> int:
             "closed_at": as_utc(row.closed_at).isoformat() if row.closed_at else None,
         }
         for row in list_referrals(
-            open_database(),
-            stage=Stage(args.stage) if args.stage else None,
+            engine,
+            stage=stage,
             referrer_email=args.referrer,
+            limit=limit or None,
+            offset=offset,
         )
     ]
     if args.json:
         print_json(rows)
         return 0
+    total = (
+        len(rows)
+        if not limit or (offset == 0 and len(rows) < limit)
+        else count_referrals(engine, stage=stage, referrer_email=args.referrer)
+    )
     if not rows:
-        print("no referrals" + (f" in stage {args.stage}" if args.stage else ""))
+        where = f" in stage {args.stage}" if args.stage else ""
+        print(f"no referrals{where}" + (f" on page {args.page} ({total} in all)" if total else ""))
         return 0
     print(f"{'REFERRAL':<14} {'STAGE':<19} {'PROSPECT':<30} {'PRODUCT':<24} REFERRER")
     for r in rows:
@@ -283,6 +308,18 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{r['referral_id']:<14} {r['stage'] + sla:<19} "
             f"{r['prospect_domain']:<30} {r['product']:<24} {r['referrer_email']}"
         )
+    shown = f"{offset + 1}-{offset + len(rows)}" if offset else f"{len(rows)}"
+    footer = f"{shown} of {total} referrals"
+    if offset + len(rows) < total:
+        more = [f"--page {args.page + 1}"]
+        if args.limit is not None:
+            more.append(f"--limit {limit}")
+        if args.stage:
+            more.append(f"--stage {args.stage}")
+        if args.referrer:
+            more.append(f"--referrer {args.referrer}")
+        footer += f"; next: referrals list {' '.join(more)}"
+    print(footer)
     if args.referrer:  # Temporal holds no address, only its keyed hash
         print(f"in the Temporal UI: ReferrerKey = '{referrer_key(args.referrer)}'")
     return 0
@@ -679,10 +716,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
     add("submit", cmd_submit, "submit a referral from a JSON file").add_argument("file")
-    sub = add("list", cmd_list, "list referrals, newest first")
+    sub = add("list", cmd_list, "list referrals, newest first, a page at a time")
     sub.add_argument("--stage", choices=[s.value for s in Stage])
     sub.add_argument("--referrer", metavar="EMAIL", help="only this referrer's referrals")
-    sub.add_argument("--json", action="store_true")
+    sub.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help=f"referrals per page, 0 for all (default {DEFAULT_LIST_LIMIT}; "
+        "with --json and no --page, all)",
+    )
+    sub.add_argument("--page", type=int, default=1, metavar="K", help="page K (default 1)")
+    sub.add_argument("--json", action="store_true", help="a JSON list of the rows")
     sub = add("show", cmd_show, "show one referral")
     sub.add_argument("id")
     sub.add_argument("--json", action="store_true")

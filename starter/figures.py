@@ -25,7 +25,14 @@ from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from activities.db import CommissionLineRow, CommissionRow, ReferralEventRow, ReferralRow, as_utc
+from activities.db import (
+    CommissionEvent,
+    CommissionLineRow,
+    CommissionRow,
+    ReferralEventRow,
+    ReferralRow,
+    as_utc,
+)
 from workflows.models import (
     ENTITLEMENT_KINDS,
     PROTECTING_STAGES,
@@ -78,6 +85,7 @@ _referral: Any = ReferralRow.__table__  # type: ignore[attr-defined]
 _event: Any = ReferralEventRow.__table__  # type: ignore[attr-defined]
 _commission: Any = CommissionRow.__table__  # type: ignore[attr-defined]
 _line: Any = CommissionLineRow.__table__  # type: ignore[attr-defined]
+_commission_event: Any = CommissionEvent.__table__  # type: ignore[attr-defined]
 
 
 # --- the figures --------------------------------------------------------------------------
@@ -271,8 +279,9 @@ class _Selection:
 
 
 def _entries() -> Any:
-    """Each time a referral entered a stage: (referral_id, stage, at, rank), from its applied
-    history entries and its ledger's `payable` line. `rank` orders entries at one instant."""
+    """Each time a referral entered a stage: (referral_id, stage, at, seconds, rank), from its
+    applied history entries and its ledger's `payable` line; `seconds` is `at` since 1970,
+    `rank` orders entries at one instant."""
     rank = {stage.value: number for number, stage in enumerate(FUNNEL + ENDED)}
     from_events = select(
         _event.c.referral_id,
@@ -291,11 +300,29 @@ def _entries() -> Any:
         entries.c.referral_id,
         entries.c.stage,
         entries.c.at,
+        epoch_seconds(entries.c.at).label("seconds"),
         case(rank, value=entries.c.stage).label("rank"),
     ).subquery("ranked_entry")
 
 
 # --- the queries --------------------------------------------------------------------------
+
+
+def change_stamp(engine: Engine) -> tuple[Any, ...]:
+    """What changes whenever the figures' data does: the referral rows (how many, and the
+    latest `updated_at`, which every write sets) and the newest event, ledger event and
+    ledger line. Read from indexes, so it costs next to nothing beside the figures."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(
+                select(func.count()).select_from(_referral).scalar_subquery(),
+                select(func.max(_referral.c.updated_at)).scalar_subquery(),
+                select(func.max(_event.c.id)).scalar_subquery(),
+                select(func.max(_commission_event.c.id)).scalar_subquery(),
+                select(func.max(_line.c.id)).scalar_subquery(),
+            )
+        ).one()
+    return tuple(row)
 
 
 def program_figures(
@@ -350,13 +377,27 @@ def program_figures(
 
 
 def _reached(connection: Any, selection: _Selection) -> dict[Stage, int]:
-    """Referrals whose log entered each stage, however far they went since."""
-    entry = _entries()
-    query = selection.joined(
-        select(entry.c.stage, func.count(distinct(entry.c.referral_id))).group_by(entry.c.stage),
-        entry.c.referral_id,
+    """Referrals whose log entered each stage, however far they went since: the entries of
+    `_entries`, counted by the action that enters each stage (one action per stage) and the
+    ledger's `payable` lines, so the database reads the event log by its action index."""
+    by_action = selection.joined(
+        select(_event.c.action, func.count(distinct(_event.c.referral_id)))
+        .where(_event.c.action.in_(list(ENTERED_BY)), _event.c.outcome != "refused")
+        .group_by(_event.c.action),
+        _event.c.referral_id,
     )
-    return {Stage(stage): count for stage, count in connection.execute(query)}
+    reached = {ENTERED_BY[action]: count for action, count in connection.execute(by_action)}
+    payable = connection.execute(
+        selection.joined(
+            select(func.count(distinct(_line.c.referral_id))).where(
+                _line.c.kind == LineKind.PAYABLE.value
+            ),
+            _line.c.referral_id,
+        )
+    ).scalar_one()
+    if payable:
+        reached[Stage.COMMISSION_PAYABLE] = payable
+    return reached
 
 
 def _time_in_stage(connection: Any, selection: _Selection) -> list[StageTime]:
@@ -366,25 +407,24 @@ def _time_in_stage(connection: Any, selection: _Selection) -> list[StageTime]:
     timeline = selection.joined(
         select(
             entry.c.stage,
-            entry.c.at,
-            func.lead(entry.c.at)
+            entry.c.seconds,
+            func.lead(entry.c.seconds)
             .over(partition_by=entry.c.referral_id, order_by=(entry.c.at, entry.c.rank))
             .label("left_at"),
         ),
         entry.c.referral_id,
     ).subquery("timeline")
-    seconds = epoch_seconds(timeline.c.left_at) - epoch_seconds(timeline.c.at)
     rows = connection.execute(
-        select(timeline.c.stage, seconds)
-        .where(timeline.c.left_at.is_not(None))
-        .order_by(timeline.c.stage, seconds)
+        select(timeline.c.stage, timeline.c.left_at - timeline.c.seconds).where(
+            timeline.c.left_at.is_not(None)
+        )
     )
     durations: dict[str, list[int]] = {}
     for stage, spent in rows:
         durations.setdefault(stage, []).append(round(spent))
     figures = []
     for stage in TIMED:
-        spent = durations.get(stage.value, [])
+        spent = sorted(durations.get(stage.value, []))
         figures.append(
             StageTime(
                 stage=stage,
@@ -577,11 +617,10 @@ def _commission_by_month(
 
 def _top_referrers(connection: Any, selection: _Selection) -> list[TopReferrer]:
     """The referrers with the most selected referrals (then the most won, then by address)."""
-    entry = _entries()
-    won = (
-        select(entry.c.referral_id)
-        .where(entry.c.stage == Stage.WON.value)
-        .group_by(entry.c.referral_id)
+    won = (  # the entries of `_entries` into `won`: applied `won` history entries
+        select(_event.c.referral_id)
+        .where(_event.c.action == "won", _event.c.outcome != "refused")
+        .group_by(_event.c.referral_id)
         .subquery("won")
     )
     referrals = func.count(_referral.c.referral_id)

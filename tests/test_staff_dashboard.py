@@ -4,9 +4,12 @@ its charts."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
+from html import unescape
+from typing import Any
 
 import httpx
 import pytest
@@ -16,12 +19,20 @@ from sqlalchemy.engine import Engine
 
 from activities.db import make_engine
 from activities.schema import upgrade
+from starter.figures import ProgramFigures, program_figures
+from starter.web import staff as staff_module
 from starter.web.security import RateLimiter
 from starter.web.signin import STAFF
 from starter.web.site import Site
-from starter.web.staff import CHARTS, add_staff_routes
+from starter.web.staff import (
+    CHARTS,
+    FIGURES_TTL_SECONDS,
+    Choice,
+    FiguresCache,
+    add_staff_routes,
+)
 from tests.conftest import MailSink
-from tests.test_figures import NOW, known_referrals, record
+from tests.test_figures import NOW, Story, hours, known_referrals, record, step
 from tests.test_sign_in import ask, settle
 from workflows.models import ProgramRules, StaffRules
 
@@ -238,3 +249,89 @@ async def test_a_chart_in_french_and_an_unknown_chart(staff: httpx.AsyncClient) 
         "Référencements parvenus à chaque étape" in french and "Accepté (qualification)" in french
     )
     assert unknown.status_code == 404
+
+
+# --- the figures, computed once per view --------------------------------------------------
+
+
+async def test_the_page_and_its_charts_compute_the_figures_once(
+    staff: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computed: list[tuple[object, object]] = []
+
+    def counted(*args: Any, **kwargs: Any) -> ProgramFigures:
+        computed.append((kwargs.get("since"), kwargs.get("product")))
+        return program_figures(*args, **kwargs)
+
+    monkeypatch.setattr(staff_module, "program_figures", counted)
+    page = (await staff.get("/staff?lang=en")).text
+    charts = [unescape(src) for src in re.findall(r'src="(/staff/charts/[^"]+)"', page)]
+    answers = await asyncio.gather(*(staff.get(src) for src in charts))
+    again = await staff.get("/staff?lang=fr")  # the same figures, in French
+    other = await staff.get("/staff?lang=en&product=hcm-talent")
+    other_chart = await staff.get("/staff/charts/funnel.svg?lang=en&product=hcm-talent")
+
+    assert len(charts) == len(CHARTS)
+    assert all(a.status_code == 200 for a in answers) and again.status_code == 200
+    assert "3 referrals" in other.text and ">3<" in other_chart.text
+    assert computed == [(None, None), (None, "hcm-talent")]
+
+
+async def test_a_change_to_the_data_shows_at_once(
+    engine: Engine, shipped_rules: ProgramRules, mail_sink: MailSink, staff_email: str
+) -> None:
+    for story in known_referrals():
+        record(engine, shipped_rules, story)
+    site = Site(
+        rules=shipped_rules.model_copy(update={"staff": StaffRules(emails=[staff_email])}),
+        engine=engine,
+        key="staff-dashboard-test-key",
+        smtp=mail_sink.settings(),
+        limiter=RateLimiter.from_setting("off"),
+    )
+    app = FastAPI()
+    add_staff_routes(app, site, clock=lambda: NOW)
+    cache: FiguresCache = app.state.staff_figures
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as web:
+        await ask(web, STAFF.home, staff_email)
+        [link] = await settle(mail_sink, staff_email, 1)
+        assert (await web.get(link)).status_code == 303
+
+        before = (await web.get("/staff?lang=en")).text
+        cached = (await web.get("/staff?lang=en")).text
+        new = Story("R-FIG13", "hcm-talent", "dan@partner-d.example", "2027-03-15 09:00")
+        record(engine, shipped_rules, new)
+        added = (await web.get("/staff?lang=en")).text
+        new.steps.append(step(hours(1), "contacted"))
+        record(engine, shipped_rules, new)  # the same referral, one step further
+        contacted = (await web.get("/staff?lang=en")).text
+
+    def reached_contact(page: str) -> str:
+        return cells(page.split('id="funnel"')[1], 'data-stage="contacted"')[1]
+
+    assert "12 referrals in all." in before and "12 referrals in all." in cached
+    assert "13 referrals in all." in added and reached_contact(added) == "10"
+    assert "13 referrals in all." in contacted and reached_contact(contacted) == "11"
+    assert cache.computed == 3
+
+
+async def test_cached_figures_last_the_ttl_at_most() -> None:
+    clock = [0.0]
+    computed: list[Choice] = []
+
+    def compute(choice: Choice) -> Any:
+        computed.append(choice)
+        return len(computed)
+
+    cache = FiguresCache(compute, lambda: ("unchanged",), ttl=30, monotonic=lambda: clock[0])
+    everything = Choice(None, None, ())
+    together = await asyncio.gather(*(cache.get(everything) for _ in range(5)))
+    clock[0] = 29.9
+    within = await cache.get(everything)
+    clock[0] = 30.0
+    expired = await cache.get(everything)
+
+    assert together == [1] * 5 and within == 1 and expired == 2
+    assert len(computed) == 2
+    assert FIGURES_TTL_SECONDS == 30

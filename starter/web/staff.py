@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -27,7 +28,7 @@ from pygal.style import Style
 
 from activities.i18n import N_, format_percent, translations
 from starter.client import temporal_namespace
-from starter.figures import ProgramFigures, program_figures
+from starter.figures import ProgramFigures, change_stamp, program_figures
 from starter.web.signin import PRIVATE, STAFF, add_sign_in_routes, sign_in_page, signed_in
 from starter.web.site import Site, pick_language
 from workflows.models import Stage
@@ -35,6 +36,9 @@ from workflows.models import Stage
 TEMPORAL_UI_ENV = "REFERRALS_TEMPORAL_UI_URL"
 DEFAULT_TEMPORAL_UI = "http://127.0.0.1:8233"
 CHARTS = ("funnel", "ended", "time", "contact", "commission", "referrers")
+# The longest the dashboard shows figures computed earlier (any change to the data shows at
+# once; this bounds how far "now" may have moved on): see FiguresCache.
+FIGURES_TTL_SECONDS = 30.0
 STAGE_LABELS = {
     Stage.SUBMITTED: N_("Submitted"),
     Stage.CONTACTED: N_("Contacted"),
@@ -65,6 +69,51 @@ CHART_STYLE = Style(
     legend_font_size=13,
     title_font_size=15,
 )
+
+
+class FiguresCache:
+    """The figures of each choice (period, product), computed once and shared by the page
+    and its chart requests, which follow it at once. An entry serves while the data has not
+    changed (`figures.change_stamp`, checked on every request) and for `ttl` seconds at most,
+    since "now" moves on (this month's breaches, protections ending soon). Requests that
+    arrive while the figures are being computed wait for that computation. Per process; at
+    most `size` choices are kept."""
+
+    def __init__(
+        self,
+        compute: Callable[[Choice], ProgramFigures],
+        stamp: Callable[[], tuple[Any, ...]],
+        ttl: float = FIGURES_TTL_SECONDS,
+        size: int = 32,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._compute = compute
+        self._stamp = stamp
+        self._ttl = ttl
+        self._size = size
+        self._monotonic = monotonic
+        self._entries: dict[tuple[Any, ...], tuple[tuple[Any, ...], float, asyncio.Task[Any]]] = {}
+        self.computed = 0  # how many times the figures were computed, for the curious
+
+    async def get(self, choice: Choice) -> ProgramFigures:
+        key = (choice.since, choice.product)
+        stamp = await asyncio.to_thread(self._stamp)
+        now = self._monotonic()
+        entry = self._entries.get(key)
+        if entry is not None:
+            seen, at, task = entry
+            failed = task.done() and (task.cancelled() or task.exception() is not None)
+            other_loop = task.get_loop() is not asyncio.get_running_loop()  # a test client's
+            if seen == stamp and now - at < self._ttl and not (failed or other_loop):
+                figures: ProgramFigures = await asyncio.shield(task)
+                return figures
+        # Shielded: a visitor who leaves does not cancel what the others wait for.
+        task = asyncio.ensure_future(asyncio.to_thread(self._compute, choice))
+        self.computed += 1
+        self._entries[key] = (stamp, now, task)
+        for old in sorted(self._entries, key=lambda k: self._entries[k][1])[: -self._size]:
+            del self._entries[old]
+        return await asyncio.shield(task)
 
 
 @dataclass(frozen=True)
@@ -102,11 +151,17 @@ def choice_of(request: Request, site: Site) -> Choice:
     return Choice(since, product, tuple(problems))
 
 
+def temporal_ui_links() -> Callable[[str], str]:
+    """Each referral's workflow (its id is the referral id) in the Temporal UI; the settings
+    are read once (a page may list a thousand referrals)."""
+    base = os.environ.get(TEMPORAL_UI_ENV, DEFAULT_TEMPORAL_UI).rstrip("/")
+    workflows = f"{base}/namespaces/{quote(temporal_namespace(), safe='')}/workflows/"
+    return lambda referral_id: workflows + quote(referral_id, safe="")
+
+
 def temporal_ui_link(referral_id: str) -> str:
     """The referral's workflow (its id is the referral id) in the Temporal UI."""
-    base = os.environ.get(TEMPORAL_UI_ENV, DEFAULT_TEMPORAL_UI).rstrip("/")
-    namespace = temporal_namespace()
-    return f"{base}/namespaces/{quote(namespace, safe='')}/workflows/{quote(referral_id, safe='')}"
+    return temporal_ui_links()(referral_id)
 
 
 def _without_scripts(root: Any) -> Any:
@@ -223,21 +278,23 @@ def chart_svg(name: str, figures: ProgramFigures, lang: str, currency: str | Non
 
 
 def add_staff_routes(
-    app: FastAPI, site: Site, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    app: FastAPI,
+    site: Site,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    figures_ttl: float = FIGURES_TTL_SECONDS,
 ) -> None:
     """`clock` says when "now" is: this month's breaches and the protections ending soon
-    depend on it."""
+    depend on it. The figures are cached (FiguresCache) for `figures_ttl` seconds at most."""
     add_sign_in_routes(app, site, STAFF)
 
-    async def figures_for(choice: Choice) -> ProgramFigures:
-        return await asyncio.to_thread(
-            program_figures,
-            site.engine,
-            site.rules,
-            since=choice.since,
-            product=choice.product,
-            now=clock(),
+    def compute(choice: Choice) -> ProgramFigures:
+        return program_figures(
+            site.engine, site.rules, since=choice.since, product=choice.product, now=clock()
         )
+
+    cache = FiguresCache(compute, lambda: change_stamp(site.engine), figures_ttl)
+    app.state.staff_figures = cache
+    figures_for = cache.get
 
     @app.get(STAFF.home, response_class=HTMLResponse, include_in_schema=False)
     async def dashboard(request: Request) -> Response:
@@ -262,7 +319,7 @@ def add_staff_routes(
             stage_label=lambda s: gettext(STAGE_LABELS[Stage(s)]),
             number=lambda value: _number(value, lang),
             days=lambda value: _days(value, lang),
-            temporal_ui=temporal_ui_link,
+            temporal_ui=temporal_ui_links(),
             chart_url=lambda name, **extra: (
                 f"{STAFF.home}/charts/{name}.svg?{choice.query(lang, **extra)}"
             ),
