@@ -1,0 +1,80 @@
+"""One real referral worker in its own process, for the bench: its RSS is the worker's own.
+
+    python -m bench.worker_process --address HOST:PORT --database URL --smtp-port PORT \
+        --queue QUEUE [--namespace default] [--smtp-host 127.0.0.1] [--max-cached N]
+
+Connects with starter.client.data_converter() (REFERRALS_ENCRYPTION_KEYS must be the same in
+every process: bench/workers.py sets it once in the parent before spawning), opens the
+database, builds the worker with worker.build_worker(..., max_cached_workflows=N) and polls
+until SIGTERM or SIGINT. Prints READY (with the pid) once it polls; SIGUSR1 runs a full
+garbage collection and prints GC_DONE, so the parent can read an RSS after gc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import signal
+
+from temporalio.client import Client
+
+from activities.email import SmtpSettings
+from activities.schema import open_database
+from starter.client import data_converter
+from starter.program import load_program
+from worker import build_worker
+
+READY = "bench worker ready"
+GC_DONE = "bench worker gc done"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--namespace", default="default")
+    parser.add_argument("--database", required=True, help="SQLAlchemy URL, at the current schema")
+    parser.add_argument("--smtp-host", default="127.0.0.1")
+    parser.add_argument("--smtp-port", type=int, required=True)
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--max-cached", type=int, default=1000, help="max_cached_workflows")
+    parser.add_argument("--program", default=None, help="program.yaml (retention period only)")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    client = await Client.connect(
+        args.address, namespace=args.namespace, data_converter=data_converter()
+    )
+    engine = open_database(args.database)
+    worker = build_worker(
+        client,
+        engine,
+        SmtpSettings(args.smtp_host, args.smtp_port),
+        args.queue,
+        load_program(args.program) if args.program else load_program(),
+        max_cached_workflows=args.max_cached,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def collect() -> None:
+        gc.collect()
+        print(GC_DONE, flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, collect)
+    async with worker:
+        print(f"{READY} pid={os.getpid()} queue={args.queue}", flush=True)
+        await stop.wait()
+    engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
