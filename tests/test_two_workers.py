@@ -31,8 +31,7 @@ from faults.stack import Children, Worker
 from starter.intake import submit_referral
 from tests.conftest import MailSink
 from tests.factories import submission
-from workflows.models import ProgramRules, Stage
-from workflows.referral import ReferralWorkflow
+from workflows.models import ProgramRules, ReferralState, Stage
 
 REFERRALS = 8
 HOST = socket.gethostname()
@@ -73,7 +72,7 @@ async def _act(client: Client, ids: list[str], steps: range) -> None:
     """The lifecycle's `steps` for every referral, referrals concurrently."""
 
     async def one(referral_id: str) -> None:
-        handle = client.get_workflow_handle_for(ReferralWorkflow.run, referral_id)
+        handle = client.get_workflow_handle(referral_id)
         for step in steps:
             await handle.execute_update("act", lifecycle(referral_id)[step])
 
@@ -165,7 +164,7 @@ async def test_two_workers_share_a_queue_and_survive_either_being_killed(
     await _act(client, referrals, range(3, 6))
     finals = await asyncio.wait_for(
         asyncio.gather(
-            *(client.get_workflow_handle_for(ReferralWorkflow.run, i).result() for i in referrals)
+            *(client.get_workflow_handle(i, result_type=ReferralState).result() for i in referrals)
         ),
         30,
     )

@@ -39,7 +39,7 @@ from workflows.models import (
     StaffAction,
     Stage,
 )
-from workflows.referral import MAX_REFUSALS_KEPT, PERMANENT_EMAIL_FAILURE
+from workflows.policies import MAX_REFUSALS_KEPT, PERMANENT_EMAIL_FAILURE
 
 
 def refused_by_smtp(request: EmailRequest, attempt: int) -> BaseException | None:

@@ -17,16 +17,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
-from temporalio.exceptions import TimeoutError as ActivityTimeout
+from temporalio.common import SearchAttributeUpdate
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from workflows.features import Features
     from workflows.models import (
         Action,
         ActResult,
@@ -42,6 +41,28 @@ with workflow.unsafe.imports_passed_through():
         StaffAction,
         Stage,
     )
+    from workflows.policies import (
+        DOMAIN_KEY,
+        EFFECT_RETRY,
+        EFFECT_TIMEOUT,
+        EMAIL_ATTEMPT_TIMEOUT,
+        EMAIL_RETRY,
+        MAX_REFUSALS_KEPT,
+        PRODUCT_KEY,
+        PROTECTED_KEY,
+        REFERRER_EMAIL_KEY,
+        REFERRER_KEY,
+        SLA_KEY,
+        STAFF_NOTICE,
+        STAGE_KEY,
+        WRITE_PAUSE,
+        WRITE_PAUSE_MAX,
+        WRITE_RETRY,
+        WRITE_TIMEOUT,
+        current_details,
+        email_failure_reason,
+        failure_reason,
+    )
     from workflows.transitions import (
         apply_action,
         check_action,
@@ -49,93 +70,6 @@ with workflow.unsafe.imports_passed_through():
         expire,
         initial_state,
     )
-
-STAGE_KEY = SearchAttributeKey.for_keyword("ReferralStage")
-DOMAIN_KEY = SearchAttributeKey.for_keyword("ProspectDomain")
-# Holds addresses: set only by referrals started before `private-search-attributes`.
-REFERRER_EMAIL_KEY = SearchAttributeKey.for_keyword("ReferrerEmail")
-REFERRER_KEY = SearchAttributeKey.for_keyword("ReferrerKey")
-PRODUCT_KEY = SearchAttributeKey.for_keyword("Product")
-SLA_KEY = SearchAttributeKey.for_bool("ContactSlaBreached")
-PROTECTED_KEY = SearchAttributeKey.for_datetime("ProtectedUntil")
-
-# Referrals started before `effect-failures`: every effect is retried until it succeeds.
-EFFECT_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=2),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=10),
-)
-EFFECT_TIMEOUT = timedelta(seconds=60)
-
-# Email: a permanent refusal is not retried; anything else is, until the program's limit.
-PERMANENT_EMAIL_FAILURE = "PermanentEmailFailure"
-EMAIL_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=2),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=10),
-    non_retryable_error_types=[PERMANENT_EMAIL_FAILURE],
-)
-EMAIL_ATTEMPT_TIMEOUT = timedelta(seconds=40)  # the activity's own SMTP deadline is 30 s
-
-# Database writes: a few quick attempts, then the workflow waits and tries again, for as long
-# as it takes, and says so in the referral's current details meanwhile.
-WRITE_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=4),
-    maximum_attempts=3,
-)
-WRITE_TIMEOUT = timedelta(seconds=10)  # a write takes milliseconds; a lost attempt is retried
-WRITE_PAUSE = timedelta(seconds=5)
-WRITE_PAUSE_MAX = timedelta(minutes=10)
-
-# A misbehaving integration can send refused signals without end; the history keeps the last.
-MAX_REFUSALS_KEPT = 100
-
-# Who hears about a stage, besides the referrer (who hears about every one).
-STAFF_NOTICE: dict[Stage, tuple[str, str]] = {
-    Stage.SUBMITTED: ("desk", "staff_new_referral"),
-    Stage.QUALIFYING: ("sales", "staff_sales_handoff"),
-    Stage.WON: ("finance", "staff_deal_won"),
-    Stage.COMMISSION_PAYABLE: ("finance", "staff_commission_payable"),
-}
-
-
-@dataclass(frozen=True)
-class Features:
-    """Behaviour added since release 0.1.0, one `workflow.patched` id each.
-
-    Decided once, as a run starts: a run replaying a history recorded before a patch
-    finds no marker and keeps the old behaviour for its whole life; a new run records
-    every marker and has them all."""
-
-    # Each change is written to the database, in order; an update returns once it is.
-    system_of_record: bool
-    # A Temporal cancellation runs the business `cancel`; staff hear of every cancellation.
-    business_cancel: bool
-    # Permanent email failures are recorded and reported; database writes retry visibly.
-    effect_failures: bool
-    # A request id already applied (update id, or signal `request_id`) is not applied again.
-    request_ids: bool
-    # Ledger event keys name the business event, not a history position.
-    business_event_keys: bool
-    # At most MAX_REFUSALS_KEPT refused signals stay in the history.
-    refusal_cap: bool
-    # Search attributes hold no personal data: a keyed hash of the referrer, not the address.
-    private_search_attributes: bool
-    # From `accept`, a protection window: warning, expiry, extensions (ProtectedUntil).
-    protection_window: bool
-    # After payout the referral stays open for refunds (clawback) until the window ends.
-    clawback_window: bool
-    # The ledger keeps append-only commission lines (accrual, payable, paid, clawback, void).
-    commission_lines: bool
-    # Emails carry what their templates read, not the whole referral; `act` answers with
-    # where the referral stands (ActResult), not the whole referral.
-    slim_payloads: bool
-
-    @classmethod
-    def decide(cls) -> Features:
-        return cls(**{f.name: workflow.patched(f.name.replace("_", "-")) for f in fields(cls)})
 
 
 @workflow.defn
@@ -703,44 +637,3 @@ class ReferralWorkflow:
         workflow.set_current_details(
             current_details(self._state, self._next_timer(), self._write_trouble)
         )
-
-
-def failure_reason(error: ActivityError) -> str:
-    """One line on why an activity attempt failed."""
-    return _message(error.cause or error)
-
-
-def email_failure_reason(error: ActivityError, retry_for_hours: int) -> str:
-    """The refusal for a permanent failure; for anything else, that retries ran out."""
-    cause = error.cause
-    if isinstance(cause, ApplicationError) and cause.type == PERMANENT_EMAIL_FAILURE:
-        return cause.message
-    last = cause.cause if isinstance(cause, ActivityTimeout) else cause
-    return f"still failing after retrying for {retry_for_hours} h" + (
-        f" (last error: {_message(last)})" if last is not None else ""
-    )
-
-
-def _message(error: BaseException) -> str:
-    return error.message if isinstance(error, FailureError) else str(error)
-
-
-def current_details(
-    state: ReferralState, timer: tuple[datetime, Any] | None, trouble: str | None = None
-) -> str:
-    lines = [f"**Stage:** {state.stage.value}"]
-    if timer is not None:
-        due, fire = timer
-        what = fire.__name__.strip("_").replace("_", " ")
-        lines.append(f"**Next:** {what} at {due:%Y-%m-%d %H:%M} UTC")
-    if state.contact_sla_breached:
-        lines.append("**Contact SLA:** breached")
-    if state.commission is not None:
-        c = state.commission
-        lines.append(
-            f"**Commission:** {c.amount} {c.currency} ({c.status.value}); "
-            f"customer paid {c.customer_paid} of {c.basis_amount} {c.currency}"
-        )
-    if trouble is not None:
-        lines.append(f"**Database writes failing:** {trouble}")
-    return "\n".join(lines)
