@@ -18,7 +18,7 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.db import ReferralEventRow, ReferralRow, WebhookDeliveryRow, as_utc
-from activities.webhooks import enqueue_deliveries, start_pending_deliveries
+from activities.webhooks import enqueue_deliveries, pending_deliveries, start_deliveries
 from workflows.models import HistoryEntry, ReferralRecord, ReferralState, Stage
 
 
@@ -111,14 +111,14 @@ class RecordActivities:
     async def record_referral(self, record: ReferralRecord) -> None:
         """Write one change of a referral to the system of record, then start the delivery
         of its webhook messages (none unless program.yaml has webhooks)."""
-        await asyncio.to_thread(save_referral, self._engine, record)
-        await start_pending_deliveries(
-            self._client,
-            self._engine,
-            record.state.referral_id,
-            [entry.seq for entry in record.events],
-            activity.info().task_queue,
-        )
+        pending = await asyncio.to_thread(self._save, record)
+        await start_deliveries(self._client, pending, activity.info().task_queue)
+
+    def _save(self, record: ReferralRecord) -> list[WebhookDeliveryRow]:
+        """One trip to a thread: the write, then the deliveries it left pending."""
+        save_referral(self._engine, record)
+        seqs = [entry.seq for entry in record.events]
+        return pending_deliveries(self._engine, record.state.referral_id, seqs)
 
 
 # --- reading ----------------------------------------------------------------------------------

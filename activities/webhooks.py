@@ -286,12 +286,12 @@ async def start_delivery(client: Client, delivery: WebhookDeliveryRow, task_queu
     return True
 
 
-async def start_pending_deliveries(
-    client: Client, engine: Engine, referral_id: str, seqs: list[int | None], task_queue: str
+async def start_deliveries(
+    client: Client, deliveries: Iterable[WebhookDeliveryRow], task_queue: str
 ) -> None:
-    """After the events are committed: start the delivery of each of them still pending.
+    """After their events are committed: start each pending delivery (`pending_deliveries`).
     Run again by a retried activity, it starts what a failed run did not."""
-    for delivery in await asyncio.to_thread(pending_deliveries, engine, referral_id, seqs):
+    for delivery in deliveries:
         await start_delivery(client, delivery, task_queue)
 
 

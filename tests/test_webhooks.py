@@ -31,8 +31,9 @@ from activities.webhooks import (
     EVENT_TYPES,
     PAYABLE,
     list_attempts,
+    pending_deliveries,
     sign,
-    start_pending_deliveries,
+    start_deliveries,
     start_stalled_deliveries,
 )
 from starter.intake import new_referral_id, submit_referral
@@ -285,7 +286,7 @@ async def test_a_delivery_is_started_once_whoever_starts_it(
     started = []
     try:
         for _ in range(2):  # the activity, then its retry
-            await start_pending_deliveries(client, engine, referral_id, [0], queue)
+            await start_deliveries(client, pending_deliveries(engine, referral_id, [0]), queue)
         started.append(client.get_workflow_handle(f"webhook-{first.id}"))
         assert (await started[0].describe()).status == WorkflowExecutionStatus.RUNNING
         lines = await start_stalled_deliveries(client, engine, queue, timedelta(0))
