@@ -1,9 +1,11 @@
 """`make bench`: the project's referral lifecycle against a bare Temporal lifecycle of the same
-shape, in one run, on one dev server, with the real worker, SQLite and a loopback SMTP sink.
+shape, in one run, on one dev server, with the real worker, SQLite and a loopback SMTP sink;
+then the intake under load, throughput with one and two workers, a timer storm with the
+worker's memory, and the staff views over many open referrals (bench/scale.py).
 
-Writes bench/results.json and prints a table. `make bench QUICK=1` (BENCH_QUICK=1) walks
-fewer lifecycles and posts, for a run of a minute or two; BENCH_REFERRALS=N and
-BENCH_POSTS=N set the numbers.
+Writes bench/results.json and prints a table. `make bench QUICK=1` (BENCH_QUICK=1) uses
+smaller numbers, for a run of a few minutes; BENCH_REFERRALS, BENCH_POSTS, BENCH_STORM and
+BENCH_OPEN set them (100, 1000, 2000 and 10 000 by default).
 """
 
 from __future__ import annotations
@@ -12,33 +14,75 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message
+from temporalio.api.common.v1 import Payload
+from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
-from activities.email import SmtpSettings
 from activities.schema import upgrade
 from bench.intake import post_referrals
-from bench.lifecycle import percentiles, shape_of, walk_bare, walk_referrals
-from starter.client import data_converter
-from starter.encryption import KEYS_ENV, new_key_entry
-from starter.mail_sink import start_sink
+from bench.lifecycle import BARE_QUEUE, percentiles, shape_of, walk_bare, walk_referrals
+from bench.scale import measure_open_referrals
+from bench.storm import timer_storm
+from bench.workers import share_payload_key, throughput_by_workers, worker_processes
+from starter.client import data_converter, task_queue
 from starter.program import load_program
 from tests.conftest import SEARCH_ATTRIBUTES, free_port, referrals_web
-from worker import build_worker
 from workflows.models import ClawbackRules
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-async def measure(count: int, posts: int) -> dict[str, Any]:
-    # The bench's worker and the web app it starts share one payload key.
-    os.environ[KEYS_ENV] = new_key_entry()
+def start_sink_process(port: int, maildir: Path) -> subprocess.Popen[bytes]:
+    """The SMTP sink in its own process, as a relay is in production: its work does not
+    share the bench process's interpreter (and GIL) with the worker it measures."""
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "starter.mail_sink", "--port", str(port), "--maildir", maildir],
+        stdout=subprocess.PIPE,
+    )
+    assert sink.stdout is not None
+    sink.stdout.readline()  # "mail sink on …": listening
+    return sink
+
+
+def payload_bytes(history: WorkflowHistory) -> int:
+    """The bytes of every payload a history holds (inputs, results, update arguments…), as
+    stored: encrypted."""
+    total = 0
+
+    def visit(message: Message) -> None:
+        nonlocal total
+        if isinstance(message, Payload):
+            total += len(message.data)
+            return
+        for field, value in message.ListFields():
+            if field.type != field.TYPE_MESSAGE:
+                continue
+            if isinstance(value, Message):
+                visit(value)
+                continue
+            for item in value.values() if hasattr(value, "values") else value:  # map or list
+                if isinstance(item, Message):
+                    visit(item)
+
+    for event in history.events:
+        visit(event)
+    return total
+
+
+async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[str, Any]:
+    """Every worker runs in its own process, as in production (bench/worker_process.py): the
+    bench process only drives the load, so its own work shares no interpreter with the worker
+    it measures."""
+    share_payload_key()  # the bench, its workers and the web app share one payload key
     # Payout closes a referral at once, so each one is timed to its end (no clawback window).
     rules = load_program("program.yaml").model_copy(update={"clawback": ClawbackRules(days=0)})
     work = Path(tempfile.mkdtemp(prefix="referral-bench-"))
@@ -46,22 +90,24 @@ async def measure(count: int, posts: int) -> dict[str, Any]:
     engine = make_engine(database_url)
     upgrade(engine)
     port = free_port()
-    sink = start_sink("127.0.0.1", port, work / "mail")
+    sink = start_sink_process(port, work / "mail")
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=data_converter(),
     )
+    client = env.client
+    address = client.service_client.config.target_host
     try:
-        async with build_worker(env.client, engine, SmtpSettings("127.0.0.1", port), "referrals"):
-            await walk_referrals(env.client, engine, rules, 2)  # warm: imports, sandbox, pool
-            project = await walk_referrals(env.client, engine, rules, count)
-            history = await env.client.get_workflow_handle(project.last_id).fetch_history()
+        async with worker_processes(1, address, database_url, port, task_queue(), work):
+            await walk_referrals(client, engine, rules, 2)  # warm: imports, sandbox, pool
+            project = await walk_referrals(client, engine, rules, count)
+            history = await client.get_workflow_handle(project.last_id).fetch_history()
             async with referrals_web(
                 work,
                 "/healthz",
-                TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
-                TEMPORAL_NAMESPACE=env.client.namespace,
+                TEMPORAL_ADDRESS=address,
+                TEMPORAL_NAMESPACE=client.namespace,
                 REFERRALS_DATABASE_URL=database_url,
                 REFERRALS_SMTP_HOST="127.0.0.1",
                 REFERRALS_SMTP_PORT=str(port),
@@ -70,12 +116,20 @@ async def measure(count: int, posts: int) -> dict[str, Any]:
                 await post_referrals(base, 20)  # warm
                 intake = await post_referrals(base, posts)
         plan = shape_of(history)
-        await walk_bare(env.client, plan, 2)
-        bare = await walk_bare(env.client, plan, count)
+        async with worker_processes(1, address, "", port, BARE_QUEUE, work, bare=True):
+            await walk_bare(client, plan, 2)
+            bare = await walk_bare(client, plan, count)
+        by_workers = await throughput_by_workers(
+            client, engine, database_url, port, rules, count, work
+        )
+        timers = await timer_storm(
+            client, engine, database_url, port, work / "mail", rules, work, count=storm
+        )
     finally:
         await env.shutdown()
-        sink.stop()
-    emails = len(list((work / "mail" / "new").iterdir()))
+        sink.terminate()
+        sink.wait()
+    scale = await measure_open_referrals(work, open_count)
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -86,18 +140,36 @@ async def measure(count: int, posts: int) -> dict[str, Any]:
         "update_latency_ms": percentiles(project.update_ms),
         "bare_update_latency_ms": percentiles(bare.update_ms),
         "submit_latency_ms": percentiles(project.submit_ms),
+        "lifecycles_per_s_by_workers": by_workers,
         "intake_rps": round(intake.per_second, 1),
         "intake_p99_ms": percentiles(intake.latency_ms)["p99"],
         "intake_errors": sum(intake.errors.values()),
         "intake_latency_ms": percentiles(intake.latency_ms),
         "intake_posts": posts,
         "intake_errors_by_status": {str(k): v for k, v in intake.errors.items()},
+        "timer_storm": {
+            "referrals": timers["referrals"],
+            "all_delivered_s": timers["all_delivered_s"],
+            "p50_delivered_s": timers["p50_delivered_s"],
+            "reminders_delivered": timers["reminders_delivered"],
+            "idle_before_storm": timers["idle_before_storm"],
+        },
+        "open_referrals": scale["open_referrals"],
+        "worker_rss_mib": timers["worker_rss_mib"],
+        "worker_rss_before_mib": timers["worker_rss_before_mib"],
+        "cached_referrals": timers["open_referrals"],
+        "memory_per_cached_referral_kib": timers["memory_per_cached_referral_kib"],
+        "list_first_page_ms": scale["list_first_page_ms"],
+        "list_cli_ms": scale["list_cli_ms"],
+        "dashboard_ms": scale["dashboard_ms"],
+        "dashboard_with_charts_ms": scale["dashboard_with_charts_ms"],
+        "dashboard_after_change_ms": scale["dashboard_after_change_ms"],
         "lifecycle_shape": {"updates": plan.updates, "writes": plan.writes, "emails": plan.emails},
         "lifecycle_history": {
             "events": len(history.events),
             "json_bytes": len(history.to_json().encode()),
+            "payload_bytes": payload_bytes(history),
         },
-        "emails_delivered": emails,
     }
 
 
@@ -124,6 +196,19 @@ def table(results: dict[str, Any]) -> str:
         f"p99 {intake['p99']} ms, {results['intake_errors']} errors "
         f"({results['intake_posts']} posts)"
     )
+    storm, workers = results["timer_storm"], results["lifecycles_per_s_by_workers"]
+    lines.append(
+        f"timer storm: {storm['referrals']} reminders all delivered in "
+        f"{storm['all_delivered_s']} s; worker RSS {results['worker_rss_mib']} MiB with "
+        f"{results['cached_referrals']} referrals cached, "
+        f"{results['memory_per_cached_referral_kib']} KiB each"
+    )
+    lines.append(
+        f"workers: {workers['1']} lifecycles/s with one, {workers['2']} with two; "
+        f"{results['open_referrals']} open referrals: list first page "
+        f"{results['list_first_page_ms']} ms, dashboard {results['dashboard_ms']} ms "
+        f"({results['dashboard_after_change_ms']} ms after a change)"
+    )
     return "\n".join(lines)
 
 
@@ -131,7 +216,9 @@ def main() -> None:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     count = int(os.environ.get("BENCH_REFERRALS") or (20 if quick else 100))
     posts = int(os.environ.get("BENCH_POSTS") or (200 if quick else 1000))
-    results = asyncio.run(measure(count, posts))
+    storm = int(os.environ.get("BENCH_STORM") or (200 if quick else 2000))
+    open_count = int(os.environ.get("BENCH_OPEN") or (2000 if quick else 10_000))
+    results = asyncio.run(measure(count, posts, storm, open_count))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(table(results))
     print(f"written to {RESULTS}")

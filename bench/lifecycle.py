@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from sqlalchemy.engine import Engine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
-from temporalio.worker import Worker
 
-from bench.bare import BareLifecycle, BarePlan, bare_noop
+from bench.bare import BareLifecycle, BarePlan
 from starter.intake import parse_submission, submit_referral
 from tests.factories import submission_data
-from worker import ACTIVITY_THREADS, workflow_runner
 from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction
 
 STEPS = [
@@ -95,18 +92,9 @@ def shape_of(history: WorkflowHistory) -> BarePlan:
 
 
 async def walk_bare(client: Client, plan: BarePlan, count: int) -> Run:
-    """`count` bare lifecycles at once on their own queue, with a worker like the project's
-    (same workflow runner, same activity threads)."""
+    """`count` bare lifecycles at once on their own queue (BARE_QUEUE), which a bare worker
+    polls (bench/worker_process.py --bare)."""
     run = Run(count)
-    worker = Worker(
-        client,
-        task_queue=BARE_QUEUE,
-        workflows=[BareLifecycle],
-        activities=[bare_noop],
-        workflow_runner=workflow_runner(),
-        activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
-        max_concurrent_activities=ACTIVITY_THREADS,
-    )
 
     async def one() -> None:
         handle = await client.start_workflow(
@@ -118,8 +106,7 @@ async def walk_bare(client: Client, plan: BarePlan, count: int) -> Run:
             run.update_ms.append((time.perf_counter() - started) * 1000)
         await handle.result()
 
-    async with worker:
-        started = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(count)))
-        run.seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    run.seconds = time.perf_counter() - started
     return run

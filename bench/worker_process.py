@@ -1,13 +1,14 @@
 """One real referral worker in its own process, for the bench: its RSS is the worker's own.
 
     python -m bench.worker_process --address HOST:PORT --database URL --smtp-port PORT \
-        --queue QUEUE [--namespace default] [--smtp-host 127.0.0.1] [--max-cached N]
+        --queue QUEUE [--namespace default] [--smtp-host 127.0.0.1] [--max-cached N] [--bare]
 
 Connects with starter.client.data_converter() (REFERRALS_ENCRYPTION_KEYS must be the same in
 every process: bench/workers.py sets it once in the parent before spawning), opens the
 database, builds the worker with worker.build_worker(..., max_cached_workflows=N) and polls
 until SIGTERM or SIGINT. Prints READY (with the pid) once it polls; SIGUSR1 runs a full
-garbage collection and prints GC_DONE, so the parent can read an RSS after gc.
+garbage collection and prints GC_DONE, so the parent can read an RSS after gc. `--bare` runs
+the baseline's worker instead (bench/bare.py), so both are measured the same way.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import asyncio
 import gc
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
+from temporalio.worker import Worker
 
 from activities.email import SmtpSettings
 from activities.schema import open_database
+from bench.bare import BareLifecycle, bare_noop
 from starter.client import data_converter
 from starter.program import load_program
-from worker import build_worker
+from worker import ACTIVITY_THREADS, build_worker, workflow_runner
 
 READY = "bench worker ready"
 GC_DONE = "bench worker gc done"
@@ -40,22 +44,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue", required=True)
     parser.add_argument("--max-cached", type=int, default=1000, help="max_cached_workflows")
     parser.add_argument("--program", default=None, help="program.yaml (retention period only)")
+    parser.add_argument(
+        "--bare", action="store_true", help="the baseline's worker (bench/bare.py), no database"
+    )
     return parser.parse_args(argv)
+
+
+def bare_worker(client: Client, queue: str, max_cached: int) -> Worker:
+    """The baseline's worker: like the project's (same workflow runner, same activity threads)."""
+    return Worker(
+        client,
+        task_queue=queue,
+        workflows=[BareLifecycle],
+        activities=[bare_noop],
+        workflow_runner=workflow_runner(),
+        activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
+        max_concurrent_activities=ACTIVITY_THREADS,
+        max_cached_workflows=max_cached,
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
     client = await Client.connect(
         args.address, namespace=args.namespace, data_converter=data_converter()
     )
-    engine = open_database(args.database)
-    worker = build_worker(
-        client,
-        engine,
-        SmtpSettings(args.smtp_host, args.smtp_port),
-        args.queue,
-        load_program(args.program) if args.program else load_program(),
-        max_cached_workflows=args.max_cached,
-    )
+    engine = None if args.bare else open_database(args.database)
+    if engine is None:
+        worker = bare_worker(client, args.queue, args.max_cached)
+    else:
+        worker = build_worker(
+            client,
+            engine,
+            SmtpSettings(args.smtp_host, args.smtp_port),
+            args.queue,
+            load_program(args.program) if args.program else load_program(),
+            max_cached_workflows=args.max_cached,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -69,7 +93,8 @@ async def serve(args: argparse.Namespace) -> None:
     async with worker:
         print(f"{READY} pid={os.getpid()} queue={args.queue}", flush=True)
         await stop.wait()
-    engine.dispose()
+    if engine is not None:
+        engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> None:

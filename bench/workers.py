@@ -74,7 +74,9 @@ class WorkerProcess:
         namespace: str = "default",
         name: str = "worker",
         children: Children | None = None,
+        bare: bool = False,
     ) -> None:
+        """`bare`: the baseline's worker (bench/bare.py) instead of the project's."""
         self.command = [
             sys.executable,
             "-m",
@@ -91,6 +93,7 @@ class WorkerProcess:
             queue,
             "--max-cached",
             str(max_cached),
+            *(["--bare"] if bare else []),
         ]
         self.log = workdir / f"{name}-{queue}.log"
         self._children = children or Children()
@@ -177,8 +180,10 @@ async def worker_processes(
     workdir: Path,
     max_cached: int = 1000,
     namespace: str = "default",
+    bare: bool = False,
 ) -> AsyncIterator[list[WorkerProcess]]:
-    """`count` bench workers polling `queue`, started together, stopped (SIGTERM) on exit."""
+    """`count` bench workers polling `queue`, started together, stopped (SIGTERM) on exit;
+    `bare`: the baseline's."""
     children = Children()
     workers = [
         WorkerProcess(
@@ -191,6 +196,7 @@ async def worker_processes(
             namespace,
             name=f"worker{n + 1}",
             children=children,
+            bare=bare,
         )
         for n in range(count)
     ]
