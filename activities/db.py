@@ -6,6 +6,8 @@ Alembic owns the schema (`activities/migrations`): a change here comes with a mi
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -233,6 +235,46 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class OneWriterAtATime:
+    """SQLite lets one connection write at a time; the others wait in its busy handler, which
+    sleeps 1, 2, 5 … 100 ms between tries, whether or not the lock was freed meanwhile. Under
+    load a writer can so wait seconds for a lock that is free most of the time. Within one
+    engine (one a process), writers queue on this lock instead, handed over as soon as the writer before
+    them commits or rolls back; between processes (the worker, the web app, the CLI) the busy
+    handler still applies. Reads are not held up."""
+
+    HOLDS = "referrals_holds_write_lock"
+    WRITES = ("INSERT", "UPDATE", "DELETE", "REPLAC")
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self._lock = threading.Lock()
+        self._timeout = timeout  # as the busy handler's: then "database is locked"
+
+    def install(self, engine: Engine) -> None:
+        event.listen(engine, "before_cursor_execute", self._before_execute)
+        event.listen(engine, "commit", self._transaction_ended)
+        event.listen(engine, "rollback", self._transaction_ended)
+        event.listen(engine.pool, "checkin", self._checked_in)
+
+    def _before_execute(self, connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        info = connection.info
+        if info.get(self.HOLDS) or statement.lstrip()[:6].upper() not in self.WRITES:
+            return
+        if not self._lock.acquire(timeout=self._timeout):
+            raise sqlite3.OperationalError("database is locked (by this process's writers)")
+        info[self.HOLDS] = True
+
+    def _transaction_ended(self, connection: Any) -> None:
+        self._release(connection.info)
+
+    def _checked_in(self, _dbapi_connection: Any, record: Any) -> None:
+        self._release(record.info)
+
+    def _release(self, info: dict[str, Any]) -> None:
+        if info.pop(self.HOLDS, False):
+            self._lock.release()
+
+
 def make_engine(url: str | None = None) -> Engine:
     """An engine (the schema is Alembic's: see activities.schema). SQLite files get WAL so the
     CLI can read while the worker writes."""
@@ -241,6 +283,7 @@ def make_engine(url: str | None = None) -> Engine:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        OneWriterAtATime().install(engine)
     else:
         engine = create_engine(url, pool_pre_ping=True)
     return engine
