@@ -8,6 +8,7 @@ plain instants, so it needs neither `holidays` nor time-zone data, and a later
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import holidays
@@ -15,10 +16,17 @@ import holidays
 from workflows.models import CalendarRules, ContactRules, ContactWindow
 
 
+@lru_cache(maxsize=64)
+def public_holidays(country: str, first_year: int, last_year: int) -> frozenset[date]:
+    """Building a country's calendar costs more than the rest of a submission: once a process
+    for each span of years."""
+    years = range(first_year, last_year + 1)
+    return frozenset(holidays.country_holidays(country, years=years))
+
+
 def business_day(start: date, count: int, country: str) -> date:
     """The `count`-th business day after `start` (day 1 is the first business day after it)."""
-    years = range(start.year, start.year + 2 + count // 200)
-    closed = holidays.country_holidays(country, years=years)
+    closed = public_holidays(country, start.year, start.year + 1 + count // 200)
     day = start
     remaining = count
     while remaining:
