@@ -17,6 +17,8 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,13 @@ from bench.intake import post_referrals
 from bench.lifecycle import BARE_QUEUE, percentiles, shape_of, walk_bare, walk_referrals
 from bench.scale import measure_open_referrals
 from bench.storm import timer_storm
-from bench.workers import share_payload_key, throughput_by_workers, worker_processes
+from bench.workers import (
+    cpu_seconds,
+    server_pid,
+    share_payload_key,
+    throughput_by_workers,
+    worker_processes,
+)
 from starter.client import data_converter, task_queue
 from starter.program import load_program
 from tests.conftest import SEARCH_ATTRIBUTES, free_port, referrals_web
@@ -51,6 +59,18 @@ def start_sink_process(port: int, maildir: Path) -> subprocess.Popen[bytes]:
     assert sink.stdout is not None
     sink.stdout.readline()  # "mail sink on …": listening
     return sink
+
+
+@contextmanager
+def cpu_per(count: int, server: int, worker: int) -> Iterator[dict[str, float]]:
+    """CPU milliseconds per lifecycle spent meanwhile by the dev server, the worker and this
+    process (the load: clients, codec), filled in when the block ends."""
+    pids = {"server": server, "worker": worker, "bench": os.getpid()}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    spent: dict[str, float] = {}
+    yield spent
+    for name, pid in pids.items():
+        spent[name] = round((cpu_seconds(pid) - before[name]) * 1000 / count, 1)
 
 
 def payload_bytes(history: WorkflowHistory) -> int:
@@ -98,27 +118,35 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
     )
     client = env.client
     address = client.service_client.config.target_host
+    server = server_pid(address)
     try:
-        async with worker_processes(1, address, database_url, port, task_queue(), work):
-            await walk_referrals(client, engine, rules, 2)  # warm: imports, sandbox, pool
-            project = await walk_referrals(client, engine, rules, count)
-            history = await client.get_workflow_handle(project.last_id).fetch_history()
-            async with referrals_web(
-                work,
-                "/healthz",
-                TEMPORAL_ADDRESS=address,
-                TEMPORAL_NAMESPACE=client.namespace,
-                REFERRALS_DATABASE_URL=database_url,
-                REFERRALS_SMTP_HOST="127.0.0.1",
-                REFERRALS_SMTP_PORT=str(port),
-                REFERRALS_RATE_LIMIT="off",
-            ) as base:
+        async with referrals_web(
+            work,
+            "/healthz",
+            TEMPORAL_ADDRESS=address,
+            TEMPORAL_NAMESPACE=client.namespace,
+            REFERRALS_DATABASE_URL=database_url,
+            REFERRALS_SMTP_HOST="127.0.0.1",
+            REFERRALS_SMTP_PORT=str(port),
+            REFERRALS_RATE_LIMIT="off",
+        ) as base:
+            async with worker_processes(
+                1, address, database_url, port, task_queue(), work
+            ) as workers:
+                await walk_referrals(client, engine, rules, 2)  # warm: imports, sandbox, pool
+                with cpu_per(count, server, workers[0].pid) as project_cpu:
+                    project = await walk_referrals(client, engine, rules, count)
+                history = await client.get_workflow_handle(project.last_id).fetch_history()
                 await post_referrals(base, 20)  # warm
                 intake = await post_referrals(base, posts)
+            # The intake's own path, with no worker sharing the machine's cores: the
+            # referrals it starts wait on their task queue.
+            intake_alone = await post_referrals(base, posts)
         plan = shape_of(history)
-        async with worker_processes(1, address, "", port, BARE_QUEUE, work, bare=True):
+        async with worker_processes(1, address, "", port, BARE_QUEUE, work, bare=True) as bares:
             await walk_bare(client, plan, 2)
-            bare = await walk_bare(client, plan, count)
+            with cpu_per(count, server, bares[0].pid) as bare_cpu:
+                bare = await walk_bare(client, plan, count)
         by_workers = await throughput_by_workers(
             client, engine, database_url, port, rules, count, work
         )
@@ -141,12 +169,18 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
         "bare_update_latency_ms": percentiles(bare.update_ms),
         "submit_latency_ms": percentiles(project.submit_ms),
         "lifecycles_per_s_by_workers": by_workers,
+        "cpu_ms_per_lifecycle": {"project": project_cpu, "bare": bare_cpu},
         "intake_rps": round(intake.per_second, 1),
         "intake_p99_ms": percentiles(intake.latency_ms)["p99"],
         "intake_errors": sum(intake.errors.values()),
         "intake_latency_ms": percentiles(intake.latency_ms),
         "intake_posts": posts,
         "intake_errors_by_status": {str(k): v for k, v in intake.errors.items()},
+        "intake_alone": {
+            "rps": round(intake_alone.per_second, 1),
+            "latency_ms": percentiles(intake_alone.latency_ms),
+            "errors": sum(intake_alone.errors.values()),
+        },
         "timer_storm": {
             "referrals": timers["referrals"],
             "all_delivered_s": timers["all_delivered_s"],
@@ -181,7 +215,7 @@ def table(results: dict[str, Any]) -> str:
         ("update p95 ms", update["p95"], bare["p95"]),
         ("update p99 ms", update["p99"], bare["p99"]),
     ]
-    intake = results["intake_latency_ms"]
+    intake, alone = results["intake_latency_ms"], results["intake_alone"]
     lines = [f"{'':<16}{'project':>10}{'bare':>10}"]
     lines += [f"{name:<16}{mine:>10}{theirs:>10}" for name, mine, theirs in rows]
     shape = results["lifecycle_shape"]
@@ -194,7 +228,15 @@ def table(results: dict[str, Any]) -> str:
     lines.append(
         f"intake: {results['intake_rps']} posts/s from 20 clients, p50 {intake['p50']} ms, "
         f"p99 {intake['p99']} ms, {results['intake_errors']} errors "
-        f"({results['intake_posts']} posts)"
+        f"({results['intake_posts']} posts); with no worker running: "
+        f"{alone['rps']} posts/s, p99 {alone['latency_ms']['p99']} ms, {alone['errors']} errors"
+    )
+    cpu = results["cpu_ms_per_lifecycle"]
+    lines.append(
+        "CPU ms per lifecycle (server/worker/bench): project "
+        + "/".join(str(cpu["project"][k]) for k in ("server", "worker", "bench"))
+        + ", bare "
+        + "/".join(str(cpu["bare"][k]) for k in ("server", "worker", "bench"))
     )
     storm, workers = results["timer_storm"], results["lifecycles_per_s_by_workers"]
     lines.append(

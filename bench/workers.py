@@ -60,6 +60,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_pid(address: str) -> int:
+    """The pid of the dev server listening on `address` (`temporal server start-dev`)."""
+    port = address.rpartition(":")[2]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"start-dev" in args and port.encode() in args:
+            return int(proc.name)
+    raise RuntimeError(f"no dev server on {address}")
+
+
 class WorkerProcess:
     """`python -m bench.worker_process`: one real worker, in its own process and session."""
 
