@@ -239,9 +239,9 @@ class OneWriterAtATime:
     """SQLite lets one connection write at a time; the others wait in its busy handler, which
     sleeps 1, 2, 5 … 100 ms between tries, whether or not the lock was freed meanwhile. Under
     load a writer can so wait seconds for a lock that is free most of the time. Within one
-    engine (one a process), writers queue on this lock instead, handed over as soon as the writer before
-    them commits or rolls back; between processes (the worker, the web app, the CLI) the busy
-    handler still applies. Reads are not held up."""
+    engine (one a process), writers queue on this lock instead, handed over as soon as the
+    writer before them commits or rolls back; between processes (the worker, the web app,
+    the CLI) the busy handler still applies. Reads are not held up."""
 
     HOLDS = "referrals_holds_write_lock"
     WRITES = ("INSERT", "UPDATE", "DELETE", "REPLAC")
