@@ -39,6 +39,23 @@ from workflows.models import (
 # --- 1. happy path ------------------------------------------------------------------------
 
 
+async def test_act_answers_where_the_referral_stands(
+    time_env: WorkflowEnvironment, rules: ProgramRules
+) -> None:
+    """Slim payloads: the update's answer is the id, stage and revision, whatever the size of
+    the referral; a whole referral (the answer of a run started before 0.6) decodes as it."""
+    async with referral_desk(time_env, rules) as desk:
+        handle, _ = await desk.start()
+        done = await handle.execute_update(
+            "act", StaffAction(action=Action.CONTACTED, actor="alice"), result_type=ActResult
+        )
+        state = await query_state(handle)
+        assert done == ActResult(
+            referral_id=state.referral_id, stage=Stage.CONTACTED, revision=state.revision
+        )
+        assert ActResult.model_validate_json(state.model_dump_json()) == done
+
+
 async def test_happy_path_to_commission_paid(time_env: WorkflowEnvironment, rules: ProgramRules):
     async with referral_desk(time_env, rules) as desk:
         handle, _ = await desk.start()
