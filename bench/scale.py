@@ -36,12 +36,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html import unescape
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import httpx
 from sqlalchemy import event
@@ -63,11 +62,10 @@ from starter.encryption import KEYS_ENV, new_key_entry
 from starter.intake import parse_submission
 from starter.mail_sink import start_sink
 from starter.program import load_program
+from tests.factories import fire_contact_timers
 from workflows.models import (
     Action,
     CommissionRecord,
-    ContactWindow,
-    HistoryEntry,
     ProgramRules,
     ReferralInput,
     ReferralRecord,
@@ -153,38 +151,6 @@ def _pick(rng: random.Random, table: dict[str, tuple[int, tuple[int, int]]]) -> 
     return rng.choices(stages, weights=[table[s][0] for s in stages])[0]
 
 
-def _timers(state: ReferralState, moment: datetime) -> ReferralState:
-    """What the workflow's contact reminder and escalation do once `moment` is reached."""
-    if state.stage is not Stage.SUBMITTED:
-        return state
-    for instant, action, flag in [
-        (state.contact_reminder_at, "contact_reminder", "contact_reminder_sent"),
-        (state.contact_deadline, "contact_sla_breached", "contact_sla_breached"),
-    ]:
-        if instant <= moment and not getattr(state, flag):
-            state = state.model_copy(deep=True)
-            setattr(state, flag, True)
-            state.history.append(
-                HistoryEntry(
-                    at=instant, action=action, actor="system", outcome="system",
-                    seq=state.next_seq(),
-                )
-            )  # fmt: skip
-    return state
-
-
-_windows: dict[date, ContactWindow] = {}
-
-
-def window_of(received: datetime, rules: ProgramRules) -> ContactWindow:
-    """`contact_window`, whose instants depend on the local day of receipt only (business
-    day 1 is the first after it): computed once a day, the holidays being slow to build."""
-    day = received.astimezone(ZoneInfo(rules.calendar.timezone)).date()
-    if day not in _windows:
-        _windows[day] = contact_window(received, rules.calendar, rules.contact)
-    return _windows[day].model_copy(update={"received_at": received.astimezone(UTC)})
-
-
 def _walk(
     rng: random.Random, rules: ProgramRules, number: int, stage: str, age_days: tuple[int, int],
     now: datetime,
@@ -197,7 +163,7 @@ def _walk(
         referral_id=f"R-SCALE{number:05d}",
         submission=parse_submission(_submission(rng, number, rng.choice(products))),
         rules=rules,
-        contact_window=window_of(received, rules),
+        contact_window=contact_window(received, rules.calendar, rules.contact),
     )
     state = initial_state(given)
     steps = PATHS[stage]
@@ -214,7 +180,7 @@ def _walk(
                 0.1, 0.9 if n < len(steps) - 1 else 1
             )
         moment += timedelta(seconds=gap)
-        state = _timers(state, moment)
+        state = fire_contact_timers(state, moment)
         options: dict[str, Any] = {}
         if action == "won":
             options = {"amount": basis, "currency": "EUR"}
@@ -236,7 +202,7 @@ def _walk(
             record.lines = commission_lines(state, new, request)
             ledger.append(record)
         state = new
-    return _timers(state, now), ledger
+    return fire_contact_timers(state, now), ledger
 
 
 def seed(engine: Engine, rules: ProgramRules, count: int, now: datetime, seed: int = 7) -> int:

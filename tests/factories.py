@@ -99,3 +99,24 @@ def state_at(stage: Stage, rules: ProgramRules, basis: str = "180000.00") -> Ref
             status=CommissionStatus.PAYABLE if paid else CommissionStatus.PENDING,
         )
     return state
+
+
+def fire_contact_timers(state: ReferralState, moment: datetime) -> ReferralState:
+    """What the workflow's contact reminder and escalation do once `moment` is reached."""
+    if state.stage is not Stage.SUBMITTED:
+        return state
+    state = state.model_copy(deep=True)
+    timers = [
+        (state.contact_reminder_at, "contact_reminder", "contact_reminder_sent"),
+        (state.contact_deadline, "contact_sla_breached", "contact_sla_breached"),
+    ]
+    for instant, action, flag in timers:
+        if instant <= moment and not getattr(state, flag):
+            setattr(state, flag, True)
+            state.history.append(
+                HistoryEntry(
+                    at=instant, action=action, actor="system", outcome="system",
+                    seq=state.next_seq(),
+                )
+            )  # fmt: skip
+    return state

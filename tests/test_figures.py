@@ -22,7 +22,7 @@ from activities.ledger import save_commission
 from activities.records import save_referral
 from starter.cli import run
 from starter.figures import ProgramFigures, percentile, program_figures
-from tests.factories import referral_input
+from tests.factories import fire_contact_timers, referral_input
 from workflows.models import (
     Action,
     CommissionRecord,
@@ -31,7 +31,6 @@ from workflows.models import (
     ReferralRecord,
     ReferralState,
     StaffAction,
-    Stage,
 )
 from workflows.transitions import apply_action, commission_lines, expire, initial_state
 
@@ -136,27 +135,6 @@ def known_referrals() -> list[Story]:
             step(hours(200), "contacted"), step(hours(24), "accept"), step(days(20), "approve"),
         ]),
     ]  # fmt: skip
-
-
-def fire_contact_timers(state: ReferralState, moment: datetime) -> ReferralState:
-    """What the workflow's contact reminder and escalation do once `moment` is reached."""
-    if state.stage is not Stage.SUBMITTED:
-        return state
-    state = state.model_copy(deep=True)
-    timers = [
-        (state.contact_reminder_at, "contact_reminder", "contact_reminder_sent"),
-        (state.contact_deadline, "contact_sla_breached", "contact_sla_breached"),
-    ]
-    for instant, action, flag in timers:
-        if instant <= moment and not getattr(state, flag):
-            setattr(state, flag, True)
-            state.history.append(
-                HistoryEntry(
-                    at=instant, action=action, actor="system", outcome="system",
-                    seq=state.next_seq(),
-                )
-            )  # fmt: skip
-    return state
 
 
 def record(
