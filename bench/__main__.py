@@ -14,9 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,39 +23,22 @@ from typing import Any
 from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowHistory
-from temporalio.testing import WorkflowEnvironment
 
-from activities.db import make_engine
-from activities.schema import upgrade
 from bench.intake import post_referrals
 from bench.lifecycle import BARE_QUEUE, percentiles, shape_of, walk_bare, walk_referrals
 from bench.scale import measure_open_referrals
+from bench.stack import bench_stack
 from bench.storm import timer_storm
 from bench.workers import (
     cpu_seconds,
     server_pid,
-    share_payload_key,
     throughput_by_workers,
     worker_processes,
 )
-from starter.client import data_converter, task_queue
-from starter.program import load_program
-from tests.conftest import SEARCH_ATTRIBUTES, free_port, referrals_web
-from workflows.models import ClawbackRules
+from starter.client import task_queue
+from tests.conftest import referrals_web
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
-
-
-def start_sink_process(port: int, maildir: Path) -> subprocess.Popen[bytes]:
-    """The SMTP sink in its own process, as a relay is in production: its work does not
-    share the bench process's interpreter (and GIL) with the worker it measures."""
-    sink = subprocess.Popen(
-        [sys.executable, "-m", "starter.mail_sink", "--port", str(port), "--maildir", maildir],
-        stdout=subprocess.PIPE,
-    )
-    assert sink.stdout is not None
-    sink.stdout.readline()  # "mail sink on …": listening
-    return sink
 
 
 @contextmanager
@@ -102,24 +82,10 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
     """Every worker runs in its own process, as in production (bench/worker_process.py): the
     bench process only drives the load, so its own work shares no interpreter with the worker
     it measures."""
-    share_payload_key()  # the bench, its workers and the web app share one payload key
-    # Payout closes a referral at once, so each one is timed to its end (no clawback window).
-    rules = load_program("program.yaml").model_copy(update={"clawback": ClawbackRules(days=0)})
-    work = Path(tempfile.mkdtemp(prefix="referral-bench-"))
-    database_url = f"sqlite:///{work / 'bench.db'}"
-    engine = make_engine(database_url)
-    upgrade(engine)
-    port = free_port()
-    sink = start_sink_process(port, work / "mail")
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=data_converter(),
-    )
-    client = env.client
-    address = client.service_client.config.target_host
-    server = server_pid(address)
-    try:
+    async with bench_stack("referral-bench-") as stack:
+        client, engine, rules, work = stack.client, stack.engine, stack.rules, stack.work
+        address, database_url, port = stack.address, stack.database_url, stack.smtp_port
+        server = server_pid(address)
         async with referrals_web(
             work,
             "/healthz",
@@ -151,12 +117,8 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
             client, engine, database_url, port, rules, count, work
         )
         timers = await timer_storm(
-            client, engine, database_url, port, work / "mail", rules, work, count=storm
+            client, engine, database_url, port, stack.maildir, rules, work, count=storm
         )
-    finally:
-        await env.shutdown()
-        sink.terminate()
-        sink.wait()
     scale = await measure_open_referrals(work, open_count)
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

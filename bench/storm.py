@@ -35,7 +35,6 @@ import re
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -45,21 +44,14 @@ from unittest import mock
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 
-from activities.db import make_engine
-from activities.schema import upgrade
+from bench.stack import bench_stack
 from bench.workers import WorkerProcess, share_payload_key, submitting_to, throughput_by_workers
-from starter.client import data_converter
 from starter.contact_window import contact_window
 from starter.intake import parse_submission, submit_referral
-from starter.mail_sink import start_sink
-from starter.program import load_program
-from tests.conftest import SEARCH_ATTRIBUTES, free_port
 from tests.factories import submission_data
 from workflows.models import (
     CalendarRules,
-    ClawbackRules,
     ContactRules,
     ContactWindow,
     ProgramRules,
@@ -225,41 +217,31 @@ async def timer_storm(
 
 
 async def _run(count: int, walks: int, workers: bool, profile: Path | None) -> dict[str, Any]:
-    share_payload_key()
-    rules = load_program("program.yaml").model_copy(update={"clawback": ClawbackRules(days=0)})
-    work = Path(tempfile.mkdtemp(prefix="referral-storm-"))
-    database_url = f"sqlite:///{work / 'bench.db'}"
-    engine = make_engine(database_url)
-    upgrade(engine)
-    port = free_port()
-    sink = start_sink("127.0.0.1", port, work / "mail")
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=data_converter(),
-    )
-    try:
-        results: dict[str, Any] = {"workdir": str(work)}
+    async with bench_stack("referral-storm-") as stack:
+        results: dict[str, Any] = {"workdir": str(stack.work)}
         results["timer_storm"] = await timer_storm(
-            env.client,
-            engine,
-            database_url,
-            port,
-            work / "mail",
-            rules,
-            work,
+            stack.client,
+            stack.engine,
+            stack.database_url,
+            stack.smtp_port,
+            stack.maildir,
+            stack.rules,
+            stack.work,
             count,
             profile=profile,
         )
         print(json.dumps(results["timer_storm"]), file=sys.stderr, flush=True)
         if workers:
             results["lifecycles_per_s_by_workers"] = await throughput_by_workers(
-                env.client, engine, database_url, port, rules, walks, work
+                stack.client,
+                stack.engine,
+                stack.database_url,
+                stack.smtp_port,
+                stack.rules,
+                walks,
+                stack.work,
             )
         return results
-    finally:
-        await env.shutdown()
-        sink.stop()
 
 
 def main() -> None:
