@@ -56,9 +56,16 @@ def staff_email() -> str:
 def app(
     known_db: Engine, shipped_rules: ProgramRules, mail_sink: MailSink, staff_email: str
 ) -> FastAPI:
+    return staff_app(known_db, shipped_rules, mail_sink, staff_email)
+
+
+def staff_app(
+    engine: Engine, rules: ProgramRules, mail_sink: MailSink, staff_email: str
+) -> FastAPI:
+    """The dashboard's routes alone, on `engine`, with `staff_email` its only staff, at NOW."""
     site = Site(
-        rules=shipped_rules.model_copy(update={"staff": StaffRules(emails=[staff_email])}),
-        engine=known_db,
+        rules=rules.model_copy(update={"staff": StaffRules(emails=[staff_email])}),
+        engine=engine,
         key="staff-dashboard-test-key",
         smtp=mail_sink.settings(),
         limiter=RateLimiter.from_setting("off"),
@@ -282,15 +289,7 @@ async def test_a_change_to_the_data_shows_at_once(
 ) -> None:
     for story in known_referrals():
         record(engine, shipped_rules, story)
-    site = Site(
-        rules=shipped_rules.model_copy(update={"staff": StaffRules(emails=[staff_email])}),
-        engine=engine,
-        key="staff-dashboard-test-key",
-        smtp=mail_sink.settings(),
-        limiter=RateLimiter.from_setting("off"),
-    )
-    app = FastAPI()
-    add_staff_routes(app, site, clock=lambda: NOW)
+    app = staff_app(engine, shipped_rules, mail_sink, staff_email)
     cache: FiguresCache = app.state.staff_figures
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as web:
