@@ -159,11 +159,6 @@ def temporal_ui_links() -> Callable[[str], str]:
     return lambda referral_id: workflows + quote(referral_id, safe="")
 
 
-def temporal_ui_link(referral_id: str) -> str:
-    """The referral's workflow (its id is the referral id) in the Temporal UI."""
-    return temporal_ui_links()(referral_id)
-
-
 def _without_scripts(root: Any) -> Any:
     """pygal writes its configuration in a script element (and its credits in comments): an
     image needs neither."""
