@@ -303,7 +303,6 @@ class EmailActivities:
     ) -> None:
         """`status_link(referral_id)`: the referrer's status page link, for their emails."""
         self._engine = engine
-        self._smtp = smtp
         self._connection = SmtpConnection(smtp)
         self._status_link = status_link
 
