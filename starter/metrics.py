@@ -103,13 +103,20 @@ def port_setting(value: str | None, variable: str) -> int | None:
     return int(value)
 
 
+def metrics_host(environ: Mapping[str, str] | None = None) -> str:
+    """REFERRALS_METRICS_HOST, where the worker and the web app serve metrics: loopback
+    unless told otherwise."""
+    env = os.environ if environ is None else environ
+    return env.get(HOST_ENV, "").strip() or DEFAULT_HOST
+
+
 def metrics_endpoint(environ: Mapping[str, str] | None = None) -> MetricsEndpoint | None:
     """Where the worker serves its metrics, from REFERRALS_METRICS_PORT / _HOST; None: nowhere."""
     env = os.environ if environ is None else environ
     port = port_setting(env.get(PORT_ENV), PORT_ENV)
     if port is None:
         return None
-    return MetricsEndpoint(host=env.get(HOST_ENV, "").strip() or DEFAULT_HOST, port=port)
+    return MetricsEndpoint(host=metrics_host(env), port=port)
 
 
 def refresh_interval(environ: Mapping[str, str] | None = None) -> float:
@@ -132,9 +139,7 @@ def worker_runtime(port: int, host: str | None = None) -> Runtime:
     keep their default names (`temporal_…`, durations in milliseconds, counters without
     `_total`); the program's own are `referrals_…`. Clients connected with it, and their
     workers, report through it."""
-    endpoint = MetricsEndpoint(
-        host=host or os.environ.get(HOST_ENV, "").strip() or DEFAULT_HOST, port=port
-    )
+    endpoint = MetricsEndpoint(host=host or metrics_host(), port=port)
     config = PrometheusConfig(bind_address=endpoint.bind_address)
     try:
         return Runtime(telemetry=TelemetryConfig(metrics=config))

@@ -24,7 +24,7 @@ from prometheus_client import (
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from starter.metrics import DEFAULT_HOST, HOST_ENV, MetricsSettingError, port_setting
+from starter.metrics import MetricsEndpoint, MetricsSettingError, metrics_host, port_setting
 
 PORT_ENV = "REFERRALS_WEB_METRICS_PORT"
 UNMATCHED = "unmatched"
@@ -62,7 +62,7 @@ class WebMetrics:
     def serve(self, port: int, host: str | None = None) -> str:
         """Serve these metrics, and the process's own (CPU, memory, GC), on host:port in a
         background thread; returns their URL."""
-        host = host or os.environ.get(HOST_ENV, "").strip() or DEFAULT_HOST
+        host = host or metrics_host()
         disable_created_metrics()  # no `_created` twin of every series: half the scrape
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(collector)
@@ -70,8 +70,7 @@ class WebMetrics:
             start_http_server(port, addr=host, registry=self.registry)
         except OSError as error:  # the port is taken, or the host is not one of ours
             raise MetricsSettingError(f"metrics on {host}:{port}: {error}") from error
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}/metrics"
+        return MetricsEndpoint(host, port).url
 
 
 def web_metrics_port() -> int | None:
