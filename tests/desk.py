@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import WorkflowHandle
+from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -205,6 +205,14 @@ async def act(
     handle: WorkflowHandle[Any, Any], action: Action, actor: str, **values: Any
 ) -> ReferralState:
     return await act_on(handle, StaffAction(action=action, actor=actor, **values))
+
+
+async def act_by_id(
+    client: Client, referral_id: str, action: Action, **values: Any
+) -> ReferralState:
+    """`act` on a referral known by its id, as alice (the integration tests' desk)."""
+    handle = client.get_workflow_handle(referral_id)
+    return await act_on(handle, StaffAction(action=action, actor="alice", **values))
 
 
 async def act_on(handle: WorkflowHandle[Any, Any], request: StaffAction) -> ReferralState:

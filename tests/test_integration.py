@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from sqlmodel import Session
@@ -14,31 +13,30 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from activities.db import CommissionRow, ProspectClaim
 from starter.intake import DuplicateReferral, submit_referral
 from tests.conftest import Live, eventually
-from tests.desk import act_on
+from tests.desk import act_by_id
 from tests.factories import submission
-from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
+from workflows.models import Action, ProgramRules, ReferralState, Stage
 
 
 def unique_site() -> str:
     return f"https://www.prospect-{uuid.uuid4().hex[:8]}.example/"
 
 
-async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
-    handle = live.client.get_workflow_handle(referral_id)
-    return await act_on(handle, StaffAction(action=action, actor="alice", **values))
-
-
 async def test_referral_runs_to_commission_paid(live: Live, rules: ProgramRules) -> None:
     referral_id = await submit_referral(
         live.client, live.engine, rules, submission(**{"prospect.website": unique_site()})
     )
-    await act(live, referral_id, Action.CONTACTED, note="called the referrer")
-    await act(live, referral_id, Action.ACCEPT)
-    await act(live, referral_id, Action.APPROVE)
-    await act(live, referral_id, Action.WON, amount=Decimal("180000"), currency="EUR")
-    await act(live, referral_id, Action.PAYMENT, amount=Decimal("100000"), reference="INV-1")
-    await act(live, referral_id, Action.PAYMENT, amount=Decimal("80000"), reference="INV-2")
-    await act(live, referral_id, Action.PAYOUT, reference="VIR-1")
+    await act_by_id(live.client, referral_id, Action.CONTACTED, note="called the referrer")
+    await act_by_id(live.client, referral_id, Action.ACCEPT)
+    await act_by_id(live.client, referral_id, Action.APPROVE)
+    await act_by_id(live.client, referral_id, Action.WON, amount=Decimal("180000"), currency="EUR")
+    await act_by_id(
+        live.client, referral_id, Action.PAYMENT, amount=Decimal("100000"), reference="INV-1"
+    )
+    await act_by_id(
+        live.client, referral_id, Action.PAYMENT, amount=Decimal("80000"), reference="INV-2"
+    )
+    await act_by_id(live.client, referral_id, Action.PAYOUT, reference="VIR-1")
     handle = live.client.get_workflow_handle(referral_id, result_type=ReferralState)
     final = await handle.result()
     assert final.stage is Stage.COMMISSION_PAID
@@ -72,8 +70,10 @@ async def test_search_attributes_summary_and_details(live: Live, rules: ProgramR
         live.client, live.engine, rules, submission(**{"prospect.website": site})
     )
     for action in (Action.CONTACTED, Action.ACCEPT, Action.APPROVE):
-        await act(live, referral_id, action)
-    state = await act(live, referral_id, Action.WON, amount=Decimal("50000"), currency="EUR")
+        await act_by_id(live.client, referral_id, action)
+    state = await act_by_id(
+        live.client, referral_id, Action.WON, amount=Decimal("50000"), currency="EUR"
+    )
     query = f"ReferralStage = 'won' AND ProspectDomain = '{state.prospect_domain}'"
 
     async def listed() -> bool:
@@ -87,7 +87,7 @@ async def test_search_attributes_summary_and_details(live: Live, rules: ProgramR
     assert "**Stage:** won" in metadata.current_details
     assert "payment reminder" in metadata.current_details
     assert "5000.00 EUR" in metadata.current_details
-    await act(live, referral_id, Action.CANCEL, reason="test over")
+    await act_by_id(live.client, referral_id, Action.CANCEL, reason="test over")
 
 
 async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -> None:
@@ -110,7 +110,7 @@ async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -
             submission(**{"prospect.website": site.replace("https://www.", "HTTP://")}),
         )
     # Once the referral is closed, the prospect can be referred again.
-    await act(live, accepted[0], Action.DECLINE, reason="already a customer")
+    await act_by_id(live.client, accepted[0], Action.DECLINE, reason="already a customer")
 
     async def released() -> bool:
         with Session(live.engine) as session:
@@ -121,4 +121,4 @@ async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -
         live.client, live.engine, rules, submission(**{"prospect.website": site})
     )
     assert again != accepted[0]
-    await act(live, again, Action.CANCEL, reason="test over")
+    await act_by_id(live.client, again, Action.CANCEL, reason="test over")

@@ -12,19 +12,14 @@ import pytest
 from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, SubmissionRefused, submit_referral
 from tests.conftest import Live, eventually
-from tests.desk import act_on
+from tests.desk import act_by_id
 from tests.factories import submission
-from workflows.models import Action, ProgramRules, ReferralState, StaffAction
+from workflows.models import Action, ProgramRules, ReferralState
 from workflows.referral import PROTECTED_KEY
 
 
 def unique() -> str:
     return uuid.uuid4().hex[:8]
-
-
-async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
-    handle = live.client.get_workflow_handle(referral_id)
-    return await act_on(handle, StaffAction(action=action, actor="alice", **values))
 
 
 async def submit(live: Live, rules: ProgramRules, **changes: Any) -> str:
@@ -60,14 +55,14 @@ async def test_one_prospect_per_registrable_domain(live: Live, rules: ProgramRul
     a = await submit(live, rules, **{"prospect.website": f"https://a-{name}.github.io/"})
     b = await submit(live, rules, **{"prospect.website": f"https://b-{name}.github.io/"})
     for rid in (first, a, b):
-        await act(live, rid, Action.CANCEL, reason="test over")
+        await act_by_id(live.client, rid, Action.CANCEL, reason="test over")
 
 
 async def test_duplicate_names_the_end_of_protection(live: Live, rules: ProgramRules) -> None:
     site = f"https://www.{unique()}-fromages.example/"
     rid = await submit(live, rules, **{"prospect.website": site})
-    await act(live, rid, Action.CONTACTED)
-    accepted = await act(live, rid, Action.ACCEPT)
+    await act_by_id(live.client, rid, Action.CONTACTED)
+    accepted = await act_by_id(live.client, rid, Action.ACCEPT)
     assert accepted.protected_until is not None
     with pytest.raises(DuplicateReferral) as refused:
         await submit(
@@ -78,7 +73,7 @@ async def test_duplicate_names_the_end_of_protection(live: Live, rules: ProgramR
     message = str(refused.value)
     assert message.endswith(f"protected until {accepted.protected_until:%Y-%m-%d}")
     assert accepted.referrer.name not in message and str(accepted.referrer.email) not in message
-    await act(live, rid, Action.CANCEL, reason="test over")
+    await act_by_id(live.client, rid, Action.CANCEL, reason="test over")
 
 
 async def test_self_referral_is_refused(live: Live, rules: ProgramRules) -> None:
@@ -119,8 +114,8 @@ async def test_public_sector_by_domain_whatever_the_form_says(
 async def test_protected_until_lists_what_expires_soon(live: Live, rules: ProgramRules) -> None:
     domain = f"{unique()}-expires.example"
     rid = await submit(live, rules, **{"prospect.website": f"https://{domain}"})
-    await act(live, rid, Action.CONTACTED)
-    accepted = await act(live, rid, Action.ACCEPT)
+    await act_by_id(live.client, rid, Action.CONTACTED)
+    accepted = await act_by_id(live.client, rid, Action.ACCEPT)
     assert accepted.protected_until is not None
     soon = datetime.now(UTC) + timedelta(days=rules.protection.days + 1)
     query = (
@@ -132,7 +127,7 @@ async def test_protected_until_lists_what_expires_soon(live: Live, rules: Progra
         return [w.id async for w in live.client.list_workflows(query)] == [rid]
 
     await eventually(listed)
-    extended = await act(live, rid, Action.EXTEND, days=30, reason="budget vote")
+    extended = await act_by_id(live.client, rid, Action.EXTEND, days=30, reason="budget vote")
     assert extended.protected_until == accepted.protected_until + timedelta(days=30)
 
     async def moved() -> bool:
@@ -143,8 +138,8 @@ async def test_protected_until_lists_what_expires_soon(live: Live, rules: Progra
     described = await handle.describe()
     assert described.typed_search_attributes.get(PROTECTED_KEY) == extended.protected_until
     # Won: the protection no longer runs, and a search for what expires soon skips it.
-    await act(live, rid, Action.APPROVE)
-    await act(live, rid, Action.WON, amount="180000", currency="EUR")
+    await act_by_id(live.client, rid, Action.APPROVE)
+    await act_by_id(live.client, rid, Action.WON, amount="180000", currency="EUR")
     described = await handle.describe()
     assert described.typed_search_attributes.get(PROTECTED_KEY) is None
-    await act(live, rid, Action.CANCEL, reason="test over")
+    await act_by_id(live.client, rid, Action.CANCEL, reason="test over")

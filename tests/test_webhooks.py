@@ -39,7 +39,7 @@ from activities.webhooks import (
 from starter.intake import new_referral_id, submit_referral
 from starter.program import ProgramError, load_program
 from tests.conftest import Cli, Live, eventually
-from tests.desk import act_on
+from tests.desk import act_by_id
 from tests.factories import RECEIVED, referral_input, submission
 from workflows.models import (
     Action,
@@ -391,11 +391,6 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
-async def act(live: Live, referral_id: str, action: Action, **values: Any) -> ReferralState:
-    handle = live.client.get_workflow_handle(referral_id)
-    return await act_on(handle, StaffAction(action=action, actor="alice", **values))
-
-
 async def test_deliveries_are_signed_retried_recorded_and_never_hold_up_the_referral(
     live: Live,
     cli: Cli,
@@ -437,13 +432,17 @@ async def test_deliveries_are_signed_retried_recorded_and_never_hold_up_the_refe
     referral_id = await submit_referral(
         live.client, live.engine, rules, submission(**{"prospect.website": site})
     )
-    await act(live, referral_id, Action.CONTACTED)
-    await act(live, referral_id, Action.ACCEPT)
-    await act(live, referral_id, Action.APPROVE)
-    await act(live, referral_id, Action.WON, amount=Decimal("180000"), currency="EUR")
-    await act(live, referral_id, Action.PAYMENT, amount=Decimal("100000"), reference="INV-1")
-    await act(live, referral_id, Action.PAYMENT, amount=Decimal("80000"), reference="INV-2")
-    await act(live, referral_id, Action.PAYOUT, reference="VIR-1")
+    await act_by_id(live.client, referral_id, Action.CONTACTED)
+    await act_by_id(live.client, referral_id, Action.ACCEPT)
+    await act_by_id(live.client, referral_id, Action.APPROVE)
+    await act_by_id(live.client, referral_id, Action.WON, amount=Decimal("180000"), currency="EUR")
+    await act_by_id(
+        live.client, referral_id, Action.PAYMENT, amount=Decimal("100000"), reference="INV-1"
+    )
+    await act_by_id(
+        live.client, referral_id, Action.PAYMENT, amount=Decimal("80000"), reference="INV-2"
+    )
+    await act_by_id(live.client, referral_id, Action.PAYOUT, reference="VIR-1")
     handle = live.client.get_workflow_handle(referral_id, result_type=ReferralState)
     # The referral, its emails and its ledger went on while /down and /wrong refused.
     assert (await handle.result()).stage is Stage.COMMISSION_PAID
