@@ -242,6 +242,26 @@ REFERRALS = str(BIN / "referrals")
 
 
 @asynccontextmanager
+async def serve_app(app: Any) -> AsyncIterator[str]:
+    """`app` on a loopback port (uvicorn, in this event loop); its base URL while it runs."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "the server stopped"
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@asynccontextmanager
 async def referrals_web(workdir: Path, ready: str, **settings: str) -> AsyncIterator[str]:
     """`referrals web` as its own process, with `settings` added to its environment; the base
     URL once `ready` answers 200."""

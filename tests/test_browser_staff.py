@@ -1,13 +1,13 @@
-"""The program dashboard in a real browser: Chromium against `referrals web` (its own process),
+"""The program dashboard in a real browser: Chromium against the web app served on loopback,
 signed in through the link read from the SMTP sink, over the known referrals of
-tests/test_figures.py moved to the present. Saves the page and each chart as screenshots."""
+tests/test_figures.py. The app's clock is theirs (NOW), so the figures of "this month" are the
+same whatever day the suite runs. Saves the page and each chart as screenshots."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,8 @@ from playwright.async_api import Browser, Page, expect
 from activities.db import make_engine
 from activities.schema import upgrade
 from starter.program import load_program
-from tests.conftest import ROOT, MailSink, referrals_web
+from starter.web import create_app
+from tests.conftest import ROOT, MailSink, serve_app
 from tests.test_browser import SCREENSHOTS, browser, chromium  # noqa: F401
 from tests.test_figures import NOW, known_referrals, record
 
@@ -31,27 +32,24 @@ async def dashboard(
     mail_sink: MailSink,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[str]:
-    """`referrals web` over a database of the known referrals, shifted by whole weeks so that
-    their "now" is today; the base URL once the dashboard answers. Temporal is not needed."""
-    workdir = tmp_path_factory.mktemp("staff-web")
-    url = f"sqlite:///{workdir / 'referrals.db'}"
-    engine = make_engine(url)
+    """The web app over a database of the known referrals, its clock at their NOW; the base
+    URL once it answers. Temporal is not needed."""
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('staff-web') / 'referrals.db'}")
     upgrade(engine)
-    weeks = (datetime.now(UTC) - NOW) // timedelta(weeks=1)
     rules = load_program(ROOT / "program.yaml")
     for story in known_referrals():
-        record(engine, rules, story, shift=timedelta(weeks=weeks))
-    engine.dispose()
-
-    async with referrals_web(
-        workdir,
-        "/staff",
-        REFERRALS_DATABASE_URL=url,
-        REFERRALS_SMTP_HOST=mail_sink.host,
-        REFERRALS_SMTP_PORT=str(mail_sink.port),
-        REFERRALS_RATE_LIMIT="off",
-    ) as base:
+        record(engine, rules, story)
+    app = create_app(
+        rules=rules,
+        engine=engine,
+        key="browser-test-secret",
+        smtp=mail_sink.settings(),
+        rate_limit="off",
+        clock=lambda: NOW,
+    )
+    async with serve_app(app) as base:
         yield base
+    engine.dispose()
 
 
 async def sign_in(page: Page, base: str, sink: MailSink) -> None:

@@ -137,15 +137,12 @@ def known_referrals() -> list[Story]:
     ]  # fmt: skip
 
 
-def record(
-    engine: Engine, rules: ProgramRules, story: Story, shift: timedelta = timedelta(0)
-) -> None:
-    """Walk `story` and record it; `shift` moves it in time (by whole weeks, so every receipt
-    stays a Monday) for a browser that sees it against the real clock."""
+def record(engine: Engine, rules: ProgramRules, story: Story) -> None:
+    """Walk `story` and record it, as it stands at NOW."""
     given = referral_input(
         rules,
         story.referral_id,
-        utc(story.received) + shift,
+        utc(story.received),
         **{
             "referrer.email": story.referrer,
             "prospect.website": f"https://{story.referral_id.lower()}.example",
@@ -153,7 +150,7 @@ def record(
         },
     )
     state = initial_state(given)
-    moment = utc(story.received) + shift
+    moment = utc(story.received)
     for after, action, options in story.steps:
         moment += after
         state = fire_contact_timers(state, moment)
@@ -183,7 +180,7 @@ def record(
                 ledger.lines = commission_lines(state, new, request)
                 save_commission(engine, ledger)
             state = new
-    state = fire_contact_timers(state, NOW + shift)
+    state = fire_contact_timers(state, NOW)
     save_referral(
         engine, ReferralRecord(state=state.model_copy(update={"history": []}), events=state.history)
     )

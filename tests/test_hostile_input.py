@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from markupsafe import escape
@@ -39,7 +38,7 @@ from starter.program import load_program
 from starter.web import create_app
 from starter.web.intake import CSRF_COOKIE, ERROR_MESSAGES, HONEYPOT
 from starter.web.security import MAX_BODY_BYTES
-from tests.conftest import ROOT, Live, eventually, free_port
+from tests.conftest import ROOT, Live, eventually, serve_app
 from tests.factories import ONE_LINE_FIELDS, submission_data
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_email_templates import TEMPLATE_EXTRA, TEMPLATE_STAGES, make_state
@@ -627,8 +626,8 @@ async def test_a_fresh_visitor_gets_the_form_cookie_safely(web: httpx.AsyncClien
 
 @pytest_asyncio.fixture
 async def served(live: Live, rules: ProgramRules, tmp_path: Path) -> AsyncIterator[str]:
-    """The app on a loopback port (uvicorn, in this event loop), with a dev mailbox holding
-    one email whose HTML has inline styles, as every email does."""
+    """The app on a loopback port, with a dev mailbox holding one email whose HTML has inline
+    styles, as every email does."""
     maildir = tmp_path / "mail"
     for folder in ("tmp", "new", "cur"):
         (maildir / folder).mkdir(parents=True)
@@ -638,23 +637,8 @@ async def served(live: Live, rules: ProgramRules, tmp_path: Path) -> AsyncIterat
     message.set_content("plain")
     message.add_alternative('<p style="color: rgb(200, 0, 0)">styled</p>', "html")
     (maildir / "new" / "1800000000.M2P1Q1.host").write_bytes(bytes(message))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            make_app(live, rules, maildir=maildir),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="off",
-        )
-    )
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not serving.done(), "the server stopped"
-        await asyncio.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await serving
+    async with serve_app(make_app(live, rules, maildir=maildir)) as base:
+        yield base
 
 
 async def test_the_pages_work_under_their_policy_in_a_browser(served: str) -> None:

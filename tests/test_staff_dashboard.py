@@ -8,12 +8,14 @@ import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from html import unescape
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
+import time_machine
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
@@ -33,7 +35,7 @@ from starter.web.staff import (
 )
 from tests.conftest import MailSink
 from tests.test_figures import NOW, Story, hours, known_referrals, record, step
-from tests.test_sign_in import ask, settle
+from tests.test_sign_in import ask, client_for, settle
 from workflows.models import ProgramRules, StaffRules
 
 
@@ -181,6 +183,44 @@ async def test_the_page_shows_the_known_figures(staff: httpx.AsyncClient, staff_
     assert cells(page, 'alice@partner-a.example</th><td class="num" data-earned') == [
         "alice@partner-a.example", "€25,000.00"
     ]  # fmt: skip
+
+
+# The figures' "now" is the app's clock (NOW here), never the machine's: each date below is one
+# where "this month" or "within 30 days" would move if it followed the machine's clock.
+MACHINE_DATES = [
+    "2026-12-01T00:30:00+01:00",  # a month's first half hour, in the program's time zone
+    "2027-02-28T23:30:00+01:00",  # a month's last
+    "2026-12-31T23:59:00+01:00",  # the year's last minute
+    "2027-01-01T00:01:00+01:00",  # the year's first
+    "2027-03-28T01:59:00+01:00",  # a minute before summer time starts in Paris
+    "2027-03-28T03:01:00+02:00",  # a minute after
+    "2027-10-31T02:30:00+01:00",  # the autumn hour that happens twice, the second time
+]
+
+
+@pytest.mark.parametrize("machine_date", MACHINE_DATES)
+async def test_the_page_is_the_same_whatever_the_machine_date(
+    known_db: Engine, shipped_rules: ProgramRules, mail_sink: MailSink, machine_date: str
+) -> None:
+    async def page() -> str:
+        """Signed in as a staff member of its own, whose one link is the one to open (the sink
+        orders links by delivery time, which the travel moves)."""
+        email = f"manager-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"
+        async with client_for(staff_app(known_db, shipped_rules, mail_sink, email)) as web:
+            await ask(web, STAFF.home, email)
+            [link] = await settle(mail_sink, email, 1)
+            assert (await web.get(link)).status_code == 303
+            shown = (await web.get("/staff?lang=en")).text
+        return re.sub(r'name="csrf" value="[^"]+"', "", shown).replace(email, "")
+
+    today = await page()
+    moment = datetime.fromisoformat(machine_date)
+    with time_machine.travel(moment, tick=True):
+        assert datetime.now(UTC) - moment < timedelta(minutes=1)
+        then = await page()
+
+    assert then == today
+    assert "Contact deadline breached in 2027-03: 1 referral" in then
 
 
 async def test_each_listed_referral_links_to_its_workflow_in_the_temporal_ui(

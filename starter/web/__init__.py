@@ -9,8 +9,8 @@ referrals from the system of record, and never imports the worker.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from datetime import timedelta
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ def create_app(
     rate_limit: str | RateLimiter | None = None,
     trusted_proxies: str | Iterable[str] | None = None,
     metrics: WebMetrics | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> FastAPI:
     """The app; `maildir` (dev mode only) enables `/dev/mail`; `smtp` (default from the
     environment) sends the sign-in links.
@@ -71,6 +72,7 @@ def create_app(
     (default `REFERRALS_TRUSTED_PROXIES`, else none) are the peers whose `X-Forwarded-For`
     is believed. `metrics` (default: new ones, in a registry of their own) count the requests;
     `app.state.metrics` holds them, and `run_web` serves them on REFERRALS_WEB_METRICS_PORT.
+    `clock` says when "now" is for the dashboard's figures of the month (tests pin it).
     """
     if rate_limit is None:
         rate_limit = os.environ.get(RATE_LIMIT_ENV) or "off"
@@ -122,7 +124,7 @@ def create_app(
 
     add_intake_routes(app, site)
     add_portal_routes(app, site)
-    add_staff_routes(app, site)
+    add_staff_routes(app, site, clock=clock)
 
     @app.get("/healthz", summary="Health: Temporal and the database")
     async def healthz() -> JSONResponse:
