@@ -362,8 +362,9 @@ async def dashboard_ms(
 
 
 async def measure_open_referrals(work: Path, count: int = 10_000) -> dict[str, Any]:
-    """Fill a fresh database in `work` with `count` open referrals (and 20 % more closed),
-    then time the staff's first page of `referrals list` and the dashboard."""
+    """Fill a fresh database in `work` (made if missing) with `count` open referrals (and 20 %
+    more closed), then time the staff's first page of `referrals list` and the dashboard."""
+    work.mkdir(exist_ok=True)
     from tests.conftest import MailSink, free_port, referrals_web
 
     os.environ.setdefault(KEYS_ENV, new_key_entry())

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -168,30 +168,37 @@ class MailSink:
     host: str
     port: int
     maildir: Path
+    # Each message parsed once: the session's sink holds every test's mail, and a bench's
+    # thousands, so parsing them all again on every poll would cost seconds a poll.
+    _parsed: dict[str, EmailMessage] = field(default_factory=dict, repr=False, compare=False)
 
-    def messages(self) -> list[EmailMessage]:
-        box = mailbox.Maildir(self.maildir, create=False)
-        parsed = [
-            message_from_bytes(box.get_bytes(key), policy=policy.default) for key in box.keys()
-        ]
-        return [m for m in parsed if isinstance(m, EmailMessage)]
-
-    def settings(self) -> SmtpSettings:
-        return SmtpSettings(host=self.host, port=self.port)
-
-    def sign_in_links(self, to: str) -> list[str]:
-        """The paths (with query) of the sign-in links emailed to `to`, oldest first (by the
-        delivery time in the Maildir key, finer than the Date header's second)."""
+    def _delivered(self) -> list[EmailMessage]:
+        """Every message, oldest first (by the delivery time in the Maildir key, finer than
+        the Date header's second)."""
         box = mailbox.Maildir(self.maildir, create=False)
 
         def delivered(key: str) -> tuple[int, ...]:
             found = re.match(r"(\d+)\.M(\d+)P\d+Q(\d+)", key)
             return tuple(int(n) for n in found.groups()) if found else ()
 
+        for key in box.keys():
+            if key not in self._parsed:
+                parsed = message_from_bytes(box.get_bytes(key), policy=policy.default)
+                if isinstance(parsed, EmailMessage):
+                    self._parsed[key] = parsed
+        return [self._parsed[key] for key in sorted(self._parsed, key=delivered)]
+
+    def messages(self) -> list[EmailMessage]:
+        return self._delivered()
+
+    def settings(self) -> SmtpSettings:
+        return SmtpSettings(host=self.host, port=self.port)
+
+    def sign_in_links(self, to: str) -> list[str]:
+        """The paths (with query) of the sign-in links emailed to `to`, oldest first."""
         links = []
-        for key in sorted(box.keys(), key=delivered):
-            message = message_from_bytes(box.get_bytes(key), policy=policy.default)
-            if not isinstance(message, EmailMessage) or str(message["To"]).lower() != to.lower():
+        for message in self._delivered():
+            if str(message["To"]).lower() != to.lower():
                 continue
             body = message.get_body(("plain",))
             text = body.get_content() if body is not None else ""
