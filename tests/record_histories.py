@@ -237,7 +237,9 @@ async def upgraded_from_0_1_0(desk: Desk) -> list[WorkflowHandle[Any, Any]]:
     """Started as release 0.1.0 ran (patches off), then carried over by `upgrade`: the
     first run ends in continue-as-new, the second resumes from its state."""
     queue = f"legacy-{uuid.uuid4().hex[:6]}"
-    given = referral_input(desk.rules, referral_id=f"R-{uuid.uuid4().hex[:10].upper()}")
+    given = referral_input(
+        desk.rules, f"R-{uuid.uuid4().hex[:10].upper()}", received_at=datetime.now(UTC)
+    )
     off = build_worker(
         desk.client, desk.engine, desk.smtp, queue=queue, patch_activation_callback=lambda _: False
     )

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.conftest import Cli, Live, Result
@@ -176,7 +177,9 @@ async def test_a_command_repeated_with_its_request_id_is_applied_once(
 async def test_when_no_worker_answers_the_cli_says_so_in_one_line(
     cli: Cli, live: Live, rules: ProgramRules
 ) -> None:
-    given = referral_input(rules, referral_id=f"R-NOWORKER{uuid.uuid4().hex[:3].upper()}")
+    given = referral_input(
+        rules, f"R-NOWORKER{uuid.uuid4().hex[:3].upper()}", received_at=datetime.now(UTC)
+    )
     handle = await live.client.start_workflow(
         ReferralWorkflow.run, given, id=given.referral_id, task_queue="nobody-polls-this"
     )

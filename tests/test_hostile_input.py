@@ -9,7 +9,6 @@ back as a mail client would; the web app runs in process against the real dev se
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import re
@@ -590,10 +589,11 @@ async def test_security_headers_on_every_route(
             sent = len(live.sink.sign_in_links(email))
             await check(web, "POST", f"{home}/sign-in", 200, data=asked)
             await check(web, "GET", f"{home}/sign-in/forged", 400)
-            for _ in range(100):
-                if len(live.sink.sign_in_links(email)) > sent:
-                    break
-                await asyncio.sleep(0.05)
+
+            async def arrived(email: str = email, sent: int = sent) -> bool:
+                return len(live.sink.sign_in_links(email)) > sent
+
+            await eventually(arrived)
             await check(web, "GET", live.sink.sign_in_links(email)[-1], 303)
             await check(web, "GET", home, 200)
         await check(web, "GET", "/me/statement.csv", 200)

@@ -105,8 +105,9 @@ def links(sink: MailSink, email: str) -> list[str]:
 
 async def settle(sink: MailSink, email: str, count: int) -> list[str]:
     """Links are sent after the answer: wait until `count` have arrived."""
-    deadline = time.monotonic() + 10
-    while len(found := links(sink, email)) < count and time.monotonic() < deadline:
+    deadline = time.monotonic() + 20
+    while len(found := links(sink, email)) < count:
+        assert time.monotonic() < deadline, f"{len(found)} of {count} sign-in links arrived"
         await asyncio.sleep(0.05)
     return found
 

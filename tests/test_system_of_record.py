@@ -177,7 +177,9 @@ async def test_reconcile_repairs_what_temporal_left_behind(
 
     # 4. A referral started by release 0.1.0 (no database row, no patches), still running.
     queue = f"legacy-{uuid.uuid4().hex[:6]}"
-    legacy = referral_input(rules, referral_id=f"R-LEGACY{uuid.uuid4().hex[:4].upper()}")
+    legacy = referral_input(
+        rules, f"R-LEGACY{uuid.uuid4().hex[:4].upper()}", received_at=datetime.now(UTC)
+    )
     old = build_worker(
         live.client,
         live.engine,
@@ -185,7 +187,10 @@ async def test_reconcile_repairs_what_temporal_left_behind(
         queue=queue,
         patch_activation_callback=lambda _: False,
     )
-    closed_legacy = referral_input(rules, referral_id=f"R-CLOSED{uuid.uuid4().hex[:4].upper()}")
+    # Received now: with an older receipt its contact timers would fire before the decline.
+    closed_legacy = referral_input(
+        rules, f"R-CLOSED{uuid.uuid4().hex[:4].upper()}", received_at=datetime.now(UTC)
+    )
     async with old:
         await live.client.start_workflow(
             ReferralWorkflow.run, legacy, id=legacy.referral_id, task_queue=queue
@@ -278,7 +283,9 @@ async def test_replay_check_passes_when_running_referrals_replay(cli: Cli, tmp_p
 async def test_replay_check_names_a_referral_this_code_would_break(
     cli: Cli, live: Live, rules: ProgramRules
 ) -> None:
-    given = referral_input(rules, referral_id=f"R-IMPOSTOR{uuid.uuid4().hex[:3].upper()}")
+    given = referral_input(
+        rules, f"R-IMPOSTOR{uuid.uuid4().hex[:3].upper()}", received_at=datetime.now(UTC)
+    )
     queue = f"impostor-{uuid.uuid4().hex[:6]}"
     async with Worker(live.client, task_queue=queue, workflows=[Impostor]):
         handle = await live.client.start_workflow(

@@ -12,7 +12,7 @@ import mailbox
 import re
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import formatdate, parsedate_to_datetime
@@ -203,10 +203,14 @@ CSRF = "The form expired or could not be verified. What you typed is kept; pleas
 
 
 def deadline_days(state: ReferralState, rules: ProgramRules, lang: str) -> list[str]:
-    """The last local day to contact the referrer (a 00:00 deadline ends the day before), as
-    the page may write it: `2026-12-04`, or in words (`4 décembre 2026`, `December 4, 2026`)."""
-    zone = ZoneInfo(rules.calendar.timezone)
-    day = (state.contact_deadline - timedelta(seconds=1)).astimezone(zone).date()
+    """The last local day to contact the referrer, as the page may write it."""
+    return last_days(state.contact_deadline, rules, lang)
+
+
+def last_days(end: datetime, rules: ProgramRules, lang: str) -> list[str]:
+    """The last local day before `end` (a 00:00 end closes the day before), as the page may
+    write it: `2026-12-04`, or in words (`4 décembre 2026`, `December 4, 2026`)."""
+    day = (end - timedelta(seconds=1)).astimezone(ZoneInfo(rules.calendar.timezone)).date()
     return [day.isoformat(), format_date(day, lang)]
 
 
@@ -716,7 +720,9 @@ async def test_status_page_follows_the_referral_without_staff_details(
     assert "SECRET-NOTE" not in english.text and "desk-anna" not in english.text
 
 
-async def test_status_page_shows_the_end_of_protection(web: httpx.AsyncClient, live: Live) -> None:
+async def test_status_page_shows_the_end_of_protection(
+    web: httpx.AsyncClient, live: Live, rules: ProgramRules
+) -> None:
     referral_id, path = await submit_api(web)
     handle = live.client.get_workflow_handle(referral_id)
     steps = [
@@ -729,7 +735,9 @@ async def test_status_page_shows_the_end_of_protection(web: httpx.AsyncClient, l
     assert state.protected_until is not None
     html = (await web.get(path)).text
     shown = re.search(r'<dd id="protected-until">([^<]+)</dd>', html)
-    assert shown is not None and str(state.protected_until.year) in shown.group(1)
+    assert shown is not None and shown.group(1).strip() in last_days(
+        state.protected_until, rules, "fr"
+    )
     assert translated("fr", "Protected until") in html
     assert re.findall(r'<li data-step="(\w+)">', html) == [
         "submitted",

@@ -517,7 +517,7 @@ async def test_contact_recorded_before_deadline_is_not_escalated_when_the_worker
     desk = Desk(time_env, rules)
     received_at = await time_env.get_current_time()
     window = contact_window(received_at, rules.calendar, rules.contact).model_copy(
-        update={"reminder_at": received_at, "deadline": received_at + timedelta(seconds=4)}
+        update={"reminder_at": received_at, "deadline": received_at + timedelta(seconds=8)}
     )
     try:
         async with desk.worker(max_cached_workflows=0):  # no sticky queue: worker B gets it all
