@@ -50,7 +50,7 @@ histories: setup  ## record this release's referral histories (tests/histories/<
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy workflows activities starter worker.py bench tests faults
+	$(BIN)/mypy workflows activities core starter worker.py bench tests faults
 
 format: setup
 	$(BIN)/ruff format .

@@ -17,22 +17,16 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.email import EmailActivities, SmtpSettings
 from activities.erasure import RetentionActivities
 from activities.ledger import LedgerActivities
+from activities.metrics import ActivityMetrics, refresh_gauges
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
 from activities.webhooks import WebhookActivities
-from starter.client import connect, task_queue
-from starter.links import status_url
-from starter.metrics import (
-    ActivityMetrics,
-    MetricsSettingError,
-    metrics_endpoint,
-    refresh_gauges,
-    refresh_interval,
-    worker_runtime,
-)
-from starter.program import ProgramError, load_program
-from starter.schedules import ensure_schedules
+from core.links import status_url
+from core.metrics import MetricsSettingError, metrics_endpoint, refresh_interval, worker_runtime
+from core.program import ProgramError, load_program
+from core.schedules import ensure_schedules
+from core.temporal import connect, task_queue
 from workflows.models import ProgramRules
 from workflows.reconcile import ReconcileWorkflow
 from workflows.referral import ReferralWorkflow
@@ -92,7 +86,7 @@ def build_worker(
 
 
 async def run_worker() -> None:
-    # REFERRALS_METRICS_PORT: Prometheus metrics, Temporal's and the program's (starter.metrics).
+    # REFERRALS_METRICS_PORT: Prometheus metrics, Temporal's and the program's (core.metrics).
     metrics = metrics_endpoint()
     interval = refresh_interval() if metrics else 0.0
     rules = load_program()

@@ -37,7 +37,7 @@ from activities.db import ProspectClaim, ReferralRow, as_utc
 from activities.ledger import release_claim, save_commission
 from activities.records import load_referral, save_referral
 from activities.webhooks import start_stalled_deliveries
-from starter.client import task_queue
+from core.temporal import task_queue
 from workflows.models import (
     CommissionRecord,
     CommissionStatus,

@@ -35,7 +35,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ReferralRow, WebhookAttemptRow, WebhookDeliveryRow, as_utc
-from starter.program import ProgramError, load_program, program_path
+from core.program import ProgramError, load_program, program_path
 from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
 from workflows.webhook_delivery import WebhookDeliveryInput, WebhookDeliveryWorkflow
 

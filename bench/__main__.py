@@ -35,7 +35,7 @@ from bench.workers import (
     throughput_by_workers,
     worker_processes,
 )
-from starter.client import task_queue
+from core.temporal import task_queue
 from tests.conftest import referrals_web
 
 RESULTS = Path(__file__).resolve().parent / "results.json"

@@ -57,11 +57,11 @@ from activities.records import (
     write_referral,
 )
 from activities.schema import upgrade
+from core.encryption import KEYS_ENV, new_key_entry
+from core.program import load_program
 from starter.contact_window import contact_window
-from starter.encryption import KEYS_ENV, new_key_entry
 from starter.intake import parse_submission
 from starter.mail_sink import start_sink
-from starter.program import load_program
 from tests.factories import fire_contact_timers
 from workflows.models import (
     Action,

@@ -21,8 +21,8 @@ from temporalio.testing import WorkflowEnvironment
 from activities.db import make_engine
 from activities.schema import upgrade
 from bench.workers import share_payload_key
-from starter.client import data_converter
-from starter.program import load_program
+from core.program import load_program
+from core.temporal import data_converter
 from tests.conftest import SEARCH_ATTRIBUTES, free_port
 from workflows.models import ClawbackRules, ProgramRules
 

@@ -3,7 +3,7 @@
     python -m bench.worker_process --address HOST:PORT --database URL --smtp-port PORT \
         --queue QUEUE [--namespace default] [--smtp-host 127.0.0.1] [--max-cached N] [--bare]
 
-Connects with starter.client.data_converter() (REFERRALS_ENCRYPTION_KEYS must be the same in
+Connects with core.temporal.data_converter() (REFERRALS_ENCRYPTION_KEYS must be the same in
 every process: bench/workers.py sets it once in the parent before spawning), opens the
 database, builds the worker with worker.build_worker(..., max_cached_workflows=N) and polls
 until SIGTERM or SIGINT. Prints READY (with the pid) once it polls; SIGUSR1 runs a full
@@ -26,8 +26,8 @@ from temporalio.worker import Worker
 from activities.email import SmtpSettings
 from activities.schema import open_database
 from bench.bare import BareLifecycle, bare_noop
-from starter.client import data_converter
-from starter.program import load_program
+from core.program import load_program
+from core.temporal import data_converter
 from worker import ACTIVITY_THREADS, build_worker, workflow_runner
 
 READY = "bench worker ready"

@@ -32,8 +32,8 @@ from temporalio.client import Client
 
 from bench.lifecycle import walk_referrals
 from bench.worker_process import GC_DONE, READY
+from core.encryption import KEYS_ENV, new_key_entry
 from faults.stack import ROOT, Children, StackError, wait_for
-from starter.encryption import KEYS_ENV, new_key_entry
 from workflows.models import ProgramRules
 
 START_SECONDS = 60.0

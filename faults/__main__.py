@@ -22,10 +22,10 @@ from typing import Any
 
 from temporalio.client import RPCTimeoutOrCancelledError, WorkflowUpdateRPCTimeoutOrCancelledError
 
+from core.encryption import KEYS_ENV, new_key_entry
 from faults.database import Backend
 from faults.scenarios import SCENARIOS, Outcome, run_scenario
 from faults.stack import Children, process_running
-from starter.encryption import KEYS_ENV, new_key_entry
 
 MIN_REFERRALS = 20
 WORKDIR_PREFIX = "referral-faults-"

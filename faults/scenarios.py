@@ -21,6 +21,7 @@ from typing import Any
 from sqlmodel import Session, select
 
 from activities.db import SentEmail
+from core.program import load_program
 from faults.checks import verify
 from faults.database import Backend, ScenarioDatabase
 from faults.driver import Batch
@@ -37,7 +38,6 @@ from faults.stack import (
     free_port,
     wait_for,
 )
-from starter.program import load_program
 from workflows.models import ClawbackRules, ProgramRules
 
 PROGRAM = ROOT / "program.yaml"

@@ -23,7 +23,7 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
-from starter.client import data_converter
+from core.temporal import data_converter
 
 ROOT = Path(__file__).resolve().parent.parent
 # The checkout whose worker runs (default: this one). Pointing it at a patched copy shows

@@ -32,11 +32,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.db import CommissionRow, as_utc, make_engine
 from activities.records import count_referrals, list_referrals, load_referral
 from activities.schema import SchemaOutOfDate, open_database, upgrade
-from starter.client import connect, task_queue, temporal_address
-from starter.encryption import EncryptionKeyError
+from core.encryption import EncryptionKeyError
+from core.links import referrer_key
+from core.program import ProgramError, load_program
+from core.temporal import connect, task_queue, temporal_address
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
-from starter.links import referrer_key
-from starter.program import ProgramError, load_program
 from workflows.models import (
     Action,
     ActResult,
@@ -634,7 +634,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from starter.encryption import KEY_FILE, rotate_key_file
+    from core.encryption import KEY_FILE, rotate_key_file
 
     key_id = rotate_key_file()
     print(
@@ -661,7 +661,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from starter.metrics import MetricsSettingError
+    from core.metrics import MetricsSettingError
     from starter.web import run_web
 
     try:

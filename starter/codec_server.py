@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from temporalio.api.common.v1 import Payloads
 
-from starter.encryption import EncryptionCodec
+from core.encryption import EncryptionCodec
 
 TOKEN_ENV = "REFERRALS_CODEC_TOKEN"
 ORIGINS_ENV = "REFERRALS_CODEC_ORIGINS"

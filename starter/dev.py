@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict
 
 from activities.db import make_engine
 from activities.schema import upgrade
-from starter.encryption import load_key_ring
-from starter.metrics import HOST_ENV, PORT_ENV, MetricsSettingError, port_setting
-from starter.program import load_program
+from core.encryption import load_key_ring
+from core.metrics import HOST_ENV, PORT_ENV, MetricsSettingError, port_setting
+from core.program import load_program
 from starter.web.metrics import PORT_ENV as WEB_PORT_ENV
 from worker import GRACEFUL_SHUTDOWN
 

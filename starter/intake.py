@@ -24,11 +24,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.db import ProspectClaim
 from activities.ledger import release_claim
 from activities.records import discard_referral, load_referral, save_referral
-from starter.client import task_queue
+from core.links import referrer_key
+from core.temporal import task_queue
 from starter.consent import consent_statement
 from starter.contact_window import contact_window
 from starter.domains import email_domain, public_sector_suffix, registrable_domain
-from starter.links import referrer_key
 from workflows.models import (
     ConsentRecord,
     ProgramRules,

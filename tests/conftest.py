@@ -31,10 +31,10 @@ from temporalio.testing import WorkflowEnvironment
 from activities.db import make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
-from starter.client import data_converter
-from starter.encryption import KEYS_ENV, new_key_entry
+from core.encryption import KEYS_ENV, new_key_entry
+from core.program import load_program
+from core.temporal import data_converter
 from starter.mail_sink import start_sink
-from starter.program import load_program
 from worker import build_worker
 from workflows.models import ProgramRules
 from workflows.referral import (

@@ -44,11 +44,11 @@ from activities.db import WebhookDeliveryRow, make_engine
 from activities.email import SmtpSettings
 from activities.schema import upgrade
 from activities.webhooks import redeliver
-from starter.client import data_converter
-from starter.encryption import KEYS_ENV, new_key_entry
+from core.encryption import KEYS_ENV, new_key_entry
+from core.program import load_program
+from core.temporal import data_converter
 from starter.intake import submit_referral
 from starter.mail_sink import MaildirHandler
-from starter.program import load_program
 from tests.conftest import BIN, ROOT, SEARCH_ATTRIBUTES, free_port
 from tests.factories import referral_input, submission
 from worker import build_worker

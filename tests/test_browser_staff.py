@@ -16,7 +16,7 @@ from playwright.async_api import Browser, Page, expect
 
 from activities.db import make_engine
 from activities.schema import upgrade
-from starter.program import load_program
+from core.program import load_program
 from starter.web import create_app
 from tests.conftest import ROOT, MailSink, serve_app
 from tests.test_browser import SCREENSHOTS, browser, chromium  # noqa: F401

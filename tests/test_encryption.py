@@ -15,8 +15,7 @@ from cryptography.exceptions import InvalidTag
 from google.protobuf.json_format import MessageToDict
 from temporalio.api.common.v1 import Payload, Payloads
 
-from starter.codec_server import CodecServerError, codec_app_from_env, create_codec_app
-from starter.encryption import (
+from core.encryption import (
     ENCODING,
     KEY_ID,
     KEYS_ENV,
@@ -27,6 +26,7 @@ from starter.encryption import (
     new_key_entry,
     rotate_key_file,
 )
+from starter.codec_server import CodecServerError, codec_app_from_env, create_codec_app
 from tests.conftest import REFERRALS
 
 UI = "http://127.0.0.1:8233"

@@ -24,9 +24,9 @@ from activities.db import make_engine
 from activities.email import SmtpSettings
 from activities.records import load_referral
 from activities.schema import upgrade
+from core.links import status_token
 from starter.consent import consent_statement
 from starter.intake import submit_referral
-from starter.links import status_token
 from starter.web import create_app
 from tests.conftest import Cli, Live, eventually
 from tests.factories import submission, submission_data

@@ -32,8 +32,8 @@ from starlette.routing import Mount
 from activities.db import ReferralRow
 from activities.email import build_message, render_email
 from activities.records import load_referral
+from core.program import load_program
 from starter.intake import SubmissionRefused, parse_submission
-from starter.program import load_program
 from starter.web import create_app
 from starter.web.intake import CSRF_COOKIE, ERROR_MESSAGES, HONEYPOT
 from starter.web.security import MAX_BODY_BYTES

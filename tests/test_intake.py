@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from core.program import ProgramError, load_program
 from starter.intake import SubmissionRefused, eligibility_errors, parse_submission
-from starter.program import ProgramError, load_program
 from tests.conftest import ROOT
 from tests.factories import submission, submission_data
 from workflows.models import ProgramRules, normalize_domain

@@ -27,11 +27,12 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.db import make_engine
+from activities.metrics import ActivityMetrics
 from activities.schema import upgrade
-from starter.client import data_converter
+from core.metrics import MetricsSettingError, metrics_endpoint, worker_runtime
+from core.temporal import data_converter
 from starter.dev import DevStack, MetricsSettings, metrics_ports
 from starter.intake import submit_referral
-from starter.metrics import ActivityMetrics, MetricsSettingError, metrics_endpoint, worker_runtime
 from tests.conftest import ROOT, eventually, free_port, referrals_web
 from tests.factories import submission
 from workflows.models import ProgramRules, Stage

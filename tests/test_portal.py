@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 
 from activities.ledger import Balance, balances, save_commission
 from activities.records import save_referral
-from starter.links import status_token
+from core.links import status_token
 from starter.web import create_app
 from starter.web.portal import FORMULA_STARTS, spreadsheet_text
 from starter.web.signin import REFERRER

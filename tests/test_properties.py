@@ -25,8 +25,8 @@ from hypothesis.stateful import (
     rule,
 )
 
+from core.program import load_program
 from starter.intake import SubmissionRefused, parse_submission
-from starter.program import load_program
 from tests.factories import ONE_LINE_FIELDS, state_at, submission_data
 from workflows.models import (
     COUNTRY_CODES,

@@ -13,8 +13,8 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
-from starter.client import data_converter
-from starter.encryption import EncryptionCodec, KeyRing, new_key_entry
+from core.encryption import EncryptionCodec, KeyRing, new_key_entry
+from core.temporal import data_converter
 from worker import workflow_runner
 from workflows.referral import ReferralWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow

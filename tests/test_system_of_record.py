@@ -21,7 +21,7 @@ from temporalio.worker import Worker
 from activities.db import CommissionRow, ProspectClaim
 from activities.email import SmtpSettings
 from activities.records import load_referral, save_referral
-from starter.links import status_token
+from core.links import status_token
 from starter.web import create_app
 from tests.conftest import BIN, Cli, Live, eventually
 from tests.factories import referral_input, submission_data

@@ -31,7 +31,7 @@ from sqlmodel import Session
 
 from activities.db import ProspectClaim
 from activities.i18n import format_date, translations
-from starter.links import csrf_token, public_url, status_token
+from core.links import csrf_token, public_url, status_token
 from starter.web import create_app
 from starter.web.intake import (
     CSRF_COOKIE,

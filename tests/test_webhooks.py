@@ -36,8 +36,8 @@ from activities.webhooks import (
     start_deliveries,
     start_stalled_deliveries,
 )
+from core.program import ProgramError, load_program
 from starter.intake import new_referral_id, submit_referral
-from starter.program import ProgramError, load_program
 from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
 from tests.factories import RECEIVED, referral_input, submission

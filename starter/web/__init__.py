@@ -26,8 +26,8 @@ from temporalio.client import Client
 
 from activities.email import SmtpSettings
 from activities.schema import open_database
-from starter.links import secret_key
-from starter.program import load_program
+from core.links import secret_key
+from core.program import load_program
 from starter.web.devmail import add_dev_mail_routes
 from starter.web.intake import add_intake_routes
 from starter.web.metrics import RequestMetrics, WebMetrics, web_metrics_port

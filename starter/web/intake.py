@@ -15,6 +15,7 @@ from temporalio.service import RPCError
 
 from activities.i18n import N_, countries, format_date, translations
 from activities.records import load_referral
+from core.links import csrf_valid, public_url, referral_from_token, status_token
 from starter.consent import consent_statement
 from starter.intake import (
     DuplicateReferral,
@@ -23,7 +24,6 @@ from starter.intake import (
     parse_submission,
     submit_referral,
 )
-from starter.links import csrf_valid, public_url, referral_from_token, status_token
 from starter.web.security import ApiError, ApiRefusal
 from starter.web.site import Site, pick_language
 from workflows.models import ReferralState, Stage, Submission

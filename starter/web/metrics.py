@@ -24,7 +24,7 @@ from prometheus_client import (
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from starter.metrics import MetricsEndpoint, MetricsSettingError, metrics_host, port_setting
+from core.metrics import MetricsEndpoint, MetricsSettingError, metrics_host, port_setting
 
 PORT_ENV = "REFERRALS_WEB_METRICS_PORT"
 UNMATCHED = "unmatched"

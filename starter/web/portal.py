@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from activities.db import ReferralEventRow, ReferralRow, as_utc
 from activities.ledger import Balance, balances, referral_balances
 from activities.records import list_referrals
-from starter.links import status_token
+from core.links import status_token
 from starter.web.intake import STAGE_NAMES
 from starter.web.signin import (
     PRIVATE,

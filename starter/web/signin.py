@@ -30,7 +30,7 @@ from sqlmodel import Session, select
 
 from activities.db import ReferralRow, SignInLinkRow
 from activities.email import deliver
-from starter.links import csrf_valid, public_url
+from core.links import csrf_valid, public_url
 from starter.web.site import Site, pick_language
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from temporalio.client import Client
 from activities import i18n
 from activities.email import SmtpSettings
 from activities.i18n import LANGUAGES
-from starter.client import connect
-from starter.links import CSRF_MAX_AGE_SECONDS, csrf_token
+from core.links import CSRF_MAX_AGE_SECONDS, csrf_token
+from core.temporal import connect
 from starter.web.security import Network, RateLimiter, client_address
 from workflows.models import ProgramRules
 
@@ -103,7 +103,7 @@ class Site:
         self, request: Request, cookie: str, name: str, lang: str, status: int = 200, **context: Any
     ) -> HTMLResponse:
         """A page whose form posts back here: its `csrf` token is tied to a nonce kept in the
-        visitor's `cookie` (see starter.links.csrf_valid)."""
+        visitor's `cookie` (see core.links.csrf_valid)."""
         nonce = request.cookies.get(cookie) or secrets.token_urlsafe(16)
         response = self.render(
             request, name, lang, status, csrf=csrf_token(nonce, self.key), **context

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, Response
 from pygal.style import Style
 
 from activities.i18n import N_, format_percent, translations
-from starter.client import temporal_namespace
+from core.temporal import temporal_namespace
 from starter.figures import ProgramFigures, change_stamp, program_figures
 from starter.web.signin import PRIVATE, STAFF, add_sign_in_routes, sign_in_page, signed_in
 from starter.web.site import Site, pick_language

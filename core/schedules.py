@@ -14,7 +14,7 @@ from temporalio.client import (
     ScheduleSpec,
 )
 
-from starter.client import task_queue
+from core.temporal import task_queue
 from workflows.models import ProgramRules
 from workflows.reconcile import ReconcileWorkflow
 from workflows.retention import RetentionWorkflow

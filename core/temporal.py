@@ -12,7 +12,7 @@ from temporalio.converter import DataConverter, DefaultFailureConverterWithEncod
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
 
-from starter.encryption import EncryptionCodec
+from core.encryption import EncryptionCodec
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 
