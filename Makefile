@@ -3,32 +3,86 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup catalogs messages run test faults lint format bench histories clean
+.PHONY: setup catalogs messages run test faults lint format bench histories clean lock lock-check \
+	image image-test
 
-# Translations (docs/i18n.md): one mapping file per domain, locale/<domain>.cfg, says which
-# sources hold its texts; every language has one catalog per domain,
-# locale/<lang>/LC_MESSAGES/<domain>.po, compiled to the .mo the app reads.
-DOMAINS := $(basename $(notdir $(wildcard locale/*.cfg)))
-CATALOGS := $(wildcard locale/*/LC_MESSAGES/*.po)
+# Translations (docs/i18n.md): one mapping file per domain, core/locale/<domain>.cfg, says
+# which sources hold its texts; every language has one catalog per domain,
+# core/locale/<lang>/LC_MESSAGES/<domain>.po, compiled to the .mo the app reads (a wheel
+# compiles its own: setup.py).
+LOCALE := core/locale
+DOMAINS := $(basename $(notdir $(wildcard $(LOCALE)/*.cfg)))
+CATALOGS := $(wildcard $(LOCALE)/*/LC_MESSAGES/*.po)
 
-$(STAMP): pyproject.toml
+# Every dependency pinned, with its hashes: requirements.lock (what runs: the web, worker and
+# codec-server images), requirements-toolbox.lock (and the `temporal` CLI: the toolbox image),
+# requirements-dev.lock (and what make installs to develop and test), requirements-build.lock
+# (what builds the wheel: pyproject.toml's build-system). `make lock` writes them, keeping the
+# pins it can; `make lint` fails while one is out of date.
+COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform linux --no-header
+# Each lock file and the extras it holds.
+LOCKS := requirements.lock: requirements-toolbox.lock:temporal-cli requirements-dev.lock:dev
+BUILD_REQUIRES = $(BIN)/python -c "import tomllib; \
+	print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'], sep='\n')"
+
+$(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+lock: $(STAMP)  ## pin every dependency (with hashes) from pyproject.toml into requirements*.lock
+	@for spec in $(LOCKS); do file=$${spec%%:*}; extra=$${spec#*:}; \
+	  $(COMPILE) pyproject.toml $${extra:+--extra $$extra} -o $$file || exit 1; done
+	@$(BUILD_REQUIRES) | $(COMPILE) - -o requirements-build.lock
+
+lock-check: $(STAMP)  ## fail when a requirements*.lock no longer matches pyproject.toml
+	@for spec in $(LOCKS); do file=$${spec%%:*}; extra=$${spec#*:}; \
+	  cp $$file $(VENV)/check.lock && \
+	  $(COMPILE) pyproject.toml $${extra:+--extra $$extra} -o $(VENV)/check.lock || exit 1; \
+	  cmp -s $$file $(VENV)/check.lock || { echo "$$file is out of date: run make lock"; exit 1; }; \
+	done
+	@cp requirements-build.lock $(VENV)/check.lock && \
+	  $(BUILD_REQUIRES) | $(COMPILE) - -o $(VENV)/check.lock && \
+	  cmp -s requirements-build.lock $(VENV)/check.lock || \
+	  { echo "requirements-build.lock is out of date: run make lock"; exit 1; }
+
+# The images (Dockerfile): one target per role, tagged referral-desk-<role>:$(TAG), built with
+# podman (or docker) from a wheelhouse of exactly the locked files, so the build fetches nothing.
+CONTAINER ?= $(shell command -v podman || command -v docker)
+TAG ?= dev
+ROLES := worker web codec-server toolbox
+# This machine's podman needs runc and explicit limits (docs/deploy.md#the-image).
+PODMAN_OPTIONS := $(if $(findstring podman,$(CONTAINER)),--runtime runc --ulimit nofile=20000:20000 \
+	--ulimit nproc=4096:4096)
+
+image: $(STAMP)  ## build the four images (TAG=dev): worker, web, codec-server, toolbox
+	PIP_CONFIG_FILE=/dev/null $(BIN)/pip wheel --quiet --require-hashes -w .wheelhouse \
+	  -r requirements-toolbox.lock
+	PIP_CONFIG_FILE=/dev/null $(BIN)/pip download --quiet --no-deps --only-binary=:all: \
+	  --require-hashes -r requirements-build.lock -d .wheelhouse
+	for role in $(ROLES); do \
+	  $(CONTAINER) build $(PODMAN_OPTIONS) --network host --build-context wheelhouse=.wheelhouse \
+	    $(IMAGE_BUILD_OPTIONS) --target $$role -t referral-desk-$$role:$(TAG) . || exit 1; \
+	done
+
+image-test: $(STAMP)  ## build the images on a stand-in base (no registry here) and run each role
+	deploy/image/test.sh
 
 setup: $(STAMP) catalogs
 
 catalogs: $(CATALOGS:.po=.mo)  ## compile the translations
 
-locale/%.mo: locale/%.po | $(STAMP)
+$(LOCALE)/%.mo: $(LOCALE)/%.po | $(STAMP)
 	$(BIN)/pybabel -q compile -i $< -o $@
 
-messages: $(STAMP)  ## extract the texts to translate into locale/*.pot and update every catalog
+messages: $(STAMP)  ## extract the texts to translate into core/locale/*.pot, update every catalog
 	for domain in $(DOMAINS); do \
-	  $(BIN)/pybabel -q extract -F locale/$$domain.cfg -o locale/$$domain.pot \
+	  $(BIN)/pybabel -q extract -F $(LOCALE)/$$domain.cfg -o $(LOCALE)/$$domain.pot \
 	    --add-location=file --sort-by-file --project="Referral Desk" . && \
-	  $(BIN)/pybabel -q update -D $$domain -i locale/$$domain.pot -d locale \
+	  $(BIN)/pybabel -q update -D $$domain -i $(LOCALE)/$$domain.pot -d $(LOCALE) \
 	    --ignore-obsolete || exit 1; \
 	done
 
@@ -47,10 +101,15 @@ bench: setup  ## the referral lifecycle against a bare Temporal one: bench/resul
 histories: setup  ## record this release's referral histories (tests/histories/<version>/)
 	$(BIN)/python -m tests.record_histories
 
-lint: setup
+# The oldest Kubernetes the manifests must suit (each release's schemas ship with the tool).
+KUBERNETES ?= 1.30.0
+
+lint: setup lock-check
+	$(BIN)/kubernetes-validate --strict --quiet -k $(KUBERNETES) \
+	  $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy workflows activities core starter worker.py bench tests faults
+	$(BIN)/mypy workflows activities core starter worker.py setup.py bench tests faults
 
 format: setup
 	$(BIN)/ruff format .

@@ -14,7 +14,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.email import EmailActivities, SmtpSettings
+from activities.email import EmailActivities
 from activities.erasure import RetentionActivities
 from activities.ledger import LedgerActivities
 from activities.metrics import ActivityMetrics, refresh_gauges
@@ -22,11 +22,15 @@ from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
 from activities.webhooks import WebhookActivities
+from activities.webhooks import configure as configure_webhooks
+from core.health import HealthServer, database_answers, temporal_answers
 from core.links import status_url
-from core.metrics import MetricsSettingError, metrics_endpoint, refresh_interval, worker_runtime
+from core.logs import configure_logging
+from core.metrics import MetricsSettingError, worker_runtime
 from core.program import ProgramError, load_program
-from core.schedules import ensure_schedules
-from core.temporal import connect, task_queue
+from core.provisioning import ProvisioningError, check_namespace
+from core.settings import Need, Settings, SettingsError
+from core.temporal import connect
 from workflows.models import ProgramRules
 from workflows.reconcile import ReconcileWorkflow
 from workflows.referral import ReferralWorkflow
@@ -49,23 +53,34 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 def build_worker(
     client: Client,
     engine: Engine,
-    smtp: SmtpSettings,
+    settings: Settings,
     queue: str | None = None,
     rules: ProgramRules | None = None,
     **options: Any,
 ) -> Worker:
-    """`rules`: the program in force, for its retention period (default: program.yaml)."""
-    email = EmailActivities(engine, smtp, status_link=status_url)
+    """`settings`: the relay, the links' secrets and public URL, the webhooks' program file and
+    retries; `queue` (default the settings'); `rules`: the program in force, for its retention
+    period (default: the settings' program file)."""
+    configure_webhooks(settings.program_path, settings.webhook_retry)
+    email = EmailActivities(
+        engine,
+        settings.smtp,
+        status_link=lambda referral_id: status_url(
+            settings.public_url, referral_id, settings.secret_keys
+        ),
+    )
     ledger = LedgerActivities(engine)
     records = RecordActivities(engine, client)
     webhooks = WebhookActivities(engine)
-    reconcile = ReconcileActivities(client, engine)
+    reconcile = ReconcileActivities(client, engine, settings.task_queue)
     retention = RetentionActivities(
-        client, engine, (rules or load_program()).retention.personal_data_days
+        client,
+        engine,
+        (rules or load_program(settings.program_path)).retention.personal_data_days,
     )
     return Worker(
         client,
-        task_queue=queue or task_queue(),
+        task_queue=queue or settings.task_queue,
         workflows=[ReferralWorkflow, ReconcileWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
         workflow_runner=workflow_runner(),
         activities=[
@@ -85,20 +100,20 @@ def build_worker(
     )
 
 
-async def run_worker() -> None:
-    # REFERRALS_METRICS_PORT: Prometheus metrics, Temporal's and the program's (core.metrics).
-    metrics = metrics_endpoint()
-    interval = refresh_interval() if metrics else 0.0
-    rules = load_program()
-    engine = open_database()
-    runtime = worker_runtime(metrics.port, metrics.host) if metrics else None
-    client = await connect(runtime=runtime)
-    for schedule in await ensure_schedules(client, rules):
-        print(f"created the schedule {schedule}", flush=True)
+async def run_worker(settings: Settings) -> None:
+    settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET)
+    configure_logging(settings)
+    rules = load_program(settings.program_path)
+    engine = open_database(settings.database())
+    # REFERRALS_METRICS_PORT: Prometheus metrics, Temporal's and the program's.
+    metrics = settings.worker_metrics
+    runtime = worker_runtime(metrics) if metrics else None
+    client = await connect(settings, runtime=runtime)
+    await check_namespace(client)  # a missing search attribute would fail every referral
     worker = build_worker(
         client,
         engine,
-        SmtpSettings.from_env(),
+        settings,
         rules=rules,
         interceptors=[ActivityMetrics()] if runtime else [],
     )
@@ -106,24 +121,58 @@ async def run_worker() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    polling = False
+
+    async def ready() -> dict[str, str]:
+        temporal, database = await asyncio.gather(
+            temporal_answers(client), database_answers(engine)
+        )
+        return {
+            "polling": "ok" if polling else "not polling",
+            "temporal": temporal,
+            "database": database,
+        }
+
+    health = HealthServer(ready)
+    if settings.health_port is not None:
+        await health.start(settings.health_host, settings.health_port)
+        print(
+            f"probes on {settings.health_host}:{settings.health_port} (/livez, /readyz)", flush=True
+        )
     gauges = None
     if metrics and runtime:
-        gauges = asyncio.create_task(refresh_gauges(engine, runtime.metric_meter, interval))
+        gauges = asyncio.create_task(
+            refresh_gauges(engine, runtime.metric_meter, settings.metrics_refresh_s)
+        )
         print(f"metrics on {metrics.url}", flush=True)
     async with worker:
-        print(f"worker polling task queue {task_queue()!r}", flush=True)
+        polling = True
+        print(f"worker polling task queue {settings.task_queue!r}", flush=True)
         await stop.wait()
+        polling = False  # not ready: in-flight activities finish, nothing new should come
         print("worker stopping: finishing in-flight activities…", flush=True)
         if gauges:
             gauges.cancel()
+    await health.stop()
     print("worker stopped", flush=True)
 
 
-def main() -> None:
+def main(settings: Settings | None = None) -> None:
     try:
-        asyncio.run(run_worker())
-    except (SchemaOutOfDate, ProgramError, MetricsSettingError) as error:
+        asyncio.run(run_worker(settings or Settings.from_env()))
+    except (
+        SettingsError,
+        SchemaOutOfDate,
+        ProgramError,
+        MetricsSettingError,
+        ProvisioningError,
+    ) as error:
         print(f"worker: {error}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as error:  # the client's connection: say so in one line
+        if "connect" not in str(error).lower():
+            raise
+        print(f"worker: cannot reach Temporal: {str(error).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -5,7 +5,6 @@ Alembic owns the schema (`activities/migrations`): a change here comes with a mi
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -16,8 +15,6 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Index, Numeric, Text, UniqueConstraint, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel, create_engine
-
-DEFAULT_DATABASE_PATH = Path(".data") / "referrals.db"
 
 
 def _now() -> datetime:
@@ -143,6 +140,16 @@ class CommissionLineRow(SQLModel, table=True):
     actor: str
 
 
+class SchemaCompatibilityRow(SQLModel, table=True):
+    """The oldest code revision the schema still serves, written by `referrals db upgrade`
+    from the migrations' `supports_code_from` (activities/schema.py). One row."""
+
+    __tablename__ = "schema_compatibility"
+
+    id: int = Field(primary_key=True)
+    supports_code_from: str = Field(max_length=32)
+
+
 class SignInLinkRow(SQLModel, table=True):
     """A sign-in link once used: the primary key lets each link in only once, whichever web
     process sees it, and `signed_out_at` ends the session it opened. Holds no address, only
@@ -221,13 +228,6 @@ class WebhookAttemptRow(SQLModel, table=True):
     duration_ms: int
 
 
-def database_url() -> str:
-    url = os.environ.get("REFERRALS_DATABASE_URL")
-    if url:
-        return url
-    return f"sqlite:///{DEFAULT_DATABASE_PATH.resolve()}"
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -275,10 +275,9 @@ class OneWriterAtATime:
             self._lock.release()
 
 
-def make_engine(url: str | None = None) -> Engine:
+def make_engine(url: str) -> Engine:
     """An engine (the schema is Alembic's: see activities.schema). SQLite files get WAL so the
     CLI can read while the worker writes."""
-    url = url or database_url()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})

@@ -1,7 +1,7 @@
 """Email: render a Jinja2 template in the recipient's language and send it over SMTP, once.
 
-A template is `templates/email/{name}.txt`, one for every language: its texts are English
-gettext messages (`{% trans %}`, `_()`), translated by the `emails` catalogs of `locale/`
+A template is `core/templates/email/{name}.txt`, one for every language: its texts are English
+gettext messages (`{% trans %}`, `_()`), translated by the `emails` catalogs of `core/locale/`
 (activities/i18n.py). Its first line is `Subject: …`, the rest is the plain-text body. The
 HTML part is the same paragraphs in `_layout.html`, autoescaped, so each message is worded
 once. A paragraph written as a `{% trans %}` block ends with `{% endtrans +%}`: the `+`
@@ -10,9 +10,10 @@ keeps the line break that `trim_blocks` would otherwise take.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import os
 import smtplib
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -36,31 +37,9 @@ from temporalio.exceptions import ApplicationError
 from activities import i18n
 from activities.db import SentEmail
 from activities.ledger import balances
+from core import TEMPLATES
+from core.settings import SmtpSettings
 from workflows.models import EmailRequest
-
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    host: str = "127.0.0.1"
-    port: int = 1025
-    user: str | None = None
-    password: str | None = None
-    starttls: bool = False
-    # One whole SMTP exchange, connection to QUIT; shorter than the activity's own timeout,
-    # so a hung server fails the attempt instead of the attempt timing out unexplained.
-    deadline_seconds: float = 30.0
-
-    @classmethod
-    def from_env(cls) -> SmtpSettings:
-        return cls(
-            host=os.environ.get("REFERRALS_SMTP_HOST", "127.0.0.1"),
-            port=int(os.environ.get("REFERRALS_SMTP_PORT", "1025")),
-            user=os.environ.get("REFERRALS_SMTP_USER") or None,
-            password=os.environ.get("REFERRALS_SMTP_PASSWORD") or None,
-            starttls=os.environ.get("REFERRALS_SMTP_STARTTLS", "").lower() in ("1", "true", "yes"),
-        )
 
 
 @dataclass(frozen=True)
@@ -201,12 +180,25 @@ class _Deadline:
             client.sock.settimeout(self.left())
 
 
+@functools.lru_cache(maxsize=8)
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verifies the relay's certificate and name: against the system's CAs, or only `ca_file`
+    (a private CA). Without it, whoever sits between us and the relay would read every
+    sign-in link and the SMTP password."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
 def _open(smtp: SmtpSettings, deadline: _Deadline) -> smtplib.SMTP:
-    client = smtplib.SMTP(smtp.host, smtp.port, timeout=deadline.left())
+    if smtp.tls == "implicit":
+        client: smtplib.SMTP = smtplib.SMTP_SSL(
+            smtp.host, smtp.port, timeout=deadline.left(), context=tls_context(smtp.ca_file)
+        )
+    else:
+        client = smtplib.SMTP(smtp.host, smtp.port, timeout=deadline.left())
     try:
-        if smtp.starttls:
+        if smtp.tls == "starttls":
             deadline.apply(client)
-            client.starttls()
+            client.starttls(context=tls_context(smtp.ca_file))
         if smtp.user:
             deadline.apply(client)
             client.login(smtp.user, smtp.password or "")
@@ -361,4 +353,6 @@ class EmailActivities:
             # Sent already: failing now would have Temporal send it again. The activity's
             # completion records the send; the row only spares a resend if that is lost too.
             activity.logger.warning("email %s sent but not recorded: %s", request.key, error)
+        else:
+            activity.logger.info("email %s sent", request.key)  # the key names no one
         return sent_id

@@ -1,4 +1,4 @@
-"""Languages: the gettext catalogs under `locale/` and Babel's ways of writing dates, money,
+"""Languages: the gettext catalogs under `core/locale/` and Babel's ways of writing dates, money,
 percentages and country names, for the emails and the web pages alike.
 
 Here rather than in `starter/` because the email activity needs it, and activities never
@@ -12,7 +12,6 @@ import unicodedata
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from functools import cache
-from pathlib import Path
 
 import jinja2
 from babel import Locale
@@ -22,6 +21,7 @@ from babel.numbers import format_percent as babel_format_percent
 from babel.support import Translations
 from jinja2.runtime import Context
 
+from core import LOCALE
 from workflows.models import COUNTRY_CODES
 
 LANGUAGES = ("fr", "en")
@@ -29,7 +29,7 @@ LANGUAGES = ("fr", "en")
 LANGUAGE_NAMES = {
     code: str(Locale.parse(code).get_display_name()).capitalize() for code in LANGUAGES
 }
-LOCALE_DIR = Path(__file__).resolve().parent.parent / "locale"
+LOCALE_DIR = LOCALE
 
 
 def N_(message: str) -> str:

@@ -37,7 +37,6 @@ from activities.db import ProspectClaim, ReferralRow, as_utc
 from activities.ledger import release_claim, save_commission
 from activities.records import load_referral, save_referral
 from activities.webhooks import start_stalled_deliveries
-from core.temporal import task_queue
 from workflows.models import (
     CommissionRecord,
     CommissionStatus,
@@ -58,7 +57,8 @@ CLOSED = (
 )
 
 
-async def reconcile(client: Client, engine: Engine) -> ReconcileReport:
+async def reconcile(client: Client, engine: Engine, task_queue: str) -> ReconcileReport:
+    """`task_queue`: where stalled webhook deliveries are started."""
     now = datetime.now(UTC)
     report = ReconcileReport()
     running = {wf.id async for wf in client.list_workflows(RUNNING)}
@@ -103,7 +103,7 @@ async def reconcile(client: Client, engine: Engine) -> ReconcileReport:
     recorded = await asyncio.to_thread(_known, engine, set(closed))
     for referral_id in sorted(set(closed) - recorded):
         report.fixed.append(await _record_closed(client, engine, referral_id, closed[referral_id]))
-    report.fixed.extend(await start_stalled_deliveries(client, engine, task_queue(), GRACE))
+    report.fixed.extend(await start_stalled_deliveries(client, engine, task_queue, GRACE))
     report.checked = len(open_rows)
     return report
 
@@ -210,14 +210,15 @@ def _mark_cancelled(engine: Engine, referral_id: str, what: str, now: datetime) 
 
 
 class ReconcileActivities:
-    def __init__(self, client: Client, engine: Engine) -> None:
+    def __init__(self, client: Client, engine: Engine, task_queue: str) -> None:
         self._client = client
         self._engine = engine
+        self._task_queue = task_queue
 
     @activity.defn(name="reconcile")
     async def reconcile(self) -> ReconcileReport:
         """The nightly reconciliation, as an activity of the worker."""
-        report = await reconcile(self._client, self._engine)
+        report = await reconcile(self._client, self._engine, self._task_queue)
         for line in report.fixed:
             activity.logger.info("reconcile: %s", line)
         return report

@@ -112,6 +112,9 @@ class RecordActivities:
         """Write one change of a referral to the system of record, then start the delivery
         of its webhook messages (none unless program.yaml has webhooks)."""
         pending = await asyncio.to_thread(self._save, record)
+        activity.logger.info(
+            "recorded at stage %s, revision %d", record.state.stage.value, record.state.revision
+        )
         await start_deliveries(self._client, pending, activity.info().task_queue)
 
     def _save(self, record: ReferralRecord) -> list[WebhookDeliveryRow]:

@@ -17,9 +17,9 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -35,7 +35,8 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ReferralRow, WebhookAttemptRow, WebhookDeliveryRow, as_utc
-from core.program import ProgramError, load_program, program_path
+from core.program import ProgramError, load_program
+from core.settings import WebhookRetry
 from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
 from workflows.webhook_delivery import WebhookDeliveryInput, WebhookDeliveryWorkflow
 
@@ -65,11 +66,6 @@ HTTP_TIMEOUT = httpx.Timeout(10.0)
 USER_AGENT = "ReferralDesk-Webhooks/1"
 # Kept of an endpoint's answer to a failed attempt, for `referrals webhooks`.
 ANSWER_CHARS = 200
-RETRY_ENV = {
-    "initial_interval_s": "REFERRALS_WEBHOOK_RETRY_INITIAL_S",
-    "maximum_interval_s": "REFERRALS_WEBHOOK_RETRY_MAX_S",
-    "give_up_after_s": "REFERRALS_WEBHOOK_GIVE_UP_S",
-}
 
 
 class RedeliveryRefused(Exception):
@@ -78,7 +74,24 @@ class RedeliveryRefused(Exception):
 
 # --- the endpoints --------------------------------------------------------------------------
 
+
+@dataclass
+class _Config:
+    program_path: Path = Path("program.yaml")
+    retry: WebhookRetry = field(default_factory=WebhookRetry)
+
+
+# Set once a process, at start (`configure`): every process that records events enqueues
+# their deliveries (the web app, the CLI, the worker).
+_config = _Config()
 _loaded: tuple[tuple[Path, int, int], list[WebhookEndpoint]] | None = None
+
+
+def configure(program_path: Path, retry: WebhookRetry) -> None:
+    """The program file whose endpoints receive the events, and how deliveries retry
+    (REFERRALS_PROGRAM and REFERRALS_WEBHOOK_*, from the process's settings)."""
+    global _config
+    _config = _Config(Path(program_path), retry)
 
 
 def configured_endpoints() -> list[WebhookEndpoint]:
@@ -88,7 +101,7 @@ def configured_endpoints() -> list[WebhookEndpoint]:
     logged once: the system of record must not stop on it (every process that starts checks
     the file)."""
     global _loaded
-    path = program_path()
+    path = _config.program_path
     try:
         stat = path.stat()
     except OSError:
@@ -264,8 +277,17 @@ def workflow_id(delivery: WebhookDeliveryRow) -> str:
 
 
 def delivery_input(delivery_id: str) -> WebhookDeliveryInput:
-    """The retry schedule: the program's, unless REFERRALS_WEBHOOK_RETRY_* say otherwise."""
-    given = {field: float(os.environ[env]) for field, env in RETRY_ENV.items() if env in os.environ}
+    """The retry schedule: the workflow's, unless REFERRALS_WEBHOOK_* say otherwise."""
+    retry = _config.retry
+    given = {
+        name: value
+        for name, value in (
+            ("initial_interval_s", retry.initial_interval_s),
+            ("maximum_interval_s", retry.maximum_interval_s),
+            ("give_up_after_s", retry.give_up_after_s),
+        )
+        if value is not None
+    }
     return WebhookDeliveryInput(delivery_id=delivery_id, **given)
 
 

@@ -35,8 +35,7 @@ from bench.workers import (
     throughput_by_workers,
     worker_processes,
 )
-from core.temporal import task_queue
-from tests.conftest import referrals_web
+from tests.conftest import SETTINGS, referrals_web
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -97,7 +96,7 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
             REFERRALS_RATE_LIMIT="off",
         ) as base:
             async with worker_processes(
-                1, address, database_url, port, task_queue(), work
+                1, address, database_url, port, SETTINGS.task_queue, work
             ) as workers:
                 await walk_referrals(client, engine, rules, 2)  # warm: imports, sandbox, pool
                 with cpu_per(count, server, workers[0].pid) as project_cpu:

@@ -15,6 +15,7 @@ from temporalio.client import Client, WorkflowHistory
 
 from bench.bare import BareLifecycle, BarePlan
 from starter.intake import parse_submission, submit_referral
+from tests.conftest import SETTINGS
 from tests.factories import submission_data
 from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction
 
@@ -61,7 +62,7 @@ async def walk_referrals(client: Client, engine: Engine, rules: ProgramRules, co
     async def one() -> None:
         data = submission_data(**{"prospect.website": f"b-{uuid.uuid4().hex[:10]}.example"})
         started = time.perf_counter()
-        referral_id = await submit_referral(client, engine, rules, parse_submission(data))
+        referral_id = await submit_referral(client, engine, rules, parse_submission(data), SETTINGS)
         run.submit_ms.append((time.perf_counter() - started) * 1000)
         handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
         for step in STEPS:

@@ -57,7 +57,6 @@ from activities.records import (
     write_referral,
 )
 from activities.schema import upgrade
-from core.encryption import KEYS_ENV, new_key_entry
 from core.program import load_program
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
@@ -367,7 +366,6 @@ async def measure_open_referrals(work: Path, count: int = 10_000) -> dict[str, A
     work.mkdir(exist_ok=True)
     from tests.conftest import MailSink, free_port, referrals_web
 
-    os.environ.setdefault(KEYS_ENV, new_key_entry())
     rules = load_program(PROGRAM)
     database_url = f"sqlite:///{work / 'scale.db'}"
     engine = make_engine(database_url)

@@ -2,7 +2,7 @@
 SQLite database at the current schema, and an SMTP sink in its own process, as a relay is
 in production (its work shares no interpreter with the worker measured). The program's
 clawback window is 0 days, so a payout closes its referral and a lifecycle is timed to its
-end. Every process the bench starts shares one payload key."""
+end. Every process the bench starts shares the payload key and secret of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.schema import upgrade
-from bench.workers import share_payload_key
 from core.program import load_program
-from core.temporal import data_converter
-from tests.conftest import SEARCH_ATTRIBUTES, free_port
+from tests.conftest import SEARCH_ATTRIBUTES, converter, free_port
 from workflows.models import ClawbackRules, ProgramRules
 
 
@@ -58,7 +56,6 @@ def start_sink_process(port: int, maildir: Path) -> subprocess.Popen[bytes]:
 @asynccontextmanager
 async def bench_stack(prefix: str) -> AsyncIterator[Stack]:
     """The stack, in a new scratch folder named `prefix…`, which stays after it stops."""
-    share_payload_key()
     rules = load_program("program.yaml").model_copy(update={"clawback": ClawbackRules(days=0)})
     work = Path(tempfile.mkdtemp(prefix=prefix))
     database_url = f"sqlite:///{work / 'bench.db'}"
@@ -70,7 +67,7 @@ async def bench_stack(prefix: str) -> AsyncIterator[Stack]:
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
             search_attributes=SEARCH_ATTRIBUTES,
-            data_converter=data_converter(),
+            data_converter=converter(),
         )
         try:
             yield Stack(env.client, rules, work, database_url, engine, port)

@@ -46,9 +46,10 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client
 
 from bench.stack import bench_stack
-from bench.workers import WorkerProcess, share_payload_key, submitting_to, throughput_by_workers
+from bench.workers import WorkerProcess, submitting_to, throughput_by_workers
 from starter.contact_window import contact_window
 from starter.intake import parse_submission, submit_referral
+from tests.conftest import SETTINGS
 from tests.factories import submission_data
 from workflows.models import (
     CalendarRules,
@@ -92,7 +93,7 @@ async def _submit(client: Client, engine: Engine, rules: ProgramRules, count: in
     async def one() -> str:
         data = submission_data(**{"prospect.website": f"s-{uuid.uuid4().hex[:12]}.example"})
         async with gate:
-            return await submit_referral(client, engine, rules, parse_submission(data))
+            return await submit_referral(client, engine, rules, parse_submission(data), SETTINGS)
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
 
@@ -142,7 +143,6 @@ async def timer_storm(
     """`margin_s`: from the start of the storm's submissions to T (default 30 s + 0.08 s a
     referral). `profile`: py-spy records the worker from just before T into this file (installed
     separately): a flame graph (SVG), or collapsed stacks if it ends in .txt."""
-    share_payload_key()
     queue = f"bench-storm-{uuid.uuid4().hex[:6]}"
     address = client.service_client.config.target_host
     cached = count + WARM + 100

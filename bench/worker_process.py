@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.email import SmtpSettings
 from activities.schema import open_database
 from bench.bare import BareLifecycle, bare_noop
 from core.program import load_program
-from core.temporal import data_converter
+from core.settings import Settings, SmtpSettings
+from core.temporal import data_converter, payload_codec
 from worker import ACTIVITY_THREADS, build_worker, workflow_runner
 
 READY = "bench worker ready"
@@ -65,8 +67,16 @@ def bare_worker(client: Client, queue: str, max_cached: int) -> Worker:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    settings = dataclasses.replace(
+        Settings.from_env(),  # the payload key and secret the bench shares with its workers
+        smtp=SmtpSettings(args.smtp_host, args.smtp_port),
+        task_queue=args.queue,
+        program_path=Path(args.program) if args.program else Path("program.yaml"),
+    )
     client = await Client.connect(
-        args.address, namespace=args.namespace, data_converter=data_converter()
+        args.address,
+        namespace=args.namespace,
+        data_converter=data_converter(payload_codec(settings)),
     )
     engine = None if args.bare else open_database(args.database)
     if engine is None:
@@ -75,9 +85,8 @@ async def serve(args: argparse.Namespace) -> None:
         worker = build_worker(
             client,
             engine,
-            SmtpSettings(args.smtp_host, args.smtp_port),
-            args.queue,
-            load_program(args.program) if args.program else load_program(),
+            settings,
+            rules=load_program(settings.program_path),
             max_cached_workflows=args.max_cached,
         )
     stop = asyncio.Event()

@@ -10,8 +10,8 @@ more than one worker (throughput with 1 and 2 workers on one task queue).
     await throughput_by_workers(client, engine, database_url, smtp_port, rules, count, workdir,
                                 namespace="default") -> {"1": lifecycles/s, "2": lifecycles/s}
 
-Every process must share one payload key: call `share_payload_key()` (sets
-REFERRALS_ENCRYPTION_KEYS in os.environ if unset) before creating the client and spawning.
+Every process shares the payload key and secret of tests/conftest.py, which puts them in the
+environment the workers inherit.
 The workers' logs go to `workdir/worker-<queue>-<n>.log`.
 """
 
@@ -32,18 +32,12 @@ from temporalio.client import Client
 
 from bench.lifecycle import walk_referrals
 from bench.worker_process import GC_DONE, READY
-from core.encryption import KEYS_ENV, new_key_entry
 from faults.stack import ROOT, Children, StackError, wait_for
 from workflows.models import ProgramRules
 
 START_SECONDS = 60.0
 STOP_SECONDS = 90.0  # graceful shutdown lets in-flight activities finish (worker.py: 75 s)
 QUEUE_ENV = "REFERRALS_TASK_QUEUE"
-
-
-def share_payload_key() -> None:
-    """One payload key for the bench process and every worker it spawns."""
-    os.environ.setdefault(KEYS_ENV, new_key_entry())
 
 
 def rss_kib(pid: int) -> int:

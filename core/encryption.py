@@ -2,23 +2,22 @@
 
 Every payload (workflow input, activity arguments, results, signals, updates, failure
 messages and stack traces) is encrypted with AES-GCM by one payload codec before it
-leaves the process, the key id in the payload's metadata. The newest key of the ring
-encrypts; every key of the ring decrypts, so keys can be rotated while old histories stay
-readable.
+leaves the process, the key id in the payload's metadata. One key of the ring encrypts
+(REFERRALS_ENCRYPTION_CURRENT_KEY, else the last); every key of the ring decrypts, so keys
+can be rotated in two rolling steps while old histories stay readable: add the new key to
+every process, then make it current.
 
-Keys come from `REFERRALS_ENCRYPTION_KEYS` (`id:base64key,…`, newest last) or from the key
-file `.data/encryption-keys`, which the first process that needs a key creates (mode
-0600): every process started from the same checkout finds it, so encryption is on in
-development without a step.
+Keys come from `REFERRALS_ENCRYPTION_KEYS` (`id:base64key,…`) or its `_FILE`, or, in the dev
+stack only, from the key file `.data/encryption-keys` that `referrals dev` creates
+(core/settings.py).
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.converter import PayloadCodec
 
 KEYS_ENV = "REFERRALS_ENCRYPTION_KEYS"
-KEY_FILE = Path(".data") / "encryption-keys"
+CURRENT_ENV = "REFERRALS_ENCRYPTION_CURRENT_KEY"
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"
 _NONCE_BYTES = 12
@@ -41,20 +40,24 @@ class EncryptionKeyError(Exception):
 
 @dataclass(frozen=True)
 class KeyRing:
-    """Keys by id, oldest first; the last one encrypts."""
+    """Keys by id, in the order given; `current_id` (default: the last) encrypts."""
 
     keys: tuple[tuple[str, bytes], ...]
+    current_id: str | None = None
 
     @property
     def current(self) -> tuple[str, bytes]:
-        return self.keys[-1]
+        if self.current_id is None:
+            return self.keys[-1]
+        return self.current_id, dict(self.keys)[self.current_id]
 
     def key(self, key_id: str) -> bytes | None:
         return dict(self.keys).get(key_id)
 
     @classmethod
-    def parse(cls, text: str, where: str) -> KeyRing:
-        """`id:base64key` entries, separated by commas or lines; `#` starts a comment."""
+    def parse(cls, text: str, where: str, current: str | None = None) -> KeyRing:
+        """`id:base64key` entries, separated by commas or lines; `#` starts a comment.
+        `current`: the id of the key that encrypts, which must be one of them."""
         keys: list[tuple[str, bytes]] = []
         lines = (line.split("#", 1)[0] for line in text.splitlines())
         for entry in (e.strip() for line in lines for e in line.split(",")):
@@ -66,15 +69,22 @@ class KeyRing:
             except ValueError:
                 key = b""
             if not _ID.match(key_id.strip()) or len(key) != 32:
+                # Never the entry itself: it holds the key.
                 raise EncryptionKeyError(
-                    f"{where}: expected id:base64 of a 32-byte key, got {entry!r}"
+                    f"{where}: expected id:base64 of a 32-byte key, got an entry with id "
+                    f"{key_id.strip()[:64]!r}"
                 )
             keys.append((key_id.strip(), key))
         if not keys:
             raise EncryptionKeyError(f"{where}: no key")
         if len({key_id for key_id, _ in keys}) != len(keys):
             raise EncryptionKeyError(f"{where}: key ids must be unique")
-        return cls(tuple(keys))
+        if current is not None and current not in dict(keys):
+            raise EncryptionKeyError(
+                f"{CURRENT_ENV}={current!r} is not a key of {where} (add the key everywhere "
+                "first, then make it current)"
+            )
+        return cls(tuple(keys), current)
 
 
 def new_key_entry() -> str:
@@ -82,31 +92,11 @@ def new_key_entry() -> str:
     return f"{key_id}:{base64.b64encode(secrets.token_bytes(32)).decode()}"
 
 
-def load_key_ring(path: Path = KEY_FILE) -> KeyRing:
-    """The configured ring, or the key file's, created with one key if there is none yet."""
-    configured = os.environ.get(KEYS_ENV)
-    if configured:
-        return KeyRing.parse(configured, KEYS_ENV)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # the first process to get here writes it; the others read what it wrote
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                file.write("# Referral Desk payload keys, oldest first; the last encrypts.\n")
-                file.write(new_key_entry() + "\n")
-    return KeyRing.parse(path.read_text(encoding="utf-8"), str(path))
-
-
-def rotate_key_file(path: Path = KEY_FILE) -> str:
-    """Add a new key to the key file; it encrypts from now on. Returns its id."""
-    if os.environ.get(KEYS_ENV):
-        raise EncryptionKeyError(
-            f"keys come from {KEYS_ENV}: add the new key there (id:base64 of 32 random bytes)"
-        )
-    load_key_ring(path)  # creates the file if needed
+def rotate_key_file(path: Path) -> str:
+    """The dev stack's rotation: add a new key to its key file; it encrypts from then on (the
+    last key of the file does). Returns its id."""
+    if not path.is_file():
+        raise EncryptionKeyError(f"no key file {path}: `referrals dev` creates it")
     entry = new_key_entry()
     with path.open("a", encoding="utf-8") as file:
         file.write(entry + "\n")
@@ -115,15 +105,14 @@ def rotate_key_file(path: Path = KEY_FILE) -> str:
 
 class EncryptionCodec(PayloadCodec):
     """AES-GCM over each serialized payload. A payload that is not encrypted (a history
-    recorded before encryption) decodes as it is."""
+    recorded before encryption) decodes as it is. `reload` (the dev stack's key file) gives
+    the ring again when a payload names a key added since this process started."""
 
-    def __init__(self, ring: KeyRing | None = None, key_file: Path = KEY_FILE) -> None:
+    def __init__(self, ring: KeyRing, reload: Callable[[], KeyRing] | None = None) -> None:
         self._ring = ring
-        self._key_file = key_file
+        self._reload = reload
 
     def ring(self) -> KeyRing:
-        if self._ring is None:
-            self._ring = load_key_ring(self._key_file)
         return self._ring
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
@@ -148,10 +137,10 @@ class EncryptionCodec(PayloadCodec):
                 decoded.append(payload)
                 continue
             key_id = payload.metadata[KEY_ID].decode()
-            key = self.ring().key(key_id)
-            if key is None:  # rotated since this process started: look again
-                self._ring = None
-                key = self.ring().key(key_id)
+            key = self._ring.key(key_id)
+            if key is None and self._reload is not None:  # rotated since: look again
+                self._ring = self._reload()
+                key = self._ring.key(key_id)
             if key is None:
                 raise EncryptionKeyError(
                     f"payload encrypted with key {key_id!r}, not in the key ring"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -17,12 +16,9 @@ class ProgramError(Exception):
     """program.yaml is missing or invalid; the message names the file and the field."""
 
 
-def program_path(path: str | Path | None = None) -> Path:
-    return Path(path or os.environ.get("REFERRALS_PROGRAM", "program.yaml"))
-
-
-def load_program(path: str | Path | None = None) -> ProgramRules:
-    file = program_path(path)
+def load_program(path: str | Path) -> ProgramRules:
+    """The rules in `path` (Settings.program_path: REFERRALS_PROGRAM, else program.yaml)."""
+    file = Path(path)
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except OSError as error:

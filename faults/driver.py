@@ -29,6 +29,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
+from core.settings import Settings
 from starter.cli import Refused, send_action
 from starter.intake import parse_submission, submit_referral
 from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction, Stage
@@ -122,12 +123,16 @@ class Batch:
         client: Client,
         engine: Engine,
         rules: ProgramRules,
+        settings: Settings,
         tag: str,
         seed: int,
     ) -> None:
+        """`settings`: the intake's (the task queue, the secret) and the database the CLI's
+        code reads when it explains a refusal."""
         self.client = client
         self.engine = engine
         self.rules = rules
+        self.settings = settings
         self.tag = tag
         self.referrals: list[Referral] = []
         self.stats = DriveStats()
@@ -156,8 +161,8 @@ class Batch:
                 self.engine,
                 self.rules,
                 parsed,
+                self.settings,
                 submitted_by="fault-suite-intake",
-                key="fault-suite-secret",
             )
             return Referral(referral_id, str(parsed.referrer.email), index)
 
@@ -211,7 +216,9 @@ class Batch:
         rid = referral.referral_id
 
         async def attempt() -> ActResult:
-            return await send_action(self.client, rid, request, ATTEMPT_SECONDS)
+            return await send_action(
+                self.client, rid, request, ATTEMPT_SECONDS, self.settings.database()
+            )
 
         return await self._retrying(referral, request, attempt, duplicate, "update act")
 

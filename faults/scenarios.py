@@ -22,6 +22,7 @@ from sqlmodel import Session, select
 
 from activities.db import SentEmail
 from core.program import load_program
+from core.settings import Settings
 from faults.checks import verify
 from faults.database import Backend, ScenarioDatabase
 from faults.driver import Batch
@@ -324,9 +325,16 @@ async def run_scenario(
             "PYTHONUNBUFFERED": "1",
         },
     )
-    # The CLI code the driver reuses reads these when it explains a refusal.
-    os.environ["REFERRALS_DATABASE_URL"] = db.url
-    os.environ["TEMPORAL_ADDRESS"] = server.address
+    # What the driver's intake and the CLI code it reuses run with.
+    intake = Settings.from_env(
+        {
+            **os.environ,
+            "REFERRALS_DATABASE_URL": db.url,
+            "TEMPORAL_ADDRESS": server.address,
+            "REFERRALS_TASK_QUEUE": TASK_QUEUE,
+            "REFERRALS_SECRET_KEY": "fault-suite-secret",
+        }
+    )
     outcome = Outcome(scenario.name, count, "", 0, 0, None, 0.0)
     try:
         if scenario.refused_referrer is not None:
@@ -337,7 +345,7 @@ async def run_scenario(
         await server.start()
         await worker.start()
         client = await connect(server.address)
-        batch = Batch(client, db.engine, rules, scenario.name, seed)
+        batch = Batch(client, db.engine, rules, intake, scenario.name, seed)
         run = Run(scenario.name, workdir, rules, db, smtp, server, worker, batch)
         _say(scenario.name, f"submitting {count} referrals")
         await batch.submit(count, scenario.refused_referrer)

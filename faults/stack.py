@@ -23,7 +23,10 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
+from core.encryption import KEYS_ENV, EncryptionCodec, KeyRing
+from core.provisioning import type_name
 from core.temporal import data_converter
+from workflows.policies import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 # The checkout whose worker runs (default: this one). Pointing it at a patched copy shows
@@ -32,16 +35,6 @@ PRODUCT = Path(os.environ.get("FAULTS_PRODUCT_DIR") or ROOT).resolve()
 BIN = Path(sys.executable).parent
 NAMESPACE = "default"
 TASK_QUEUE = "referrals"
-# From temporal-dev.yaml: the workflow upserts these, so the server must know them.
-SEARCH_ATTRIBUTES = {
-    "ReferralStage": "Keyword",
-    "ProspectDomain": "Keyword",
-    "ReferrerKey": "Keyword",
-    "ReferrerEmail": "Keyword",
-    "ProtectedUntil": "Datetime",
-    "Product": "Keyword",
-    "ContactSlaBreached": "Bool",
-}
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 _PR_SET_PDEATHSIG = 1
@@ -179,7 +172,9 @@ async def connect(address: str) -> Client:
     return await Client.connect(
         address,
         namespace=NAMESPACE,
-        data_converter=data_converter(),
+        data_converter=data_converter(
+            EncryptionCodec(KeyRing.parse(os.environ[KEYS_ENV], KEYS_ENV))
+        ),
         runtime=_quiet_runtime(),
     )
 
@@ -219,8 +214,9 @@ class TemporalServer:
             "error",
             "--headless",
         ]
-        for name, kind in SEARCH_ATTRIBUTES.items():
-            command += ["--search-attribute", f"{name}={kind}"]
+        # The workflow upserts these, so the server must know them (as `temporal setup` does).
+        for key in SEARCH_ATTRIBUTES:
+            command += ["--search-attribute", f"{key.name}={type_name(key)}"]
         return command
 
     async def start(self) -> None:

@@ -32,10 +32,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.db import CommissionRow, as_utc, make_engine
 from activities.records import count_referrals, list_referrals, load_referral
 from activities.schema import SchemaOutOfDate, open_database, upgrade
+from activities.webhooks import configure as configure_webhooks
 from core.encryption import EncryptionKeyError
 from core.links import referrer_key
 from core.program import ProgramError, load_program
-from core.temporal import connect, task_queue, temporal_address
+from core.settings import Need, Settings, SettingsError
+from core.temporal import connect
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
 from workflows.models import (
     Action,
@@ -161,17 +163,17 @@ def timeout_seconds(args: argparse.Namespace) -> float:
     return float(args.timeout)
 
 
-async def workflow_status(referral_id: str) -> str:
+async def workflow_status(settings: Settings, referral_id: str) -> str:
     """What Temporal says of an open referral's workflow: `running`, or what went wrong."""
     try:
-        client = await connect()
+        client = await connect(settings)
         description = await client.get_workflow_handle(referral_id).describe()
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             return "missing in Temporal"
         return f"unknown ({error.message})"
     except RuntimeError:
-        return f"unknown (Temporal unreachable at {temporal_address()})"
+        return f"unknown (Temporal unreachable at {settings.temporal_address})"
     status = description.status
     if status == WorkflowExecutionStatus.RUNNING:
         return "running"
@@ -179,10 +181,11 @@ async def workflow_status(referral_id: str) -> str:
 
 
 async def send_action(
-    client: Client, referral_id: str, request: StaffAction, timeout: float
+    client: Client, referral_id: str, request: StaffAction, timeout: float, database_url: str
 ) -> ActResult:
     """Apply one staff action through the `act` update, its request id as the update id, so
-    a retried command is applied once. Waits at most `timeout` seconds in all."""
+    a retried command is applied once. Waits at most `timeout` seconds in all. A referral
+    Temporal does not know is looked up in the database at `database_url`."""
     handle = client.get_workflow_handle(referral_id)
     retry = f"repeat the command with --request-id {request.request_id} to retry it safely"
     loop = asyncio.get_running_loop()
@@ -216,7 +219,7 @@ async def send_action(
     except RPCError as error:
         if error.status != RPCStatusCode.NOT_FOUND:
             raise
-        engine = open_database()
+        engine = open_database(database_url)
         state = await asyncio.to_thread(load_referral, engine, referral_id)
         if state is None:
             raise Refused(f"unknown referral {referral_id}") from error
@@ -237,7 +240,8 @@ def decimal_value(text: str, option: str) -> Decimal:
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
-    rules = load_program()
+    settings: Settings = args.settings
+    rules = load_program(settings.program_path)
     try:
         data = json.loads(Path(args.file).read_text(encoding="utf-8"))
     except OSError as error:
@@ -245,10 +249,11 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as error:
         raise Refused(f"{args.file} is not valid JSON: {error}") from error
     submission = parse_submission(data, rules)
-    client = await connect()
+    client = await connect(settings)
     referral_id = await submit_referral(
-        client, make_engine(), rules, submission, submitted_by=args.actor
-    )
+        client, make_engine(settings.database()), rules, submission, settings,
+        submitted_by=args.actor,
+    )  # fmt: skip
     print(referral_id)
     return 0
 
@@ -266,7 +271,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     limit = args.limit
     if limit is None:
         limit = 0 if args.json and args.page == 1 else DEFAULT_LIST_LIMIT
-    engine = open_database()
+    engine = open_database(args.settings.database())
     stage = Stage(args.stage) if args.stage else None
     offset = (args.page - 1) * limit
     rows: list[dict[str, Any]] = [
@@ -321,16 +326,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         footer += f"; next: referrals list {' '.join(more)}"
     print(footer)
     if args.referrer:  # Temporal holds no address, only its keyed hash
-        print(f"in the Temporal UI: ReferrerKey = '{referrer_key(args.referrer)}'")
+        secret = args.settings.referrer_key_secret
+        print(f"in the Temporal UI: ReferrerKey = '{referrer_key(args.referrer, secret)}'")
     return 0
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
     """From the system of record; for an open referral, also whether its workflow runs."""
-    state = await asyncio.to_thread(load_referral, open_database(), args.id)
+    settings: Settings = args.settings
+    state = await asyncio.to_thread(load_referral, open_database(settings.database()), args.id)
     if state is None:
         raise Refused(f"unknown referral {args.id}")
-    workflow = None if state.is_terminal else await workflow_status(args.id)
+    workflow = None if state.is_terminal else await workflow_status(settings, args.id)
     if args.json:
         shown = plain(state, ZoneInfo(state.contact_calendar.timezone))
         print_json({**shown, "workflow": workflow})
@@ -354,8 +361,11 @@ def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[A
             days=getattr(args, "days", None),
             request_id=args.request_id or f"cli-{uuid.uuid4()}",
         )
-        client = await connect()
-        state = await send_action(client, args.id, request, timeout_seconds(args))
+        settings: Settings = args.settings
+        client = await connect(settings)
+        state = await send_action(
+            client, args.id, request, timeout_seconds(args), settings.database()
+        )
         print(f"{state.referral_id}: {action.value} done, stage {state.stage.value}")
         return 0
 
@@ -389,7 +399,7 @@ def cmd_commission_lines(args: argparse.Namespace) -> int:
     """The ledger's append-only lines; entitlement lines sum to each referral's commission."""
     from activities.ledger import ledger_lines
 
-    engine = open_database()
+    engine = open_database(args.settings.database())
     with Session(engine) as session:  # the rate each referral's commission was earned at
         rates = {
             c.referral_id: str(c.rate.normalize()) for c in session.exec(select(CommissionRow))
@@ -433,7 +443,7 @@ def cmd_commission_balances(args: argparse.Namespace) -> int:
             "balance": str(round_money(b.balance, b.currency)),
             "owed_to_us": str(round_money(b.owed_to_us, b.currency)),
         }
-        for b in balances(open_database())
+        for b in balances(open_database(args.settings.database()))
     ]
     emit(
         rows,
@@ -451,7 +461,7 @@ def cmd_commissions(args: argparse.Namespace) -> int:
         return cmd_commission_lines(args)
     if args.by_referrer:
         return cmd_commission_balances(args)
-    with Session(open_database()) as session:
+    with Session(open_database(args.settings.database())) as session:
         query = select(CommissionRow).order_by(col(CommissionRow.updated_at).desc())
         if args.status:
             query = query.where(CommissionRow.status == args.status)
@@ -495,11 +505,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     """The program's figures, as the staff dashboard shows them, from the system of record."""
     from starter.figures import as_text, program_figures
 
-    rules = load_program()
+    rules = load_program(args.settings.program_path)
     if args.product is not None and rules.product(args.product) is None:
         known = ", ".join(p.id for p in rules.products)
         raise Refused(f"unknown product {args.product!r} (products: {known})")
-    figures = program_figures(open_database(), rules, since=args.since, product=args.product)
+    figures = program_figures(
+        open_database(args.settings.database()), rules, since=args.since, product=args.product
+    )
     if args.json:
         print_json(figures.model_dump(mode="json"))
     else:
@@ -510,7 +522,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 async def cmd_reconcile(args: argparse.Namespace) -> int:
     from activities.reconcile import reconcile
 
-    report = await reconcile(await connect(), open_database())
+    settings: Settings = args.settings
+    report = await reconcile(
+        await connect(settings), open_database(settings.database()), settings.task_queue
+    )
     for line in report.fixed:
         print(line)
     print(f"reconcile: {report.checked} open referrals checked, {len(report.fixed)} repairs")
@@ -525,7 +540,7 @@ async def cmd_replay_check(args: argparse.Namespace) -> int:
     from worker import workflow_runner
     from workflows.referral import ReferralWorkflow
 
-    client = await connect()
+    client = await connect(args.settings)
     replayer = Replayer(
         workflows=[ReferralWorkflow],
         workflow_runner=workflow_runner(),
@@ -552,7 +567,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
 
     if (args.id is None) == (args.referrer is None):
         raise Usage("erase needs a referral id or --referrer EMAIL, not both")
-    engine = open_database()
+    engine = open_database(args.settings.database())
     if args.id is not None:
         targets, still_open = [args.id], []
     else:
@@ -561,7 +576,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
         still_open = [rid for rid, is_open in found if is_open]
         if not found:
             raise Refused(f"no referral of {args.referrer} holds personal data")
-    client = await connect()
+    client = await connect(args.settings)
     for referral_id in targets:
         try:
             line = await erase_referral(
@@ -593,7 +608,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
             "created_at": as_utc(row.created_at).isoformat(),
             "updated_at": as_utc(row.updated_at).isoformat(),
         }
-        for row in list_deliveries(open_database(), failed_only=args.failed)
+        for row in list_deliveries(open_database(args.settings.database()), failed_only=args.failed)
     ]
     if args.json:
         print_json(rows)
@@ -615,7 +630,9 @@ async def cmd_webhooks_redeliver(args: argparse.Namespace) -> int:
     from activities.webhooks import RedeliveryRefused, redeliver
 
     try:
-        workflow = await redeliver(await connect(), open_database(), args.id, task_queue())
+        settings: Settings = args.settings
+        engine = open_database(settings.database())
+        workflow = await redeliver(await connect(settings), engine, args.id, settings.task_queue)
     except RedeliveryRefused as error:
         raise Refused(str(error)) from error
     print(f"{args.id}: redelivery started ({workflow})")
@@ -623,7 +640,7 @@ async def cmd_webhooks_redeliver(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    engine = make_engine()
+    engine = make_engine(args.settings.database())
     before, after = upgrade(engine)
     where = engine.url.render_as_string(hide_password=True)
     if before == after:
@@ -633,13 +650,43 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from core.encryption import KEY_FILE, rotate_key_file
+async def cmd_temporal_setup(args: argparse.Namespace) -> int:
+    """The namespace as the program needs it (core/provisioning.py): idempotent."""
+    from core.provisioning import ProvisioningError, setup
+    from core.temporal import connect_for_operations
 
-    key_id = rotate_key_file()
+    settings: Settings = args.settings
+    if args.retention is not None and not 1 <= args.retention <= 3650:
+        raise Usage("--retention must be between 1 and 3650 days")
+    rules = load_program(settings.program_path)
+    client = await connect_for_operations(settings)
+    try:
+        lines = await setup(client, rules, settings.task_queue, args.retention)
+    except ProvisioningError as error:
+        raise Refused(str(error)) from error
+    for line in lines:
+        print(line)
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from core.encryption import CURRENT_ENV, KEYS_ENV, new_key_entry, rotate_key_file
+    from core.settings import DEV_KEY_FILE
+
+    settings: Settings = args.settings
+    if KEYS_ENV in settings.from_dev_files or not settings.encryption_keys:
+        key_id = rotate_key_file(DEV_KEY_FILE)
+        print(
+            f"added key {key_id} to {DEV_KEY_FILE}: new payloads are encrypted with it, older "
+            "keys still decrypt; restart the worker, web app and codec server to encrypt with it"
+        )
+        return 0
+    entry = new_key_entry()
+    key_id = entry.partition(":")[0]
     print(
-        f"added key {key_id} to {KEY_FILE}: new payloads are encrypted with it, older keys "
-        "still decrypt; restart the worker, web app and codec server to encrypt with it"
+        f"keys come from {KEYS_ENV}: rotate in two rolling steps. 1. Add this entry to "
+        f"{KEYS_ENV} of every process and restart them (it decrypts, nothing encrypts with it "
+        f"yet): {entry}  2. Then set {CURRENT_ENV}={key_id} everywhere and restart them again."
     )
     return 0
 
@@ -648,7 +695,7 @@ def cmd_codec_server(args: argparse.Namespace) -> int:
     from starter.codec_server import CodecServerError, run_codec_server
 
     try:
-        run_codec_server(args.host, args.port)
+        run_codec_server(args.settings, args.host, args.port)
     except CodecServerError as error:
         raise Refused(str(error)) from error
     return 0
@@ -662,11 +709,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     from core.metrics import MetricsSettingError
-    from starter.web import run_web
+    from starter.web import WebSettingError, run_web
 
     try:
-        run_web(args.host, args.port)
-    except MetricsSettingError as error:  # REFERRALS_WEB_METRICS_PORT unusable
+        run_web(args.settings, args.host, args.port)
+    except (MetricsSettingError, WebSettingError) as error:  # unusable, or unsafe
         raise Refused(str(error)) from error
     return 0
 
@@ -674,20 +721,26 @@ def cmd_web(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import worker
 
-    worker.main()
+    worker.main(args.settings)
     return 0
 
 
 # --- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+# What each command cannot run without: checked before it starts, so a missing setting is named
+# at once, whatever the command would have reached first.
+DB, KEYS, SECRET = Need.DATABASE, Need.ENCRYPTION, Need.SECRET
+TEMPORAL = (DB, KEYS)  # a staff action or a look at Temporal, and the database behind it
+
+
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="referrals", description="Referral Desk: run the referral program from a terminal."
     )
     parser.add_argument(
         "--actor",
-        default=os.environ.get("REFERRALS_ACTOR") or getpass.getuser(),
+        default=settings.actor or getpass.getuser(),
         help="who is acting, recorded in the audit history (default $REFERRALS_ACTOR or login)",
     )
     parser.add_argument(
@@ -698,25 +751,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=float(os.environ.get("REFERRALS_CLI_TIMEOUT", DEFAULT_TIMEOUT_SECONDS)),
+        default=settings.cli_timeout_s,
         help="seconds to wait for a worker to apply a staff action "
         f"(default $REFERRALS_CLI_TIMEOUT or {DEFAULT_TIMEOUT_SECONDS:g})",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable[..., Any], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Callable[..., Any], help: str, needs: tuple[Need, ...] = ()
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, needs=needs)
         return sub
 
     sub = add("dev", cmd_dev, "run the local stack: Temporal dev server and UI, worker, mail sink")
     sub.add_argument("--config", default="temporal-dev.yaml", help="the stack's settings")
-    add("worker", cmd_worker, "run a worker on the referrals task queue")
-    sub = add("web", cmd_web, "run the intake web app (form, JSON API, status pages)")
+    add("worker", cmd_worker, "run a worker on the referrals task queue", (DB, KEYS, SECRET))
+    sub = add(
+        "web", cmd_web, "run the intake web app (form, JSON API, status pages)", (DB, KEYS, SECRET)
+    )
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
-    add("submit", cmd_submit, "submit a referral from a JSON file").add_argument("file")
-    sub = add("list", cmd_list, "list referrals, newest first, a page at a time")
+    add(
+        "submit", cmd_submit, "submit a referral from a JSON file", (DB, KEYS, SECRET)
+    ).add_argument("file")
+    sub = add("list", cmd_list, "list referrals, newest first, a page at a time", (DB,))
     sub.add_argument("--stage", choices=[s.value for s in Stage])
     sub.add_argument("--referrer", metavar="EMAIL", help="only this referrer's referrals")
     sub.add_argument(
@@ -728,12 +787,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--page", type=int, default=1, metavar="K", help="page K (default 1)")
     sub.add_argument("--json", action="store_true", help="a JSON list of the rows")
-    sub = add("show", cmd_show, "show one referral")
+    sub = add("show", cmd_show, "show one referral", TEMPORAL)
     sub.add_argument("id")
     sub.add_argument("--json", action="store_true")
 
     def add_action(action: Action, help: str) -> argparse.ArgumentParser:
-        sub = add(action.value, action_command(action), help)
+        sub = add(action.value, action_command(action), help, TEMPORAL)
         sub.add_argument("id")
         return sub
 
@@ -766,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--amount", required=True, help="refunded, in the deal's currency")
     sub.add_argument("--reference", required=True, help="the refund's unique reference")
     sub.add_argument("--reason", required=True, help="why; the clawback line keeps it")
-    sub = add("commissions", cmd_commissions, "finance's export of the commission ledger")
+    sub = add("commissions", cmd_commissions, "finance's export of the commission ledger", (DB,))
     sub.add_argument("--status", choices=[s.value for s in CommissionStatus])
     view = sub.add_mutually_exclusive_group()
     view.add_argument("--lines", action="store_true", help="the ledger's lines, oldest first")
@@ -776,8 +835,15 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = sub.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
-    add("reconcile", cmd_reconcile, "compare the database with Temporal and repair what differs")
-    sub = add("report", cmd_report, "the program's figures: funnel, time in stage, commission")
+    add(
+        "reconcile",
+        cmd_reconcile,
+        "compare the database with Temporal and repair what differs",
+        TEMPORAL,
+    )
+    sub = add(
+        "report", cmd_report, "the program's figures: funnel, time in stage, commission", (DB,)
+    )
     sub.add_argument(
         "--since",
         type=iso_date,
@@ -786,25 +852,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--product", metavar="ID", help="only referrals for this product")
     sub.add_argument("--json", action="store_true")
-    sub = add("erase", cmd_erase, "erase a closed referral's personal data (or a referrer's)")
+    sub = add(
+        "erase", cmd_erase, "erase a closed referral's personal data (or a referrer's)", TEMPORAL
+    )
     sub.add_argument("id", nargs="?")
     sub.add_argument("--referrer", metavar="EMAIL", help="every closed referral of this referrer")
     sub.add_argument("--reason", required=True)
-    sub = add("replay-check", cmd_replay_check, "replay running referrals on this code")
+    sub = add("replay-check", cmd_replay_check, "replay running referrals on this code", (KEYS,))
     sub.add_argument("--limit", type=int, default=1000, help="at most N referrals (1000)")
-    sub = add("webhooks", cmd_webhooks, "webhook deliveries, newest first (or redeliver one)")
+    sub = add(
+        "webhooks", cmd_webhooks, "webhook deliveries, newest first (or redeliver one)", (DB,)
+    )
     sub.add_argument("--failed", action="store_true", help="only those that were given up")
     sub.add_argument("--json", action="store_true")
     redeliver_help = "send a webhook message again (same webhook-id, new attempts)"
     hooks = sub.add_subparsers(dest="webhooks_command", metavar="WEBHOOKS_COMMAND")
     sub = hooks.add_parser("redeliver", help=redeliver_help, description=redeliver_help)
-    sub.set_defaults(handler=cmd_webhooks_redeliver)
+    sub.set_defaults(handler=cmd_webhooks_redeliver, needs=TEMPORAL)
     sub.add_argument("id", help="the delivery's id (its webhook-id, msg_…)")
     db = add("db", lambda _: 2, "manage the database").add_subparsers(
         dest="db_command", required=True, metavar="DB_COMMAND"
     )
     upgrade_help = "bring the database to the current schema (Alembic migrations)"
-    db.add_parser("upgrade", help=upgrade_help).set_defaults(handler=cmd_db_upgrade)
+    db.add_parser("upgrade", help=upgrade_help).set_defaults(handler=cmd_db_upgrade, needs=(DB,))
+    temporal = add("temporal", lambda _: 2, "provision the Temporal namespace").add_subparsers(
+        dest="temporal_command", required=True, metavar="TEMPORAL_COMMAND"
+    )
+    setup_help = (
+        "create or update what the program needs in its namespace: the namespace (self-hosted), "
+        "its search attributes, the nightly Schedules; prints what it changed"
+    )
+    sub = temporal.add_parser("setup", help=setup_help, description=setup_help)
+    sub.set_defaults(handler=cmd_temporal_setup, needs=())
+    sub.add_argument(
+        "--retention",
+        type=int,
+        metavar="DAYS",
+        help="days Temporal keeps a closed workflow (default: leave it; 30 for a new namespace)",
+    )
     keys = add("keys", lambda _: 2, "manage the payload encryption keys").add_subparsers(
         dest="keys_command", required=True, metavar="KEYS_COMMAND"
     )
@@ -814,6 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
         "codec-server",
         cmd_codec_server,
         "decode payloads for the Temporal UI and CLI (for operators who hold the key)",
+        (KEYS,),
     )
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8081)
@@ -821,14 +907,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"referrals: {error}", file=sys.stderr)
+        return 1
+    args = build_parser(settings).parse_args(argv)
+    args.settings = settings
+    try:
+        settings.require(*args.needs)
+        configure_webhooks(settings.program_path, settings.webhook_retry)
         result = args.handler(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result)
     except (
         Refused,
+        SettingsError,
         ProgramError,
         SubmissionRefused,
         DuplicateReferral,
@@ -845,7 +940,8 @@ def run(argv: list[str] | None = None) -> int:
         if "connect" not in str(error).lower():
             raise
         print(
-            f"referrals: cannot reach Temporal at {temporal_address()} (is `make run` running?)",
+            f"referrals: cannot reach Temporal at {settings.temporal_address} "
+            "(is `make run` running?)",
             file=sys.stderr,
         )
         return 1

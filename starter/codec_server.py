@@ -8,8 +8,6 @@ also demands a bearer token, since whoever reaches it can decrypt.
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import secrets
 from typing import Any
 
@@ -19,10 +17,11 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from temporalio.api.common.v1 import Payloads
 
 from core.encryption import EncryptionCodec
+from core.logs import configure_logging
+from core.settings import Need, Settings, loopback
+from core.temporal import payload_codec
 
 TOKEN_ENV = "REFERRALS_CODEC_TOKEN"
-ORIGINS_ENV = "REFERRALS_CODEC_ORIGINS"
-DEFAULT_ORIGINS = ("http://127.0.0.1:8233", "http://localhost:8233")
 ALLOWED_HEADERS = "Content-Type, X-Namespace, Authorization"
 
 
@@ -78,6 +77,11 @@ def create_codec_app(
     async def encode(request: Request) -> Response:
         return await convert(request, decode=False)
 
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        """Liveness, for the orchestrator: no token needed, nothing decoded."""
+        return JSONResponse({"status": "ok"})
+
     @app.options("/{path:path}")
     async def preflight(request: Request, path: str) -> Response:
         if request.headers.get("origin") not in origins:
@@ -87,32 +91,22 @@ def create_codec_app(
     return app
 
 
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def codec_app_from_env(host: str) -> FastAPI:
-    token = os.environ.get(TOKEN_ENV) or None
-    if token is None and not loopback(host):
+def codec_app_from_settings(settings: Settings, host: str) -> FastAPI:
+    """The codec server for these settings' key ring, bound to `host`."""
+    settings.require(Need.ENCRYPTION)
+    if settings.codec_token is None and not loopback(host):
         raise CodecServerError(
             f"the codec server decrypts for whoever reaches it: bound to {host}, it needs "
-            f"a bearer token in {TOKEN_ENV}"
+            f"a bearer token in {TOKEN_ENV} (or {TOKEN_ENV}_FILE)"
         )
-    configured = os.environ.get(ORIGINS_ENV)
-    origins = (
-        tuple(o.strip().rstrip("/") for o in configured.split(",") if o.strip())
-        if configured
-        else DEFAULT_ORIGINS
+    return create_codec_app(
+        payload_codec(settings), origins=settings.codec_origins, token=settings.codec_token
     )
-    return create_codec_app(EncryptionCodec(), origins=origins, token=token)
 
 
-def run_codec_server(host: str, port: int) -> None:
+def run_codec_server(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(codec_app_from_env(host), host=host, port=port, log_level="warning")
+    configure_logging(settings)
+    app = codec_app_from_settings(settings, host)
+    uvicorn.run(app, host=host, port=port, access_log=False, log_config=None)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -17,13 +19,16 @@ from pydantic import BaseModel, ConfigDict
 
 from activities.db import make_engine
 from activities.schema import upgrade
-from core.encryption import load_key_ring
-from core.metrics import HOST_ENV, PORT_ENV, MetricsSettingError, port_setting
-from core.program import load_program
-from starter.web.metrics import PORT_ENV as WEB_PORT_ENV
+from core.metrics import HOST_ENV, PORT_ENV
+from core.program import ProgramError, load_program
+from core.provisioning import setup
+from core.settings import DEV_DATABASE, Settings, SettingsError, create_dev_files, parse_port
+from core.temporal import connect_for_operations
 from worker import GRACEFUL_SHUTDOWN
+from workflows.models import ProgramRules
 
 BIN = Path(sys.executable).parent
+WEB_PORT_ENV = "REFERRALS_WEB_METRICS_PORT"
 STOP_TIMEOUT = GRACEFUL_SHUTDOWN + timedelta(seconds=15)
 
 
@@ -69,7 +74,6 @@ class MetricsSettings(Strict):
 
 class DevStack(Strict):
     temporal: TemporalSettings = TemporalSettings()
-    search_attributes: dict[str, Literal["Keyword", "Bool", "Text", "Int", "Double", "Datetime"]]
     mail_sink: MailSinkSettings = MailSinkSettings()
     web: WebSettings = WebSettings()
     codec_server: CodecServerSettings = CodecServerSettings()
@@ -118,8 +122,6 @@ def server_command(stack: DevStack) -> list[str]:
         "--ui-codec-endpoint",
         f"http://{stack.codec_server.host}:{stack.codec_server.port}",
     ]
-    for name, kind in stack.search_attributes.items():
-        command += ["--search-attribute", f"{name}={kind}"]
     return command
 
 
@@ -146,6 +148,13 @@ def set_retention(stack: DevStack) -> None:
     raise RuntimeError(f"could not set the namespace retention: {done.stderr.strip()}")
 
 
+async def _provision(settings: Settings, t: TemporalSettings, rules: ProgramRules) -> list[str]:
+    local = replace(
+        settings, temporal={"target_host": f"{t.ip}:{t.port}", "namespace": t.namespace}
+    )
+    return await setup(await connect_for_operations(local), rules, settings.task_queue, None)
+
+
 def metrics_ports(stack: DevStack) -> tuple[str, dict[str, str]]:
     """The metrics host, and REFERRALS_METRICS_PORT / REFERRALS_WEB_METRICS_PORT for the worker
     and the web app: the environment's, else the stack's; "off" for a port already in use
@@ -156,7 +165,7 @@ def metrics_ports(stack: DevStack) -> tuple[str, dict[str, str]]:
         (PORT_ENV, stack.metrics.worker_port, "worker"),
         (WEB_PORT_ENV, stack.metrics.web_port, "web app"),
     ]:
-        port = port_setting(os.environ.get(variable, str(default)), variable)
+        port = parse_port(os.environ.get(variable, str(default)), variable)
         if port is not None and _listening(host, port):
             print(
                 f"referrals dev: {host}:{port} is in use: the {what} runs without metrics",
@@ -172,8 +181,15 @@ def _metrics_url(host: str, port: str) -> str:
 
 
 def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
+    """The one process that creates the local stack's key, secret and database (.data/)."""
     stack = load_stack(config)
-    rules = load_program()  # a bad program.yaml stops here, before anything starts
+    try:
+        settings = Settings.from_env()
+        # A bad program.yaml stops here, before anything starts.
+        rules = load_program(settings.program_path)
+    except (SettingsError, ProgramError) as error:
+        print(f"referrals dev: {error}", file=sys.stderr)
+        return 1
     t, sink, web, codec = stack.temporal, stack.mail_sink, stack.web, stack.codec_server
     for host, port, what in [
         (t.ip, t.port, "Temporal"),
@@ -186,11 +202,13 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
             return 1
     try:
         metrics_host, metrics = metrics_ports(stack)
-    except MetricsSettingError as error:
+    except SettingsError as error:
         print(f"referrals dev: {error}", file=sys.stderr)
         return 1
     t.db_filename.parent.mkdir(parents=True, exist_ok=True)
-    migrated_from, schema = upgrade(make_engine())
+    create_dev_files()  # before several processes want them at once
+    database = settings.database_url or f"sqlite:///{DEV_DATABASE.resolve()}"
+    migrated_from, schema = upgrade(make_engine(database))
     if migrated_from != schema:
         print(f"database schema upgraded: {migrated_from or 'empty'} -> {schema}", flush=True)
     env = {
@@ -227,7 +245,6 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also when started in the background, where it is ignored
     try:
-        load_key_ring()  # created now if missing, before several processes want it at once
         codec_server = start(
             "codec server",
             [sys.executable, "-m", "starter.cli", "codec-server", "--host", codec.host,
@@ -237,6 +254,9 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
         server = start("Temporal server", server_command(stack))
         _wait_for_port(t.ip, t.port, server, 60)
         set_retention(stack)
+        # Search attributes and the nightly Schedules, as `referrals temporal setup` makes them.
+        for line in asyncio.run(_provision(settings, t, rules)):
+            print(f"temporal setup: {line}", flush=True)
         mail = start(
             "mail sink",
             [sys.executable, "-m", "starter.mail_sink", "--host", sink.host, "--port",
@@ -265,7 +285,7 @@ Referral Desk is running ({rules.name}).
                     closed referrals kept {t.retention_days} days; the database keeps them all)
   Temporal UI       http://{t.ip}:{t.ui_port}/namespaces/{t.namespace}/workflows
   Codec server      http://{codec.host}:{codec.port}  (payloads are encrypted; the UI decodes here)
-  Worker            task queue {os.environ.get("REFERRALS_TASK_QUEUE", "referrals")}
+  Worker            task queue {settings.task_queue}
   Mail sink         {sink.host}:{sink.port}, every email kept in {sink.maildir}/new
   Intake form       http://{web.host}:{web.port}/
   Referrer portal   http://{web.host}:{web.port}/me      (sign-in links arrive in the mailbox)

@@ -25,7 +25,7 @@ from activities.db import ProspectClaim
 from activities.ledger import release_claim
 from activities.records import discard_referral, load_referral, save_referral
 from core.links import referrer_key
-from core.temporal import task_queue
+from core.settings import Settings
 from starter.consent import consent_statement
 from starter.contact_window import contact_window
 from starter.domains import email_domain, public_sector_suffix, registrable_domain
@@ -295,16 +295,15 @@ async def submit_referral(
     engine: Engine,
     rules: ProgramRules,
     submission: Submission,
+    settings: Settings,
     *,
     submitted_by: str = "referrer",
     received_at: datetime | None = None,
-    key: str | None = None,
     consent_language: str | None = None,
 ) -> str:
-    """Start the referral's workflow and return its id, or raise why it is refused.
-    `key` keys the referrer's hash in Temporal, ReferrerKey (default: the program secret);
-    `consent_language`: the language of the consent statement accepted (default: the
-    referrer's)."""
+    """Start the referral's workflow on the settings' task queue and return its id, or raise
+    why it is refused. `consent_language`: the language of the consent statement accepted
+    (default: the referrer's)."""
     errors = eligibility_errors(submission, rules)
     if errors:
         raise SubmissionRefused(errors)
@@ -322,7 +321,7 @@ async def submit_referral(
         rules=rules,
         contact_window=window,
         submitted_by=submitted_by,
-        referrer_key=referrer_key(str(submission.referrer.email), key),
+        referrer_key=referrer_key(str(submission.referrer.email), settings.referrer_key_secret),
         consent=ConsentRecord(statement=statement, accepted_at=received_at),
         prospect_domain=domain,
     )
@@ -336,7 +335,7 @@ async def submit_referral(
             ReferralWorkflow.run,
             given,
             id=referral_id,
-            task_queue=task_queue(),
+            task_queue=settings.task_queue,
             # Readable by anyone who reads the namespace: the prospect company and product
             # only, never a person's name or address.
             static_summary=f"{submission.prospect.company} ({domain}) · {product.name}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import mailbox
 import os
 import re
@@ -26,14 +27,15 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
+from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
-from activities.email import SmtpSettings
 from activities.schema import upgrade
 from core.encryption import KEYS_ENV, new_key_entry
 from core.program import load_program
-from core.temporal import data_converter
+from core.settings import Need, Settings, SmtpSettings
+from core.temporal import data_converter, payload_codec
 from starter.mail_sink import start_sink
 from worker import build_worker
 from workflows.models import ProgramRules
@@ -49,8 +51,28 @@ from workflows.referral import (
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# Payloads are encrypted in every test, with a key of the test run; CLI subprocesses inherit it.
+# Payloads are encrypted in every test with a key of the test run, and links are signed with
+# one secret; the CLI and web processes the tests start inherit both.
 os.environ.setdefault(KEYS_ENV, new_key_entry())
+os.environ.setdefault(Need.SECRET.value, "test-secret")
+SECRET = os.environ[Need.SECRET.value]
+# The settings of the test process (its environment above; no dev stack files are read from
+# tests/): the in-process workers and web apps get these, or a copy with a change.
+SETTINGS = Settings.from_env(cwd=ROOT / "tests")
+
+
+def converter() -> DataConverter:
+    """The data converter of every client the tests connect: the test run's key."""
+    return data_converter(payload_codec(SETTINGS))
+
+
+def settings_with(sink: MailSink | None = None, **changes: Any) -> Settings:
+    """The test settings, sending through `sink` and with `changes` (a task queue…)."""
+    if sink is not None:
+        changes["smtp"] = sink.settings()
+    return dataclasses.replace(SETTINGS, **changes)
+
+
 SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
     STAGE_KEY,
     DOMAIN_KEY,
@@ -91,7 +113,7 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     on a result can leap it years ahead, or a later sleep stall, for every test after it."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(BIN / "temporal-test-server"),
-        data_converter=data_converter(),
+        data_converter=converter(),
     )
     yield env
     await env.shutdown()
@@ -103,7 +125,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=data_converter(),
+        data_converter=converter(),
     )
     yield env
     await env.shutdown()
@@ -234,7 +256,7 @@ async def live(
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'referrals.db'}"
     engine = make_engine(url)
     upgrade(engine)
-    worker = build_worker(dev_env.client, engine, mail_sink.settings(), queue="referrals")
+    worker = build_worker(dev_env.client, engine, settings_with(mail_sink), queue="referrals")
     async with worker:
         yield Live(
             client=dev_env.client,
@@ -280,10 +302,12 @@ async def referrals_web(workdir: Path, ready: str, **settings: str) -> AsyncIter
         if key not in ("REFERRALS_DEV_MAILDIR", "TEMPORAL_PROFILE", "TEMPORAL_CONFIG_FILE")
     }
     env.update(
-        REFERRALS_PROGRAM=str(ROOT / "program.yaml"),
-        REFERRALS_PUBLIC_URL=base,
-        REFERRALS_SECRET_KEY="browser-test-secret",
-        **settings,
+        {
+            "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
+            "REFERRALS_PUBLIC_URL": base,
+            "REFERRALS_SECRET_KEY": "browser-test-secret",
+            **settings,
+        }
     )
     log_path = workdir / "web.log"
     with log_path.open("wb") as log:

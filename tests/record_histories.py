@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 import sys
 import tempfile
@@ -41,15 +42,21 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import WebhookDeliveryRow, make_engine
-from activities.email import SmtpSettings
 from activities.schema import upgrade
+from activities.webhooks import configure as configure_webhooks
 from activities.webhooks import redeliver
 from core.encryption import KEYS_ENV, new_key_entry
 from core.program import load_program
-from core.temporal import data_converter
+from core.settings import Settings, SmtpSettings
+from core.temporal import data_converter, payload_codec
 from starter.intake import submit_referral
 from starter.mail_sink import MaildirHandler
-from tests.conftest import BIN, ROOT, SEARCH_ATTRIBUTES, free_port
+from tests.conftest import (
+    BIN,
+    ROOT,
+    SEARCH_ATTRIBUTES,
+    free_port,
+)
 from tests.factories import referral_input, submission
 from worker import build_worker
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
@@ -64,7 +71,7 @@ class Desk:
     client: Client
     engine: Engine
     rules: ProgramRules
-    smtp: SmtpSettings
+    settings: Settings
 
     async def submit(
         self, received_at: datetime | None = None, referrer_email: str | None = None
@@ -76,6 +83,7 @@ class Desk:
             self.engine,
             self.rules,
             submission(**{"prospect.website": site, **changes}),
+            self.settings,
             submitted_by="desk-anna",
             received_at=received_at,
         )
@@ -241,14 +249,18 @@ async def upgraded_from_0_1_0(desk: Desk) -> list[WorkflowHandle[Any, Any]]:
         desk.rules, f"R-{uuid.uuid4().hex[:10].upper()}", received_at=datetime.now(UTC)
     )
     off = build_worker(
-        desk.client, desk.engine, desk.smtp, queue=queue, patch_activation_callback=lambda _: False
+        desk.client,
+        desk.engine,
+        desk.settings,
+        queue=queue,
+        patch_activation_callback=lambda _: False,
     )
     async with off:
         first = await desk.client.start_workflow(
             ReferralWorkflow.run, given, id=given.referral_id, task_queue=queue
         )
         await walk_to(desk, first, Stage.APPROVED)
-    async with build_worker(desk.client, desk.engine, desk.smtp, queue=queue):
+    async with build_worker(desk.client, desk.engine, desk.settings, queue=queue):
         await first.signal("upgrade")
         run1 = desk.client.get_workflow_handle(given.referral_id, run_id=first.result_run_id)
         while (await run1.describe()).status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
@@ -449,16 +461,16 @@ async def settle(handle: WorkflowHandle[Any, Any]) -> None:
 async def record_timed(
     path: Callable[[Desk, WorkflowEnvironment], Awaitable[WorkflowHandle[Any, Any]]],
     engine: Engine,
-    smtp: SmtpSettings,
+    settings: Settings,
     rules: ProgramRules,
 ) -> WorkflowHistory:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(BIN / "temporal-test-server"),
-        data_converter=data_converter(),
+        data_converter=data_converter(payload_codec(settings)),
     )
     try:
-        async with build_worker(env.client, engine, smtp, queue=QUEUE):
-            handle = await path(Desk(env.client, engine, rules, smtp), env)
+        async with build_worker(env.client, engine, settings, queue=QUEUE):
+            handle = await path(Desk(env.client, engine, rules, settings), env)
             with env.auto_time_skipping_disabled():  # closed during the sleep: just read it
                 await handle.result()
             return await handle.fetch_history()
@@ -473,22 +485,25 @@ async def record(target: Path) -> None:
     # the webhook paths add them.
     program = work / "program.yaml"
     program.write_text((ROOT / "program.yaml").read_text(encoding="utf-8"), encoding="utf-8")
-    os.environ["REFERRALS_PROGRAM"] = str(program)
     engine = make_engine(f"sqlite:///{work / 'referrals.db'}")
     upgrade(engine)
     port = free_port()
     sink = Controller(BouncingSink(work / "mail"), hostname="127.0.0.1", port=port)
     sink.start()
-    smtp = SmtpSettings("127.0.0.1", port)
+    # The environment `main` set: this set's key, short webhook retries.
+    settings = dataclasses.replace(
+        Settings.from_env(cwd=work), smtp=SmtpSettings("127.0.0.1", port), program_path=program
+    )
+    configure_webhooks(settings.program_path, settings.webhook_retry)
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=data_converter(),
+        data_converter=data_converter(payload_codec(settings)),
     )
     try:
-        worker = build_worker(env.client, engine, smtp, queue=QUEUE)
+        worker = build_worker(env.client, engine, settings, queue=QUEUE)
         async with worker:
-            desk = Desk(env.client, engine, rules, smtp)
+            desk = Desk(env.client, engine, rules, settings)
             recorded = await asyncio.gather(*(path(desk) for path in PATHS))
             runs = {
                 f"{path.__name__}{f'_run{n}' if isinstance(got, list) else ''}": handle
@@ -499,7 +514,7 @@ async def record(target: Path) -> None:
             runs.update(await webhooks(desk, program))
             histories = {name: await handle.fetch_history() for name, handle in runs.items()}
         for timed in TIMED_PATHS:
-            histories[timed.__name__] = await record_timed(timed, engine, smtp, rules)
+            histories[timed.__name__] = await record_timed(timed, engine, settings, rules)
         target.mkdir(parents=True)
         for name, history in histories.items():
             (target / f"{name}.json").write_text(history.to_json(), encoding="utf-8")

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from starter.web import create_app
-from tests.conftest import Live
+from tests.conftest import SETTINGS, Live
 from tests.factories import submission_data
 from tests.test_web import asgi_client
 from workflows.models import ProgramRules
@@ -121,7 +121,9 @@ def repaired(case: Case, site: str, printable: bool) -> Case:
     "ignore:Do not use the `random` module:hypothesis.errors.HypothesisDeprecationWarning"
 )
 async def test_the_api_keeps_to_its_openapi_document(live: Live, rules: ProgramRules) -> None:
-    app = create_app(rules=rules, engine=live.engine, client=live.client, rate_limit="off")
+    app = create_app(
+        SETTINGS, rules=rules, engine=live.engine, client=live.client, rate_limit="off"
+    )
     loop = asyncio.get_running_loop()
     statuses: list[int] = []
     async with asgi_client(app) as web:
@@ -187,7 +189,9 @@ def _with_company(raw_json_string: str) -> bytes:
 async def test_malformed_bodies_get_the_documented_refusal(
     live: Live, rules: ProgramRules, body: bytes, content_type: str
 ) -> None:
-    app = create_app(rules=rules, engine=live.engine, client=live.client, rate_limit="off")
+    app = create_app(
+        SETTINGS, rules=rules, engine=live.engine, client=live.client, rate_limit="off"
+    )
     async with asgi_client(app) as web:
         response = await web.post(
             "/api/referrals", content=body, headers={"content-type": content_type}

@@ -13,7 +13,7 @@ from typing import Any
 
 from activities.i18n import format_money
 from starter.intake import submit_referral
-from tests.conftest import Cli, Live, eventually
+from tests.conftest import SETTINGS, Cli, Live, eventually
 from tests.factories import submission
 from workflows.models import Action, ActResult, ProgramRules, StaffAction
 
@@ -54,7 +54,7 @@ async def test_one_paid_one_clawed_back_and_what_the_referrer_owes(
                 "opportunity.product": product,
             }
         )
-        return await submit_referral(live.client, live.engine, shipped_rules, given)
+        return await submit_referral(live.client, live.engine, shipped_rules, given, SETTINGS)
 
     paid, clawed = await submit("cloudsuite-financials"), await submit("cloudsuite-financials")
     for rid, n in ((paid, 1), (clawed, 2)):

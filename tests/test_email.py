@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import smtplib
 import ssl
 import subprocess
@@ -26,12 +27,12 @@ from activities.email import (
     PERMANENT_EMAIL_FAILURE,
     EmailActivities,
     RenderedEmail,
-    SmtpSettings,
     build_message,
     deliver,
     message_id,
 )
 from activities.schema import upgrade
+from core.settings import SmtpSettings
 from starter.mail_sink import MaildirHandler
 from tests.conftest import MailSink, free_port
 from tests.factories import state_at
@@ -99,18 +100,29 @@ def test_smtp_outage_raises_and_records_nothing(
     assert len(sent_to(mail_sink, key)) == 1
 
 
-def test_starttls_and_login_when_configured(
-    rules: ProgramRules, engine: Engine, tmp_path: Path
-) -> None:
-    """A real submission server: STARTTLS required before AUTH, and the credentials checked."""
+def certificate(folder: Path, name: str, *alternative_names: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (and its subject alternative names), as a test
+    relay presents it; returns (cert, key)."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    san = ",".join(alternative_names) or f"DNS:{name}"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(tmp_path / "key.pem"),
-         "-out", str(tmp_path / "cert.pem")],
+         "-subj", f"/CN={name}", "-addext", f"subjectAltName={san}",
+         "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return cert, key
+
+
+def test_starttls_verifies_the_relay_then_logs_in(
+    rules: ProgramRules, engine: Engine, tmp_path: Path
+) -> None:
+    """A real submission server: STARTTLS required before AUTH, the credentials checked. Its
+    certificate is self-signed: refused until its CA is configured, and one for another name
+    is refused even then (whoever sits in between would read every sign-in link and the
+    password)."""
+    cert, key = certificate(tmp_path, "relay", "IP:127.0.0.1", "DNS:localhost")
+    other_cert, other_key = certificate(tmp_path, "mail.elsewhere.example")
     logins: list[tuple[str, ...]] = []
 
     def authenticator(
@@ -122,32 +134,50 @@ def test_starttls_and_login_when_configured(
         logins.append(login)
         return AuthResult(success=login == ("desk-mailer", "s3cret"), handled=False)
 
-    port = free_port()
-    controller = Controller(
-        MaildirHandler(tmp_path / "mail"),
-        hostname="127.0.0.1",
-        port=port,
-        tls_context=tls,
-        require_starttls=True,
-        authenticator=authenticator,
-        auth_required=True,
-    )
-    controller.start()
-    try:
-        settings = SmtpSettings("127.0.0.1", port, "desk-mailer", "s3cret", starttls=True)
-        key = f"R-TEST000001/referrer/qualifying/{engine.url.get_backend_name()}-tls"
-        ActivityEnvironment().run(
-            EmailActivities(engine, settings).send_email,
-            request(rules, key, "referrer_qualifying"),
+    def relay(chain: tuple[Path, Path]) -> tuple[Controller, int]:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(*chain)
+        port = free_port()
+        controller = Controller(
+            MaildirHandler(tmp_path / "mail"),
+            hostname="127.0.0.1",
+            port=port,
+            tls_context=tls,
+            require_starttls=True,
+            authenticator=authenticator,
+            auth_required=True,
         )
-        wrong = SmtpSettings("127.0.0.1", port, "desk-mailer", "nope", starttls=True)
+        controller.start()
+        return controller, port
+
+    def submission_relay(port: int, ca_file: Path | None = None) -> SmtpSettings:
+        return SmtpSettings(
+            "127.0.0.1", port, "desk-mailer", "s3cret", tls="starttls", ca_file=ca_file
+        )
+
+    def send(smtp: SmtpSettings, suffix: str) -> None:
+        key = f"R-TEST000001/referrer/qualifying/{engine.url.get_backend_name()}-{suffix}"
+        ActivityEnvironment().run(
+            EmailActivities(engine, smtp).send_email, request(rules, key, "referrer_qualifying")
+        )
+
+    controller, port = relay((cert, key))
+    impostor, impostor_port = relay((other_cert, other_key))
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            send(submission_relay(port), "unverified")
+        assert logins == []  # refused before the password was sent
+        with pytest.raises(ssl.SSLCertVerificationError, match="match"):
+            send(submission_relay(impostor_port, ca_file=other_cert), "name")
+        assert logins == []
+        trusted = submission_relay(port, ca_file=cert)
+        send(trusted, "tls")
+        wrong = dataclasses.replace(trusted, password="nope")
         with pytest.raises(smtplib.SMTPAuthenticationError):
-            ActivityEnvironment().run(
-                EmailActivities(engine, wrong).send_email,
-                request(rules, key + "-wrong", "referrer_qualifying"),
-            )
+            send(wrong, "wrong")
     finally:
         controller.stop()
+        impostor.stop()
     assert logins[0] == ("desk-mailer", "s3cret")
     assert set(logins[1:]) == {("desk-mailer", "nope")}  # smtplib tries each mechanism offered
     assert len(list((tmp_path / "mail" / "new").iterdir())) == 1

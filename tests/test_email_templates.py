@@ -497,4 +497,4 @@ def test_staff_emails_carry_the_numbers(language: Language) -> None:
 
 
 def test_templates_directory_is_the_one_rendered() -> None:
-    assert EMAIL_DIR == Path(__file__).resolve().parent.parent / "templates" / "email"
+    assert EMAIL_DIR == Path(__file__).resolve().parent.parent / "core" / "templates" / "email"

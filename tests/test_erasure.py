@@ -21,14 +21,13 @@ from temporalio.client import (
 )
 
 from activities.db import make_engine
-from activities.email import SmtpSettings
 from activities.records import load_referral
 from activities.schema import upgrade
 from core.links import status_token
 from starter.consent import consent_statement
 from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import Cli, Live, eventually
+from tests.conftest import Cli, Live, eventually, settings_with
 from tests.factories import submission, submission_data
 from tests.test_system_of_record import DELETION_SECONDS, KEY, gone
 from worker import build_worker
@@ -175,18 +174,18 @@ async def test_the_retention_schedule_erases_what_has_expired(
     """Retention 0: every closed referral is due, the open one is not. A database and task
     queue of its own keep the rest of the session's referrals out of it."""
     queue = f"retention-{uuid.uuid4().hex[:6]}"
-    monkeypatch.setenv("REFERRALS_TASK_QUEUE", queue)
     engine = make_engine(f"sqlite:///{tmp_path / 'retention.db'}")
     upgrade(engine)
     now = rules.model_copy(update={"retention": RetentionRules(personal_data_days=0)})
-    smtp = SmtpSettings(live.sink.host, live.sink.port)
-    async with build_worker(live.client, engine, smtp, queue=queue, rules=now):
+    settings = settings_with(live.sink, task_queue=queue)
+    async with build_worker(live.client, engine, settings, rules=now):
         ids = [
             await submit_referral(
                 live.client,
                 engine,
                 rules,
                 submission(**{"prospect.website": f"https://keep-{uuid.uuid4().hex[:8]}.fr"}),
+                settings,
             )
             for _ in range(2)
         ]

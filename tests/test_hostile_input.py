@@ -37,7 +37,7 @@ from starter.intake import SubmissionRefused, parse_submission
 from starter.web import create_app
 from starter.web.intake import CSRF_COOKIE, ERROR_MESSAGES, HONEYPOT
 from starter.web.security import MAX_BODY_BYTES
-from tests.conftest import ROOT, Live, eventually, serve_app
+from tests.conftest import ROOT, SECRET, Live, eventually, serve_app
 from tests.factories import ONE_LINE_FIELDS, submission_data
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_email_templates import TEMPLATE_EXTRA, TEMPLATE_STAGES, make_state
@@ -64,7 +64,7 @@ from workflows.models import (
     normalize_domain,
 )
 
-KEY = "hostile-test-secret"
+KEY = SECRET  # the live worker's: its emailed links are the pages' links
 RULES = load_program(ROOT / "program.yaml")
 SINGLE_LINE = ONE_LINE_FIELDS
 FREE_TEXT = [*SINGLE_LINE, "opportunity.notes"]
@@ -295,12 +295,6 @@ def test_notes_keep_their_line_breaks() -> None:
 
 
 # --- web pages ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The emailed status link is signed with the process's key: make it the app's."""
-    monkeypatch.setenv("REFERRALS_SECRET_KEY", KEY)
 
 
 def make_app(live: Live, rules: ProgramRules, **options: Any) -> FastAPI:
@@ -573,6 +567,8 @@ async def test_security_headers_on_every_route(
         await check(web, "POST", "/api/referrals", 413, content=b" " * (MAX_BODY_BYTES + 1))
         await check(web, "PUT", "/api/referrals", 405)
         await check(web, "GET", "/healthz", 200)
+        await check(web, "GET", "/livez", 200)
+        await check(web, "GET", "/readyz", 200)
         await check(web, "GET", "/openapi.json", 200)
         await check(web, "GET", "/no-such-page", 404)
         listing = await check(web, "GET", "/dev/mail", 200)

@@ -34,7 +34,7 @@ from activities.i18n import (
 )
 from workflows.models import COUNTRY_CODES, minor_unit_digits
 
-ROOT = LOCALE_DIR.parent
+ROOT = LOCALE_DIR.parent.parent  # the repository: mapping files name sources from it
 SOURCE_LANGUAGE = "en"  # the msgids are English: an empty English msgstr means "as written"
 DOMAINS = sorted(path.stem for path in LOCALE_DIR.glob("*.cfg"))
 

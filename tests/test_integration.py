@@ -12,7 +12,7 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from activities.db import CommissionRow, ProspectClaim
 from starter.intake import DuplicateReferral, submit_referral
-from tests.conftest import Live, eventually
+from tests.conftest import SETTINGS, Live, eventually
 from tests.desk import act_by_id
 from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState, Stage
@@ -24,7 +24,7 @@ def unique_site() -> str:
 
 async def test_referral_runs_to_commission_paid(live: Live, rules: ProgramRules) -> None:
     referral_id = await submit_referral(
-        live.client, live.engine, rules, submission(**{"prospect.website": unique_site()})
+        live.client, live.engine, rules, submission(**{"prospect.website": unique_site()}), SETTINGS
     )
     await act_by_id(live.client, referral_id, Action.CONTACTED, note="called the referrer")
     await act_by_id(live.client, referral_id, Action.ACCEPT)
@@ -67,7 +67,7 @@ async def test_referral_runs_to_commission_paid(live: Live, rules: ProgramRules)
 async def test_search_attributes_summary_and_details(live: Live, rules: ProgramRules) -> None:
     site = unique_site()
     referral_id = await submit_referral(
-        live.client, live.engine, rules, submission(**{"prospect.website": site})
+        live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
     )
     for action in (Action.CONTACTED, Action.ACCEPT, Action.APPROVE):
         await act_by_id(live.client, referral_id, action)
@@ -93,7 +93,9 @@ async def test_search_attributes_summary_and_details(live: Live, rules: ProgramR
 async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -> None:
     site = unique_site()
     attempts = [
-        submit_referral(live.client, live.engine, rules, submission(**{"prospect.website": site}))
+        submit_referral(
+            live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
+        )
         for _ in range(8)
     ]
     results = await asyncio.gather(*attempts, return_exceptions=True)
@@ -108,6 +110,7 @@ async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -
             live.engine,
             rules,
             submission(**{"prospect.website": site.replace("https://www.", "HTTP://")}),
+            SETTINGS,
         )
     # Once the referral is closed, the prospect can be referred again.
     await act_by_id(live.client, accepted[0], Action.DECLINE, reason="already a customer")
@@ -118,7 +121,7 @@ async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -
 
     await eventually(released)
     again = await submit_referral(
-        live.client, live.engine, rules, submission(**{"prospect.website": site})
+        live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
     )
     assert again != accepted[0]
     await act_by_id(live.client, again, Action.CANCEL, reason="test over")

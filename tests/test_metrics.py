@@ -29,11 +29,11 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from activities.db import make_engine
 from activities.metrics import ActivityMetrics
 from activities.schema import upgrade
-from core.metrics import MetricsSettingError, metrics_endpoint, worker_runtime
-from core.temporal import data_converter
+from core.metrics import MetricsEndpoint, MetricsSettingError, worker_runtime
+from core.settings import Settings, SettingsError
 from starter.dev import DevStack, MetricsSettings, metrics_ports
 from starter.intake import submit_referral
-from tests.conftest import ROOT, eventually, free_port, referrals_web
+from tests.conftest import ROOT, converter, eventually, free_port, referrals_web, settings_with
 from tests.factories import submission
 from workflows.models import ProgramRules, Stage
 
@@ -79,12 +79,12 @@ class FlakyServer:
 
 
 def test_metrics_settings() -> None:
-    assert metrics_endpoint({}) is None
-    assert metrics_endpoint({"REFERRALS_METRICS_PORT": "off"}) is None
-    endpoint = metrics_endpoint({"REFERRALS_METRICS_PORT": "9464"})
+    assert Settings.from_env({}).worker_metrics is None
+    assert Settings.from_env({"REFERRALS_METRICS_PORT": "off"}).worker_metrics is None
+    endpoint = Settings.from_env({"REFERRALS_METRICS_PORT": "9464"}).worker_metrics
     assert endpoint is not None and endpoint.url == "http://127.0.0.1:9464/metrics"
-    with pytest.raises(MetricsSettingError):
-        metrics_endpoint({"REFERRALS_METRICS_PORT": "ninety"})
+    with pytest.raises(SettingsError, match="REFERRALS_METRICS_PORT"):
+        Settings.from_env({"REFERRALS_METRICS_PORT": "ninety"})
 
 
 async def test_the_worker_serves_temporal_and_program_metrics(
@@ -104,7 +104,6 @@ async def test_the_worker_serves_temporal_and_program_metrics(
     controller = Controller(relay, hostname="127.0.0.1", port=smtp_port)
     controller.start()
     queue = f"metrics-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("REFERRALS_TASK_QUEUE", queue)
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     worker = await asyncio.create_subprocess_exec(
@@ -138,7 +137,11 @@ async def test_the_worker_serves_temporal_and_program_metrics(
 
         site = f"https://metrics-{uuid.uuid4().hex[:8]}.example/"
         referral_id = await submit_referral(
-            dev_env.client, engine, rules, submission(**{"prospect.website": site})
+            dev_env.client,
+            engine,
+            rules,
+            submission(**{"prospect.website": site}),
+            settings_with(task_queue=queue),
         )
         exposition = ""
 
@@ -264,13 +267,13 @@ class MetricsProbe:
 
 async def test_activity_counters_on_the_runtime_endpoint(dev_env: WorkflowEnvironment) -> None:
     port = free_port()
-    runtime = worker_runtime(port)
+    runtime = worker_runtime(MetricsEndpoint("127.0.0.1", port))
     with pytest.raises(MetricsSettingError):
-        worker_runtime(port)  # taken: a clear error, not a worker without metrics
+        worker_runtime(MetricsEndpoint("127.0.0.1", port))  # taken: a clear error
     client = await Client.connect(
         dev_env.client.service_client.config.target_host,
         namespace=dev_env.client.namespace,
-        data_converter=data_converter(),
+        data_converter=converter(),
         runtime=runtime,
     )
     queue = f"metrics-probe-{uuid.uuid4().hex[:8]}"
@@ -354,9 +357,7 @@ def test_the_dev_stack_runs_without_metrics_on_a_taken_port(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        stack = DevStack(
-            search_attributes={}, metrics=MetricsSettings(worker_port=busy, web_port=web_port)
-        )
+        stack = DevStack(metrics=MetricsSettings(worker_port=busy, web_port=web_port))
         host, ports = metrics_ports(stack)
     assert host == "127.0.0.1"
     assert ports == {"REFERRALS_METRICS_PORT": "off", "REFERRALS_WEB_METRICS_PORT": str(web_port)}

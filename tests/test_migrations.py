@@ -17,8 +17,16 @@ from sqlalchemy import MetaData, Table, select, text
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
-from activities.schema import BASELINE, SchemaOutOfDate, check_schema, current_revision, upgrade
-from tests.conftest import REFERRALS, ROOT, empty_database
+from activities.schema import (
+    BASELINE,
+    SchemaOutOfDate,
+    check_schema,
+    current_revision,
+    head_revision,
+    supported_code,
+    upgrade,
+)
+from tests.conftest import POSTGRES_URL_ENV, REFERRALS, ROOT, empty_database
 
 # Rows as release 0.1.0 wrote them, table by table (its schema is the baseline revision).
 ROWS_0_1_0 = {
@@ -161,3 +169,55 @@ def test_nothing_starts_on_an_out_of_date_schema(tmp_path: Path) -> None:
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1, (command, done.stderr)
         assert len(lines) == 1 and "run `referrals db upgrade`" in lines[0], (command, lines)
+
+
+def newer_release_migrated(engine: Engine, serves_code_from: str) -> None:
+    """What a newer release's `db upgrade` leaves: a revision this code does not know, and the
+    oldest code its schema serves."""
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        connection.execute(
+            text("UPDATE schema_compatibility SET supports_code_from = :oldest"),
+            {"oldest": serves_code_from},
+        )
+
+
+def test_an_older_process_starts_on_a_schema_migrated_additively(engine: Engine) -> None:
+    """Mid rolling deploy: the new release migrated first. Old processes restarting keep
+    working while its migrations were additive (expand), and stop once one was not
+    (contract)."""
+    head = head_revision()
+    assert supported_code(engine) == "0007"  # 0008 only added a table
+
+    newer_release_migrated(engine, serves_code_from=head)
+    check_schema(engine)  # this code still works on it
+
+    newer_release_migrated(engine, serves_code_from="9999")
+    with pytest.raises(SchemaOutOfDate, match="newer than this code .* run the newer release"):
+        check_schema(engine)
+
+
+def test_two_upgrades_at_once_one_migrates_the_other_waits(tmp_path: Path) -> None:
+    """As two `referrals db upgrade` Jobs of a rollout might: on PostgreSQL, the advisory lock
+    lets one migrate; the other finds the schema current and does nothing."""
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if url is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_URL_ENV} is not set")
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
+    empty_database(url).dispose()
+    runs = [
+        subprocess.Popen(
+            [REFERRALS, "db", "upgrade"],
+            env={**os.environ, "REFERRALS_DATABASE_URL": url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    said = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], said
+    outs = sorted(out for out, _ in said)
+    assert "already at the current schema" in outs[0]
+    assert f"upgraded from empty to {head_revision()}" in outs[1]

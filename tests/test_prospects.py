@@ -11,7 +11,7 @@ import pytest
 
 from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, SubmissionRefused, submit_referral
-from tests.conftest import Live, eventually
+from tests.conftest import SETTINGS, Live, eventually
 from tests.desk import act_by_id
 from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState
@@ -23,7 +23,7 @@ def unique() -> str:
 
 
 async def submit(live: Live, rules: ProgramRules, **changes: Any) -> str:
-    return await submit_referral(live.client, live.engine, rules, submission(**changes))
+    return await submit_referral(live.client, live.engine, rules, submission(**changes), SETTINGS)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ appear in ASGI scopes here, no packet goes anywhere.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
+from core.settings import Settings
 from starter.web import create_app, served_app
 from starter.web.security import (
     RATE_LIMIT_ENV,
@@ -26,7 +28,7 @@ from starter.web.security import (
     client_address,
     parse_networks,
 )
-from tests.conftest import Live
+from tests.conftest import SECRET, Live
 from tests.test_web import (
     FormState,
     assert_kept,
@@ -39,7 +41,7 @@ from tests.test_web import (
 )
 from workflows.models import ProgramRules
 
-KEY = "rate-limit-test-secret"
+KEY = SECRET
 PROXY = "192.0.2.10"
 CLIENT_A, CLIENT_B, OTHER = "198.51.100.1", "198.51.100.2", "203.0.113.50"
 
@@ -170,15 +172,12 @@ def test_a_wrong_proxy_setting_is_an_error_naming_the_variable() -> None:
 # --- the app -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REFERRALS_SECRET_KEY", KEY)
-    monkeypatch.delenv(RATE_LIMIT_ENV, raising=False)
-    monkeypatch.delenv(TRUSTED_PROXIES_ENV, raising=False)
-
-
-def make_app(live: Live, rules: ProgramRules, **options: Any) -> FastAPI:
-    return create_app(rules=rules, engine=live.engine, client=live.client, key=KEY, **options)
+def make_app(
+    live: Live, rules: ProgramRules, settings: Settings | None = None, **options: Any
+) -> FastAPI:
+    return create_app(
+        settings, rules=rules, engine=live.engine, client=live.client, key=KEY, **options
+    )
 
 
 def client(app: FastAPI, peer: str = CLIENT_A) -> httpx.AsyncClient:
@@ -298,12 +297,9 @@ async def test_forwarded_for_is_believed_only_from_a_trusted_proxy(
         assert_limited_api(await post(direct, "198.51.100.199"))
 
 
-async def test_configured_from_the_environment(
-    live: Live, rules: ProgramRules, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(RATE_LIMIT_ENV, "2/minute")
-    monkeypatch.setenv(TRUSTED_PROXIES_ENV, PROXY)
-    app = make_app(live, rules)
+async def test_configured_from_the_environment(live: Live, rules: ProgramRules) -> None:
+    environment = {RATE_LIMIT_ENV: "2/minute", TRUSTED_PROXIES_ENV: PROXY}
+    app = make_app(live, rules, Settings.from_env(environment))
     async with client(app, PROXY) as proxy:
         for _ in range(2):
             response = await proxy.post(
@@ -314,9 +310,8 @@ async def test_configured_from_the_environment(
         assert_limited_api(limited)
         other = await proxy.post("/api/referrals", json={}, headers={"x-forwarded-for": CLIENT_B})
         assert other.status_code == 422
-    monkeypatch.setenv(RATE_LIMIT_ENV, "ten a minute")
     with pytest.raises(ValueError, match=RATE_LIMIT_ENV):
-        make_app(live, rules)
+        make_app(live, rules, Settings.from_env({RATE_LIMIT_ENV: "ten a minute"}))
 
 
 async def test_in_process_apps_are_unlimited_unless_asked(live: Live, rules: ProgramRules) -> None:
@@ -327,12 +322,13 @@ async def test_in_process_apps_are_unlimited_unless_asked(live: Live, rules: Pro
             assert (await web.post("/api/referrals", json={})).status_code == 422
 
 
-async def test_the_served_app_allows_ten_a_minute_by_default(
-    live: Live, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("REFERRALS_DATABASE_URL", live.database_url)
-    monkeypatch.setenv("TEMPORAL_ADDRESS", live.address)
-    async with client(served_app()) as web:
+async def test_the_served_app_allows_ten_a_minute_by_default(live: Live) -> None:
+    environment = {
+        **os.environ,
+        "REFERRALS_DATABASE_URL": live.database_url,
+        "TEMPORAL_ADDRESS": live.address,
+    }
+    async with client(served_app(Settings.from_env(environment))) as web:
         for _ in range(10):
             assert (await web.post("/api/referrals", json={})).status_code == 422
         assert_limited_api(await web.post("/api/referrals", json={}))

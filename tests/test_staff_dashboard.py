@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from activities.db import make_engine
 from activities.schema import upgrade
+from core.settings import Settings
 from starter.figures import ProgramFigures, program_figures
 from starter.web import staff as staff_module
 from starter.web.security import RateLimiter
@@ -32,6 +33,7 @@ from starter.web.staff import (
     Choice,
     FiguresCache,
     add_staff_routes,
+    temporal_ui_links,
 )
 from tests.conftest import MailSink
 from tests.test_figures import NOW, Story, hours, known_referrals, record, step
@@ -224,20 +226,22 @@ async def test_the_page_is_the_same_whatever_the_machine_date(
 
 
 async def test_each_listed_referral_links_to_its_workflow_in_the_temporal_ui(
-    staff: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    staff: httpx.AsyncClient,
 ) -> None:
     default = (await staff.get("/staff?lang=en")).text
-    monkeypatch.setenv("REFERRALS_TEMPORAL_UI_URL", "https://temporal.example.com/")
-    monkeypatch.setenv("TEMPORAL_NAMESPACE", "referrals-prod")
-    configured = (await staff.get("/staff?lang=en")).text
+    configured = Settings.from_env(
+        {
+            "REFERRALS_TEMPORAL_UI_URL": "https://temporal.example.com/",
+            "TEMPORAL_NAMESPACE": "referrals-prod",
+        }
+    )
 
     assert re.findall(r'href="(http[^"]+)" class="workflow"', default) == [
         "http://127.0.0.1:8233/namespaces/default/workflows/R-FIG11",
         "http://127.0.0.1:8233/namespaces/default/workflows/R-FIG10",
     ]
-    assert (
-        'href="https://temporal.example.com/namespaces/referrals-prod/workflows/R-FIG10"'
-        in configured
+    assert temporal_ui_links(configured)("R-FIG10") == (
+        "https://temporal.example.com/namespaces/referrals-prod/workflows/R-FIG10"
     )
 
 

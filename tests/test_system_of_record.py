@@ -19,11 +19,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.db import CommissionRow, ProspectClaim
-from activities.email import SmtpSettings
 from activities.records import load_referral, save_referral
 from core.links import status_token
 from starter.web import create_app
-from tests.conftest import BIN, Cli, Live, eventually
+from tests.conftest import BIN, Cli, Live, eventually, settings_with
 from tests.factories import referral_input, submission_data
 from worker import build_worker
 from workflows.models import (
@@ -183,7 +182,7 @@ async def test_reconcile_repairs_what_temporal_left_behind(
     old = build_worker(
         live.client,
         live.engine,
-        SmtpSettings(live.sink.host, live.sink.port),
+        settings_with(live.sink),
         queue=queue,
         patch_activation_callback=lambda _: False,
     )
@@ -218,9 +217,7 @@ async def test_reconcile_repairs_what_temporal_left_behind(
 
     await eventually(legacy_listed, 30)
 
-    current = build_worker(
-        live.client, live.engine, SmtpSettings(live.sink.host, live.sink.port), queue=queue
-    )
+    current = build_worker(live.client, live.engine, settings_with(live.sink), queue=queue)
     async with current:
         report = await cli("reconcile")
         assert report.code == 0, report

@@ -29,7 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from faults.driver import lifecycle
 from faults.stack import Children, Worker
 from starter.intake import submit_referral
-from tests.conftest import MailSink
+from tests.conftest import MailSink, settings_with
 from tests.factories import submission
 from workflows.models import ProgramRules, ReferralState, Stage
 
@@ -117,7 +117,6 @@ async def test_two_workers_share_a_queue_and_survive_either_being_killed(
 ) -> None:
     client = dev_env.client
     queue = f"two-workers-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("REFERRALS_TASK_QUEUE", queue)  # where submit_referral starts them
     env = {
         "TEMPORAL_ADDRESS": client.service_client.config.target_host,
         "TEMPORAL_NAMESPACE": client.namespace,
@@ -143,6 +142,7 @@ async def test_two_workers_share_a_queue_and_survive_either_being_killed(
                 engine,
                 rules,
                 submission(**{"prospect.website": f"https://two-{uuid.uuid4().hex[:8]}.example/"}),
+                settings_with(task_queue=queue),
             )
             for _ in range(REFERRALS)
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import mailbox
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -31,8 +32,10 @@ from sqlmodel import Session
 
 from activities.db import ProspectClaim
 from activities.i18n import format_date, translations
-from core.links import csrf_token, public_url, status_token
-from starter.web import create_app
+from core.links import csrf_token, status_token
+from core.settings import Settings
+from starter.mail_sink import start_sink
+from starter.web import WebSettingError, create_app, served_app
 from starter.web.intake import (
     CSRF_COOKIE,
     ERROR_MESSAGES,
@@ -41,7 +44,7 @@ from starter.web.intake import (
     STEP_NAMES,
 )
 from starter.web.security import MAX_BODY_BYTES
-from tests.conftest import Live, eventually, free_port
+from tests.conftest import SECRET, SETTINGS, Live, MailSink, eventually, free_port
 from tests.desk import act_on
 from tests.factories import submission_data
 from workflows.models import (
@@ -55,7 +58,7 @@ from workflows.models import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "test-secret"
+KEY = SECRET  # the live worker's: its emailed links are the pages' links
 REFERRER_EMAIL = "claire.martin@conseil-martin.example"
 
 
@@ -227,13 +230,6 @@ def asgi_client(app: FastAPI, raise_app_exceptions: bool = True) -> httpx.AsyncC
 # --- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The emailed status link is signed by `submit_referral` with the process's key; make it
-    the app's key so the link in the email is the link on the confirmation page."""
-    monkeypatch.setenv("REFERRALS_SECRET_KEY", KEY)
-
-
 @pytest.fixture
 def app(live: Live, rules: ProgramRules) -> FastAPI:
     return create_app(
@@ -364,7 +360,7 @@ async def test_form_post_confirms_starts_workflow_and_emails(
     link = re.search(r'<a id="status-link" href="([^"]+)">', html)
     assert link
     status_link = link.group(1)
-    assert status_link == f"{public_url()}/status/{status_token(referral_id, KEY)}"
+    assert status_link == f"{SETTINGS.public_url}/status/{status_token(referral_id, KEY)}"
     path, _ = token_path(status_link)
     status = await web.get(path)
     assert status.status_code == 200 and referral_id in status.text
@@ -790,7 +786,7 @@ async def test_api_creates_a_referral(web: httpx.AsyncClient, live: Live) -> Non
     assert set(body) == {"referral_id", "status_url"}
     referral_id = body["referral_id"]
     assert re.fullmatch(r"R-[0-9A-Z]{10}", referral_id)
-    assert body["status_url"] == f"{public_url()}/status/{status_token(referral_id, KEY)}"
+    assert body["status_url"] == f"{SETTINGS.public_url}/status/{status_token(referral_id, KEY)}"
     path, _ = token_path(body["status_url"])
     page = await web.get(path)
     assert page.status_code == 200 and referral_id in page.text
@@ -940,11 +936,9 @@ async def test_healthz_of_the_live_app(web: httpx.AsyncClient) -> None:
     assert health.json() == {"status": "ok", "temporal": "ok", "database": "ok"}
 
 
-async def test_temporal_unreachable(
-    live: Live, rules: ProgramRules, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
-    app = create_app(rules=rules, engine=live.engine, client=None, key="k")
+async def test_temporal_unreachable(live: Live, rules: ProgramRules) -> None:
+    nowhere = Settings.from_env({**os.environ, "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"})
+    app = create_app(nowhere, rules=rules, engine=live.engine, client=None, key="k")
     fields = form_fields()
     async with asgi_client(app) as web:
         page = await post_form(web, fields, "en")
@@ -1042,6 +1036,47 @@ async def test_no_dev_mail_without_maildir(live: Live, rules: ProgramRules) -> N
         assert (await web.get("/dev/mail")).status_code == 404
         key = next(iter(mailbox.Maildir(live.sink.maildir, create=False).keys()), "x")
         assert (await web.get(f"/dev/mail/{key}")).status_code == 404
+
+
+async def test_dev_mail_never_shows_a_sign_in_link(
+    live: Live, rules: ProgramRules, own_maildir: Path
+) -> None:
+    """A visitor with no cookie asks for a staff member's sign-in link: /dev/mail shows that
+    the email went, never the link (read from the message file, it still works)."""
+    staff = str(rules.staff.emails[0])
+    sink = MailSink("127.0.0.1", free_port(), own_maildir)
+    controller = start_sink(sink.host, sink.port, own_maildir)
+    try:
+        app = create_app(
+            rules=rules, engine=live.engine, client=live.client, key=KEY,
+            maildir=own_maildir, smtp=sink.settings(), rate_limit="off",
+        )  # fmt: skip
+        async with asgi_client(app) as web:
+            page = await web.get("/staff/sign-in/not-a-token?lang=en")
+            asked = {"email": staff, "lang": "en", "csrf": csrf_of(page.text)}
+            assert (await web.post("/staff/sign-in", data=asked)).status_code == 200
+            for _ in range(200):
+                if sink.sign_in_links(staff):
+                    break
+                await asyncio.sleep(0.05)
+            [link] = sink.sign_in_links(staff)
+            token = link.split("/sign-in/")[1].split("?")[0]
+            listing = await web.get("/dev/mail")
+            [key] = re.findall(r'<a href="/dev/mail/([^"]+)">', listing.text)
+            shown = await web.get(f"/dev/mail/{key}")
+    finally:
+        controller.stop()
+    assert shown.status_code == 200 and token not in shown.text and token not in listing.text
+    assert f"[sign-in link: open it from the message file new/{key}]" in shown.text
+
+
+def test_dev_mail_is_served_on_loopback_only(live: Live, own_maildir: Path) -> None:
+    environment = {**os.environ, "REFERRALS_DATABASE_URL": live.database_url}
+    dev = Settings.from_env({**environment, "REFERRALS_DEV_MAILDIR": str(own_maildir)})
+    with pytest.raises(WebSettingError, match="REFERRALS_DEV_MAILDIR"):
+        served_app(dev, "0.0.0.0")
+    served_app(dev, "127.0.0.1")
+    served_app(Settings.from_env(environment), "0.0.0.0")  # no mailbox: nothing to hide
 
 
 def sink_items(live: Live) -> list[tuple[str, EmailMessage]]:

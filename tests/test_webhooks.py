@@ -10,7 +10,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
@@ -36,9 +36,11 @@ from activities.webhooks import (
     start_deliveries,
     start_stalled_deliveries,
 )
+from activities.webhooks import configure as configure_webhooks
 from core.program import ProgramError, load_program
+from core.settings import WebhookRetry
 from starter.intake import new_referral_id, submit_referral
-from tests.conftest import Cli, Live, eventually
+from tests.conftest import SETTINGS, Cli, Live, eventually
 from tests.desk import act_by_id
 from tests.factories import RECEIVED, referral_input, submission
 from workflows.models import (
@@ -189,6 +191,18 @@ def lifecycle(rules: ProgramRules) -> list[ReferralRecord]:
     return records
 
 
+WebhooksFrom = Callable[..., None]
+
+
+@pytest.fixture
+def webhooks_from() -> Iterator[WebhooksFrom]:
+    """Configures this process's webhooks as an entry point does from its settings (the
+    program file, the retries); back to the defaults afterwards."""
+    defaults = WebhookRetry()
+    yield lambda path, retry=defaults: configure_webhooks(path, retry)
+    configure_webhooks(Path("program.yaml"), defaults)
+
+
 def deliveries(engine: Engine, referral_id: str | None = None) -> list[WebhookDeliveryRow]:
     with Session(engine) as session:
         query = select(WebhookDeliveryRow).order_by(WebhookDeliveryRow.event_key)
@@ -198,9 +212,9 @@ def deliveries(engine: Engine, referral_id: str | None = None) -> list[WebhookDe
 
 
 def test_without_webhooks_nothing_is_written(
-    engine: Engine, rules: ProgramRules, program_file: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, rules: ProgramRules, program_file: Path, webhooks_from: WebhooksFrom
 ) -> None:
-    monkeypatch.setenv("REFERRALS_PROGRAM", str(program_file))
+    webhooks_from(program_file)
     for record in lifecycle(rules):
         save_referral(engine, record)
     assert deliveries(engine) == []
@@ -211,7 +225,7 @@ def test_each_event_is_queued_once_for_each_subscribed_endpoint(
     rules: ProgramRules,
     program_file: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    webhooks_from: WebhooksFrom,
 ) -> None:
     crm = {"url": "https://crm.example/hooks", "secret": new_secret(), "events": ALL_EVENTS}
     finance = {
@@ -219,8 +233,7 @@ def test_each_event_is_queued_once_for_each_subscribed_endpoint(
         "secret": new_secret(),
         "events": ["commission.payable", "commission.paid"],
     }
-    path = write_program(tmp_path / "program.yaml", [crm, finance], program_file)
-    monkeypatch.setenv("REFERRALS_PROGRAM", str(path))
+    webhooks_from(write_program(tmp_path / "program.yaml", [crm, finance], program_file))
     records = lifecycle(rules)
     for record in records:
         save_referral(engine, record)
@@ -268,14 +281,12 @@ async def test_a_delivery_is_started_once_whoever_starts_it(
     rules: ProgramRules,
     program_file: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    webhooks_from: WebhooksFrom,
 ) -> None:
     """record_referral starts the deliveries of the events it wrote, again when retried;
     reconcile starts those nobody started. Neither ever starts one twice."""
     crm = {"url": "https://crm.example/hooks", "secret": new_secret(), "events": ALL_EVENTS}
-    monkeypatch.setenv(
-        "REFERRALS_PROGRAM", str(write_program(tmp_path / "program.yaml", [crm], program_file))
-    )
+    webhooks_from(write_program(tmp_path / "program.yaml", [crm], program_file))
     client = dev_env.client
     queue = f"webhooks-test-{uuid.uuid4()}"  # no worker: the workflows only wait
     submitted, contacted = lifecycle(rules)[:2]
@@ -398,7 +409,7 @@ async def test_deliveries_are_signed_retried_recorded_and_never_hold_up_the_refe
     program_file: Path,
     receiver: Receiver,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    webhooks_from: WebhooksFrom,
 ) -> None:
     crm, flaky, down, wrong = new_secret(), new_secret(), new_secret(), new_secret()
     receiver.endpoints = {
@@ -422,16 +433,16 @@ async def test_deliveries_are_signed_retried_recorded_and_never_hold_up_the_refe
         {"url": receiver.url("/down"), "secret": down, "events": ["referral.submitted"]},
         {"url": receiver.url("/wrong"), "secret": wrong, "events": ["referral.submitted"]},
     ]
-    path = write_program(tmp_path / "program.yaml", webhooks, program_file)
-    monkeypatch.setenv("REFERRALS_PROGRAM", str(path))
-    monkeypatch.setenv("REFERRALS_WEBHOOK_RETRY_INITIAL_S", "0.2")
-    monkeypatch.setenv("REFERRALS_WEBHOOK_RETRY_MAX_S", "0.5")
-    # Long enough for /flaky's three attempts to queue behind others on a loaded machine.
-    monkeypatch.setenv("REFERRALS_WEBHOOK_GIVE_UP_S", "12")
+    # Give up after 12 s: long enough for /flaky's three attempts to queue behind others on a
+    # loaded machine.
+    webhooks_from(
+        write_program(tmp_path / "program.yaml", webhooks, program_file),
+        WebhookRetry(initial_interval_s=0.2, maximum_interval_s=0.5, give_up_after_s=12),
+    )
 
     site = f"https://www.prospect-{uuid.uuid4().hex[:8]}.example/"
     referral_id = await submit_referral(
-        live.client, live.engine, rules, submission(**{"prospect.website": site})
+        live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
     )
     await act_by_id(live.client, referral_id, Action.CONTACTED)
     await act_by_id(live.client, referral_id, Action.ACCEPT)

@@ -1,4 +1,5 @@
-"""The worker process: SIGTERM lets the activity in flight finish before it exits."""
+"""The worker process: SIGTERM lets the activity in flight finish before it exits, its probes
+say when it is ready (and that it is not while it drains), and its activities log at INFO."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import threading
 import uuid
 
-import pytest
+import httpx
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlmodel import Session as DbSession
@@ -17,7 +18,7 @@ from sqlmodel import select
 
 from activities.db import SentEmail
 from starter.intake import submit_referral
-from tests.conftest import ROOT, Live, free_port
+from tests.conftest import ROOT, Live, free_port, settings_with
 from tests.factories import submission
 from workflows.models import ProgramRules
 
@@ -36,15 +37,19 @@ class SlowServer:
         return "250 accepted"
 
 
-async def test_sigterm_drains_the_activity_in_flight(
-    live: Live, rules: ProgramRules, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def probe(port: int, path: str) -> tuple[int, dict[str, str]]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.get(f"http://127.0.0.1:{port}{path}")
+    return answer.status_code, answer.json()
+
+
+async def test_sigterm_drains_the_activity_in_flight(live: Live, rules: ProgramRules) -> None:
     smtp = SlowServer()
     port = free_port()
     controller = Controller(smtp, hostname="127.0.0.1", port=port)
     controller.start()
     queue = f"drain-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("REFERRALS_TASK_QUEUE", queue)
+    health = free_port()
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -58,27 +63,56 @@ async def test_sigterm_drains_the_activity_in_flight(
             "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
             "REFERRALS_SMTP_HOST": "127.0.0.1",
             "REFERRALS_SMTP_PORT": str(port),
+            "REFERRALS_HEALTH_PORT": str(health),
+            "REFERRALS_HEALTH_HOST": "127.0.0.1",
         },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        assert worker.stdout is not None
-        while b"worker polling" not in await asyncio.wait_for(worker.stdout.readline(), 30):
-            pass
+        stdout = worker.stdout
+        assert stdout is not None
+        seen: list[bytes] = []
+
+        async def until(said: bytes) -> None:
+            """Read the worker's output up to the line holding `said`, keeping every line."""
+            while True:
+                line = await asyncio.wait_for(stdout.readline(), 30)
+                assert line, b"".join(seen).decode()
+                seen.append(line)
+                if said in line:
+                    return
+
+        await until(b"worker polling")
+        assert await probe(health, "/livez") == (200, {"status": "ok"})
+        ready = {"status": "ok", "polling": "ok", "temporal": "ok", "database": "ok"}
+        assert await probe(health, "/readyz") == (200, ready)
         site = f"https://drain-{uuid.uuid4().hex[:8]}.example/"
         referral_id = await submit_referral(
-            live.client, live.engine, rules, submission(**{"prospect.website": site})
+            live.client,
+            live.engine,
+            rules,
+            submission(**{"prospect.website": site}),
+            settings_with(task_queue=queue),
         )
         assert await asyncio.to_thread(smtp.arriving.wait, 30)
         worker.send_signal(signal.SIGTERM)
-        output = (await asyncio.wait_for(worker.stdout.read(), 60)).decode()
+        await until(b"finishing in-flight")
+        # Draining (the relay takes 3 s over the message): alive, no longer ready.
+        status, said = await probe(health, "/readyz")
+        assert (status, said["polling"]) == (503, "not polling")
+        assert (await probe(health, "/livez"))[0] == 200
+        rest = await asyncio.wait_for(stdout.read(), 60)
+        output = b"".join([*seen, rest]).decode()
         assert await worker.wait() == 0, output
     finally:
         if worker.returncode is None:
             worker.kill()
         controller.stop()
-    assert "finishing in-flight activities" in output and "worker stopped" in output
+    assert "worker stopped" in output
+    # The activities' own log lines, at INFO (no address in them).
+    assert f"INFO temporalio.activity: email {referral_id}/referrer/submitted sent" in output
+    assert "INFO temporalio.activity: recorded at stage submitted" in output
     assert len(smtp.accepted) == 1  # the message in flight was delivered, nothing after it
     with DbSession(live.engine) as session:
         sent = session.exec(

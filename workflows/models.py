@@ -381,7 +381,7 @@ class Action(StrEnum):
     REFUND = "refund"
 
 
-# The desk's notes that the sales handoff email quotes (templates/email/staff_sales_handoff).
+# The desk's notes that the sales handoff email quotes (core/templates/email/staff_sales_handoff).
 DESK_NOTE_ACTIONS = (Action.CONTACTED, Action.ACCEPT)
 
 

@@ -23,6 +23,9 @@ REFERRER_KEY = SearchAttributeKey.for_keyword("ReferrerKey")
 PRODUCT_KEY = SearchAttributeKey.for_keyword("Product")
 SLA_KEY = SearchAttributeKey.for_bool("ContactSlaBreached")
 PROTECTED_KEY = SearchAttributeKey.for_datetime("ProtectedUntil")
+# What the referral workflow sets: `referrals temporal setup` registers them, and a worker
+# refuses to start on a namespace without them (core/provisioning.py).
+SEARCH_ATTRIBUTES = (STAGE_KEY, DOMAIN_KEY, REFERRER_KEY, PRODUCT_KEY, SLA_KEY, PROTECTED_KEY)
 
 # Referrals started before `effect-failures`: every effect is retried until it succeeds.
 EFFECT_RETRY = RetryPolicy(

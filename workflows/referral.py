@@ -274,6 +274,8 @@ class ReferralWorkflow:
             new.closed_at = None  # open for refunds until the window ends
         self._state = new
         self._changed()
+        # No actor, note or reason in the log: they can name a person.
+        workflow.logger.info("%s applied: stage %s", request.action.value, new.stage.value)
         if new.commission is not None:
             self._queue_ledger(request, new.history[-1].note, previous)
         if new.stage != previous.stage:
@@ -545,6 +547,7 @@ class ReferralWorkflow:
             )
         )
         self._changed()
+        workflow.logger.info("%s: stage %s", action, self._state.stage.value)
 
     def _protection_warning(self) -> None:
         state = self._state

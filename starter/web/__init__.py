@@ -8,9 +8,9 @@ referrals from the system of record, and never imports the worker.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +18,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 
-from activities.email import SmtpSettings
 from activities.schema import open_database
-from core.links import secret_key
+from core.health import database_answers, temporal_answers
+from core.links import Keys
+from core.logs import configure_logging
 from core.program import load_program
+from core.settings import Need, Settings, SmtpSettings, loopback
 from starter.web.devmail import add_dev_mail_routes
 from starter.web.intake import add_intake_routes
-from starter.web.metrics import RequestMetrics, WebMetrics, web_metrics_port
+from starter.web.metrics import RequestMetrics, WebMetrics
 from starter.web.portal import add_portal_routes
 from starter.web.security import (
     DEFAULT_RATE_LIMIT,
     MAX_BODY_BYTES,
-    RATE_LIMIT_ENV,
-    TRUSTED_PROXIES_ENV,
     ApiError,
     ApiRefusal,
     BodyLimit,
@@ -50,11 +48,12 @@ from workflows.models import ProgramRules, Submission
 
 
 def create_app(
+    settings: Settings | None = None,
     *,
     rules: ProgramRules | None = None,
     engine: Engine | None = None,
     client: Client | None = None,
-    key: str | None = None,
+    key: Keys | None = None,
     maildir: Path | None = None,
     smtp: SmtpSettings | None = None,
     rate_limit: str | RateLimiter | None = None,
@@ -62,32 +61,38 @@ def create_app(
     metrics: WebMetrics | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> FastAPI:
-    """The app; `maildir` (dev mode only) enables `/dev/mail`; `smtp` (default from the
-    environment) sends the sign-in links.
+    """The app, from `settings` (default: the defaults, not the environment); each other
+    argument, given, stands in for what the settings would make of it.
 
+    `maildir` (dev stack only) enables `/dev/mail`; `smtp` sends the sign-in links.
     `rate_limit` caps the public POST routes per client address (`10/minute`, `off`, or a
-    `RateLimiter`); when not given, `REFERRALS_RATE_LIMIT` decides and, unset, there is no cap
-    in process: the served app (`served_app`) applies the 10/minute default, while in-process
-    callers (tests, an embedding app behind its own limits) choose theirs. `trusted_proxies`
-    (default `REFERRALS_TRUSTED_PROXIES`, else none) are the peers whose `X-Forwarded-For`
-    is believed. `metrics` (default: new ones, in a registry of their own) count the requests;
-    `app.state.metrics` holds them, and `run_web` serves them on REFERRALS_WEB_METRICS_PORT.
-    `clock` says when "now" is for the dashboard's figures of the month (tests pin it).
+    `RateLimiter`; default the settings', else no cap in process: the served app
+    (`served_app`) applies the 10/minute default, while in-process callers (tests, an embedding
+    app behind its own limits) choose theirs). `trusted_proxies` are the peers whose
+    `X-Forwarded-For` is believed. `metrics` (default: new ones, in a registry of their own)
+    count the requests; `app.state.metrics` holds them, and `run_web` serves them on
+    REFERRALS_WEB_METRICS_PORT. `clock` says when "now" is for the dashboard's figures of the
+    month (tests pin it).
     """
+    settings = settings or Settings()
     if rate_limit is None:
-        rate_limit = os.environ.get(RATE_LIMIT_ENV) or "off"
+        rate_limit = settings.rate_limit or "off"
     limiter = RateLimiter.from_setting(rate_limit) if isinstance(rate_limit, str) else rate_limit
     if trusted_proxies is None:
-        trusted_proxies = os.environ.get(TRUSTED_PROXIES_ENV)
+        trusted_proxies = settings.trusted_proxies
+    if key is None:
+        settings.require(Need.SECRET)
+        key = settings.secret_keys
     site = Site(
-        rules=rules or load_program(),
-        engine=engine or open_database(),
-        key=key or secret_key(),
-        smtp=smtp or SmtpSettings.from_env(),
+        rules=rules or load_program(settings.program_path),
+        engine=engine or open_database(settings.database()),
+        key=key,
+        smtp=smtp or settings.smtp,
         maildir=maildir,
         client=client,
         limiter=limiter,
         proxies=parse_networks(trusted_proxies),
+        settings=settings,
     )
     app = FastAPI(
         title="Referral Desk intake",
@@ -126,34 +131,53 @@ def create_app(
     add_portal_routes(app, site)
     add_staff_routes(app, site, clock=clock)
 
-    @app.get("/healthz", summary="Health: Temporal and the database")
-    async def healthz() -> JSONResponse:
-        checks: dict[str, str] = {}
-        try:
-            client = await site.temporal()
-            await client.workflow_service.get_system_info(
-                GetSystemInfoRequest(), timeout=timedelta(seconds=3)
+    async def checked(*checks: str) -> JSONResponse:
+        """Each of `checks` (temporal, database): "ok" or why not; 503 unless all are ok."""
+        results = dict(
+            zip(
+                checks,
+                await asyncio.gather(*(PROBES[name](site) for name in checks)),
+                strict=True,
             )
-            checks["temporal"] = "ok"
-        except Exception as error:  # noqa: BLE001 - any failure is "unavailable"
-            checks["temporal"] = f"unavailable: {type(error).__name__}"
-        try:
-            with site.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as error:  # noqa: BLE001
-            checks["database"] = f"unavailable: {type(error).__name__}"
-        healthy = all(v == "ok" for v in checks.values())
+        )
+        healthy = all(v == "ok" for v in results.values())
         return JSONResponse(
-            {"status": "ok" if healthy else "unavailable", **checks},
+            {"status": "ok" if healthy else "unavailable", **results},
             status_code=200 if healthy else 503,
         )
+
+    @app.get("/livez", summary="Liveness: the process answers (restart it if not)")
+    async def livez() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: the database and Temporal answer (send traffic)")
+    async def readyz() -> JSONResponse:
+        return await checked("database", "temporal")
+
+    @app.get("/healthz", summary="Health: Temporal and the database")
+    async def healthz() -> JSONResponse:
+        return await checked("temporal", "database")
 
     if maildir is not None:
         add_dev_mail_routes(app, site.templates, maildir)
 
     _document_submission(app)
     return app
+
+
+async def _temporal(site: Site) -> str:
+    try:
+        client = await site.temporal()
+    except Exception as error:  # noqa: BLE001 - cannot even connect
+        return f"unavailable: {type(error).__name__}"
+    return await temporal_answers(client)
+
+
+async def _database(site: Site) -> str:
+    return await database_answers(site.engine)
+
+
+PROBES: dict[str, Callable[[Site], Awaitable[str]]] = {"temporal": _temporal, "database": _database}
 
 
 def _document_submission(app: FastAPI) -> None:
@@ -175,24 +199,38 @@ def _document_submission(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def served_app() -> FastAPI:
-    """The app as `referrals web` serves it: configured by the environment, and limited to
-    10 submissions a minute per client unless `REFERRALS_RATE_LIMIT` says otherwise."""
-    dev_maildir = os.environ.get("REFERRALS_DEV_MAILDIR")
+class WebSettingError(Exception):
+    """The web app would be unsafe to serve as configured."""
+
+
+def served_app(settings: Settings, host: str = "127.0.0.1") -> FastAPI:
+    """The app as `referrals web` serves it on `host`, limited to 10 submissions a minute per
+    client unless REFERRALS_RATE_LIMIT says otherwise. `/dev/mail` (REFERRALS_DEV_MAILDIR, set
+    by `referrals dev`) is served on a loopback address only: it shows every email sent."""
+    settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET)
+    if settings.dev_maildir is not None and not loopback(host):
+        raise WebSettingError(
+            f"REFERRALS_DEV_MAILDIR is for the dev stack: bound to {host}, /dev/mail would show "
+            "every email sent to whoever reaches it; unset it or bind to 127.0.0.1"
+        )
     return create_app(
-        maildir=Path(dev_maildir) if dev_maildir else None,
-        rate_limit=os.environ.get(RATE_LIMIT_ENV) or DEFAULT_RATE_LIMIT,
+        settings,
+        maildir=settings.dev_maildir,
+        rate_limit=settings.rate_limit or DEFAULT_RATE_LIMIT,
     )
 
 
-def run_web(host: str, port: int) -> None:
+def run_web(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
-    metrics_port = web_metrics_port()
-    app = served_app()
-    if metrics_port is not None:
+    configure_logging(settings)
+    app = served_app(settings, host)
+    if settings.web_metrics_port is not None:
         # Its own port, on loopback unless REFERRALS_METRICS_HOST says otherwise: not public.
-        print(f"metrics on {app.state.metrics.serve(metrics_port)}", flush=True)
+        where = app.state.metrics.serve(settings.web_metrics_port, settings.metrics_host)
+        print(f"metrics on {where}", flush=True)
     # proxy_headers off: uvicorn must not rewrite the peer address from X-Forwarded-For;
-    # the app reads that header itself, and only from REFERRALS_TRUSTED_PROXIES.
-    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
+    # the app reads that header itself, and only from REFERRALS_TRUSTED_PROXIES. Its access
+    # log is off (it prints paths, tokens included): the app logs route templates instead.
+    # log_config None: the logging of core/logs.py stays in force.
+    uvicorn.run(app, host=host, port=port, proxy_headers=False, access_log=False, log_config=None)

@@ -1,4 +1,7 @@
-"""Dev mode only: what the SMTP sink caught, at `/dev/mail`."""
+"""Dev stack only (served on loopback, see `served_app`): what the SMTP sink caught, at
+`/dev/mail`. Sign-in links are blanked out: whoever reaches the page must not be able to sign
+in as anyone, staff included; a developer opens them from the message file, named on the page.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +40,13 @@ def _read_mail(maildir: Path) -> list[tuple[str, EmailMessage]]:
     return sorted(found, key=sent_at, reverse=True)
 
 
+SIGN_IN_LINK = re.compile(r"https?://[^\s\"'<>]+/sign-in/[^\s\"'<>]+")
+
+
+def without_sign_in_links(text: str, key: str) -> str:
+    return SIGN_IN_LINK.sub(f"[sign-in link: open it from the message file new/{key}]", text)
+
+
 def add_dev_mail_routes(app: FastAPI, templates: Jinja2Templates, maildir: Path) -> None:
     @app.get("/dev/mail", response_class=HTMLResponse, include_in_schema=False)
     async def mail_list(request: Request) -> HTMLResponse:
@@ -60,7 +70,7 @@ def add_dev_mail_routes(app: FastAPI, templates: Jinja2Templates, maildir: Path)
                 "lang": "en",
                 "messages": None,
                 "message": message,
-                "text": text_part.get_content() if text_part else "",
-                "html": html_part.get_content() if html_part else "",
+                "text": without_sign_in_links(text_part.get_content() if text_part else "", key),
+                "html": without_sign_in_links(html_part.get_content() if html_part else "", key),
             },
         )

@@ -15,7 +15,7 @@ from temporalio.service import RPCError
 
 from activities.i18n import N_, countries, format_date, translations
 from activities.records import load_referral
-from core.links import csrf_valid, public_url, referral_from_token, status_token
+from core.links import csrf_valid, referral_from_token, status_token
 from starter.consent import consent_statement
 from starter.intake import (
     DuplicateReferral,
@@ -213,8 +213,8 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
             site.engine,
             site.rules,
             submission,
+            site.settings,
             submitted_by=f"web:{submission.referrer.email}",
-            key=site.key,
             consent_language=consent_language,
         )
 
@@ -295,7 +295,7 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
 
     @app.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
     async def confirmation(request: Request, token: str) -> Response:
-        link = f"{public_url()}/status/{token}"
+        link = f"{site.settings.public_url}/status/{token}"
         return await referral_page(
             request, token, "confirmation.html", lambda state, lang: {"status_link": link}
         )
@@ -375,4 +375,6 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
         except (RuntimeError, RPCError, OSError):
             return refused(503, "the referral service is unavailable; try again shortly", [])
         token = status_token(referral_id, site.key)
-        return ReferralCreated(referral_id=referral_id, status_url=f"{public_url()}/status/{token}")
+        return ReferralCreated(
+            referral_id=referral_id, status_url=f"{site.settings.public_url}/status/{token}"
+        )

@@ -7,7 +7,7 @@ sign-in links carry secrets. A request no route matches is `unmatched`.
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from collections.abc import Sequence
 
@@ -24,10 +24,11 @@ from prometheus_client import (
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.metrics import MetricsEndpoint, MetricsSettingError, metrics_host, port_setting
+from core.metrics import MetricsEndpoint, MetricsSettingError
 
 PORT_ENV = "REFERRALS_WEB_METRICS_PORT"
 UNMATCHED = "unmatched"
+access_log = logging.getLogger("referrals.web.access")
 # The client went away before any response started (nginx's number for it).
 CLIENT_CLOSED = "499"
 # Any other method a client invents is counted as "other", so it cannot grow the label set.
@@ -59,10 +60,9 @@ class WebMetrics:
             registry=self.registry,
         )
 
-    def serve(self, port: int, host: str | None = None) -> str:
+    def serve(self, port: int, host: str) -> str:
         """Serve these metrics, and the process's own (CPU, memory, GC), on host:port in a
         background thread; returns their URL."""
-        host = host or metrics_host()
         disable_created_metrics()  # no `_created` twin of every series: half the scrape
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(collector)
@@ -71,11 +71,6 @@ class WebMetrics:
         except OSError as error:  # the port is taken, or the host is not one of ours
             raise MetricsSettingError(f"metrics on {host}:{port}: {error}") from error
         return MetricsEndpoint(host, port).url
-
-
-def web_metrics_port() -> int | None:
-    """REFERRALS_WEB_METRICS_PORT: None when unset, empty or "off"."""
-    return port_setting(os.environ.get(PORT_ENV), PORT_ENV)
 
 
 def route_template(routes: Sequence[BaseRoute], scope: Scope, request: Scope) -> str:
@@ -102,9 +97,11 @@ def route_template(routes: Sequence[BaseRoute], scope: Scope, request: Scope) ->
 
 
 class RequestMetrics:
-    """ASGI middleware: counts and times every HTTP request by method, route template and
+    """ASGI middleware: counts, times and logs every HTTP request by method, route template and
     status. Added last, it is the outermost of the app's middleware and sees every answer,
-    refusals (413, 429) included; an exception that escapes the app counts as a 500."""
+    refusals (413, 429) included; an exception that escapes the app counts as a 500. This is
+    the app's access log (`referrals.web.access`): a path can hold a status-link or sign-in
+    token, so only the template is written."""
 
     def __init__(self, app: ASGIApp, metrics: WebMetrics, routes: Sequence[BaseRoute]) -> None:
         self.app = app
@@ -140,4 +137,18 @@ class RequestMetrics:
             method = method if method in METHODS else "other"
             route = route_template(self.routes, scope, request)
             self.metrics.requests.labels(method, route, status).inc()
-            self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.duration.labels(method, route).observe(seconds)
+            access_log.info(
+                "%s %s %s %.1f ms",
+                method,
+                route,
+                status,
+                seconds * 1000,
+                extra={
+                    "method": method,
+                    "route": route,
+                    "status": int(status),
+                    "duration_ms": round(seconds * 1000, 1),
+                },
+            )

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from activities.db import ReferralEventRow, ReferralRow, as_utc
 from activities.ledger import Balance, balances, referral_balances
 from activities.records import list_referrals
-from core.links import status_token
+from core.links import Keys, status_token
 from starter.web.intake import STAGE_NAMES
 from starter.web.signin import (
     PRIVATE,
@@ -109,7 +109,7 @@ def _event_dates(engine: Engine, email: str) -> dict[tuple[str, str], datetime]:
     return {(referral_id, action): as_utc(at) for referral_id, action, at in rows}
 
 
-def referrer_statement(engine: Engine, key: str, zone: ZoneInfo, email: str) -> Statement:
+def referrer_statement(engine: Engine, key: Keys, zone: ZoneInfo, email: str) -> Statement:
     """`key` signs each referral's status link; `zone` (the program's) dates the days."""
     email = email.strip().lower()
     dates = _event_dates(engine, email)

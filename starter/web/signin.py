@@ -30,7 +30,7 @@ from sqlmodel import Session, select
 
 from activities.db import ReferralRow, SignInLinkRow
 from activities.email import deliver
-from core.links import csrf_valid, public_url
+from core.links import csrf_valid, signer_keys
 from starter.web.site import Site, pick_language
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,11 @@ class LinkRefused(StrEnum):
 
 
 def _links(site: Site, audience: Audience) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(site.key, salt=f"sign-in-link:{audience.name}")
+    return URLSafeTimedSerializer(signer_keys(site.key), salt=f"sign-in-link:{audience.name}")
 
 
 def _sessions(site: Site, audience: Audience) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(site.key, salt=f"session:{audience.name}")
+    return URLSafeTimedSerializer(signer_keys(site.key), salt=f"session:{audience.name}")
 
 
 def link_token(site: Site, audience: Audience, email: str) -> str:
@@ -184,7 +184,8 @@ def sign_in_page(
 
 
 def _link_message(site: Site, audience: Audience, email: str, lang: str) -> EmailMessage:
-    link = f"{public_url()}{audience.home}/sign-in/{link_token(site, audience, email)}?lang={lang}"
+    token = link_token(site, audience, email)
+    link = f"{site.settings.public_url}{audience.home}/sign-in/{token}?lang={lang}"
     template = site.templates.env.get_template("sign_in_email.txt")
     subject, _, body = template.render(audience=audience.name, link=link, lang=lang).partition("\n")
     message = EmailMessage()
@@ -263,7 +264,7 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
             path=audience.home,
             httponly=True,
             samesite="lax",  # the link is opened from a mail client: a cross-site navigation
-            secure=public_url().startswith("https://"),
+            secure=site.settings.public_url.startswith("https://"),
         )
         return response
 

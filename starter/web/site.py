@@ -7,7 +7,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,16 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 
+import core
 from activities import i18n
-from activities.email import SmtpSettings
 from activities.i18n import LANGUAGES
-from core.links import CSRF_MAX_AGE_SECONDS, csrf_token
+from core.links import CSRF_MAX_AGE_SECONDS, Keys, csrf_token
+from core.settings import Settings, SmtpSettings
 from core.temporal import connect
 from starter.web.security import Network, RateLimiter, client_address
 from workflows.models import ProgramRules
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates" / "web"
+TEMPLATES = core.TEMPLATES / "web"
 STATIC = TEMPLATES / "static"
 
 
@@ -57,15 +58,18 @@ class Site:
 
     rules: ProgramRules
     engine: Engine
-    key: str
+    key: Keys  # the signing secrets: the first signs, all verify (core/links.py)
     smtp: SmtpSettings
     maildir: Path | None = None
     client: Client | None = None
     limiter: RateLimiter | None = None
     proxies: tuple[Network, ...] = ()
+    settings: Settings = field(default_factory=Settings)  # public URL, task queue, Temporal…
     templates: Jinja2Templates = field(init=False)
 
     def __post_init__(self) -> None:
+        keys = (self.key,) if isinstance(self.key, str) else tuple(self.key)
+        self.settings = replace(self.settings, secret_keys=keys)
         self.templates = Jinja2Templates(directory=str(TEMPLATES))
         i18n.install(self.templates.env)  # `_()`, `{% trans %}`… in each render's `lang`
         # In the style sheet's URL, so a browser never keeps an old one after an upgrade.
@@ -77,7 +81,7 @@ class Site:
 
     async def temporal(self) -> Client:
         if self.client is None:
-            self.client = await connect()
+            self.client = await connect(self.settings)
         return self.client
 
     def local_date(self, moment: datetime | None, lang: str) -> str:

@@ -11,7 +11,6 @@ tags are removed. Each referral in a list links to its workflow in the Temporal 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,14 +26,12 @@ from fastapi.responses import HTMLResponse, Response
 from pygal.style import Style
 
 from activities.i18n import N_, format_percent, translations
-from core.temporal import temporal_namespace
+from core.settings import Settings
 from starter.figures import ProgramFigures, change_stamp, program_figures
 from starter.web.signin import PRIVATE, STAFF, add_sign_in_routes, sign_in_page, signed_in
 from starter.web.site import Site, pick_language
 from workflows.models import Stage
 
-TEMPORAL_UI_ENV = "REFERRALS_TEMPORAL_UI_URL"
-DEFAULT_TEMPORAL_UI = "http://127.0.0.1:8233"
 CHARTS = ("funnel", "ended", "time", "contact", "commission", "referrers")
 # The longest the dashboard shows figures computed earlier (any change to the data shows at
 # once; this bounds how far "now" may have moved on): see FiguresCache.
@@ -53,7 +50,7 @@ STAGE_LABELS = {
     Stage.EXPIRED: N_("Expired"),
     Stage.CANCELLED: N_("Cancelled"),
 }
-# The site's palette (templates/web/static/site.css): accent blue first.
+# The site's palette (core/templates/web/static/site.css): accent blue first.
 CHART_STYLE = Style(
     background="#ffffff",
     plot_background="#ffffff",
@@ -151,11 +148,11 @@ def choice_of(request: Request, site: Site) -> Choice:
     return Choice(since, product, tuple(problems))
 
 
-def temporal_ui_links() -> Callable[[str], str]:
-    """Each referral's workflow (its id is the referral id) in the Temporal UI; the settings
-    are read once (a page may list a thousand referrals)."""
-    base = os.environ.get(TEMPORAL_UI_ENV, DEFAULT_TEMPORAL_UI).rstrip("/")
-    workflows = f"{base}/namespaces/{quote(temporal_namespace(), safe='')}/workflows/"
+def temporal_ui_links(settings: Settings) -> Callable[[str], str]:
+    """Each referral's workflow (its id is the referral id) in the Temporal UI
+    (REFERRALS_TEMPORAL_UI_URL, in the settings' namespace)."""
+    base, namespace = settings.temporal_ui_url, quote(settings.namespace, safe="")
+    workflows = f"{base}/namespaces/{namespace}/workflows/"
     return lambda referral_id: workflows + quote(referral_id, safe="")
 
 
@@ -314,7 +311,7 @@ def add_staff_routes(
             stage_label=lambda s: gettext(STAGE_LABELS[Stage(s)]),
             number=lambda value: _number(value, lang),
             days=lambda value: _days(value, lang),
-            temporal_ui=temporal_ui_links(),
+            temporal_ui=temporal_ui_links(site.settings),
             chart_url=lambda name, **extra: (
                 f"{STAFF.home}/charts/{name}.svg?{choice.query(lang, **extra)}"
             ),

@@ -1,0 +1,424 @@
+"""Every setting a process takes from its environment, read once, here; docs/deploy.md lists
+them. Entry points build one `Settings` with `Settings.from_env()` and hand it down.
+
+**Secrets from files.** Each secret may come from `<NAME>_FILE` (the Docker and Kubernetes
+secrets convention) instead of `<NAME>`: REFERRALS_ENCRYPTION_KEYS, REFERRALS_SECRET_KEY,
+REFERRALS_DATABASE_URL, REFERRALS_SMTP_PASSWORD, REFERRALS_CODEC_TOKEN.
+
+**Fail closed.** Only `referrals dev` creates the dev stack's key file, secret and SQLite
+database under `.data/` (`create_dev_files`). Any other process uses them when they already
+exist and the variable is unset; otherwise `Settings.require` refuses, naming each missing
+setting, and nothing is written. So two containers can never each invent a key of their own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from core import DEFAULT_PROGRAM
+from core.encryption import EncryptionKeyError, KeyRing, new_key_entry
+from core.metrics import MetricsEndpoint
+
+DEV_DATA = Path(".data")
+DEV_KEY_FILE = DEV_DATA / "encryption-keys"
+DEV_SECRET_FILE = DEV_DATA / "secret_key"
+DEV_DATABASE = DEV_DATA / "referrals.db"
+
+SECRETS_FROM_FILES = (
+    "REFERRALS_ENCRYPTION_KEYS",
+    "REFERRALS_SECRET_KEY",
+    "REFERRALS_DATABASE_URL",
+    "REFERRALS_SMTP_PASSWORD",
+    "REFERRALS_CODEC_TOKEN",
+    "REFERRALS_REFERRER_KEY_SECRET",
+)
+REFERRER_SECRET_ENV = "REFERRALS_REFERRER_KEY_SECRET"
+TlsMode = Literal["starttls", "implicit", "none"]
+TLS_MODES: tuple[TlsMode, ...] = ("starttls", "implicit", "none")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message is one line naming each."""
+
+
+class Need(Enum):
+    """What a process cannot run without; the value is the variable that provides it."""
+
+    DATABASE = "REFERRALS_DATABASE_URL"
+    ENCRYPTION = "REFERRALS_ENCRYPTION_KEYS"
+    SECRET = "REFERRALS_SECRET_KEY"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """The relay: `tls` is `starttls` (upgrade on port 587), `implicit` (TLS from the first
+    byte, port 465) or `none` (loopback only, e.g. the dev sink). The relay's certificate is
+    verified against the system's CAs, or `ca_file` for a private CA."""
+
+    host: str = "127.0.0.1"
+    port: int = 1025
+    user: str | None = None
+    password: str | None = None
+    tls: TlsMode = "none"
+    ca_file: Path | None = None
+    # One whole SMTP exchange, connection to QUIT; shorter than the activity's own timeout,
+    # so a hung server fails the attempt instead of the attempt timing out unexplained.
+    deadline_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class WebhookRetry:
+    """How the delivery workflow retries an endpoint; None: the workflow's defaults."""
+
+    initial_interval_s: float | None = None
+    maximum_interval_s: float | None = None
+    give_up_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    task_queue: str = "referrals"
+    database_url: str | None = None
+    # The key ring's text (`id:base64,…`) and the id of the key that encrypts (default: the
+    # last); every key of the ring decrypts.
+    encryption_keys: str | None = None
+    encryption_current_key: str | None = None
+    encryption_keys_from: str = Need.ENCRYPTION.value  # where the ring came from, for errors
+    # The first signs status links, CSRF tokens and sessions; all of them verify.
+    secret_keys: tuple[str, ...] = ()
+    # Keys ReferrerKey, which must not change when the signing secret rotates: default the
+    # secret when there is only one (see `referrer_key_secret`).
+    referrer_secret: str | None = None
+    program_path: Path = Path("program.yaml")
+    public_url: str = "http://127.0.0.1:8000"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+    temporal: Mapping[str, Any] = field(default_factory=dict)  # Client.connect's arguments
+    smtp: SmtpSettings = SmtpSettings()
+    rate_limit: str | None = None
+    trusted_proxies: str | None = None
+    dev_maildir: Path | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    web_metrics_port: int | None = None
+    metrics_refresh_s: float = 15.0
+    codec_token: str | None = None
+    codec_origins: tuple[str, ...] = ("http://127.0.0.1:8233", "http://localhost:8233")
+    webhook_retry: WebhookRetry = WebhookRetry()
+    actor: str | None = None
+    cli_timeout_s: float = 30.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+    health_port: int | None = None
+    health_host: str = "0.0.0.0"  # a kubelet probes the pod's address
+    # What came from the dev stack's files rather than the environment.
+    from_dev_files: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> Settings:
+        """The settings of this process: the environment, then the dev stack's files in
+        `cwd` when they exist. Raises SettingsError naming every malformed setting."""
+        return _Reader(os.environ if environ is None else environ, cwd or Path.cwd()).settings()
+
+    @property
+    def namespace(self) -> str:
+        return str(self.temporal.get("namespace") or "default")
+
+    @property
+    def temporal_address(self) -> str:
+        return str(self.temporal.get("target_host") or "127.0.0.1:7233")
+
+    def require(self, *needs: Need) -> None:
+        """Refuse, naming each of `needs` this process was not given."""
+        given = {
+            Need.DATABASE: self.database_url,
+            Need.ENCRYPTION: self.encryption_keys,
+            Need.SECRET: self.secret_keys,
+        }
+        missing = [need.value for need in needs if not given[need]]
+        if missing:
+            raise SettingsError(
+                f"missing {', '.join(missing)} (each may also come from a file named in "
+                "<NAME>_FILE; only `referrals dev` creates them, for the local stack)"
+            )
+
+    def key_ring(self) -> KeyRing:
+        self.require(Need.ENCRYPTION)
+        assert self.encryption_keys is not None
+        return KeyRing.parse(
+            self.encryption_keys, self.encryption_keys_from, current=self.encryption_current_key
+        )
+
+    @property
+    def signing_key(self) -> str:
+        """The key that signs; `secret_keys` all verify."""
+        self.require(Need.SECRET)
+        return self.secret_keys[0]
+
+    @property
+    def referrer_key_secret(self) -> str:
+        """Keys ReferrerKey (a referrer's workflows found in Temporal by one value): the
+        signing secret while there is one; during and after a rotation, the one that keyed it
+        so far, named in REFERRALS_REFERRER_KEY_SECRET (checked when the settings are read)."""
+        if self.referrer_secret:
+            return self.referrer_secret
+        self.require(Need.SECRET)
+        return self.secret_keys[0]
+
+    @property
+    def worker_metrics(self) -> MetricsEndpoint | None:
+        """Where the worker serves Temporal's and the program's metrics; None: nowhere."""
+        if self.metrics_port is None:
+            return None
+        return MetricsEndpoint(self.metrics_host, self.metrics_port)
+
+    def database(self) -> str:
+        self.require(Need.DATABASE)
+        assert self.database_url is not None
+        return self.database_url
+
+
+class _Reader:
+    """Reads one environment; collects every problem, so one run names them all."""
+
+    def __init__(self, environ: Mapping[str, str], cwd: Path) -> None:
+        self.env = environ
+        self.cwd = cwd
+        self.problems: list[str] = []
+        self.from_dev: list[str] = []
+
+    def text(self, name: str) -> str | None:
+        return (self.env.get(name) or "").strip() or None
+
+    def secret(self, name: str) -> str | None:
+        """`name`, or the content of the file `name`_FILE names (one trailing newline off)."""
+        value, path = self.env.get(name) or None, self.text(f"{name}_FILE")
+        if value and path:
+            self.problems.append(f"{name} and {name}_FILE are both set: keep one")
+            return None
+        if path is None:
+            return value
+        try:
+            content = Path(path).read_text(encoding="utf-8").removesuffix("\n")
+        except OSError as error:
+            self.problems.append(f"{name}_FILE={path}: cannot read it ({error.strerror})")
+            return None
+        if not content.strip():
+            self.problems.append(f"{name}_FILE={path}: the file is empty")
+            return None
+        return content
+
+    def dev_file(self, name: str, path: Path) -> str | None:
+        """The dev stack's file for `name`, if `referrals dev` created it here."""
+        try:
+            content = (self.cwd / path).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        self.from_dev.append(name)
+        return content or None
+
+    def number(self, name: str, default: float, *, above: float = 0) -> float:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = above
+        if not number > above:
+            self.problems.append(f"{name}={value!r}: a number above {above:g}")
+            return default
+        return number
+
+    def port(self, name: str) -> int | None:
+        try:
+            return parse_port(self.text(name), name)
+        except SettingsError as error:
+            self.problems.append(str(error))
+            return None
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(name)
+        if value is None:
+            return default
+        if value not in choices:
+            self.problems.append(f"{name}={value!r}: one of {', '.join(choices)}")
+            return default
+        return value
+
+    def smtp(self) -> SmtpSettings:
+        host = self.text("REFERRALS_SMTP_HOST") or "127.0.0.1"
+        port = self.port("REFERRALS_SMTP_PORT") or 1025
+        legacy = (self.text("REFERRALS_SMTP_STARTTLS") or "").lower() in ("1", "true", "yes")
+        # TLS unless the relay is on this machine: a sign-in link must not cross a network
+        # in clear by default.
+        default: TlsMode = "starttls" if legacy or not loopback(host) else "none"
+        tls = self.choice("REFERRALS_SMTP_TLS", TLS_MODES, default)
+        ca_file = self.text("REFERRALS_SMTP_CA_FILE")
+        if ca_file is not None and not Path(ca_file).is_file():
+            self.problems.append(f"REFERRALS_SMTP_CA_FILE={ca_file}: no such file")
+        return SmtpSettings(
+            host=host,
+            port=port,
+            user=self.text("REFERRALS_SMTP_USER"),
+            password=self.secret("REFERRALS_SMTP_PASSWORD"),
+            tls=tls,  # type: ignore[arg-type]  # one of TLS_MODES, checked above
+            ca_file=Path(ca_file) if ca_file else None,
+        )
+
+    def temporal(self) -> dict[str, Any]:
+        from temporalio.envconfig import ClientConfig
+
+        try:
+            config = dict(ClientConfig.load_client_connect_config(override_env_vars=dict(self.env)))
+        except Exception as error:  # noqa: BLE001 - a bad profile or TOML file
+            self.problems.append(f"Temporal client configuration: {error}")
+            return {}
+        config.setdefault("target_host", "127.0.0.1:7233")
+        return config
+
+    def settings(self) -> Settings:
+        keys = self.secret(Need.ENCRYPTION.value)
+        keys_from = Need.ENCRYPTION.value
+        if keys is None and not self.text(f"{Need.ENCRYPTION.value}_FILE"):
+            keys = self.dev_file(Need.ENCRYPTION.value, DEV_KEY_FILE)
+            keys_from = str(DEV_KEY_FILE)
+        secret = self.secret(Need.SECRET.value)
+        if secret is None and not self.text(f"{Need.SECRET.value}_FILE"):
+            secret = self.dev_file(Need.SECRET.value, DEV_SECRET_FILE)
+        database = self.secret(Need.DATABASE.value)
+        if database is None and not self.text(f"{Need.DATABASE.value}_FILE"):
+            if (self.cwd / DEV_DATABASE).is_file():
+                database = f"sqlite:///{(self.cwd / DEV_DATABASE).resolve()}"
+                self.from_dev.append(Need.DATABASE.value)
+        secret_keys = tuple(k.strip() for k in (secret or "").split(",") if k.strip())
+        if len(secret_keys) > 1 and not (
+            self.text(REFERRER_SECRET_ENV) or self.text(f"{REFERRER_SECRET_ENV}_FILE")
+        ):
+            self.problems.append(
+                f"{Need.SECRET.value} holds {len(secret_keys)} keys (a rotation): set "
+                f"{REFERRER_SECRET_ENV} to the secret that keyed ReferrerKey so far (the one "
+                "that signed before the rotation), so every referrer keeps the same key"
+            )
+        origins = self.text("REFERRALS_CODEC_ORIGINS")
+        maildir = self.text("REFERRALS_DEV_MAILDIR")
+        settings = Settings(
+            task_queue=self.text("REFERRALS_TASK_QUEUE") or "referrals",
+            database_url=database,
+            encryption_keys=keys,
+            encryption_current_key=self.text("REFERRALS_ENCRYPTION_CURRENT_KEY"),
+            encryption_keys_from=keys_from,
+            secret_keys=secret_keys,
+            referrer_secret=self.secret(REFERRER_SECRET_ENV),
+            program_path=self.program(),
+            public_url=(self.text("REFERRALS_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
+            temporal_ui_url=(
+                self.text("REFERRALS_TEMPORAL_UI_URL") or "http://127.0.0.1:8233"
+            ).rstrip("/"),
+            temporal=self.temporal(),
+            smtp=self.smtp(),
+            rate_limit=self.text("REFERRALS_RATE_LIMIT"),
+            trusted_proxies=self.text("REFERRALS_TRUSTED_PROXIES"),
+            dev_maildir=Path(maildir) if maildir else None,
+            metrics_host=self.text("REFERRALS_METRICS_HOST") or "127.0.0.1",
+            metrics_port=self.port("REFERRALS_METRICS_PORT"),
+            web_metrics_port=self.port("REFERRALS_WEB_METRICS_PORT"),
+            metrics_refresh_s=self.number("REFERRALS_METRICS_REFRESH_S", 15.0),
+            codec_token=self.secret("REFERRALS_CODEC_TOKEN"),
+            codec_origins=(
+                tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
+                if origins
+                else Settings.codec_origins
+            ),
+            webhook_retry=WebhookRetry(
+                initial_interval_s=self.optional_number("REFERRALS_WEBHOOK_RETRY_INITIAL_S"),
+                maximum_interval_s=self.optional_number("REFERRALS_WEBHOOK_RETRY_MAX_S"),
+                give_up_after_s=self.optional_number("REFERRALS_WEBHOOK_GIVE_UP_S"),
+            ),
+            actor=self.text("REFERRALS_ACTOR"),
+            cli_timeout_s=self.number("REFERRALS_CLI_TIMEOUT", 30.0),
+            log_level=self.choice(
+                "REFERRALS_LOG_LEVEL",
+                LOG_LEVELS,
+                "INFO",
+            ),
+            log_format=self.choice("REFERRALS_LOG_FORMAT", LOG_FORMATS, "text"),
+            health_port=self.port("REFERRALS_HEALTH_PORT"),
+            health_host=self.text("REFERRALS_HEALTH_HOST") or "0.0.0.0",
+            from_dev_files=tuple(self.from_dev),
+        )
+        if settings.encryption_keys is not None:
+            try:
+                settings.key_ring()
+            except EncryptionKeyError as error:
+                self.problems.append(str(error))
+        if self.problems:
+            raise SettingsError("; ".join(self.problems))
+        return settings
+
+    def program(self) -> Path:
+        """REFERRALS_PROGRAM; else program.yaml where the process runs; else the rules the
+        package ships (core/program.yaml)."""
+        given = self.text("REFERRALS_PROGRAM")
+        if given is not None:
+            return Path(given)
+        here = Path("program.yaml")
+        return here if (self.cwd / here).is_file() else DEFAULT_PROGRAM
+
+    def optional_number(self, name: str) -> float | None:
+        if self.text(name) is None:
+            return None
+        return self.number(name, 0.0)
+
+
+def parse_port(value: str | None, name: str) -> int | None:
+    """A port setting: None when unset, empty or "off"."""
+    value = (value or "").strip()
+    if not value or value.lower() == "off":
+        return None
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SettingsError(f"{name}={value!r}: a port number (1-65535) or 'off'")
+    return int(value)
+
+
+def loopback(host: str) -> bool:
+    """`host` is this machine only (a name or address of the loopback interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_dev_files(cwd: Path | None = None) -> list[Path]:
+    """For `referrals dev` only: the local stack's payload key and signing secret, each
+    created once (mode 0600) and kept, so links and histories survive restarts. The database
+    file comes from the stack's `db upgrade`. Returns what it created."""
+    base = cwd or Path.cwd()
+    created = []
+    for path, content in (
+        (DEV_KEY_FILE, "# Referral Desk payload keys, oldest first; the last encrypts.\n"
+         f"{new_key_entry()}\n"),
+        (DEV_SECRET_FILE, secrets.token_urlsafe(32)),
+    ):  # fmt: skip
+        target = base / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the first process to get here writes it
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(content)
+        created.append(target)
+    return created
