@@ -21,7 +21,7 @@ from activities.metrics import ActivityMetrics, refresh_gauges
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
-from activities.webhooks import WebhookActivities
+from activities.webhooks import WebhookActivities, with_secrets
 from activities.webhooks import configure as configure_webhooks
 from core.health import HealthServer, database_answers, temporal_answers
 from core.links import status_url
@@ -104,6 +104,7 @@ async def run_worker(settings: Settings) -> None:
     settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET)
     configure_logging(settings)
     rules = load_program(settings.program_path)
+    with_secrets(rules.webhooks)  # every webhook's secret_env set: refuse to start otherwise
     engine = open_database(settings.database())
     # REFERRALS_METRICS_PORT: Prometheus metrics, Temporal's and the program's.
     metrics = settings.worker_metrics

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 from temporalio import activity
@@ -36,7 +37,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ReferralRow, WebhookAttemptRow, WebhookDeliveryRow, as_utc
 from core.program import ProgramError, load_program
-from core.settings import WebhookRetry
+from core.settings import SettingsError, WebhookRetry, environment_secret
 from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
 from workflows.webhook_delivery import WebhookDeliveryInput, WebhookDeliveryWorkflow
 
@@ -117,6 +118,25 @@ def configured_endpoints() -> list[WebhookEndpoint]:
         log.warning("webhooks: %s; keeping the %d endpoint(s) last read", error, len(endpoints))
     _loaded = (version, endpoints)
     return endpoints
+
+
+def with_secrets(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
+    """Each endpoint with its secret, read from the environment for those that name their
+    `secret_env` (checked like program.yaml's own: SettingsError if one is missing or wrong).
+    Only what signs needs them (the worker, which checks them at start): recording an event
+    needs an endpoint's url and events alone."""
+    resolved = []
+    for endpoint in endpoints:
+        if endpoint.secret_env is not None:
+            try:
+                endpoint = WebhookEndpoint.model_validate(
+                    {**endpoint.model_dump(), "secret": environment_secret(endpoint.secret_env),
+                     "secret_env": None}
+                )  # fmt: skip
+            except ValidationError as error:
+                raise SettingsError(f"{endpoint.secret_env}: {error.errors()[0]['msg']}") from error
+        resolved.append(endpoint)
+    return resolved
 
 
 def _endpoint(url: str) -> WebhookEndpoint | None:
@@ -414,6 +434,9 @@ def deliver(engine: Engine, delivery_id: str) -> None:
             raise _refuse(engine, delivery_id, "referral no longer recorded: not sent")
         body = _body(session, delivery, endpoint)
         url = delivery.endpoint_url
+    [signing] = with_secrets([endpoint])  # a secret_env is read now: fixed, the retry signs
+    assert signing.secret is not None
+    secret = signing.secret
     at = datetime.now(UTC)
     timestamp = int(at.timestamp())
     headers = {
@@ -421,7 +444,7 @@ def deliver(engine: Engine, delivery_id: str) -> None:
         "user-agent": USER_AGENT,
         "webhook-id": delivery_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(endpoint.secret, delivery_id, timestamp, body),
+        "webhook-signature": sign(secret, delivery_id, timestamp, body),
     }
     started = time.monotonic()
     status: int | None = None

@@ -381,6 +381,18 @@ class _Reader:
         return self.number(name, 0.0)
 
 
+def environment_secret(name: str, environ: Mapping[str, str] | None = None) -> str:
+    """A secret the program names by its variable (a webhook's `secret_env`): `name`, or the
+    file `name`_FILE names. Raises SettingsError when neither gives one."""
+    reader = _Reader(os.environ if environ is None else environ, Path.cwd())
+    value = reader.secret(name)
+    if reader.problems:
+        raise SettingsError("; ".join(reader.problems))
+    if not value:
+        raise SettingsError(f"missing {name} (or {name}_FILE), named by a webhook's secret_env")
+    return value
+
+
 def parse_port(value: str | None, name: str) -> int | None:
     """A port setting: None when unset, empty or "off"."""
     value = (value or "").strip()

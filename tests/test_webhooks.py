@@ -35,10 +35,11 @@ from activities.webhooks import (
     sign,
     start_deliveries,
     start_stalled_deliveries,
+    with_secrets,
 )
 from activities.webhooks import configure as configure_webhooks
 from core.program import ProgramError, load_program
-from core.settings import WebhookRetry
+from core.settings import SettingsError, WebhookRetry
 from starter.intake import new_referral_id, submit_referral
 from tests.conftest import SETTINGS, Cli, Live, eventually
 from tests.desk import act_by_id
@@ -123,6 +124,8 @@ def write_program(path: Path, webhooks: list[dict[str, Any]], base: Path) -> Pat
         ({"events": ["referral.won", "deal.won"]}, "webhooks.0.events.1: Input should be"),
         ({"events": []}, "webhooks.0.events: List should have at least 1 item"),
         ({"colour": "blue"}, "webhooks.0.colour: Extra inputs are not permitted"),
+        ({"secret_env": "CRM_SECRET"}, "give the endpoint's secret, or secret_env"),
+        ({"secret": None, "secret_env": "crm secret"}, "webhooks.0.secret_env: String should"),
     ],
 )
 def test_a_bad_endpoint_stops_the_program_with_its_field(
@@ -140,6 +143,30 @@ def test_an_endpoint_url_appears_once(tmp_path: Path, program_file: Path) -> Non
     path = write_program(tmp_path / "program.yaml", [endpoint, endpoint], program_file)
     with pytest.raises(ProgramError, match="each webhook url may appear only once"):
         load_program(path)
+
+
+def test_an_endpoint_secret_can_live_in_the_environment(
+    tmp_path: Path, program_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`secret_env` keeps the secret out of program.yaml: read from the variable, or from the
+    file its `_FILE` names; a process whose variable is missing or wrong is told which."""
+    endpoint = {
+        "url": "https://crm.example/h",
+        "secret_env": "CRM_SECRET",
+        "events": ["referral.won"],
+    }
+    rules = load_program(write_program(tmp_path / "program.yaml", [endpoint], program_file))
+    secret = new_secret()
+    with pytest.raises(SettingsError, match="missing CRM_SECRET"):
+        with_secrets(rules.webhooks)
+    monkeypatch.setenv("CRM_SECRET", "not-a-whsec")
+    with pytest.raises(SettingsError, match="CRM_SECRET: Value error, a webhook secret is"):
+        with_secrets(rules.webhooks)
+    monkeypatch.delenv("CRM_SECRET")
+    (tmp_path / "crm-secret").write_text(secret + "\n")
+    monkeypatch.setenv("CRM_SECRET_FILE", str(tmp_path / "crm-secret"))
+    [resolved] = with_secrets(rules.webhooks)
+    assert resolved.secret == secret and resolved.url == "https://crm.example/h"
 
 
 # --- the outbox ---------------------------------------------------------------------------

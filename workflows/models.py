@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 
@@ -281,9 +282,18 @@ class WebhookEndpoint(Strict):
     """A partner tool or CRM told of referral events (docs/webhooks.md)."""
 
     url: Annotated[Text, AfterValidator(_check_webhook_url)]
-    secret: Annotated[Text, AfterValidator(_check_webhook_secret)]
+    secret: Annotated[Text, AfterValidator(_check_webhook_secret)] | None = None
+    # Or the environment variable that holds it (or, with `_FILE`, the file that does): the
+    # secret then stays out of program.yaml, in the deployment's secrets.
+    secret_env: Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
     events: list[WebhookEvent] = Field(min_length=1)
     include_personal_data: bool = False
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookEndpoint:
+        if (self.secret is None) == (self.secret_env is None):
+            raise ValueError("give the endpoint's secret, or secret_env naming where it is")
+        return self
 
 
 def _distinct_urls(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
