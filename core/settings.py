@@ -67,7 +67,7 @@ class SmtpSettings:
     host: str = "127.0.0.1"
     port: int = 1025
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: TlsMode = "none"
     ca_file: Path | None = None
     # One whole SMTP exchange, connection to QUIT; shorter than the activity's own timeout,
@@ -86,18 +86,20 @@ class WebhookRetry:
 
 @dataclass(frozen=True)
 class Settings:
+    """Secrets stay out of its repr, should it ever be logged."""
+
     task_queue: str = "referrals"
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)
     # The key ring's text (`id:base64,…`) and the id of the key that encrypts (default: the
     # last); every key of the ring decrypts.
-    encryption_keys: str | None = None
+    encryption_keys: str | None = field(default=None, repr=False)
     encryption_current_key: str | None = None
     encryption_keys_from: str = Need.ENCRYPTION.value  # where the ring came from, for errors
     # The first signs status links, CSRF tokens and sessions; all of them verify.
-    secret_keys: tuple[str, ...] = ()
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
     # Keys ReferrerKey, which must not change when the signing secret rotates: default the
     # secret when there is only one (see `referrer_key_secret`).
-    referrer_secret: str | None = None
+    referrer_secret: str | None = field(default=None, repr=False)
     program_path: Path = Path("program.yaml")
     public_url: str = "http://127.0.0.1:8000"
     temporal_ui_url: str = "http://127.0.0.1:8233"
@@ -110,7 +112,7 @@ class Settings:
     metrics_port: int | None = None
     web_metrics_port: int | None = None
     metrics_refresh_s: float = 15.0
-    codec_token: str | None = None
+    codec_token: str | None = field(default=None, repr=False)
     codec_origins: tuple[str, ...] = ("http://127.0.0.1:8233", "http://localhost:8233")
     webhook_retry: WebhookRetry = WebhookRetry()
     actor: str | None = None
@@ -158,12 +160,6 @@ class Settings:
         return KeyRing.parse(
             self.encryption_keys, self.encryption_keys_from, current=self.encryption_current_key
         )
-
-    @property
-    def signing_key(self) -> str:
-        """The key that signs; `secret_keys` all verify."""
-        self.require(Need.SECRET)
-        return self.secret_keys[0]
 
     @property
     def referrer_key_secret(self) -> str:

@@ -108,6 +108,8 @@ def test_secrets_come_from_files(tmp_path: Path) -> None:
     assert "REFERRALS_SECRET_KEY_FILE" in str(unreadable.value)
     with pytest.raises(SettingsError, match="empty"):
         Settings.from_env({"REFERRALS_DATABASE_URL_FILE": str(tmp_path / "empty")})
+    shown = repr(settings)  # should settings ever be logged, no secret goes with them
+    assert not any(s in shown for s in (key, secret, url, "smtp-pass", "codec-token"))
     # A file named but unreadable never falls back to the dev stack's file.
     create_dev_files(tmp_path)
     with pytest.raises(SettingsError):
@@ -150,4 +152,4 @@ def test_referrer_key_survives_a_secret_rotation() -> None:
 
     assert before.referrer_key_secret == added.referrer_key_secret == "old"
     assert current.referrer_key_secret == "old"
-    assert (added.signing_key, current.signing_key) == ("old", "new")
+    assert (added.secret_keys[0], current.secret_keys[0]) == ("old", "new")  # what signs
