@@ -192,21 +192,24 @@ async def send_action(
     deadline = loop.time() + timeout
     accepted = False
     try:
-        update = await handle.start_update(
-            "act",
-            request,
-            id=request.request_id,
-            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-            result_type=ActResult,
-            rpc_timeout=timedelta(seconds=timeout),
-        )
-        accepted = True
-        left = max(0.1, deadline - loop.time())
-        return await update.result(rpc_timeout=timedelta(seconds=left))
+        # The deadline bounds the whole call: the server answers an update's long poll empty
+        # after about 20 s, and the SDK then polls again, past any RPC timeout.
+        async with asyncio.timeout_at(deadline):
+            update = await handle.start_update(
+                "act",
+                request,
+                id=request.request_id,
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                result_type=ActResult,
+                rpc_timeout=timedelta(seconds=timeout),
+            )
+            accepted = True
+            left = max(0.1, deadline - loop.time())
+            return await update.result(rpc_timeout=timedelta(seconds=left))
     except WorkflowUpdateFailedError as error:
         cause = error.cause
         raise Refused(getattr(cause, "message", None) or str(cause or error)) from error
-    except WorkflowUpdateRPCTimeoutOrCancelledError:
+    except (WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError):
         if not accepted:
             raise Refused(
                 f"no worker answered within {timeout:g}s (is a worker running?); the action may "

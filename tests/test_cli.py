@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from starter.cli import DEFAULT_TIMEOUT_SECONDS as DEFAULT_TIMEOUT
 from tests.conftest import Cli, Live, Result
 from tests.factories import referral_input, submission_data
 from workflows.models import ProgramRules
@@ -185,7 +188,14 @@ async def test_when_no_worker_answers_the_cli_says_so_in_one_line(
     )
     try:
         done = await cli("--timeout", "2", "contacted", given.referral_id)
+        # The default timeout is longer than the server's update long-poll, which comes back
+        # empty and used to be issued again and again: the whole call is bounded now.
+        started = time.monotonic()
+        by_default = await asyncio.wait_for(cli("accept", given.referral_id), DEFAULT_TIMEOUT + 15)
+        elapsed = time.monotonic() - started
     finally:
         await handle.terminate(reason="test over")
     refused(done, "no worker answered within 2s")
     assert "--request-id cli-" in done.err
+    refused(by_default, f"no worker answered within {DEFAULT_TIMEOUT:g}s")
+    assert elapsed < DEFAULT_TIMEOUT + 5, elapsed
