@@ -81,7 +81,7 @@ async def reconcile(client: Client, engine: Engine, task_queue: str) -> Reconcil
             report.fixed.append(f"{referral_id}: recorded its final stage {final.stage.value}")
             continue
         what = f"workflow {status.name.lower()}" if status else "workflow not found"
-        line = await asyncio.to_thread(_mark_cancelled, engine, referral_id, what, now)
+        line = await asyncio.to_thread(_close_lost, engine, referral_id, what, now)
         report.fixed.append(line)
     for domain, referral_id, claimed_at in await asyncio.to_thread(_claims, engine):
         if referral_id in running:
@@ -127,9 +127,7 @@ async def _record_closed(
     line = f"{referral_id}: closed before the system of record; recorded ({final.stage.value})"
     if status != WorkflowExecutionStatus.COMPLETED and not final.is_terminal:
         what = f"workflow {status.name.lower()}" if status else "workflow not found"
-        line = await asyncio.to_thread(
-            _mark_cancelled, engine, referral_id, what, datetime.now(UTC)
-        )
+        line = await asyncio.to_thread(_close_lost, engine, referral_id, what, datetime.now(UTC))
     return line
 
 
@@ -174,9 +172,42 @@ def _known(engine: Engine, referral_ids: set[str]) -> set[str]:
     return found
 
 
-def _mark_cancelled(engine: Engine, referral_id: str, what: str, now: datetime) -> str:
+def _close_lost(engine: Engine, referral_id: str, what: str, now: datetime) -> str:
+    """An open referral whose workflow is gone: a paid one closes as paid (its clawback
+    window ends early: the commission was paid, it still counts as won and paid); any other
+    is cancelled."""
     state = load_referral(engine, referral_id)
     assert state is not None
+    if state.stage is Stage.COMMISSION_PAID:
+        return _close_paid(engine, state, what, now)
+    return _mark_cancelled(engine, state, what, now)
+
+
+def _close_paid(engine: Engine, state: ReferralState, what: str, now: datetime) -> str:
+    note = (
+        f"{what} in Temporal during the clawback window; the window closed early, the "
+        "commission stays paid"
+    )
+    state.clawback_closed = True
+    state.closed_at = now
+    state.revision += 1
+    entry = HistoryEntry(
+        at=now,
+        action="clawback_window_closed",
+        actor="system",
+        note=note,
+        outcome="system",
+        seq=state.next_seq(),
+    )
+    save_referral(
+        engine, ReferralRecord(state=state.model_copy(update={"history": []}), events=[entry])
+    )
+    release_claim(engine, state.prospect_domain, state.referral_id)
+    return f"{state.referral_id}: {note}"
+
+
+def _mark_cancelled(engine: Engine, state: ReferralState, what: str, now: datetime) -> str:
+    referral_id = state.referral_id
     note = f"{what} in Temporal while the referral was {state.stage.value}; marked cancelled"
     state.stage = Stage.CANCELLED
     state.closed_at = now

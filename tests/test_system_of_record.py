@@ -8,22 +8,29 @@ import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 from sqlmodel import Session
 from temporalio import workflow
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.db import CommissionRow, ProspectClaim
+from activities.reconcile import reconcile
 from activities.records import load_referral, save_referral
 from core.links import status_token
+from starter.domains import registrable_domain
+from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import BIN, Cli, Live, eventually, settings_with
-from tests.factories import referral_input, submission_data
+from tests.conftest import BIN, SETTINGS, Cli, Live, eventually, settings_with
+from tests.desk import act_by_id
+from tests.factories import referral_input, submission, submission_data
 from worker import build_worker
 from workflows.models import (
     Action,
@@ -307,3 +314,58 @@ async def test_replay_check_names_a_referral_this_code_would_break(
     assert done.code == 1, done
     lines = done.err.strip().splitlines()
     assert len(lines) == 1 and f"{given.referral_id} would break on this code" in lines[0]
+
+
+async def test_reconcile_closes_a_paid_referral_as_paid(
+    live: Live, shipped_rules: ProgramRules
+) -> None:
+    """A referral at commission_paid, in its clawback window, whose workflow was deleted:
+    the commission was paid, so it closes as paid (the window ended early, the reason in its
+    history) and keeps counting as won and paid, never as cancelled."""
+    site = f"https://www.paid-{uuid.uuid4().hex[:8]}.example/"
+    referral_id = await submit_referral(
+        live.client,
+        live.engine,
+        shipped_rules,  # a 90-day clawback window: the workflow waits in commission_paid
+        submission(**{"prospect.website": site}),
+        SETTINGS,
+        received_at=datetime.now(UTC) - timedelta(hours=1),  # older than reconcile's grace
+    )
+    steps: list[tuple[Action, dict[str, Any]]] = [
+        (Action.CONTACTED, {}),
+        (Action.ACCEPT, {}),
+        (Action.APPROVE, {}),
+        (Action.WON, {"amount": Decimal("100000"), "currency": "EUR"}),
+        (Action.PAYMENT, {"amount": Decimal("100000"), "reference": "INV-PAID"}),
+        (Action.PAYOUT, {"reference": "VIR-PAID"}),
+    ]
+    for action, values in steps:
+        await act_by_id(live.client, referral_id, action, **values)
+    await live.client.workflow_service.delete_workflow_execution(
+        DeleteWorkflowExecutionRequest(
+            namespace=live.client.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=referral_id),
+        )
+    )
+
+    async def deleted() -> bool:
+        try:
+            await live.client.get_workflow_handle(referral_id).describe()
+        except RPCError as error:
+            return error.status == RPCStatusCode.NOT_FOUND
+        return False
+
+    await eventually(deleted, 30)
+    report = await reconcile(live.client, live.engine, SETTINGS.task_queue)
+
+    state = load_referral(live.engine, referral_id)
+    assert state is not None and state.stage is Stage.COMMISSION_PAID
+    assert state.closed_at is not None and state.clawback_closed
+    last = state.history[-1]
+    assert (last.action, last.actor) == ("clawback_window_closed", "system")
+    assert "workflow not found" in (last.note or "") and "stays paid" in (last.note or "")
+    assert any(line.startswith(f"{referral_id}: ") for line in report.fixed)
+    with Session(live.engine) as session:
+        commission = session.get(CommissionRow, referral_id)
+        assert commission is not None and commission.status == "paid"
+        assert session.get(ProspectClaim, registrable_domain(site)) is None
