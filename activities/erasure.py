@@ -44,6 +44,8 @@ from workflows.models import (
 
 ERASED = "erased"
 
+RPC_TIMEOUT = timedelta(seconds=10)  # every call to Temporal here has a deadline
+
 
 class ErasureRefused(Exception):
     """The referral cannot be erased (unknown, or still open); the message says why."""
@@ -76,7 +78,8 @@ async def delete_executions(client: Client, referral_id: str) -> int:
     encrypted or not, go with them."""
     runs = {wf.run_id async for wf in client.list_workflows(f"WorkflowId = '{referral_id}'")}
     try:  # the latest run, which visibility may not list yet
-        runs.add((await client.get_workflow_handle(referral_id).describe()).run_id)
+        latest = await client.get_workflow_handle(referral_id).describe(rpc_timeout=RPC_TIMEOUT)
+        runs.add(latest.run_id)
     except RPCError as error:
         if error.status != RPCStatusCode.NOT_FOUND:
             raise

@@ -134,7 +134,8 @@ async def _record_closed(
 async def _status(client: Client, referral_id: str) -> WorkflowExecutionStatus | None:
     """The latest run's status; None when Temporal has no such workflow."""
     try:
-        return (await client.get_workflow_handle(referral_id).describe()).status
+        handle = client.get_workflow_handle(referral_id)
+        return (await handle.describe(rpc_timeout=QUERY_TIMEOUT)).status
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             return None

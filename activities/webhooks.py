@@ -64,6 +64,7 @@ PAYABLE = "commission.payable"
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 HTTP_TIMEOUT = httpx.Timeout(10.0)
+RPC_TIMEOUT = timedelta(seconds=10)  # every call to Temporal here has a deadline
 USER_AGENT = "ReferralDesk-Webhooks/1"
 # Kept of an endpoint's answer to a failed attempt, for `referrals webhooks`.
 ANSWER_CHARS = 200
@@ -528,7 +529,7 @@ def list_attempts(engine: Engine, delivery_id: str) -> list[WebhookAttemptRow]:
 
 async def _running(client: Client, workflow: str) -> bool:
     try:
-        description = await client.get_workflow_handle(workflow).describe()
+        description = await client.get_workflow_handle(workflow).describe(rpc_timeout=RPC_TIMEOUT)
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             return False

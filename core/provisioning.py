@@ -225,7 +225,7 @@ async def _schedule(client: Client, nightly: Nightly, wanted: Schedule) -> str:
         return f"schedule {nightly.schedule_id}: created ({wanted.state.note})"
     except ScheduleAlreadyRunningError:
         pass
-    described = await handle.describe()
+    described = await handle.describe(rpc_timeout=RPC_TIMEOUT)
     before = described.schedule.state.note or "(made by an earlier release)"
     if before == wanted.state.note:
         return f"schedule {nightly.schedule_id}: unchanged ({before})"

@@ -167,7 +167,9 @@ async def workflow_status(settings: Settings, referral_id: str) -> str:
     """What Temporal says of an open referral's workflow: `running`, or what went wrong."""
     try:
         client = await connect(settings)
-        description = await client.get_workflow_handle(referral_id).describe()
+        description = await client.get_workflow_handle(referral_id).describe(
+            rpc_timeout=timedelta(seconds=10)
+        )
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             return "missing in Temporal"

@@ -7,6 +7,7 @@ things with the same messages.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import unicodedata
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, update
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim
@@ -42,6 +44,21 @@ from workflows.transitions import initial_state
 
 # A claim whose workflow never started (the submitting process died) is taken over after this.
 STALE_CLAIM = timedelta(minutes=2)
+# Every call to Temporal here has a deadline.
+RPC_TIMEOUT = timedelta(seconds=10)
+# Answers to a start that say it was not carried out (anything else may have been).
+NOT_STARTED = frozenset(
+    {
+        RPCStatusCode.INVALID_ARGUMENT,
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.PERMISSION_DENIED,
+        RPCStatusCode.UNAUTHENTICATED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.NOT_FOUND,
+    }
+)
+log = logging.getLogger(__name__)
 _ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -280,7 +297,9 @@ async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_
 
 async def _referral_is_open(client: Client, referral_id: str, claimed_at: datetime) -> bool:
     try:
-        description = await client.get_workflow_handle(referral_id).describe()
+        description = await client.get_workflow_handle(referral_id).describe(
+            rpc_timeout=RPC_TIMEOUT
+        )
     except RPCError as error:
         if error.status != RPCStatusCode.NOT_FOUND:
             raise
@@ -331,17 +350,45 @@ async def submit_referral(
     record = ReferralRecord(state=first.model_copy(update={"history": []}), events=first.history)
     try:
         await asyncio.to_thread(save_referral, engine, record)
+    except Exception:
+        await asyncio.to_thread(release_claim, engine, domain, referral_id)
+        raise
+    try:
         await client.start_workflow(
             ReferralWorkflow.run,
             given,
             id=referral_id,
             task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            rpc_timeout=RPC_TIMEOUT,
             # Readable by anyone who reads the namespace: the prospect company and product
             # only, never a person's name or address.
             static_summary=f"{submission.prospect.company} ({domain}) · {product.name}",
         )
-    except BaseException:
-        await asyncio.to_thread(discard_referral, engine, referral_id)
-        await asyncio.to_thread(release_claim, engine, domain, referral_id)
-        raise
+    except Exception as error:
+        started = await _started(client, referral_id, error)
+        if started:
+            log.warning("%s: its start answered %r, yet it runs", referral_id, error)
+            return referral_id
+        if started is False:  # nothing reached Temporal: forget it, free the prospect
+            await asyncio.to_thread(discard_referral, engine, referral_id)
+            await asyncio.to_thread(release_claim, engine, domain, referral_id)
+        raise  # unknown: `referrals reconcile` settles it once Temporal answers
     return referral_id
+
+
+async def _started(client: Client, referral_id: str, error: Exception) -> bool | None:
+    """Whether a start that failed with `error` reached Temporal all the same: False when the
+    error says it did not or Temporal does not know the workflow, True when it does, None
+    when Temporal cannot be asked."""
+    if isinstance(error, RPCError) and error.status in NOT_STARTED:
+        return False
+    if isinstance(error, RuntimeError) and "connect" in str(error).lower():
+        return False  # no connection, no request
+    try:
+        await client.get_workflow_handle(referral_id).describe(rpc_timeout=RPC_TIMEOUT)
+    except RPCError as asked:
+        return False if asked.status == RPCStatusCode.NOT_FOUND else None
+    except Exception:  # noqa: BLE001 - Temporal cannot say
+        return None
+    return True

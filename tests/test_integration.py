@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlmodel import Session
 from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.client import (
+    Client,
+    Interceptor,
+    OutboundInterceptor,
+    StartWorkflowInput,
+    WorkflowExecutionStatus,
+)
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import CommissionRow, ProspectClaim
+from activities.records import load_referral
+from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, submit_referral
 from tests.conftest import SETTINGS, Live, eventually
 from tests.desk import act_by_id
@@ -124,4 +135,64 @@ async def test_one_open_referral_per_prospect(live: Live, rules: ProgramRules) -
         live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
     )
     assert again != accepted[0]
+    await act_by_id(live.client, again, Action.CANCEL, reason="test over")
+
+
+class StartAnswers(Interceptor):
+    """A client whose start answers `error`, after starting the workflow when `reached`: a
+    reply lost on the way back, or a refusal."""
+
+    def __init__(self, error: Exception, reached: bool) -> None:
+        self.error, self.reached = error, reached
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        outer = self
+
+        class Start(OutboundInterceptor):
+            async def start_workflow(self, input: StartWorkflowInput) -> Any:
+                if outer.reached:
+                    await super().start_workflow(input)
+                raise outer.error
+
+        return Start(next)
+
+
+@pytest.mark.parametrize(
+    ("error", "reached", "kept"),
+    [
+        (RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b""), True, True),
+        (RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b""), False, False),
+        (RPCError("unavailable", RPCStatusCode.UNAVAILABLE, b""), False, False),
+    ],
+)
+async def test_a_failed_start_is_cleaned_up_only_when_it_did_not_reach_temporal(
+    live: Live, rules: ProgramRules, error: RPCError, reached: bool, kept: bool
+) -> None:
+    """The intake asks Temporal what an ambiguous error means: a start that reached it keeps
+    its referral (and answers with its id), one that did not leaves nothing behind."""
+    client = Client(
+        live.client.service_client,
+        namespace=live.client.namespace,
+        data_converter=live.client.data_converter,
+        interceptors=[StartAnswers(error, reached)],
+    )
+    site = unique_site()
+    if kept:
+        referral_id = await submit_referral(
+            client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
+        )
+        assert load_referral(live.engine, referral_id) is not None
+        handle = live.client.get_workflow_handle(referral_id)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+        await act_by_id(live.client, referral_id, Action.CANCEL, reason="test over")
+        return
+    with pytest.raises(RPCError):
+        await submit_referral(
+            client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
+        )
+    with Session(live.engine) as session:
+        assert session.get(ProspectClaim, registrable_domain(site)) is None  # free again
+    again = await submit_referral(
+        live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
+    )
     await act_by_id(live.client, again, Action.CANCEL, reason="test over")
