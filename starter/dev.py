@@ -22,7 +22,14 @@ from activities.schema import upgrade
 from core.metrics import HOST_ENV, PORT_ENV
 from core.program import ProgramError, load_program
 from core.provisioning import setup
-from core.settings import DEV_DATABASE, Settings, SettingsError, create_dev_files, parse_port
+from core.settings import (
+    DEV_DATA,
+    DEV_DATABASE,
+    Settings,
+    SettingsError,
+    create_dev_files,
+    parse_port,
+)
 from core.temporal import connect_for_operations
 from worker import GRACEFUL_SHUTDOWN
 from workflows.models import ProgramRules
@@ -180,6 +187,17 @@ def _metrics_url(host: str, port: str) -> str:
     return "off" if port == "off" else f"http://{host}:{port}/metrics"
 
 
+def keep_private(data: Path) -> None:
+    """The stack's data (referrers' personal data, unexpired sign-in links in the mail files,
+    the keys) readable by this user only: what exists made so (a checkout from before this
+    rule), and what the stack and its processes create from now on made so by the umask."""
+    os.umask(0o077)
+    data.mkdir(parents=True, exist_ok=True)
+    for path in [data, *data.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     """The one process that creates the local stack's key, secret and database (.data/)."""
     stack = load_stack(config)
@@ -205,6 +223,7 @@ def run_dev(config: Path = Path("temporal-dev.yaml")) -> int:
     except SettingsError as error:
         print(f"referrals dev: {error}", file=sys.stderr)
         return 1
+    keep_private(DEV_DATA)
     t.db_filename.parent.mkdir(parents=True, exist_ok=True)
     create_dev_files()  # before several processes want them at once
     database = settings.database_url or f"sqlite:///{DEV_DATABASE.resolve()}"

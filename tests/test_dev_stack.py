@@ -12,6 +12,7 @@ from urllib.request import urlopen
 
 import yaml
 
+from starter.dev import keep_private
 from tests.conftest import BIN, REFERRALS, ROOT, free_port
 
 
@@ -108,6 +109,9 @@ def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
     finally:
         stop_stack(process)
     assert not any(listening(port) for port in ports.values())
+    data = tmp_path / ".data"  # personal data, keys and sign-in links: this user's only
+    opened = {p: oct(p.stat().st_mode & 0o777) for p in [data, *data.rglob("*")]}
+    assert len(opened) > 5 and all(mode in ("0o700", "0o600") for mode in opened.values()), opened
 
     process = start_stack(config, env, tmp_path / "second-run.log")
     try:
@@ -117,3 +121,28 @@ def test_dev_stack_runs_stops_and_keeps_referrals(tmp_path: Path) -> None:
         assert referral_id in listed
     finally:
         stop_stack(process)
+
+
+def test_the_stack_makes_an_older_checkouts_data_private(tmp_path: Path) -> None:
+    data = tmp_path / ".data"
+    (data / "mail" / "new").mkdir(parents=True, mode=0o755)
+    for name in ("referrals.db", "referrals.db-wal", "mail/new/1.eml"):
+        (data / name).write_text("personal data")
+        (data / name).chmod(0o644)
+    umask = os.umask(0o022)
+    try:
+        keep_private(data)
+        (data / "created-after").write_text("")
+        assert os.umask(0o022) == 0o077  # what the stack's processes inherit
+    finally:
+        os.umask(umask)
+    modes = {p.relative_to(data).as_posix(): p.stat().st_mode & 0o777 for p in data.rglob("*")}
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert modes == {
+        "mail": 0o700,
+        "mail/new": 0o700,
+        "mail/new/1.eml": 0o600,
+        "referrals.db": 0o600,
+        "referrals.db-wal": 0o600,
+        "created-after": 0o600,
+    }
