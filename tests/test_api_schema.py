@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import unicodedata
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -34,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
 from starter.web import create_app
 from tests.conftest import SETTINGS, Live
 from tests.factories import submission_data
-from tests.test_web import asgi_client
+from tests.test_web import asgi_client, claim_of
 from workflows.models import ProgramRules
 
 EXAMPLES = 120  # over both operations and both modes; a few seconds on the dev server
@@ -181,10 +182,9 @@ def _with_company(raw_json_string: str) -> bytes:
         (b"[" * 50_000 + b"]" * 10_000, "application/json"),  # nested deeper than Python's stack
         (_with_company(r'"Acme \ud800"'), "application/json"),  # no UTF-8 text can hold it
         (b"\xff\xfe not utf-8", "application/json"),
-        (b"referrer.name=x", "application/x-www-form-urlencoded"),
         (b"", "application/json"),
     ],
-    ids=["deep", "surrogate", "not-utf8", "form-encoded", "empty"],
+    ids=["deep", "surrogate", "not-utf8", "empty"],
 )
 async def test_malformed_bodies_get_the_documented_refusal(
     live: Live, rules: ProgramRules, body: bytes, content_type: str
@@ -200,3 +200,28 @@ async def test_malformed_bodies_get_the_documented_refusal(
     assert_documented_refusal(response)
     if body.startswith(b'{"referrer"'):
         assert [e["field"] for e in response.json()["errors"]] == ["prospect.company"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded", None],
+)
+async def test_only_a_json_body_starts_a_referral(
+    live: Live, rules: ProgramRules, content_type: str | None
+) -> None:
+    """A page on another site can post text/plain here without a CORS preflight; the body
+    below is a valid submission, and still nothing starts."""
+    site = f"https://cross-site-{uuid.uuid4().hex[:8]}.example"
+    body = json.dumps(submission_data(**{"prospect.website": site})).encode()
+    app = create_app(
+        SETTINGS, rules=rules, engine=live.engine, client=live.client, rate_limit="off"
+    )
+    headers = {"origin": "https://elsewhere.example"}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    async with asgi_client(app) as web:
+        response = await web.post("/api/referrals", content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    assert_documented_refusal(response)
+    assert response.json()["errors"][0]["code"] == "media_type"
+    assert claim_of(live, site) is None

@@ -311,6 +311,7 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
         responses={
             409: {"model": ApiRefusal, "description": "the prospect already has an open referral"},
             413: {"model": ApiRefusal, "description": "request body over 64 KiB"},
+            415: {"model": ApiRefusal, "description": "the body is not application/json"},
             422: {"model": ApiRefusal, "description": "invalid or ineligible submission"},
             429: {
                 "model": ApiRefusal,
@@ -354,6 +355,15 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
             )
             limited.headers.update(retry)
             return limited
+        # A browser posts text/plain across sites without asking (no CORS preflight): only
+        # a JSON body, which a foreign page cannot send unasked, starts a referral.
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            return refused(
+                415,
+                "the body must be sent as application/json",
+                [FieldError("body", "Content-Type must be application/json", "media_type")],
+            )
         not_an_object = FieldError("body", "the body must be a JSON object", "invalid_json")
         try:
             data = await request.json()
