@@ -30,16 +30,16 @@ import jinja2
 from jinja2.runtime import Context
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session
+from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import i18n
-from activities.db import SentEmail
+from activities.db import ReferralEventRow, SentEmail
 from activities.ledger import balances
 from core import TEMPLATES
 from core.settings import SmtpSettings
-from workflows.models import EmailRequest
+from workflows.models import Action, EmailRequest
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ def render_email(
         "extra": request.extra,
         "status_url": status_url,
         "facts": facts or {},
+        # What was typed into the public form goes only to an address known to be the
+        # referrer's: the form must not make our sender a relay for anyone's text and links.
+        "verified": bool((facts or {}).get("referrer_verified")),
     }
     source = _ENVIRONMENT.get_template(f"{request.template}.txt").render(context)
     first, _, body = source.strip().partition("\n")
@@ -299,7 +302,10 @@ class EmailActivities:
         self._status_link = status_link
 
     def _facts(self, request: EmailRequest) -> dict[str, Any]:
-        """Finance's payout email states what the referrer owes us from earlier clawbacks."""
+        """Whether a referrer's address is known to be theirs; finance's payout email states
+        what the referrer owes us from earlier clawbacks."""
+        if request.template.startswith("referrer_"):
+            return {"referrer_verified": self._referrer_verified(request)}
         commission = request.referral.commission
         if request.template != "staff_commission_payable" or commission is None:
             return {}
@@ -316,6 +322,22 @@ class EmailActivities:
             Decimal(0),
         )
         return {"owed_by_referrer": owed} if owed else {}
+
+    def _referrer_verified(self, request: EmailRequest) -> bool:
+        """The referrer's address is theirs once our team has been in touch with them (the
+        referral was `contacted`). Before that, anyone could have typed it into the public
+        form, so what they typed is not sent to it (see referrer_submitted.txt)."""
+        if request.template == "referrer_submitted":
+            return False
+        with Session(self._engine) as session:
+            contacted = session.exec(
+                select(ReferralEventRow.id).where(
+                    ReferralEventRow.referral_id == request.referral.referral_id,
+                    ReferralEventRow.action == Action.CONTACTED.value,
+                    ReferralEventRow.outcome == "applied",
+                )
+            ).first()
+        return contacted is not None
 
     @activity.defn(name="send_email")
     def send_email(self, request: EmailRequest) -> str:

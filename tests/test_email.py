@@ -7,7 +7,9 @@ import smtplib
 import ssl
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,13 @@ from activities.email import (
     deliver,
     message_id,
 )
+from activities.records import save_referral
 from activities.schema import upgrade
 from core.settings import SmtpSettings
 from starter.mail_sink import MaildirHandler
 from tests.conftest import MailSink, free_port
 from tests.factories import state_at
-from workflows.models import EmailRequest, ProgramRules, Stage
+from workflows.models import EmailRequest, HistoryEntry, ProgramRules, ReferralRecord, Stage
 
 
 def request(rules: ProgramRules, key: str, template: str = "referrer_submitted") -> EmailRequest:
@@ -68,9 +71,34 @@ def test_sends_multipart_french_email_with_deterministic_id(
     text = message.get_body(("plain",))
     html = message.get_body(("html",))
     assert text is not None and html is not None
-    assert "Fromagerie Bellevue" in text.get_content()
-    assert "Fromagerie Bellevue SAS" in html.get_content()
+    # Nobody has been in touch with this address yet: nothing typed into the form in it.
+    assert "Fromagerie Bellevue" not in text.get_content() + html.get_content()
+    assert "Claire" not in text.get_content() + message["Subject"]
     assert '<html lang="fr">' in html.get_content()
+
+
+def test_once_contacted_the_referrer_gets_the_referrals_details(
+    rules: ProgramRules, engine: Engine, mail_sink: MailSink
+) -> None:
+    activities = EmailActivities(engine, mail_sink.settings())
+    backend = engine.url.get_backend_name()
+    referral = state_at(Stage.CONTACTED, rules)
+    referral.referral_id = f"R-VERIFY{uuid.uuid4().hex[:6].upper()}"
+    submitted = referral.history[0].model_copy(update={"seq": 0})
+    contacted = HistoryEntry(
+        at=submitted.at + timedelta(days=1), action="contacted", actor="bob", seq=1
+    )
+    save_referral(
+        engine,
+        ReferralRecord(
+            state=referral.model_copy(update={"history": []}), events=[submitted, contacted]
+        ),
+    )
+    key = f"{referral.referral_id}/referrer/declined/{backend}"
+    declined = request(rules, key, "referrer_declined").model_copy(update={"referral": referral})
+    ActivityEnvironment().run(activities.send_email, declined)
+    [message] = [m for m in mail_sink.messages() if m["X-Idempotency-Key"] == key]
+    assert "Fromagerie Bellevue" in message["Subject"]
 
 
 def test_a_retried_send_does_not_send_twice(

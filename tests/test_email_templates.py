@@ -6,6 +6,7 @@ one per stage, as the workflow would snapshot them when the email is queued.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -285,7 +286,9 @@ def render(
     extra: dict[str, str] | None = None,
     minimal: bool = False,
     status_url: str | None = None,
+    verified: bool = True,
 ) -> RenderedEmail:
+    """`verified`: our team has been in touch with the referrer (their address is theirs)."""
     state = make_state(TEMPLATE_STAGES[template], language=language, minimal=minimal)
     return render_email(
         EmailRequest(
@@ -298,6 +301,7 @@ def render(
             extra=extra or TEMPLATE_EXTRA.get(template, {}),
         ),
         status_url,
+        {"referrer_verified": verified},
     )
 
 
@@ -353,6 +357,42 @@ def test_renders_subject_text_and_escaped_html(template: str, language: Language
     assert "Referral Desk" in footer and REFERRAL_ID in footer
     for external in ("<img", "<link", "<script", "src=", "url("):  # self-contained
         assert external not in email.html
+
+
+# The emails a referrer can get before our team has been in touch with them: the form
+# could have been filled in by anyone, with anyone's address.
+UNVERIFIED_CASES = [
+    (name, lang)
+    for name, lang in REFERRER_CASES
+    if name in ("referrer_submitted", "referrer_declined", "referrer_cancelled")
+]
+
+
+@pytest.mark.parametrize(("template", "language"), UNVERIFIED_CASES)
+def test_an_unverified_address_gets_none_of_what_was_typed(
+    template: str, language: Language
+) -> None:
+    """Otherwise the public form relays anyone's text and links, from our sender, to any
+    address typed into it."""
+    state = make_state(TEMPLATE_STAGES[template], language=language)
+    typed = [
+        state.referrer.name,
+        str(state.referrer.company),
+        state.prospect.company,
+        state.prospect_domain,
+        state.contact.name,
+        str(state.opportunity.notes),
+    ]
+    status_url = "https://referrals.example.com/status/abc"
+    email = render(template, language, status_url=status_url, verified=False)
+    for text in typed:
+        assert text not in email.subject and text not in email.text, text
+        assert escape(text) not in email.html, text
+    assert REFERRAL_ID in email.subject and status_url in email.text
+    links = re.findall(r"https?://[^\s<>\"]+", email.text + email.html)
+    assert set(links) == {status_url}
+    verified = render(template, language, status_url=status_url)
+    assert COMPANY in verified.subject and "Claire Martin" in verified.text
 
 
 @pytest.mark.parametrize(("template", "language"), ALL_CASES)
