@@ -94,6 +94,10 @@ class DuplicateReferral(Exception):
 
 # Fields that may hold several lines; every other text is one line.
 MULTILINE_FIELDS = frozenset({"opportunity.notes"})
+# Embeddings, overrides and isolates: they make text display in another order than it is
+# stored ("Trojan Source"), so a name can read as something else in an email or on the
+# dashboard. Mixed-script names need none of them (the implicit marks stay allowed).
+DIRECTION_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _texts(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
@@ -107,14 +111,17 @@ def _texts(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
 def control_character_errors(data: Any) -> list[FieldError]:
     """Line breaks in a name would end up in email headers and one-line records; control
     characters, separators and lone surrogates (which no UTF-8 text can hold) break storage
-    and email. Notes may hold line breaks and tabs, nothing else of the kind."""
+    and email; direction controls disguise text. Notes may hold line breaks and tabs,
+    nothing else of the kind."""
     errors = []
     for path, value in _texts(data):
         name = path or "body"
         multiline = name in MULTILINE_FIELDS
         allowed = "\r\n\t" if multiline else ""
         if any(
-            c not in allowed and unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in value
+            c in DIRECTION_CONTROLS
+            or (c not in allowed and unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"))
+            for c in value
         ):
             errors.append(
                 FieldError(

@@ -33,7 +33,7 @@ from activities.db import ReferralRow
 from activities.email import build_message, render_email
 from activities.records import load_referral
 from core.program import load_program
-from starter.intake import SubmissionRefused, parse_submission
+from starter.intake import DIRECTION_CONTROLS, SubmissionRefused, parse_submission
 from starter.web import create_app
 from starter.web.intake import CSRF_COOKIE, ERROR_MESSAGES, HONEYPOT
 from starter.web.security import MAX_BODY_BYTES
@@ -72,9 +72,8 @@ PAYLOADS = {
     "markup": "<script>alert('x')</script> & \"quoted\" <b onmouseover=alert(1)>bold</b>",
     "attributes": '"><img src=x onerror=alert(1)> www.evil.example/"><svg/onload=alert(1)> '
     "javascript:alert(1)",
-    # Right to left (Arabic, Hebrew, an override), CJK, emoji with a joiner.
-    "scripts": 'شركة النور — חברת אור בע"מ \u202eevil\u202c 株式会社山田製作所 '
-    "🚀👩\u200d💻 Café ☕",
+    # Right to left (Arabic, Hebrew, a right-to-left mark), CJK, emoji with a joiner.
+    "scripts": 'شركة النور — חברת אור בע"מ \u200fevil 株式会社山田製作所 🚀👩\u200d💻 Café ☕',
     "template-syntax": "{{ 7*7 }} {% if true %}x{% endif %} ${7*7} Bcc: victim@example.com",
     "long": "長" * 60 + "<i>" + "🚀" * 60 + "</i>" + "ع" * 200,
 }
@@ -287,6 +286,17 @@ def test_intake_refuses_line_breaks_in_one_line_fields(name: str, breaker: str) 
     with pytest.raises(SubmissionRefused) as refused:
         parse_submission(data, RULES)
     assert [(e.field, e.code) for e in refused.value.errors] == [(name, "control_characters")]
+
+
+@pytest.mark.parametrize("name", FREE_TEXT)
+@pytest.mark.parametrize("control", sorted(DIRECTION_CONTROLS), ids=lambda c: f"U+{ord(c):04X}")
+def test_intake_refuses_text_direction_controls(name: str, control: str) -> None:
+    """ "Acme \u202egnp.exe" displays as "Acme exe.png": text that reads as other text."""
+    data = submission_data(**{name: f"Acme {control}gnp.exe"})
+    with pytest.raises(SubmissionRefused) as refused:
+        parse_submission(data, RULES)
+    assert [e.field for e in refused.value.errors] == [name]
+    assert refused.value.errors[0].code.startswith("control_characters")
 
 
 def test_notes_keep_their_line_breaks() -> None:
