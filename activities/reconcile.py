@@ -15,6 +15,11 @@ the authority on everything else. Repairs:
 - a referral started before the system of record and closed since (no database row):
   recorded from its workflow's result or, when it did not complete, its last state;
 - a webhook delivery still pending that no workflow delivers: its delivery started.
+
+As the nightly activity it heartbeats its progress (`Progress`: the phase and the last id it
+finished, in id order), so a lost worker shows within the heartbeat timeout and a retry resumes
+after the last heartbeat instead of starting over; every repair is idempotent, so redoing the
+few handled since that heartbeat is harmless. From the CLI it runs straight through.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from temporalio import activity
@@ -57,55 +63,141 @@ CLOSED = (
 )
 
 
+PHASES = ("open", "claims", "upgrade", "closed", "webhooks")
+# A heartbeat after this many referrals or claims: each costs at most a describe or a query
+# (QUERY_TIMEOUT), so ten fit well within the nightly workflow's heartbeat timeout.
+HEARTBEAT_EVERY = 10
+
+
+class Progress(BaseModel):
+    """What a heartbeat says: the phase, the last referral id (in `claims`, domain) finished
+    in it, and the counts a resumed report carries on. Nothing else: no report, no person."""
+
+    phase: str = PHASES[0]
+    after: str = ""
+    checked: int = 0
+    repairs: int = 0
+
+
+class _Run:
+    """One attempt's way through the phases. In an activity it heartbeats its progress and
+    starts after the progress its previous attempt last heartbeated."""
+
+    def __init__(self) -> None:
+        self._in_activity = activity.in_activity()
+        details = activity.info().heartbeat_details if self._in_activity else []
+        self.progress = Progress.model_validate(details[0]) if details else Progress()
+        self.report = ReconcileReport()
+        if details:
+            where = self.progress.after or "the start"
+            self.report.resumed = (
+                f"resumed after {where} of the {self.progress.phase} phase; the "
+                f"{self.progress.repairs} repairs before it are in earlier attempts' logs"
+            )
+        self._since_heartbeat = 0
+
+    def enter(self, phase: str) -> str | None:
+        """The id to start `phase` after ("" for all of it); None when an earlier attempt
+        finished the phase."""
+        if PHASES.index(phase) < PHASES.index(self.progress.phase):
+            return None
+        if phase != self.progress.phase:
+            self.progress = self.progress.model_copy(update={"phase": phase, "after": ""})
+        self._heartbeat()
+        return self.progress.after
+
+    def repaired(self, line: str) -> None:
+        self.report.fixed.append(line)
+        self.progress.repairs += 1
+        if self._in_activity:  # as it happens: a failed attempt's repairs are logged too
+            activity.logger.info("reconcile: %s", line)
+
+    def done(self, key: str) -> None:
+        """`key` is handled, its repair (if any) made: a retry may start after it."""
+        self.progress.after = key
+        self._since_heartbeat += 1
+        if self._since_heartbeat >= HEARTBEAT_EVERY:
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        self._since_heartbeat = 0
+        if self._in_activity:  # a copy: the SDK encodes the details later
+            activity.heartbeat(self.progress.model_dump())
+
+
 async def reconcile(client: Client, engine: Engine, task_queue: str) -> ReconcileReport:
     """`task_queue`: where stalled webhook deliveries are started."""
     now = datetime.now(UTC)
-    report = ReconcileReport()
+    run = _Run()
     running = {wf.id async for wf in client.list_workflows(RUNNING)}
-    open_rows = await asyncio.to_thread(_open_referrals, engine)
-    for referral_id, submitted_at in open_rows:
-        if referral_id in running:
-            continue  # visibility lags: what it does not list as running is described
-        status = await _status(client, referral_id)
-        if status == WorkflowExecutionStatus.RUNNING or (
-            status is None and now - submitted_at < GRACE
-        ):
-            continue
-        if status == WorkflowExecutionStatus.COMPLETED:
-            handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
-            final = await handle.result()
-            record = ReferralRecord(
-                state=final.model_copy(update={"history": []}), events=final.history
-            )
-            await asyncio.to_thread(save_referral, engine, record)
-            report.fixed.append(f"{referral_id}: recorded its final stage {final.stage.value}")
-            continue
-        what = f"workflow {status.name.lower()}" if status else "workflow not found"
-        line = await asyncio.to_thread(_close_lost, engine, referral_id, what, now)
-        report.fixed.append(line)
-    for domain, referral_id, claimed_at in await asyncio.to_thread(_claims, engine):
-        if referral_id in running:
-            continue
-        status = await _status(client, referral_id)
-        if status == WorkflowExecutionStatus.RUNNING or (
-            status is None and now - claimed_at < GRACE
-        ):
-            continue
-        await asyncio.to_thread(release_claim, engine, domain, referral_id)
-        report.fixed.append(f"{domain}: released the claim of {referral_id} (not running)")
-    recorded = await asyncio.to_thread(_known, engine, running)
-    for referral_id in sorted(running - recorded):
-        await client.get_workflow_handle(referral_id).signal("upgrade")
-        report.fixed.append(
-            f"{referral_id}: started before the system of record; upgrade requested"
+    if (after := run.enter("open")) is not None:
+        for referral_id, submitted_at in await asyncio.to_thread(_open_referrals, engine, after):
+            line = await _check_open(client, engine, running, referral_id, submitted_at, now)
+            if line is not None:
+                run.repaired(line)
+            run.progress.checked += 1
+            run.done(referral_id)
+    if (after := run.enter("claims")) is not None:
+        for domain, referral_id, claimed_at in await asyncio.to_thread(_claims, engine, after):
+            if await _claim_is_stale(client, running, referral_id, claimed_at, now):
+                await asyncio.to_thread(release_claim, engine, domain, referral_id)
+                run.repaired(f"{domain}: released the claim of {referral_id} (not running)")
+            run.done(domain)
+    if (after := run.enter("upgrade")) is not None:
+        recorded = await asyncio.to_thread(_known, engine, running)
+        for referral_id in sorted(rid for rid in running - recorded if rid > after):
+            await client.get_workflow_handle(referral_id).signal("upgrade")
+            run.repaired(f"{referral_id}: started before the system of record; upgrade requested")
+            run.done(referral_id)
+    if (after := run.enter("closed")) is not None:
+        closed = {wf.id: wf.status async for wf in client.list_workflows(CLOSED)}
+        recorded = await asyncio.to_thread(_known, engine, set(closed))
+        for referral_id in sorted(rid for rid in set(closed) - recorded if rid > after):
+            run.repaired(await _record_closed(client, engine, referral_id, closed[referral_id]))
+            run.done(referral_id)
+    if run.enter("webhooks") is not None:
+        for line in await start_stalled_deliveries(client, engine, task_queue, GRACE):
+            run.repaired(line)
+    run.report.checked = run.progress.checked
+    return run.report
+
+
+async def _check_open(
+    client: Client,
+    engine: Engine,
+    running: set[str],
+    referral_id: str,
+    submitted_at: datetime,
+    now: datetime,
+) -> str | None:
+    """An open referral: its repair's line, or None when its workflow runs (or may be
+    only starting)."""
+    if referral_id in running:
+        return None  # visibility lags: what it does not list as running is described
+    status = await _status(client, referral_id)
+    if status == WorkflowExecutionStatus.RUNNING or (status is None and now - submitted_at < GRACE):
+        return None
+    if status == WorkflowExecutionStatus.COMPLETED:
+        handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
+        final = await handle.result()
+        record = ReferralRecord(
+            state=final.model_copy(update={"history": []}), events=final.history
         )
-    closed = {wf.id: wf.status async for wf in client.list_workflows(CLOSED)}
-    recorded = await asyncio.to_thread(_known, engine, set(closed))
-    for referral_id in sorted(set(closed) - recorded):
-        report.fixed.append(await _record_closed(client, engine, referral_id, closed[referral_id]))
-    report.fixed.extend(await start_stalled_deliveries(client, engine, task_queue, GRACE))
-    report.checked = len(open_rows)
-    return report
+        await asyncio.to_thread(save_referral, engine, record)
+        return f"{referral_id}: recorded its final stage {final.stage.value}"
+    what = f"workflow {status.name.lower()}" if status else "workflow not found"
+    return await asyncio.to_thread(_close_lost, engine, referral_id, what, now)
+
+
+async def _claim_is_stale(
+    client: Client, running: set[str], referral_id: str, claimed_at: datetime, now: datetime
+) -> bool:
+    if referral_id in running:
+        return False
+    status = await _status(client, referral_id)
+    return not (
+        status == WorkflowExecutionStatus.RUNNING or (status is None and now - claimed_at < GRACE)
+    )
 
 
 async def _record_closed(
@@ -142,19 +234,25 @@ async def _status(client: Client, referral_id: str) -> WorkflowExecutionStatus |
         raise
 
 
-def _open_referrals(engine: Engine) -> list[tuple[str, datetime]]:
+def _open_referrals(engine: Engine, after: str) -> list[tuple[str, datetime]]:
+    """The open referrals whose id sorts after `after`, in id order."""
     with Session(engine) as session:
         rows = session.exec(
-            select(ReferralRow.referral_id, ReferralRow.submitted_at).where(
-                col(ReferralRow.closed_at).is_(None)
-            )
+            select(ReferralRow.referral_id, ReferralRow.submitted_at)
+            .where(col(ReferralRow.closed_at).is_(None), col(ReferralRow.referral_id) > after)
+            .order_by(col(ReferralRow.referral_id))
         ).all()
     return [(referral_id, as_utc(submitted)) for referral_id, submitted in rows]
 
 
-def _claims(engine: Engine) -> list[tuple[str, str, datetime]]:
+def _claims(engine: Engine, after: str) -> list[tuple[str, str, datetime]]:
+    """The claims whose domain sorts after `after`, in domain order."""
     with Session(engine) as session:
-        claims = session.exec(select(ProspectClaim)).all()
+        claims = session.exec(
+            select(ProspectClaim)
+            .where(col(ProspectClaim.domain) > after)
+            .order_by(col(ProspectClaim.domain))
+        ).all()
     return [(c.domain, c.referral_id, as_utc(c.claimed_at)) for c in claims]
 
 
@@ -249,8 +347,6 @@ class ReconcileActivities:
 
     @activity.defn(name="reconcile")
     async def reconcile(self) -> ReconcileReport:
-        """The nightly reconciliation, as an activity of the worker."""
-        report = await reconcile(self._client, self._engine, self._task_queue)
-        for line in report.fixed:
-            activity.logger.info("reconcile: %s", line)
-        return report
+        """The nightly reconciliation, as an activity of the worker: it logs each repair as
+        it makes it, and a retry resumes after the last heartbeat."""
+        return await reconcile(self._client, self._engine, self._task_queue)

@@ -707,6 +707,9 @@ class ReconcileReport(BaseModel):
 
     checked: int = 0
     fixed: list[str] = []
+    # Set when the nightly activity resumed where an earlier attempt stopped: where, and how
+    # many repairs that attempt made (listed in its log, not in `fixed`).
+    resumed: str = ""
 
 
 class RetentionReport(BaseModel):

@@ -15,9 +15,13 @@ with workflow.unsafe.imports_passed_through():
 class ReconcileWorkflow:
     @workflow.run
     async def run(self) -> ReconcileReport:
+        """The activity heartbeats as it goes: a lost worker shows within two minutes, not at
+        the end of the attempt, and each retry resumes after the last heartbeat."""
         return await workflow.execute_activity(
             "reconcile",
+            heartbeat_timeout=timedelta(minutes=2),
             start_to_close_timeout=timedelta(minutes=30),
-            retry_policy=RetryPolicy(maximum_attempts=3),
+            schedule_to_close_timeout=timedelta(hours=2),
+            retry_policy=RetryPolicy(maximum_attempts=5),
             result_type=ReconcileReport,
         )
