@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from core import DEFAULT_PROGRAM
 from core.encryption import EncryptionKeyError, KeyRing, new_key_entry
@@ -40,6 +41,9 @@ SECRETS_FROM_FILES = (
     "REFERRALS_REFERRER_KEY_SECRET",
 )
 REFERRER_SECRET_ENV = "REFERRALS_REFERRER_KEY_SECRET"
+CODEC_JWKS_URL_ENV = "REFERRALS_CODEC_JWKS_URL"
+CODEC_ISSUER_ENV = "REFERRALS_CODEC_ISSUER"
+CODEC_AUDIENCE_ENV = "REFERRALS_CODEC_AUDIENCE"
 TlsMode = Literal["starttls", "implicit", "none"]
 TLS_MODES: tuple[TlsMode, ...] = ("starttls", "implicit", "none")
 LOG_FORMATS = ("text", "json")
@@ -85,6 +89,17 @@ class WebhookRetry:
 
 
 @dataclass(frozen=True)
+class AccessTokenIssuer:
+    """Who issues the access tokens a Temporal UI forwards to the codec server: the key set
+    (JWKS) their signatures are checked against, and the issuer (`iss`) and audience (`aud`)
+    they must name. The three only mean something together."""
+
+    jwks_url: str
+    issuer: str
+    audience: str
+
+
+@dataclass(frozen=True)
 class Settings:
     """Secrets stay out of its repr, should it ever be logged."""
 
@@ -113,6 +128,7 @@ class Settings:
     web_metrics_port: int | None = None
     metrics_refresh_s: float = 15.0
     codec_token: str | None = field(default=None, repr=False)
+    codec_token_issuer: AccessTokenIssuer | None = None
     codec_origins: tuple[str, ...] = ("http://127.0.0.1:8233", "http://localhost:8233")
     webhook_retry: WebhookRetry = WebhookRetry()
     actor: str | None = None
@@ -272,6 +288,33 @@ class _Reader:
             ca_file=Path(ca_file) if ca_file else None,
         )
 
+    def codec_token_issuer(self) -> AccessTokenIssuer | None:
+        """The codec server's check of the Temporal UI's access tokens: all three settings, or
+        none (then only REFERRALS_CODEC_TOKEN is accepted)."""
+        names = (CODEC_JWKS_URL_ENV, CODEC_ISSUER_ENV, CODEC_AUDIENCE_ENV)
+        given = {name: self.text(name) for name in names}
+        if not any(given.values()):
+            return None
+        missing = [name for name in names if given[name] is None]
+        if missing:
+            present = [name for name in names if given[name] is not None]
+            self.problems.append(
+                f"{', '.join(present)} set without {', '.join(missing)}: the codec server "
+                "checks the Temporal UI's tokens against all three (set them all, or none)"
+            )
+            return None
+        jwks_url, issuer, audience = (str(given[name]) for name in names)
+        parts = urlsplit(jwks_url)
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and loopback(parts.hostname or "")
+        ):
+            # Whoever could alter the key set on its way could sign tokens of their own.
+            self.problems.append(
+                f"{CODEC_JWKS_URL_ENV}={jwks_url!r}: an https:// URL (http:// only on loopback)"
+            )
+            return None
+        return AccessTokenIssuer(jwks_url=jwks_url, issuer=issuer, audience=audience)
+
     def temporal(self) -> dict[str, Any]:
         from temporalio.envconfig import ClientConfig
 
@@ -331,6 +374,7 @@ class _Reader:
             web_metrics_port=self.port("REFERRALS_WEB_METRICS_PORT"),
             metrics_refresh_s=self.number("REFERRALS_METRICS_REFRESH_S", 15.0),
             codec_token=self.secret("REFERRALS_CODEC_TOKEN"),
+            codec_token_issuer=self.codec_token_issuer(),
             codec_origins=(
                 tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
                 if origins

@@ -112,7 +112,7 @@ async def test_the_raw_history_holds_no_personal_data(cli: Cli, live: Live, tmp_
     port = free_port()
     codec = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "starter.cli", "codec-server", "--port", str(port),
-        env=os.environ.copy(),
+        env={**os.environ, "REFERRALS_CODEC_TOKEN": "operator-token"},
     )  # fmt: skip
     try:
 
@@ -125,7 +125,10 @@ async def test_the_raw_history_holds_no_personal_data(cli: Cli, live: Live, tmp_
             return True
 
         await eventually(listening)
-        decoded = await temporal_show(live, rid, "--codec-endpoint", f"http://127.0.0.1:{port}")
+        decoded = await temporal_show(
+            live, rid, "--codec-endpoint", f"http://127.0.0.1:{port}",
+            "--codec-auth", "Bearer operator-token",
+        )  # fmt: skip
     finally:
         codec.terminate()
         await codec.wait()
