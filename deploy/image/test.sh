@@ -83,6 +83,7 @@ toolbox temporal setup
 "${RUN[@]}" -d --name rd-test-worker "${ENVS[@]}" -e "REFERRALS_HEALTH_PORT=$HEALTH" \
   "referral-desk-worker:$TAG" >/dev/null
 "${RUN[@]}" -d --name rd-test-codec -e "REFERRALS_ENCRYPTION_KEYS=$KEY" \
+  -e REFERRALS_CODEC_TOKEN=image-token \
   "referral-desk-codec-server:$TAG" codec-server --host 127.0.0.1 --port "$CODEC" >/dev/null
 wait_for "http://127.0.0.1:$WEB/livez" && say "web: /livez"
 wait_for "http://127.0.0.1:$WEB/readyz" && say "web: /readyz"
