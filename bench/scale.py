@@ -61,6 +61,7 @@ from core.program import load_program
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
 from starter.mail_sink import start_sink
+from tests.conftest import csrf_of, use_sign_in_link
 from tests.factories import fire_contact_timers
 from workflows.models import (
     Action,
@@ -291,14 +292,14 @@ def list_cli_ms(database_url: str, work: Path) -> float:
 async def sign_in(web: httpx.AsyncClient, sink: Any, email: str) -> None:
     """Through the emailed link, as staff do."""
     page = await web.get("/staff/sign-in/not-a-token?lang=en")  # sets the CSRF cookie
-    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    csrf = csrf_of(page.text)
     asked = await web.post("/staff/sign-in", data={"email": email, "lang": "en", "csrf": csrf})
     assert asked.status_code == 200, asked.text
     deadline = time.monotonic() + 20
     while not (links := sink.sign_in_links(email)):
         assert time.monotonic() < deadline, "no sign-in link arrived"
         await asyncio.sleep(0.05)
-    opened = await web.get(links[-1])
+    opened = await use_sign_in_link(web, links[-1])
     assert opened.status_code == 303, opened.status_code
 
 

@@ -65,6 +65,7 @@ async def sign_in(page: Page, base: str, sink: MailSink) -> None:
         assert time.monotonic() < deadline, "no sign-in link arrived"
         await asyncio.sleep(0.1)
     await page.goto(base + links[-1])
+    await page.locator("#use-link").click()
     await page.wait_for_url(f"{base}/staff?lang=fr")
 
 

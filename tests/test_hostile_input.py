@@ -592,6 +592,7 @@ async def test_security_headers_on_every_route(
         await check(web, "GET", "/dev/mail/none", 404)
         # The portal and the dashboard, signed out, then signed in through an emailed link.
         staff_email = str(rules.staff.emails[0])
+        sign_out_tokens: dict[str, str] = {}
         for home, email in (("/me", fields["referrer.email"]), ("/staff", staff_email)):
             page = await check(web, "GET", home, 200)
             await check(web, "POST", f"{home}/sign-in", 403, data={"email": email})
@@ -604,12 +605,17 @@ async def test_security_headers_on_every_route(
                 return len(live.sink.sign_in_links(email)) > sent
 
             await eventually(arrived)
-            await check(web, "GET", live.sink.sign_in_links(email)[-1], 303)
-            await check(web, "GET", home, 200)
+            link = live.sink.sign_in_links(email)[-1]
+            opened = await check(web, "GET", link, 200)
+            await check(web, "POST", link.partition("?")[0], 403, data={"lang": "en"})
+            used = {"csrf": csrf_of(opened.text), "lang": "en"}
+            await check(web, "POST", link.partition("?")[0], 303, data=used)
+            signed_in = await check(web, "GET", home, 200)
+            sign_out_tokens[home] = csrf_of(signed_in.text)
         await check(web, "GET", "/me/statement.csv", 200)
         await check(web, "GET", "/staff/charts/funnel.svg", 200)
         for home in ("/me", "/staff"):
-            await check(web, "POST", f"{home}/sign-out", 303)
+            await check(web, "POST", f"{home}/sign-out", 303, data={"csrf": sign_out_tokens[home]})
         await check(slow, "POST", "/api/referrals", 422, json={})
         await check(slow, "POST", "/api/referrals", 429, json={})
         slow_page = await slow.get("/")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -24,16 +25,15 @@ import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
-from itsdangerous import TimestampSigner
 from sqlalchemy.engine import Engine
 
 from activities.ledger import Balance, balances, save_commission
 from activities.records import save_referral
 from core.links import status_token
 from starter.spreadsheet import FORMULA_STARTS, spreadsheet_text
-from starter.web import create_app
+from starter.web import create_app, signin
 from starter.web.signin import REFERRER
-from tests.conftest import MailSink
+from tests.conftest import MailSink, csrf_of, use_sign_in_link
 from tests.factories import referral_input
 from workflows.models import (
     Action,
@@ -257,7 +257,7 @@ async def new_link(client: httpx.AsyncClient, sink: MailSink, email: str, lang: 
 
 
 async def sign_in(client: httpx.AsyncClient, sink: MailSink, email: str, lang: str = "en") -> None:
-    opened = await client.get(await new_link(client, sink, email, lang))
+    opened = await use_sign_in_link(client, await new_link(client, sink, email, lang))
     assert opened.status_code == 303, opened.text
 
 
@@ -312,7 +312,7 @@ async def test_the_link_signs_in_once_with_a_safe_cookie_and_sign_out_ends_it(
     web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers
 ) -> None:
     link = await new_link(web, mail_sink, who.claire)
-    opened = await web.get(link)
+    opened = await use_sign_in_link(web, link)
     assert opened.status_code == 303 and opened.headers["location"] == "/me?lang=en"
     cookie = opened.headers["set-cookie"].lower()
     assert cookie.startswith(f"{REFERRER.cookie}=")
@@ -322,10 +322,10 @@ async def test_the_link_signs_in_once_with_a_safe_cookie_and_sign_out_ends_it(
     assert portal.status_code == 200 and 'id="referrals"' in portal.text
     assert portal.headers["cache-control"] == "no-store"
 
-    again = await web.get(link)  # the same link a second time: refused, still signed in
+    again = await use_sign_in_link(web, link)  # a second time: refused, still signed in
     assert again.status_code == 400 and 'id="problem"' in again.text
 
-    signed_out = await web.post("/me/sign-out?lang=en")
+    signed_out = await web.post("/me/sign-out?lang=en", data={"csrf": csrf_of(portal.text)})
     assert signed_out.status_code == 303 and signed_out.headers["location"] == "/me?lang=en"
     after = await web.get("/me")
     assert after.status_code == 200
@@ -337,20 +337,19 @@ async def test_the_link_signs_in_once_with_a_safe_cookie_and_sign_out_ends_it(
 async def test_expired_and_forged_links_are_refused(
     web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    issued = int(time.time()) - 31 * 60  # the link is signed when asked for, 31 minutes ago
-    with monkeypatch.context() as clock:
-        clock.setattr(TimestampSigner, "get_timestamp", lambda self: issued)
-        stale = await new_link(web, mail_sink, who.claire)
     fresh = await new_link(web, mail_sink, who.claire)
+    with monkeypatch.context() as clock:  # opened 31 minutes after it was asked for
+        later = time.time() + 31 * 60
+        clock.setattr(signin, "time", SimpleNamespace(time=lambda: later))
+        stale = await use_sign_in_link(web, fresh)
     path, _, query = fresh.partition("?")
     forged = f"{path[:-3]}{'AAA' if not path.endswith('AAA') else 'BBB'}?{query}"
 
-    for link, text in ((stale, "expired"), (forged, "not valid")):
-        refused = await web.get(link)
-        assert refused.status_code == 400, link
+    for refused, text in ((stale, "expired"), (await use_sign_in_link(web, forged), "not valid")):
+        assert refused.status_code == 400
         assert text in refused.text and REFERRER.cookie not in refused.headers.get("set-cookie", "")
     assert 'id="referrals"' not in (await web.get("/me")).text
-    assert (await web.get(fresh)).status_code == 303  # the untouched link still works
+    assert (await use_sign_in_link(web, fresh)).status_code == 303  # the link is unspent
 
 
 async def test_asking_for_links_is_rate_limited(

@@ -20,7 +20,15 @@ from core.temporal import payload_codec
 from starter.codec_server import create_codec_app
 from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import SECRET, SETTINGS, Live, MailSink, free_port, referrals_web
+from tests.conftest import (
+    SECRET,
+    SETTINGS,
+    Live,
+    MailSink,
+    free_port,
+    referrals_web,
+    use_sign_in_link,
+)
 from tests.factories import submission
 from workflows.models import ProgramRules
 
@@ -89,7 +97,7 @@ async def test_the_access_log_names_routes_never_tokens(
                 assert time.monotonic() < deadline, "no sign-in link arrived"
                 await asyncio.sleep(0.05)
             sign_in = links[-1]
-            assert (await web.get(sign_in)).status_code == 303
+            assert (await use_sign_in_link(web, sign_in)).status_code == 303
             await asyncio.sleep(0.5)  # the last lines reach the file
         log = (tmp_path / "web.log").read_text()
     token = re.search(r"/sign-in/([^?]+)", sign_in)
@@ -102,5 +110,6 @@ async def test_the_access_log_names_routes_never_tokens(
     ]
     routes = {(entry["method"], entry["route"], entry["status"]) for entry in access}
     assert ("GET", "/status/{token}", 200) in routes
-    assert ("GET", "/staff/sign-in/{token}", 303) in routes
+    assert ("GET", "/staff/sign-in/{token}", 200) in routes
+    assert ("POST", "/staff/sign-in/{token}", 303) in routes
     assert ("POST", "/staff/sign-in", 200) in routes

@@ -4,25 +4,30 @@ loopback, the one-time use through a real database."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
-from itsdangerous import TimestampSigner
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.requests import Request
 
 from activities.db import ReferralRow, make_engine
 from activities.schema import upgrade
+from starter.web import signin
 from starter.web.security import RateLimiter
 from starter.web.signin import (
     CSRF_COOKIE,
+    LINKS_PER_ADDRESS,
     REFERRER,
     STAFF,
     LinkRefused,
@@ -30,10 +35,11 @@ from starter.web.signin import (
     add_sign_in_routes,
     link_token,
     redeem,
+    sign_out_token,
     signed_in,
 )
 from starter.web.site import Site
-from tests.conftest import MailSink
+from tests.conftest import MailSink, use_sign_in_link
 from workflows.models import ProgramRules, StaffRules
 
 KEY = "sign-in-test-key"
@@ -144,8 +150,14 @@ async def test_a_link_signs_in_once_with_a_safe_cookie(web: Site, mail_sink: Mai
         await ask(client, "/staff", STAFF_EMAIL, lang="fr")
         link = (await settle(mail_sink, STAFF_EMAIL, before + 1))[-1]
         assert link.startswith("/staff/sign-in/") and link.endswith("?lang=fr")
-        opened = await client.get(link)
-        again = await client.get(link)
+        # A mail scanner fetching every link spends nothing: the page has a button.
+        scanned = [await client.get(link) for _ in range(2)]
+        opened = await use_sign_in_link(client, link)
+        again = await use_sign_in_link(client, link)
+    assert [page.status_code for page in scanned] == [200, 200]
+    assert 'id="use-link"' in scanned[0].text
+    assert STAFF.cookie not in scanned[0].headers.get("set-cookie", "")
+    assert scanned[0].headers["cache-control"] == "no-store"
     assert opened.status_code == 303
     assert opened.headers["location"] == "/staff?lang=fr"
     cookie = opened.headers["set-cookie"].lower()
@@ -165,11 +177,26 @@ def test_expired_forged_and_reused_links_are_refused(
     opened = redeem(web, STAFF, fresh)
     assert isinstance(opened, SignedIn) and opened.email == STAFF_EMAIL
     assert redeem(web, STAFF, fresh) is LinkRefused.USED
-    issued = int(time.time()) - 31 * 60
-    monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: issued)
     stale = link_token(web, STAFF, STAFF_EMAIL)
-    monkeypatch.undo()
+    later = time.time() + 31 * 60
+    monkeypatch.setattr(signin, "time", SimpleNamespace(time=lambda: later))
     assert redeem(web, STAFF, stale) is LinkRefused.EXPIRED
+
+
+def test_a_link_reveals_nothing(web: Site) -> None:
+    """Whoever sees a link (a proxy's log, a forwarded email) learns not even the address."""
+    token = link_token(web, STAFF, STAFF_EMAIL)
+    decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    for shown in (token, decoded.decode("latin-1")):
+        assert STAFF_EMAIL not in shown and "manager" not in shown and "nonce" not in shown
+
+
+def test_links_survive_a_rotation_of_the_secret(web: Site) -> None:
+    before = link_token(web, STAFF, STAFF_EMAIL)
+    rotated = dataclasses.replace(web, key=("a-new-secret", KEY))
+    opened = redeem(rotated, STAFF, before)
+    assert isinstance(opened, SignedIn) and opened.email == STAFF_EMAIL
+    assert redeem(web, STAFF, link_token(rotated, STAFF, STAFF_EMAIL)) is LinkRefused.INVALID
 
 
 async def test_sessions_are_per_audience_and_sign_out_ends_them(
@@ -179,18 +206,76 @@ async def test_sessions_are_per_audience_and_sign_out_ends_them(
         before = len(links(mail_sink, STAFF_EMAIL))
         await ask(client, "/staff", STAFF_EMAIL)
         link = (await settle(mail_sink, STAFF_EMAIL, before + 1))[-1]
-        opened = await client.get(link)
+        opened = await use_sign_in_link(client, link)
         session = opened.cookies[STAFF.cookie]
         as_staff = _request(STAFF.home, {STAFF.cookie: session})
         assert await signed_in(as_staff, web, STAFF) == STAFF_EMAIL
         as_referrer = _request(REFERRER.home, {REFERRER.cookie: session})
         assert await signed_in(as_referrer, web, REFERRER) is None
-        out = await client.post("/staff/sign-out?lang=en")
+        # Another site's form cannot sign a visitor out: it does not know the token.
+        forged = await client.post("/staff/sign-out?lang=en", data={"csrf": "forged"})
+        assert forged.status_code == 303 and "set-cookie" not in forged.headers
+        assert await signed_in(as_staff, web, STAFF) == STAFF_EMAIL
+        token = sign_out_token(as_staff, web, STAFF)
+        out = await client.post("/staff/sign-out?lang=en", data={"csrf": token})
     assert out.status_code == 303 and out.headers["location"] == "/staff?lang=en"
     assert f'{STAFF.cookie}=""' in out.headers["set-cookie"]
     assert "max-age=0" in out.headers["set-cookie"].lower()
     # A copy of the cookie kept from before is worth nothing now.
     assert await signed_in(as_staff, web, STAFF) is None
+
+
+async def test_an_address_removed_from_the_staff_list_loses_its_session(
+    web: Site, mail_sink: MailSink
+) -> None:
+    async with client_for(app_for(web)) as client:
+        before = len(links(mail_sink, STAFF_EMAIL))
+        await ask(client, "/staff", STAFF_EMAIL)
+        link = (await settle(mail_sink, STAFF_EMAIL, before + 1))[-1]
+        opened = await use_sign_in_link(client, link)
+    as_staff = _request(STAFF.home, {STAFF.cookie: opened.cookies[STAFF.cookie]})
+    assert await signed_in(as_staff, web, STAFF) == STAFF_EMAIL
+    others = web.rules.model_copy(update={"staff": StaffRules(emails=["someone@else.example"])})
+    assert await signed_in(as_staff, dataclasses.replace(web, rules=others), STAFF) is None
+
+
+async def test_the_answer_does_not_wait_to_know_the_address(
+    web: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether an address may sign in is looked up after the answer: the answer takes the
+    same time whoever asks (a lookup that would take a second does not delay it)."""
+    looked_up: list[str] = []
+    release = threading.Event()
+
+    def slow_lookup(site: Site, audience: object, email: str) -> bool:
+        release.wait(10)
+        looked_up.append(email)
+        return False
+
+    monkeypatch.setattr(signin, "may_sign_in", slow_lookup)
+    async with client_for(app_for(web)) as client:
+        known = await ask(client, "/staff", STAFF_EMAIL)
+        unknown = await ask(client, "/staff", "stranger@example.com")
+        assert looked_up == []  # both answered while their lookups were still running
+        release.set()
+    assert known.status_code == unknown.status_code == 200 and known.text == unknown.text
+    deadline = time.monotonic() + 10
+    while len(looked_up) < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_one_address_gets_few_links_whoever_asks(web: Site, mail_sink: MailSink) -> None:
+    """The per-connection rate limit does not protect a mailbox from many connections."""
+    referrer = f"target-{uuid.uuid4().hex[:6]}@conseil-durand.example"
+    referral_of(web.engine, referrer)
+    limit, _ = LINKS_PER_ADDRESS
+    async with client_for(app_for(web)) as client:
+        for _ in range(limit + 3):
+            assert (await ask(client, "/me", referrer)).status_code == 200
+    assert len(await settle(mail_sink, referrer, limit)) == limit
+    await asyncio.sleep(0.5)
+    assert len(links(mail_sink, referrer)) == limit
 
 
 def _request(path: str, cookies: dict[str, str]) -> Request:

@@ -35,7 +35,7 @@ from starter.web.staff import (
     add_staff_routes,
     temporal_ui_links,
 )
-from tests.conftest import MailSink
+from tests.conftest import MailSink, use_sign_in_link
 from tests.test_figures import NOW, Story, hours, known_referrals, record, step
 from tests.test_sign_in import ask, client_for, settle
 from workflows.models import ProgramRules, StaffRules
@@ -93,7 +93,7 @@ async def staff(
     """Signed in through the link emailed to a staff address."""
     await ask(visitor, STAFF.home, staff_email)
     [link] = await settle(mail_sink, staff_email, 1)
-    opened = await visitor.get(link)
+    opened = await use_sign_in_link(visitor, link)
     assert opened.status_code == 303 and opened.headers["location"].startswith(STAFF.home)
     return visitor
 
@@ -211,7 +211,7 @@ async def test_the_page_is_the_same_whatever_the_machine_date(
         async with client_for(staff_app(known_db, shipped_rules, mail_sink, email)) as web:
             await ask(web, STAFF.home, email)
             [link] = await settle(mail_sink, email, 1)
-            assert (await web.get(link)).status_code == 303
+            assert (await use_sign_in_link(web, link)).status_code == 303
             shown = (await web.get("/staff?lang=en")).text
         return re.sub(r'name="csrf" value="[^"]+"', "", shown).replace(email, "")
 
@@ -339,7 +339,7 @@ async def test_a_change_to_the_data_shows_at_once(
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as web:
         await ask(web, STAFF.home, staff_email)
         [link] = await settle(mail_sink, staff_email, 1)
-        assert (await web.get(link)).status_code == 303
+        assert (await use_sign_in_link(web, link)).status_code == 303
 
         before = (await web.get("/staff?lang=en")).text
         cached = (await web.get("/staff?lang=en")).text

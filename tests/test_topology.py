@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from activities.db import make_engine
 from activities.records import load_referral
 from core.encryption import KEYS_ENV, new_key_entry
-from tests.conftest import POSTGRES_URL_ENV, REFERRALS, ROOT, Live
+from tests.conftest import POSTGRES_URL_ENV, REFERRALS, ROOT, Live, use_sign_in_link
 from tests.factories import submission_data
 from tests.processes import Process
 from workflows.models import ProgramRules, Stage
@@ -111,14 +111,14 @@ async def test_two_of_each_process_from_one_env_file(
         await asyncio.gather(*(process.start() for process in everyone))
         site = f"https://www.topology-{uuid.uuid4().hex[:8]}.example/"
         data = submission_data(**{"prospect.website": site, "referrer.email": REFERRER})
-        async with httpx.AsyncClient(base_url=web_a.url, timeout=30) as a:
+        async with through_ingress(web_a) as a:
             created = await a.post("/api/referrals", json=data)
         assert created.status_code == 201, created.text
         referral_id = created.json()["referral_id"]
 
         link = await emailed_status_link(live, referral_id)
         assert link.startswith("https://referrals.example.com/status/")
-        async with httpx.AsyncClient(base_url=web_b.url, timeout=30) as b:
+        async with through_ingress(web_b) as b:
             page = await b.get(link.removeprefix("https://referrals.example.com"))
         assert page.status_code == 200 and referral_id in page.text
 
@@ -140,10 +140,10 @@ async def test_two_of_each_process_from_one_env_file(
 
         staff = str(rules.staff.emails[0])
         sign_in = await staff_sign_in_link(live, web_a, staff)
-        async with httpx.AsyncClient(base_url=web_a.url, timeout=30) as a:
-            assert (await a.get(sign_in)).status_code == 303
-        async with httpx.AsyncClient(base_url=web_b.url, timeout=30) as b:
-            assert (await b.get(sign_in)).status_code == 400  # used: refused everywhere
+        async with through_ingress(web_a) as a:
+            assert (await use_sign_in_link(a, sign_in)).status_code == 303
+        async with through_ingress(web_b) as b:
+            assert (await use_sign_in_link(b, sign_in)).status_code == 400  # used: everywhere
 
         history = await live.client.get_workflow_handle(referral_id).fetch_history()
         first = history.events[0].workflow_execution_started_event_attributes.input
@@ -176,8 +176,31 @@ async def emailed_status_link(live: Live, referral_id: str) -> str:
         await asyncio.sleep(0.2)
 
 
+class EndsTls(httpx.AsyncBaseTransport):
+    """The ingress: the browser speaks https to it (so it sends the web app's https-only
+    cookies), and it forwards the request over plain http to the process."""
+
+    def __init__(self) -> None:
+        self.forward = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        request.url = request.url.copy_with(scheme="http")
+        return await self.forward.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.forward.aclose()
+
+
+def through_ingress(web: Process) -> httpx.AsyncClient:
+    """A browser at the public URL (https), reaching `web` through the ingress."""
+    address = httpx.URL(web.url)
+    return httpx.AsyncClient(
+        base_url=address.copy_with(scheme="https"), transport=EndsTls(), timeout=30
+    )
+
+
 async def staff_sign_in_link(live: Live, web: Process, staff: str) -> str:
-    async with httpx.AsyncClient(base_url=web.url, timeout=30) as http:
+    async with through_ingress(web) as http:
         page = await http.get("/staff/sign-in/not-a-token?lang=en")
         csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
         before = len(live.sink.sign_in_links(staff))

@@ -691,6 +691,9 @@ async def test_status_page_follows_the_referral_without_staff_details(
 
     browser_en = await web.get(path, headers={"Accept-Language": "en-US,en;q=0.9"})
     assert '<html lang="fr">' in browser_en.text
+    # One referral's details, behind a secret link: no shared cache keeps them.
+    assert page.headers["cache-control"] == "no-store"
+    assert "strict-transport-security" not in page.headers  # plain http: the dev stack
 
     handle = live.client.get_workflow_handle(referral_id)
     await handle.execute_update(
@@ -1026,7 +1029,7 @@ async def test_dev_mail_lists_newest_first_and_shows_one(
     assert f"<h1>{escape(str(message['Subject']))}</h1>" in shown.text
     assert referral_id in str(message["Subject"])
     plain = re.search(r"<h2>Plain text</h2>\n<pre>(.*?)</pre>", shown.text, re.S)
-    assert plain and referral_id in plain.group(1) and "Claire Martin" in plain.group(1)
+    assert plain and referral_id in plain.group(1) and "/status/" in plain.group(1)
     assert (await web.get("/dev/mail/no-such-key")).status_code == 404
 
 
@@ -1130,3 +1133,21 @@ async def test_dev_mail_message_without_date(
     assert listing.status_code == 200
     subjects = re.findall(r'<a href="/dev/mail/[^"]+">([^<]*)</a>', listing.text)
     assert subjects == ["dated", "undated"]
+
+
+async def test_behind_https_cookies_stay_on_https_and_browsers_remember_it(
+    live: Live, rules: ProgramRules
+) -> None:
+    """The public URL is https (the ingress ends TLS): a CSRF or session cookie is never sent
+    over plain http, and a browser that came once never tries plain http again (HSTS)."""
+    app = create_app(
+        Settings(public_url="https://referrals.example.com"),
+        rules=rules, engine=live.engine, client=live.client, key=KEY, rate_limit="off",
+    )  # fmt: skip
+    async with asgi_client(app) as web:
+        for path in ("/", "/me", "/staff", "/no-such-page"):
+            page = await web.get(path)
+            assert page.headers["strict-transport-security"] == "max-age=31536000", path
+        form = await web.get("/")
+    cookies = form.headers.get_list("set-cookie")
+    assert cookies and all("; secure" in cookie.lower() for cookie in cookies)

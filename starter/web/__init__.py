@@ -102,7 +102,8 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    app.add_middleware(SecurityHeaders)  # after BodyLimit: outside it, so it also marks 413s
+    # After BodyLimit: outside it, so it also marks 413s.
+    app.add_middleware(SecurityHeaders, https=site.https)
     app.state.metrics = metrics or WebMetrics()
     # Added last: outermost, so it counts every answer, 413s included.
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, routes=app.router.routes)

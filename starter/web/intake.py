@@ -291,7 +291,10 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
         if state is None:
             return site.render(request, "not_found.html", pick_language(request), 404)
         lang = pick_language(request) if "lang" in request.query_params else state.referrer.language
-        return site.render(request, template, lang, state=state, **extra(state, lang))
+        response = site.render(request, template, lang, state=state, **extra(state, lang))
+        # One referral's details, behind a secret link: never kept by a shared cache.
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     @app.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
     async def confirmation(request: Request, token: str) -> Response:

@@ -34,6 +34,7 @@ from starter.web.signin import (
     REFERRER,
     add_sign_in_routes,
     sign_in_page,
+    sign_out_token,
     signed_in,
 )
 from starter.web.site import Site, pick_language
@@ -216,6 +217,7 @@ def add_portal_routes(app: FastAPI, site: Site) -> None:
             "portal.html",
             lang,
             home=REFERRER.home,
+            sign_out_csrf=sign_out_token(request, site, REFERRER),
             statement=await statement_of(email),
             stage_names=STAGE_NAMES,  # as the status page names them
         )

@@ -251,6 +251,10 @@ CHART_CONTENT_SECURITY_POLICY = (
 )
 
 
+# A year, as browsers' preload lists ask; subdomains are the operator's to decide.
+HSTS = "max-age=31536000"
+
+
 def content_security_policy(path: str) -> str:
     if path.startswith("/dev/mail"):
         return DEV_MAIL_CONTENT_SECURITY_POLICY
@@ -262,10 +266,13 @@ def content_security_policy(path: str) -> str:
 class SecurityHeaders:
     """Every response, error pages and 413s included, says: run no script but ours (there is
     none), load nothing from elsewhere, never be framed, leak no referrer (status links are
-    secrets), and do not guess content types."""
+    secrets), and do not guess content types. Served over https (`https`: the public URL
+    is), it also tells browsers to never use plain http here again (HSTS), so a sign-in or a
+    status link is never sent in clear by a mistyped address."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, https: bool = False) -> None:
         self.app = app
+        self.https = https
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -280,6 +287,8 @@ class SecurityHeaders:
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["Referrer-Policy"] = "no-referrer"
                 headers["X-Frame-Options"] = "DENY"
+                if self.https:
+                    headers["Strict-Transport-Security"] = HSTS
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -1,36 +1,49 @@
 """Sign-in by emailed link, shared by the referrer portal (`/me`) and the staff dashboard
 (`/staff`).
 
-A visitor gives an address. If it may sign in, it receives a link that is signed, valid 30
-minutes and usable once; the page answers the same either way and is sent before any email
-goes out, so the form tells nobody who refers or who works here, not even by its timing.
-Opening the link sets a signed, httponly, SameSite session cookie of that audience only: a
-referrer's session never opens the dashboard. The session is the link's: signing out marks
-the link's row, so a copy of the cookie is worth nothing afterwards.
+A visitor gives an address. If it may sign in, it receives a link that is encrypted (it
+reveals nothing, not even the address), valid 30 minutes and usable once. The page answers
+at once, the same either way: whether the address may sign in is looked up afterwards, so
+the form tells nobody who refers or who works here, not even by its timing. Opening the link
+shows a page whose button signs in (a POST): a mail scanner that fetches every link spends
+nothing. Signing in sets a signed, httponly, SameSite session cookie of that audience only:
+a referrer's session never opens the dashboard. The session is the link's: signing out marks
+the link's row, so a copy of the cookie is worth nothing afterwards; and every request checks
+the address may still sign in, so removing it from the staff list ends its sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
+import hashlib
+import hmac
+import json
 import logging
 import secrets
 import smtplib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from enum import StrEnum
 
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 from pydantic import EmailStr, TypeAdapter, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from activities.db import ReferralRow, SignInLinkRow
 from activities.email import deliver
-from core.links import csrf_valid, signer_keys
+from core.links import Keys, csrf_valid, signer_keys
+from starter.web.security import RateLimiter
 from starter.web.site import Site, pick_language
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,9 @@ CSRF_COOKIE = "referrals_sign_in"
 PRIVATE = {"Cache-Control": "no-store"}
 # A failed send is tried again this many times, after 1, 2, 4… seconds.
 SEND_ATTEMPTS = 4
+# Links sent to one address in a quarter of an hour, whoever asks (per web process): the
+# form must not be a way to flood someone's mailbox from many connections.
+LINKS_PER_ADDRESS = (3, 15 * 60)
 
 _email = TypeAdapter(EmailStr)
 
@@ -71,8 +87,19 @@ class LinkRefused(StrEnum):
     USED = "used"
 
 
-def _links(site: Site, audience: Audience) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(signer_keys(site.key), salt=f"sign-in-link:{audience.name}")
+@functools.lru_cache(maxsize=64)
+def _link_key(secret: str, audience: str) -> Fernet:
+    """A key of its own for each secret and audience, derived, so a link is never readable
+    or forgeable with what signs status links or sessions."""
+    derived = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=f"sign-in-link:{audience}".encode()
+    ).derive(secret.encode())
+    return Fernet(base64.urlsafe_b64encode(derived))
+
+
+def _links(site: Site, audience: Audience) -> MultiFernet:
+    """The first secret's key encrypts; every secret's decrypts (a rotation)."""
+    return MultiFernet([_link_key(k, audience.name) for k in reversed(signer_keys(site.key))])
 
 
 def _sessions(site: Site, audience: Audience) -> URLSafeTimedSerializer:
@@ -80,32 +107,46 @@ def _sessions(site: Site, audience: Audience) -> URLSafeTimedSerializer:
 
 
 def link_token(site: Site, audience: Audience, email: str) -> str:
-    """The token of a sign-in link; its random nonce is what makes it usable once."""
-    return _links(site, audience).dumps({"email": email, "nonce": secrets.token_urlsafe(18)})
+    """The token of a sign-in link, encrypted: it shows nobody the address it signs in. Its
+    random nonce is what makes it usable once."""
+    value = json.dumps({"email": email, "nonce": secrets.token_urlsafe(18)}).encode()
+    return _links(site, audience).encrypt(value).decode()
+
+
+def read_link(site: Site, audience: Audience, token: str) -> SignedIn | LinkRefused:
+    """Who a link would sign in, or why it would not; spends nothing."""
+    links = _links(site, audience)
+    try:
+        value = json.loads(links.decrypt(token.encode()))
+        issued = links.extract_timestamp(token.encode())
+    except (InvalidToken, ValueError):
+        return LinkRefused.INVALID
+    if not isinstance(value, dict) or not {"email", "nonce"} <= value.keys():
+        return LinkRefused.INVALID
+    if time.time() - issued > LINK_MAX_AGE_SECONDS:
+        return LinkRefused.EXPIRED
+    link = SignedIn(email=str(value["email"]), nonce=str(value["nonce"]))
+    with Session(site.engine) as session:
+        if session.get(SignInLinkRow, link.nonce) is not None:
+            return LinkRefused.USED
+    return link
 
 
 def redeem(site: Site, audience: Audience, token: str) -> SignedIn | LinkRefused:
     """Who a link signs in, or why it does not. The first use records the link's nonce;
     the primary key refuses a second use, whichever web process sees it."""
-    try:
-        value = _links(site, audience).loads(token, max_age=LINK_MAX_AGE_SECONDS)
-    except SignatureExpired:
-        return LinkRefused.EXPIRED
-    except BadSignature:
-        return LinkRefused.INVALID
-    if not isinstance(value, dict) or not {"email", "nonce"} <= value.keys():
-        return LinkRefused.INVALID
+    value = read_link(site, audience, token)
+    if isinstance(value, LinkRefused):
+        return value
     try:
         with Session(site.engine) as session:
             session.add(
-                SignInLinkRow(
-                    nonce=str(value["nonce"]), audience=audience.name, used_at=datetime.now(UTC)
-                )
+                SignInLinkRow(nonce=value.nonce, audience=audience.name, used_at=datetime.now(UTC))
             )
             session.commit()
     except IntegrityError:
         return LinkRefused.USED
-    return SignedIn(email=str(value["email"]), nonce=str(value["nonce"]))
+    return value
 
 
 def may_sign_in(site: Site, audience: Audience, email: str) -> bool:
@@ -134,18 +175,40 @@ def _session(request: Request, site: Site, audience: Audience) -> SignedIn | Non
 
 
 def _still_open(site: Site, audience: Audience, session: SignedIn) -> bool:
+    """Not signed out, and the address may still sign in (a staff address removed from the
+    program, a referrer whose data was erased: their sessions end with it)."""
     with Session(site.engine) as db:
         link = db.get(SignInLinkRow, session.nonce)
-    return link is not None and link.audience == audience.name and link.signed_out_at is None
+    if link is None or link.audience != audience.name or link.signed_out_at is not None:
+        return False
+    return may_sign_in(site, audience, session.email)
 
 
 async def signed_in(request: Request, site: Site, audience: Audience) -> str | None:
     """The address of this audience's session, or None: no cookie, or one not ours, too old,
-    or of a session signed out since."""
+    of a session signed out since, or of an address that may no longer sign in."""
     session = _session(request, site, audience)
     if session is None or not await asyncio.to_thread(_still_open, site, audience, session):
         return None
     return session.email
+
+
+def _sign_out_token(nonce: str, key: str) -> str:
+    return hmac.new(key.encode(), f"sign-out:{nonce}".encode(), hashlib.sha256).hexdigest()
+
+
+def sign_out_token(request: Request, site: Site, audience: Audience) -> str:
+    """The sign-out form's token, tied to the session it ends: another site cannot make a
+    visitor's browser sign them out."""
+    session = _session(request, site, audience)
+    return "" if session is None else _sign_out_token(session.nonce, signer_keys(site.key)[-1])
+
+
+def _sign_out_allowed(token: str | None, session: SignedIn, keys: Keys) -> bool:
+    return bool(token) and any(
+        hmac.compare_digest(str(token), _sign_out_token(session.nonce, key))
+        for key in signer_keys(keys)
+    )
 
 
 def sign_out(site: Site, session: SignedIn) -> None:
@@ -199,6 +262,19 @@ def _link_message(site: Site, audience: Audience, email: str, lang: str) -> Emai
     return message
 
 
+async def _send_if_allowed(
+    site: Site, audience: Audience, email: str, lang: str, sent_to: RateLimiter
+) -> None:
+    """After the page has answered: whether the address may sign in is no business of the
+    answer, nor of its timing."""
+    if not await asyncio.to_thread(may_sign_in, site, audience, email):
+        return
+    if sent_to.hit(f"{audience.name}:{email}") is not None:
+        log.warning("sign-in link not sent: %d already sent to this address", sent_to.limit)
+        return
+    await _send(site, _link_message(site, audience, email, lang))
+
+
 async def _send(site: Site, message: EmailMessage) -> None:
     """A few tries over some seconds: the link is only good for 30 minutes, and the visitor
     can ask again. A refusal for good (5xx) is not retried."""
@@ -220,6 +296,7 @@ async def _send(site: Site, message: EmailMessage) -> None:
 
 def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
     sending: set[asyncio.Task[None]] = set()  # keeps each send alive until it ends
+    sent_to = RateLimiter(*LINKS_PER_ADDRESS)
 
     @app.post(f"{audience.home}/sign-in", response_class=HTMLResponse, include_in_schema=False)
     async def ask_for_link(request: Request) -> Response:
@@ -240,10 +317,9 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
             email = str(_email.validate_python(typed)).lower()
         except ValidationError:
             return sign_in_page(request, site, audience, lang, 422, email=typed, error="email")
-        if await asyncio.to_thread(may_sign_in, site, audience, email):
-            task = asyncio.create_task(_send(site, _link_message(site, audience, email, lang)))
-            sending.add(task)
-            task.add_done_callback(sending.discard)
+        task = asyncio.create_task(_send_if_allowed(site, audience, email, lang, sent_to))
+        sending.add(task)
+        task.add_done_callback(sending.discard)
         return site.render(
             request, "sign_in_sent.html", lang, audience=audience.name, home=audience.home
         )
@@ -252,7 +328,28 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
         f"{audience.home}/sign-in/{{token}}", response_class=HTMLResponse, include_in_schema=False
     )
     async def open_link(request: Request, token: str) -> Response:
+        """A page with a button that signs in: opening the link spends nothing."""
         lang = pick_language(request)
+        outcome = await asyncio.to_thread(read_link, site, audience, token)
+        if isinstance(outcome, LinkRefused):
+            return sign_in_page(request, site, audience, lang, 400, problem=f"link_{outcome}")
+        response = site.render_with_csrf(
+            request, CSRF_COOKIE, "sign_in_link.html", lang, audience=audience.name,
+            home=audience.home, token=token,
+        )  # fmt: skip
+        response.headers.update(PRIVATE)
+        return response
+
+    @app.post(
+        f"{audience.home}/sign-in/{{token}}", response_class=HTMLResponse, include_in_schema=False
+    )
+    async def use_link(request: Request, token: str) -> Response:
+        raw = await request.form()
+        form = {k: v for k, v in raw.items() if isinstance(v, str)}
+        lang = pick_language(request, form)
+        if not csrf_valid(form.get("csrf"), request.cookies.get(CSRF_COOKIE), site.key):
+            # Another site posting its own link would sign this visitor in as someone else.
+            return sign_in_page(request, site, audience, lang, 403, problem="csrf")
         outcome = await asyncio.to_thread(redeem, site, audience, token)
         if isinstance(outcome, LinkRefused):
             return sign_in_page(request, site, audience, lang, 400, problem=f"link_{outcome}")
@@ -264,16 +361,21 @@ def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
             path=audience.home,
             httponly=True,
             samesite="lax",  # the link is opened from a mail client: a cross-site navigation
-            secure=site.settings.public_url.startswith("https://"),
+            secure=site.https,
         )
         return response
 
     @app.post(f"{audience.home}/sign-out", include_in_schema=False)
     async def end_session(request: Request) -> Response:
+        token = (await request.form()).get("csrf")
         session = _session(request, site, audience)
+        home = f"{audience.home}?lang={pick_language(request)}"
+        if session is not None and not _sign_out_allowed(
+            token if isinstance(token, str) else None, session, site.key
+        ):
+            return RedirectResponse(home, status_code=303)  # still signed in
         if session is not None:
             await asyncio.to_thread(sign_out, site, session)
-        home = f"{audience.home}?lang={pick_language(request)}"
         response = RedirectResponse(home, status_code=303)
         response.delete_cookie(audience.cookie, path=audience.home)
         return response

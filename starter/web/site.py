@@ -79,6 +79,11 @@ class Site:
             local_date=self.local_date, deadline_day=self.deadline_day
         )
 
+    @property
+    def https(self) -> bool:
+        """Served over https (behind the ingress): cookies are then sent over https only."""
+        return self.settings.public_url.startswith("https://")
+
     async def temporal(self) -> Client:
         if self.client is None:
             self.client = await connect(self.settings)
@@ -113,7 +118,12 @@ class Site:
             request, name, lang, status, csrf=csrf_token(nonce, self.key), **context
         )
         response.set_cookie(
-            cookie, nonce, httponly=True, samesite="strict", max_age=CSRF_MAX_AGE_SECONDS
+            cookie,
+            nonce,
+            httponly=True,
+            samesite="strict",
+            max_age=CSRF_MAX_AGE_SECONDS,
+            secure=self.https,
         )
         return response
 

@@ -28,7 +28,14 @@ from pygal.style import Style
 from activities.i18n import N_, format_percent, translations
 from core.settings import Settings
 from starter.figures import ProgramFigures, change_stamp, program_figures
-from starter.web.signin import PRIVATE, STAFF, add_sign_in_routes, sign_in_page, signed_in
+from starter.web.signin import (
+    PRIVATE,
+    STAFF,
+    add_sign_in_routes,
+    sign_in_page,
+    sign_out_token,
+    signed_in,
+)
 from starter.web.site import Site, pick_language
 from workflows.models import Stage
 
@@ -304,6 +311,7 @@ def add_staff_routes(
             "staff.html",
             lang,
             home=STAFF.home,
+            sign_out_csrf=sign_out_token(request, site, STAFF),
             email=email,
             choice=choice,
             figures=figures,
