@@ -41,6 +41,9 @@ SECRETS_FROM_FILES = (
     "REFERRALS_REFERRER_KEY_SECRET",
 )
 REFERRER_SECRET_ENV = "REFERRALS_REFERRER_KEY_SECRET"
+# The signing secret's least length (characters): a guessable one forges every status link.
+# Only the key that signs: an older, shorter one may still verify while it is rotated out.
+MIN_SECRET_LENGTH = 32
 CODEC_JWKS_URL_ENV = "REFERRALS_CODEC_JWKS_URL"
 CODEC_ISSUER_ENV = "REFERRALS_CODEC_ISSUER"
 CODEC_AUDIENCE_ENV = "REFERRALS_CODEC_AUDIENCE"
@@ -341,6 +344,13 @@ class _Reader:
                 database = f"sqlite:///{(self.cwd / DEV_DATABASE).resolve()}"
                 self.from_dev.append(Need.DATABASE.value)
         secret_keys = tuple(k.strip() for k in (secret or "").split(",") if k.strip())
+        if secret_keys and len(secret_keys[0]) < MIN_SECRET_LENGTH:
+            self.problems.append(
+                f"{Need.SECRET.value}: the first key signs status links and sessions, so it "
+                f"must be at least {MIN_SECRET_LENGTH} characters (it has "
+                f"{len(secret_keys[0])}); make one with `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
         if len(secret_keys) > 1 and not (
             self.text(REFERRER_SECRET_ENV) or self.text(f"{REFERRER_SECRET_ENV}_FILE")
         ):

@@ -51,6 +51,8 @@ SMTP_TEMPFAIL_MIN_REPLIES = 5
 DB_DOWN_MIN_SECONDS = 5.0
 DB_FAILING_SECONDS = 1.0
 DB_DOWN_MAX_SECONDS = 90.0
+# Signs the status links of the suite's referrals (as long as a real one must be).
+SECRET = "fault-suite-secret-" + "f" * 32
 REFUSED_REFERRER = "refused.referrer@conseil-martin.example"
 
 
@@ -321,7 +323,7 @@ async def run_scenario(
             "REFERRALS_SMTP_PASSWORD": "",
             "REFERRALS_SMTP_STARTTLS": "",
             "REFERRALS_PROGRAM": str(PROGRAM),
-            "REFERRALS_SECRET_KEY": "fault-suite-secret",
+            "REFERRALS_SECRET_KEY": SECRET,
             "PYTHONUNBUFFERED": "1",
         },
     )
@@ -332,7 +334,7 @@ async def run_scenario(
             "REFERRALS_DATABASE_URL": db.url,
             "TEMPORAL_ADDRESS": server.address,
             "REFERRALS_TASK_QUEUE": TASK_QUEUE,
-            "REFERRALS_SECRET_KEY": "fault-suite-secret",
+            "REFERRALS_SECRET_KEY": SECRET,
         }
     )
     outcome = Outcome(scenario.name, count, "", 0, 0, None, 0.0)

@@ -54,7 +54,7 @@ BIN = Path(sys.executable).parent
 # Payloads are encrypted in every test with a key of the test run, and links are signed with
 # one secret; the CLI and web processes the tests start inherit both.
 os.environ.setdefault(KEYS_ENV, new_key_entry())
-os.environ.setdefault(Need.SECRET.value, "test-secret")
+os.environ.setdefault(Need.SECRET.value, "test-secret-" + "x" * 32)
 SECRET = os.environ[Need.SECRET.value]
 # The settings of the test process (its environment above; no dev stack files are read from
 # tests/): the in-process workers and web apps get these, or a copy with a change.
@@ -321,7 +321,7 @@ async def referrals_web(workdir: Path, ready: str, **settings: str) -> AsyncIter
         {
             "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
             "REFERRALS_PUBLIC_URL": base,
-            "REFERRALS_SECRET_KEY": "browser-test-secret",
+            "REFERRALS_SECRET_KEY": "browser-test-secret-" + "x" * 32,
             **settings,
         }
     )

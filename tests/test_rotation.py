@@ -25,6 +25,8 @@ from tests.processes import Process
 from workflows.models import Stage
 
 REFERRER = "claire.rotation@conseil-martin.example"
+# The signing secrets before and after the rotation.
+ONE, TWO = "secret-one-" + "1" * 32, "secret-two-" + "2" * 32
 
 
 async def test_a_rolling_rotation_never_fails_a_decode_or_a_link(
@@ -32,17 +34,17 @@ async def test_a_rolling_rotation_never_fails_a_decode_or_a_link(
 ) -> None:
     old_key, new_key = new_key_entry(), new_key_entry()
     old_id, new_id = (entry.partition(":")[0] for entry in (old_key, new_key))
-    before = {KEYS_ENV: old_key, "REFERRALS_SECRET_KEY": "secret-one"}
+    before = {KEYS_ENV: old_key, "REFERRALS_SECRET_KEY": ONE}
     added = {
         KEYS_ENV: f"{old_key},{new_key}",
         CURRENT_ENV: old_id,
-        "REFERRALS_SECRET_KEY": "secret-one,secret-two",
-        REFERRER_SECRET_ENV: "secret-one",
+        "REFERRALS_SECRET_KEY": f"{ONE},{TWO}",
+        REFERRER_SECRET_ENV: ONE,
     }
     current = {
         **added,
         CURRENT_ENV: new_id,
-        "REFERRALS_SECRET_KEY": "secret-two,secret-one",
+        "REFERRALS_SECRET_KEY": f"{TWO},{ONE}",
     }
     shared = {
         "TEMPORAL_ADDRESS": live.address,

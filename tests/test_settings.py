@@ -23,6 +23,8 @@ from core.settings import (
 )
 from tests.conftest import REFERRALS, ROOT
 
+OLD, NEW = "old-" + "o" * 32, "new-" + "n" * 32
+LONG = "s" * 32
 MISSING = "missing REFERRALS_DATABASE_URL, REFERRALS_ENCRYPTION_KEYS, REFERRALS_SECRET_KEY"
 
 
@@ -73,13 +75,17 @@ def test_the_dev_stack_files_are_used_only_once_they_exist(tmp_path: Path) -> No
     assert found.database() == f"sqlite:///{(tmp_path / DEV_DATABASE).resolve()}"
     assert found.secret_keys == ((tmp_path / DEV_SECRET_FILE).read_text(),)
     # A variable, when set, wins over the file.
-    configured = Settings.from_env({**environment, "REFERRALS_SECRET_KEY": "s"}, cwd=tmp_path)
-    assert configured.secret_keys == ("s",)
+    configured = Settings.from_env({**environment, "REFERRALS_SECRET_KEY": LONG}, cwd=tmp_path)
+    assert configured.secret_keys == (LONG,)
     assert (tmp_path / DEV_KEY_FILE).exists()
 
 
 def test_secrets_come_from_files(tmp_path: Path) -> None:
-    key, secret, url = new_key_entry(), "from-a-file", "postgresql+psycopg://u:p@db/referrals"
+    key, secret, url = (
+        new_key_entry(),
+        "from-a-file-" + "f" * 32,
+        "postgresql+psycopg://u:p@db/referrals",
+    )
     for name, value in ((KEYS_ENV, key), ("REFERRALS_SECRET_KEY", secret)):
         (tmp_path / name).write_text(value + "\n")  # as `echo` and Kubernetes write them
     (tmp_path / "url").write_text(url)
@@ -102,7 +108,7 @@ def test_secrets_come_from_files(tmp_path: Path) -> None:
     assert settings.smtp.password == "smtp-pass"
     assert settings.codec_token == "codec-token"
     with pytest.raises(SettingsError, match="both set"):
-        Settings.from_env({**files, "REFERRALS_SECRET_KEY": "s"}, cwd=tmp_path)
+        Settings.from_env({**files, "REFERRALS_SECRET_KEY": LONG}, cwd=tmp_path)
     with pytest.raises(SettingsError, match="cannot read") as unreadable:
         Settings.from_env({"REFERRALS_SECRET_KEY_FILE": str(tmp_path / "nope")}, cwd=tmp_path)
     assert "REFERRALS_SECRET_KEY_FILE" in str(unreadable.value)
@@ -144,12 +150,21 @@ def test_the_relay_is_reached_over_tls_unless_it_is_on_this_machine() -> None:
 def test_referrer_key_survives_a_secret_rotation() -> None:
     """One secret keys ReferrerKey; during a rotation (two secrets) the one that keyed it so
     far must be named, or the process refuses to start."""
-    before = Settings.from_env({"REFERRALS_SECRET_KEY": "old"})
+    before = Settings.from_env({"REFERRALS_SECRET_KEY": OLD})
     with pytest.raises(SettingsError, match=REFERRER_SECRET_ENV):
-        Settings.from_env({"REFERRALS_SECRET_KEY": "old,new"})
-    added = Settings.from_env({"REFERRALS_SECRET_KEY": "old,new", REFERRER_SECRET_ENV: "old"})
-    current = Settings.from_env({"REFERRALS_SECRET_KEY": "new,old", REFERRER_SECRET_ENV: "old"})
+        Settings.from_env({"REFERRALS_SECRET_KEY": f"{OLD},{NEW}"})
+    added = Settings.from_env({"REFERRALS_SECRET_KEY": f"{OLD},{NEW}", REFERRER_SECRET_ENV: OLD})
+    current = Settings.from_env({"REFERRALS_SECRET_KEY": f"{NEW},{OLD}", REFERRER_SECRET_ENV: OLD})
 
-    assert before.referrer_key_secret == added.referrer_key_secret == "old"
-    assert current.referrer_key_secret == "old"
-    assert (added.secret_keys[0], current.secret_keys[0]) == ("old", "new")  # what signs
+    assert before.referrer_key_secret == added.referrer_key_secret == OLD
+    assert current.referrer_key_secret == OLD
+    assert (added.secret_keys[0], current.secret_keys[0]) == (OLD, NEW)  # what signs
+
+
+def test_the_signing_secret_is_long_enough() -> None:
+    """A short secret is guessed offline from one status link, then forges them all; an
+    older, shorter one may still verify while it is rotated out."""
+    with pytest.raises(SettingsError, match="at least 32 characters"):
+        Settings.from_env({"REFERRALS_SECRET_KEY": "CHANGE-ME"})
+    rotating = {"REFERRALS_SECRET_KEY": f"{NEW},short", REFERRER_SECRET_ENV: "short"}
+    assert Settings.from_env(rotating).secret_keys == (NEW, "short")

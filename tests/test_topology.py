@@ -88,7 +88,7 @@ async def test_two_of_each_process_from_one_env_file(
                 f"REFERRALS_TASK_QUEUE=topology-{uuid.uuid4().hex[:8]}",
                 f"REFERRALS_DATABASE_URL={database}",
                 f"{KEYS_ENV}={new_key_entry()}",
-                "REFERRALS_SECRET_KEY=topology-secret",
+                "REFERRALS_SECRET_KEY=topology-secret-" + "t" * 32,
                 "REFERRALS_CODEC_TOKEN=operator-token",
                 f"REFERRALS_PROGRAM={program_file}",
                 f"REFERRALS_SMTP_HOST={live.sink.host}",

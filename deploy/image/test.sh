@@ -66,7 +66,7 @@ SINK=$!
 KEY=$("${RUN[@]}" --rm --entrypoint python "referral-desk-web:$TAG" \
   -c 'from core.encryption import new_key_entry; print(new_key_entry())')
 ENVS=(-e "TEMPORAL_ADDRESS=127.0.0.1:$TEMPORAL" -e "REFERRALS_DATABASE_URL=sqlite:////data/referrals.db"
-      -e "REFERRALS_ENCRYPTION_KEYS=$KEY" -e REFERRALS_SECRET_KEY=image-test-secret
+      -e "REFERRALS_ENCRYPTION_KEYS=$KEY" -e REFERRALS_SECRET_KEY=image-test-secret-0123456789abcdefghijklmnop
       -e REFERRALS_SMTP_HOST=127.0.0.1 -e "REFERRALS_SMTP_PORT=$SMTP"
       -e "REFERRALS_PUBLIC_URL=http://127.0.0.1:$WEB" -v "$PWD/$WORK/data:/data")
 toolbox() { "${RUN[@]}" --rm "${ENVS[@]}" -e REFERRALS_ACTOR=image-test "referral-desk-toolbox:$TAG" "$@"; }
@@ -149,7 +149,7 @@ REFERRALS_ENV_FILE=$PWD/$WORK/compose.env
 TEMPORAL_ADDRESS=127.0.0.1:$TEMPORAL
 REFERRALS_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/$DATABASE
 REFERRALS_ENCRYPTION_KEYS=$KEY
-REFERRALS_SECRET_KEY=compose-secret
+REFERRALS_SECRET_KEY=compose-secret-0123456789abcdefghijklmnopqrstu
 REFERRALS_CODEC_TOKEN=compose-token
 REFERRALS_SMTP_HOST=127.0.0.1
 REFERRALS_SMTP_PORT=$SMTP
