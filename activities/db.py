@@ -213,6 +213,24 @@ class WebhookDeliveryRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
+class WebhookEndpointRow(SQLModel, table=True):
+    """An endpoint's circuit breaker. `failures` in a row open it until `open_until`: no
+    delivery tries it meanwhile. Then one delivery at a time (`probe_until`, its lease) tries
+    it again: success closes it, failure opens it for twice as long."""
+
+    __tablename__ = "webhook_endpoint"
+
+    url: str = Field(primary_key=True)
+    failures: int = 0
+    open_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    probe_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
 class WebhookAttemptRow(SQLModel, table=True):
     """Each attempt to deliver a webhook message and what the endpoint answered."""
 

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from typing import Any
 
 import httpx
 from pydantic import ValidationError
+from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -35,7 +38,13 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.db import ReferralRow, WebhookAttemptRow, WebhookDeliveryRow, as_utc
+from activities.db import (
+    ReferralRow,
+    WebhookAttemptRow,
+    WebhookDeliveryRow,
+    WebhookEndpointRow,
+    as_utc,
+)
 from core.program import ProgramError, load_program
 from core.settings import SettingsError, WebhookRetry, environment_secret
 from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
@@ -68,6 +77,19 @@ RPC_TIMEOUT = timedelta(seconds=10)  # every call to Temporal here has a deadlin
 USER_AGENT = "ReferralDesk-Webhooks/1"
 # Kept of an endpoint's answer to a failed attempt, for `referrals webhooks`.
 ANSWER_CHARS = 200
+# Read of an endpoint's answer at most: the rest is never downloaded (an endpoint that
+# answers with gigabytes, or echoes the request back, costs nothing more).
+ANSWER_BYTES = 4096
+
+# The circuit breaker (WebhookEndpointRow): this many failed attempts in a row open it for
+# BREAKER_OPEN, doubled at each failed probe up to BREAKER_OPEN_LONGEST. A probe holds the
+# endpoint for PROBE_LEASE (longer than one attempt) so that one delivery at a time tries it.
+BREAKER_FAILURES = 5
+BREAKER_OPEN = timedelta(seconds=30)
+BREAKER_OPEN_LONGEST = timedelta(hours=1)
+PROBE_LEASE = timedelta(seconds=45)
+# Statuses that say the endpoint is down, not that it refused this message.
+ENDPOINT_DOWN = frozenset({429, 500, 502, 503, 504})
 
 
 class RedeliveryRefused(Exception):
@@ -418,10 +440,93 @@ def _record_attempt(
         session.commit()
 
 
+def _breaker(session: Session, url: str, now: datetime) -> WebhookEndpointRow:
+    state = session.get(WebhookEndpointRow, url)
+    if state is None:
+        state = WebhookEndpointRow(url=url, updated_at=now)
+        session.add(state)
+        try:
+            session.commit()
+        except IntegrityError:  # another worker added it first
+            session.rollback()
+            state = session.get(WebhookEndpointRow, url)
+            assert state is not None
+    return state
+
+
+def wait_for_endpoint(engine: Engine, url: str, now: datetime) -> timedelta | None:
+    """None: try the endpoint now. Otherwise how long until it may be tried: its circuit is
+    open, or another delivery is probing it."""
+    with Session(engine) as session:
+        state = _breaker(session, url, now)
+        if state.open_until is None:
+            return None
+        open_until = as_utc(state.open_until)
+        if now < open_until:
+            return open_until - now
+        # Half open: the first to claim the probe tries; the others wait for its outcome.
+        claimed = session.exec(
+            update(WebhookEndpointRow)
+            .where(
+                col(WebhookEndpointRow.url) == url,
+                or_(
+                    col(WebhookEndpointRow.probe_until).is_(None),
+                    col(WebhookEndpointRow.probe_until) < now,
+                ),
+            )
+            .values(probe_until=now + PROBE_LEASE, updated_at=now)
+        )
+        session.commit()
+        return None if claimed.rowcount == 1 else PROBE_LEASE
+
+
+def endpoint_answered(engine: Engine, url: str, up: bool, now: datetime) -> None:
+    """After an attempt: an endpoint that answered closes its circuit; one that is down
+    counts a failure, and opens the circuit at BREAKER_FAILURES in a row."""
+    with Session(engine) as session:
+        state = _breaker(session, url, now)
+        if up and not (state.failures or state.open_until or state.probe_until):
+            return  # closed, and stays so: nothing to write
+        if up:
+            session.exec(
+                update(WebhookEndpointRow)
+                .where(col(WebhookEndpointRow.url) == url)
+                .values(failures=0, open_until=None, probe_until=None, updated_at=now)
+            )
+            session.commit()
+            return
+        session.exec(
+            update(WebhookEndpointRow)
+            .where(col(WebhookEndpointRow.url) == url)
+            .values(failures=WebhookEndpointRow.failures + 1, probe_until=None, updated_at=now)
+        )
+        session.commit()
+        session.refresh(state)
+        if state.failures >= BREAKER_FAILURES:
+            doublings = min(state.failures - BREAKER_FAILURES, 16)
+            state.open_until = now + min(BREAKER_OPEN * 2**doublings, BREAKER_OPEN_LONGEST)
+            session.add(state)
+            session.commit()
+
+
+def post_webhook(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, str]:
+    """Status, reason and the first ANSWER_BYTES of the answer; never more is read."""
+    with httpx.Client(timeout=HTTP_TIMEOUT) as http:
+        with http.stream("POST", url, content=body, headers=headers) as response:
+            answer = b""
+            for chunk in response.iter_bytes():
+                answer += chunk
+                if len(answer) >= ANSWER_BYTES:
+                    break
+            text = answer[:ANSWER_BYTES].decode(response.encoding or "utf-8", errors="replace")
+            return response.status_code, response.reason_phrase, text
+
+
 def deliver(engine: Engine, delivery_id: str) -> None:
     """One attempt: sign, POST, record the attempt; raise unless the endpoint took it (2xx).
     410 Gone, an endpoint no longer configured or a referral no longer recorded are final;
-    anything else (other statuses, timeouts, refused connections) is retried."""
+    anything else (other statuses, timeouts, refused connections) is retried. While the
+    endpoint's circuit is open, nothing is sent: the next attempt waits until it may be."""
     with Session(engine) as session:
         delivery = session.get(WebhookDeliveryRow, delivery_id)
         if delivery is None:
@@ -439,6 +544,16 @@ def deliver(engine: Engine, delivery_id: str) -> None:
     assert signing.secret is not None
     secret = signing.secret
     at = datetime.now(UTC)
+    wait = wait_for_endpoint(engine, url, at)
+    if wait is not None:
+        # Spread the deliveries waiting on one endpoint, so they do not all come back at once.
+        wait += timedelta(seconds=random.uniform(0, min(30.0, wait.total_seconds())))
+        raise ApplicationError(
+            f"{url}: not tried, the endpoint has been failing; next try in "
+            f"{round(wait.total_seconds())} s",
+            type="WebhookEndpointDown",
+            next_retry_delay=wait,
+        )
     timestamp = int(at.timestamp())
     headers = {
         "content-type": "application/json",
@@ -451,15 +566,15 @@ def deliver(engine: Engine, delivery_id: str) -> None:
     status: int | None = None
     error: str | None = None
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=HTTP_TIMEOUT)
-        status = response.status_code
-        outcome = f"{status} {response.reason_phrase}".strip()
-        if not response.is_success:
-            answer = " ".join(response.text[:ANSWER_CHARS].split())
+        status, reason, text = post_webhook(url, body, headers)
+        outcome = f"{status} {reason}".strip()
+        if not 200 <= status < 300:
+            answer = " ".join(text[:ANSWER_CHARS].split())
             error = f"{outcome}: {answer}" if answer else outcome
     except httpx.HTTPError as failure:
         error = f"{type(failure).__name__}: {failure}".rstrip(": ")
         outcome = error
+    endpoint_answered(engine, url, status is not None and status not in ENDPOINT_DOWN, at)
     attempt = WebhookAttemptRow(
         delivery_id=delivery_id,
         number=0,
@@ -563,5 +678,9 @@ async def redeliver(client: Client, engine: Engine, delivery_id: str, task_queue
             "redeliver it once it is delivered or failed"
         )
     delivery = await asyncio.to_thread(_next_redelivery, engine, delivery_id)
+    # An operator redelivers once the endpoint is back: try it now, whatever its circuit said.
+    await asyncio.to_thread(
+        endpoint_answered, engine, delivery.endpoint_url, True, datetime.now(UTC)
+    )
     await start_delivery(client, delivery, task_queue)
     return workflow_id(delivery)

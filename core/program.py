@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
 import yaml
 from pydantic import ValidationError
 
+from core.settings import loopback
 from workflows.models import ProgramRules
 
 
@@ -50,4 +52,14 @@ def load_program(path: str | Path) -> ProgramRules:
     ids = [product.id for product in rules.products]
     if len(set(ids)) != len(ids):
         raise ProgramError(f"{file}: products: product ids must be unique")
+    for number, endpoint in enumerate(rules.webhooks):
+        # Checked here, not in the model: rules already in running referrals' inputs stay valid.
+        url = urlsplit(endpoint.url)
+        if endpoint.include_personal_data and url.scheme != "https" and not loopback(
+            url.hostname or ""
+        ):
+            raise ProgramError(
+                f"{file}: webhooks.{number}.url: an endpoint with include_personal_data must "
+                "use https (plain http only to this machine)"
+            )
     return rules

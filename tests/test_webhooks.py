@@ -25,13 +25,21 @@ from sqlmodel import Session, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
-from activities.db import CommissionRow, WebhookAttemptRow, WebhookDeliveryRow
+from activities.db import (
+    CommissionRow,
+    WebhookAttemptRow,
+    WebhookDeliveryRow,
+    WebhookEndpointRow,
+)
 from activities.records import save_referral
 from activities.webhooks import (
+    ANSWER_BYTES,
+    BREAKER_FAILURES,
     EVENT_TYPES,
     PAYABLE,
     list_attempts,
     pending_deliveries,
+    post_webhook,
     sign,
     start_deliveries,
     start_stalled_deliveries,
@@ -44,6 +52,7 @@ from starter.intake import new_referral_id, submit_referral
 from tests.conftest import SETTINGS, Cli, Live, eventually
 from tests.desk import act_by_id
 from tests.factories import RECEIVED, referral_input, submission
+from worker import ACTIVITY_THREADS
 from workflows.models import (
     Action,
     HistoryEntry,
@@ -126,6 +135,10 @@ def write_program(path: Path, webhooks: list[dict[str, Any]], base: Path) -> Pat
         ({"colour": "blue"}, "webhooks.0.colour: Extra inputs are not permitted"),
         ({"secret_env": "CRM_SECRET"}, "give the endpoint's secret, or secret_env"),
         ({"secret": None, "secret_env": "crm secret"}, "webhooks.0.secret_env: String should"),
+        (
+            {"url": "http://crm.example/x", "include_personal_data": True},
+            "webhooks.0.url: an endpoint with include_personal_data must use https",
+        ),
     ],
 )
 def test_a_bad_endpoint_stops_the_program_with_its_field(
@@ -604,3 +617,84 @@ async def test_deliveries_are_signed_retried_recorded_and_never_hold_up_the_refe
             ).all()
             == []
         )
+
+
+def test_only_the_start_of_an_answer_is_read() -> None:
+    """An endpoint that answers without end (or with gigabytes) costs one short read: the
+    attempt ends, recorded with the start of the answer, instead of holding a slot."""
+
+    class Endless(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(500)
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            try:
+                while True:  # 1 KiB every 50 ms: never a read timeout, never an end
+                    self.wfile.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass  # the client hung up: what we want
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        status, _, answer = post_webhook(
+            f"http://127.0.0.1:{server.server_address[1]}/hooks", b"{}", {}
+        )
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 500 and len(answer) <= ANSWER_BYTES and answer.startswith("xxx")
+    assert took < 5, took
+
+
+async def test_a_dead_endpoint_costs_few_attempts(
+    live: Live,
+    rules: ProgramRules,
+    program_file: Path,
+    receiver: Receiver,
+    tmp_path: Path,
+    webhooks_from: WebhooksFrom,
+) -> None:
+    """Twenty messages for an endpoint that is down: once it has failed BREAKER_FAILURES
+    times in a row, no delivery tries it until its circuit's cool-down has passed, so it is
+    sent a few requests in all, not a few per message."""
+    down = new_secret()
+    receiver.endpoints = {"/down": Endpoint(down, down=True)}
+    endpoint = {"url": receiver.url("/down"), "secret": down, "events": ["referral.submitted"]}
+    webhooks_from(
+        write_program(tmp_path / "program.yaml", [endpoint], program_file),
+        WebhookRetry(initial_interval_s=0.2, maximum_interval_s=0.5, give_up_after_s=10),
+    )
+    referrals = [
+        await submit_referral(
+            live.client,
+            live.engine,
+            rules,
+            submission(**{"prospect.website": f"https://www.dead-{uuid.uuid4().hex[:8]}.example/"}),
+            SETTINGS,
+        )
+        for _ in range(20)
+    ]
+
+    async def given_up() -> bool:
+        rows = [d for r in referrals for d in deliveries(live.engine, r)]
+        return len(rows) == 20 and all(d.status == "failed" for d in rows)
+
+    await eventually(given_up, seconds=60)
+    sent = [r for r in receiver.received if r.path == "/down"]
+    # Without the breaker: every message tried every 0.2 to 0.5 s for 10 s, about 500 requests.
+    assert len(sent) <= BREAKER_FAILURES + ACTIVITY_THREADS, len(sent)
+    with Session(live.engine) as session:
+        breaker = session.get(WebhookEndpointRow, receiver.url("/down"))
+    assert breaker is not None and breaker.failures >= BREAKER_FAILURES
+    assert breaker.open_until is not None
