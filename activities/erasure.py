@@ -5,14 +5,20 @@ has passed (the daily Schedule `referrals-retention`).
 What accounting needs stays: stages, dates, amounts, payment and payout references, the
 prospect company and product, and who did what among staff. What identifies a person
 goes: the referrer's and the contact's names, addresses, phones and company, free-text
-notes (they may name people), and the referrer's address in the actor of a web
-submission, the sent-email log and the ledger.
+notes and refund reasons (they may name people), the referrer's address in the actor of a
+web submission, the sent-email log and the ledger, what webhook endpoints answered (an
+endpoint may echo a message back), the referral's webhook delivery workflows, and in the
+dev stack its emails' files. Webhook endpoints subscribed to `referral.erased` are told,
+so they can erase their copies. On SQLite the write-ahead log is emptied, so no copy of
+the old rows stays in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from email.parser import BytesHeaderParser
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -29,9 +35,12 @@ from activities.db import (
     ReferralEventRow,
     ReferralRow,
     SentEmail,
+    WebhookAttemptRow,
+    WebhookDeliveryRow,
     as_utc,
 )
 from activities.records import load_referral, write_referral
+from activities.webhooks import pending_deliveries, start_deliveries, workflow_id
 from workflows.models import (
     Contact,
     Erasure,
@@ -67,18 +76,19 @@ def erased_state(state: ReferralState, erasure: Erasure) -> ReferralState:
     )
     erased.contact = Contact(name=ERASED, email=f"{name}-contact@erased.example")
     erased.opportunity = state.opportunity.model_copy(update={"notes": None})
+    erased.refunds = [refund.model_copy(update={"reason": ERASED}) for refund in state.refunds]
     erased.history = []
     erased.erased = erasure
     erased.revision = state.revision + 1
     return erased
 
 
-async def delete_executions(client: Client, referral_id: str) -> int:
-    """Delete every run of the referral's workflow (an upgraded one has two): its payloads,
+async def delete_executions(client: Client, workflow_id: str) -> int:
+    """Delete every run of a workflow (an upgraded referral has two): its payloads,
     encrypted or not, go with them."""
-    runs = {wf.run_id async for wf in client.list_workflows(f"WorkflowId = '{referral_id}'")}
+    runs = {wf.run_id async for wf in client.list_workflows(f"WorkflowId = '{workflow_id}'")}
     try:  # the latest run, which visibility may not list yet
-        latest = await client.get_workflow_handle(referral_id).describe(rpc_timeout=RPC_TIMEOUT)
+        latest = await client.get_workflow_handle(workflow_id).describe(rpc_timeout=RPC_TIMEOUT)
         runs.add(latest.run_id)
     except RPCError as error:
         if error.status != RPCStatusCode.NOT_FOUND:
@@ -87,7 +97,7 @@ async def delete_executions(client: Client, referral_id: str) -> int:
     for run_id in sorted(runs):
         request = DeleteWorkflowExecutionRequest(
             namespace=client.namespace,
-            workflow_execution=WorkflowExecution(workflow_id=referral_id, run_id=run_id),
+            workflow_execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
         )
         try:
             await client.workflow_service.delete_workflow_execution(request)
@@ -98,8 +108,22 @@ async def delete_executions(client: Client, referral_id: str) -> int:
     return deleted
 
 
-def _pseudonymize(engine: Engine, state: ReferralState, erasure: Erasure) -> None:
-    """Every row of the referral, in one transaction."""
+def _delivery_workflows(engine: Engine, referral_id: str) -> list[str]:
+    """Every workflow that delivered one of the referral's webhook messages: the first, and
+    each redelivery."""
+    with Session(engine) as session:
+        rows = session.exec(
+            select(WebhookDeliveryRow).where(WebhookDeliveryRow.referral_id == referral_id)
+        ).all()
+    return [
+        workflow_id(row.model_copy(update={"redeliveries": number}))
+        for row in rows
+        for number in range(row.redeliveries + 1)
+    ]
+
+
+def _pseudonymize(engine: Engine, state: ReferralState, erasure: Erasure) -> HistoryEntry:
+    """Every row of the referral, in one transaction; returns the erasure's event."""
     erased = erased_state(state, erasure)
     addresses = {str(state.referrer.email), str(state.contact.email)}
     with Session(engine) as session:
@@ -145,13 +169,57 @@ def _pseudonymize(engine: Engine, state: ReferralState, erasure: Erasure) -> Non
             line.referrer_email = str(erased.referrer.email)
             line.reason = None
             session.add(line)
+        deliveries = select(WebhookDeliveryRow.id).where(
+            WebhookDeliveryRow.referral_id == state.referral_id
+        )
+        for attempt in session.exec(
+            select(WebhookAttemptRow).where(col(WebhookAttemptRow.delivery_id).in_(deliveries))
+        ).all():
+            if attempt.error:  # the status stays; what the endpoint answered goes
+                attempt.error = attempt.error.partition(":")[0]
+                session.add(attempt)
+        for delivery in session.exec(
+            select(WebhookDeliveryRow).where(WebhookDeliveryRow.referral_id == state.referral_id)
+        ).all():
+            if delivery.last_outcome:
+                delivery.last_outcome = delivery.last_outcome.partition(":")[0]
+                session.add(delivery)
         session.commit()
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    return mark
+
+
+def _delete_mail_files(maildir: Path, referral_id: str) -> int:
+    """The dev stack keeps every email sent as a file: those about the referral go."""
+    deleted = 0
+    for folder in ("new", "cur", "tmp"):
+        for path in (maildir / folder).glob("*"):
+            try:
+                with path.open("rb") as file:
+                    headers = BytesHeaderParser().parse(file)
+            except OSError:
+                continue
+            if headers.get("X-Referral-Id") == referral_id:
+                path.unlink(missing_ok=True)
+                deleted += 1
+    return deleted
 
 
 async def erase_referral(
-    client: Client, engine: Engine, referral_id: str, *, by: str, reason: str
+    client: Client,
+    engine: Engine,
+    referral_id: str,
+    *,
+    by: str,
+    reason: str,
+    task_queue: str,
+    maildir: Path | None = None,
 ) -> str:
-    """Erase one closed referral; returns the line that says what was done."""
+    """Erase one closed referral; returns the line that says what was done. `task_queue`:
+    where the `referral.erased` webhook messages are delivered from; `maildir`: the dev
+    stack's email files."""
     if not reason.strip():
         raise ErasureRefused("erasing needs a reason (--reason)")
     state = await asyncio.to_thread(load_referral, engine, referral_id)
@@ -169,10 +237,20 @@ async def erase_referral(
             f"{referral_id} is open ({state.stage.value}): cancel it before erasing it"
         )
     deleted = await delete_executions(client, referral_id)
+    for delivery in await asyncio.to_thread(_delivery_workflows, engine, referral_id):
+        deleted += await delete_executions(client, delivery)
     erasure = Erasure(at=datetime.now(UTC), by=by, reason=reason.strip())
-    await asyncio.to_thread(_pseudonymize, engine, state, erasure)
+    mark = await asyncio.to_thread(_pseudonymize, engine, state, erasure)
+    told = await asyncio.to_thread(pending_deliveries, engine, referral_id, [mark.seq])
+    await start_deliveries(client, told, task_queue)
     runs = "run" if deleted == 1 else "runs"
-    return f"{referral_id}: personal data erased; {deleted} workflow {runs} deleted from Temporal"
+    line = f"{referral_id}: personal data erased; {deleted} workflow {runs} deleted from Temporal"
+    if told:
+        line += f"; {len(told)} webhook endpoint(s) told"
+    if maildir is not None:
+        files = await asyncio.to_thread(_delete_mail_files, maildir, referral_id)
+        line += f"; {files} email file(s) deleted"
+    return line
 
 
 def referrals_of(engine: Engine, email: str) -> list[tuple[str, bool]]:
@@ -200,10 +278,19 @@ def expired(engine: Engine, days: int, now: datetime) -> list[str]:
 
 
 class RetentionActivities:
-    def __init__(self, client: Client, engine: Engine, personal_data_days: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        engine: Engine,
+        personal_data_days: int,
+        task_queue: str,
+        maildir: Path | None = None,
+    ) -> None:
         self._client = client
         self._engine = engine
         self._days = personal_data_days
+        self._task_queue = task_queue
+        self._maildir = maildir
 
     @activity.defn(name="erase_expired")
     async def erase_expired(self) -> RetentionReport:
@@ -214,7 +301,13 @@ class RetentionActivities:
         for referral_id in due:
             activity.heartbeat(referral_id)
             line = await erase_referral(
-                self._client, self._engine, referral_id, by="system", reason=reason
+                self._client,
+                self._engine,
+                referral_id,
+                by="system",
+                reason=reason,
+                task_queue=self._task_queue,
+                maildir=self._maildir,
             )
             report.erased.append(line)
             activity.logger.info("retention: %s", line)

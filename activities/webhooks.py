@@ -68,6 +68,9 @@ EVENT_TYPES = {
     "extend": "referral.protection_extended",
     "payout": "commission.paid",
     "refund": "commission.clawback",
+    # The referral's personal data was erased here: erase your copies (no personal data,
+    # not even with include_personal_data: the referral's are pseudonyms now).
+    "erase": "referral.erased",
 }
 PAYABLE = "commission.payable"
 

@@ -586,7 +586,13 @@ async def cmd_erase(args: argparse.Namespace) -> int:
     for referral_id in targets:
         try:
             line = await erase_referral(
-                client, engine, referral_id, by=args.actor, reason=args.reason
+                client,
+                engine,
+                referral_id,
+                by=args.actor,
+                reason=args.reason,
+                task_queue=args.settings.task_queue,
+                maildir=args.settings.dev_maildir,
             )
         except ErasureRefused as error:
             raise Refused(str(error)) from error

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import text
+from sqlmodel import Session
 from temporalio.client import (
     Schedule,
     ScheduleActionExecutionStartWorkflow,
@@ -20,18 +22,30 @@ from temporalio.client import (
     ScheduleSpec,
 )
 
-from activities.db import make_engine
+from activities.db import WebhookAttemptRow, make_engine
+from activities.erasure import erase_referral
 from activities.records import load_referral
 from activities.schema import upgrade
 from core.links import status_token
 from starter.consent import consent_statement
 from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import Cli, Live, eventually, settings_with
+from tests.conftest import SETTINGS, Cli, Live, eventually, settings_with
+from tests.desk import act_by_id
 from tests.factories import submission, submission_data
 from tests.test_system_of_record import DELETION_SECONDS, KEY, gone
+from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtures
+    Endpoint,
+    Receiver,
+    WebhooksFrom,
+    deliveries,
+    new_secret,
+    receiver,
+    webhooks_from,
+    write_program,
+)
 from worker import build_worker
-from workflows.models import ProgramRules, RetentionReport, RetentionRules, Stage
+from workflows.models import Action, ProgramRules, RetentionReport, RetentionRules, Stage
 from workflows.retention import RetentionWorkflow
 
 PERSONAL = submission_data()
@@ -230,3 +244,105 @@ async def test_the_retention_schedule_erases_what_has_expired(
     assert untouched is not None and untouched.erased is None
     assert untouched.referrer.email == PERSONAL["referrer"]["email"]
     await still_open.terminate(reason="test over")
+
+
+async def test_erasure_reaches_refunds_webhooks_and_email_files(
+    live: Live,
+    rules: ProgramRules,
+    program_file: Path,
+    receiver: Receiver,  # noqa: F811 - the fixture of tests/test_webhooks.py
+    tmp_path: Path,
+    webhooks_from: WebhooksFrom,  # noqa: F811 - the fixture of tests/test_webhooks.py
+) -> None:
+    """Beyond the referral's own rows: a refund's reason, what a webhook endpoint answered,
+    the delivery workflows, the dev stack's email files; and the endpoints are told."""
+    secret = new_secret()
+    receiver.endpoints = {"/crm": Endpoint(secret)}
+    crm = {
+        "url": receiver.url("/crm"),
+        "secret": secret,
+        "events": ["referral.submitted", "referral.erased"],
+        "include_personal_data": True,
+    }
+    webhooks_from(write_program(tmp_path / "program.yaml", [crm], program_file))
+    name = PERSONAL["referrer"]["name"]
+    rid = await submit_referral(
+        live.client,
+        live.engine,
+        rules,
+        submission(**{"prospect.website": f"https://erase-{uuid.uuid4().hex[:8]}.example"}),
+        SETTINGS,
+    )
+    refund_reason = f"credit note agreed with {name}"
+    steps: list[tuple[Action, dict[str, Any]]] = [
+        (Action.CONTACTED, {}),
+        (Action.ACCEPT, {}),
+        (Action.APPROVE, {}),
+        (Action.WON, {"amount": Decimal("180000"), "currency": "EUR"}),
+        (Action.PAYMENT, {"amount": Decimal("180000"), "reference": "INV-9"}),
+        (Action.REFUND, {"amount": Decimal("1000"), "reference": "AV-9", "reason": refund_reason}),
+        (Action.PAYOUT, {"reference": "VIR-9"}),
+    ]
+    for action, extra in steps:
+        await act_by_id(live.client, rid, action, **extra)
+    await live.client.get_workflow_handle(rid).result()
+
+    async def submitted_delivered() -> bool:
+        return [d.status for d in deliveries(live.engine, rid)] == ["delivered"]
+
+    await eventually(submitted_delivered)
+    [first] = deliveries(live.engine, rid)
+    with Session(live.engine) as session:  # an endpoint that echoed the message back
+        session.add(
+            WebhookAttemptRow(
+                delivery_id=first.id, number=99, at=first.created_at, status_code=500,
+                error=f"500 Internal Server Error: could not store {name}", duration_ms=3,
+            )
+        )  # fmt: skip
+        session.commit()
+    mail_files = [
+        path
+        for path in (live.sink.maildir / "new").iterdir()
+        if f"X-Referral-Id: {rid}".encode() in path.read_bytes()
+    ]
+    assert mail_files
+
+    line = await erase_referral(
+        live.client, live.engine, rid, by="dpo-marc", reason="GDPR request",
+        task_queue=SETTINGS.task_queue, maildir=live.sink.maildir,
+    )  # fmt: skip
+    assert "1 webhook endpoint(s) told" in line
+    assert f"{len(mail_files)} email file(s) deleted" in line
+
+    state = load_referral(live.engine, rid)
+    assert state is not None and [r.reason for r in state.refunds] == ["erased"]
+    with live.engine.connect() as connection:
+        stored = " ".join(
+            str(tuple(row))
+            for table, where in [
+                ("referral", "referral_id = :id"),
+                ("referral_event", "referral_id = :id"),
+                ("commission_line", "referral_id = :id"),
+                ("webhook_delivery", "referral_id = :id"),
+                (
+                    "webhook_attempt",
+                    "delivery_id IN (SELECT id FROM webhook_delivery WHERE referral_id = :id)",
+                ),
+            ]
+            for row in connection.execute(text(f"SELECT * FROM {table} WHERE {where}"), {"id": rid})
+        )
+    assert refund_reason not in stored and name not in stored
+    assert not any(path.exists() for path in mail_files)
+
+    async def told() -> bool:
+        return any(r.message["type"] == "referral.erased" for r in receiver.at("/crm", rid))
+
+    await eventually(told)
+    [erased] = [r for r in receiver.at("/crm", rid) if r.message["type"] == "referral.erased"]
+    assert erased.verified and name not in erased.body.decode()
+    assert erased.message["data"]["referrer"]["name"] == f"erased-{rid.lower()}"
+
+    async def deliveries_deleted() -> bool:
+        return await gone(live.client, f"webhook-{first.id}")
+
+    await eventually(deliveries_deleted, DELETION_SECONDS)

@@ -252,6 +252,7 @@ WebhookEvent = Literal[
     "commission.payable",
     "commission.paid",
     "commission.clawback",
+    "referral.erased",
 ]
 
 
