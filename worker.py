@@ -77,6 +77,8 @@ def build_worker(
         client,
         engine,
         (rules or load_program(settings.program_path)).retention.personal_data_days,
+        settings.task_queue,
+        settings.dev_maildir,
     )
     return Worker(
         client,
