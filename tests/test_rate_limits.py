@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from core.settings import Settings
-from starter.web import create_app, served_app
+from starter.web import create_app, intake, served_app
 from starter.web.security import (
     RATE_LIMIT_ENV,
     TRUSTED_PROXIES_ENV,
@@ -29,6 +30,7 @@ from starter.web.security import (
     parse_networks,
 )
 from tests.conftest import SECRET, Live
+from tests.factories import submission_data
 from tests.test_web import (
     FormState,
     assert_kept,
@@ -332,3 +334,35 @@ async def test_the_served_app_allows_ten_a_minute_by_default(live: Live) -> None
         for _ in range(10):
             assert (await web.post("/api/referrals", json={})).status_code == 422
         assert_limited_api(await web.post("/api/referrals", json={}))
+
+
+async def test_one_referrer_address_gets_few_acknowledgements_whoever_sends(
+    live: Live, rules: ProgramRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each referral emails its referrer: past a few an hour for one address, from however
+    many connections, the form refuses rather than flood that mailbox."""
+    monkeypatch.setattr(intake, "RECEIPTS_PER_ADDRESS", (3, 3600))
+    app = make_app(live, rules, rate_limit="1000/minute")
+    target = f"victim-{uuid.uuid4().hex[:6]}@example.com"
+
+    def body(email: str) -> dict[str, Any]:
+        site = f"https://www.flood-{uuid.uuid4().hex[:8]}.example/"
+        return submission_data(**{"prospect.website": site, "referrer.email": email})
+
+    answers = []
+    for peer in ("198.51.100.10", "198.51.100.11", "198.51.100.12", "198.51.100.13"):
+        async with client(app, peer) as web:
+            answers.append(await web.post("/api/referrals", json=body(target)))
+    assert [a.status_code for a in answers] == [201, 201, 201, 429]
+    [error] = answers[-1].json()["errors"]
+    assert (error["field"], error["code"]) == ("referrer.email", "rate_limited")
+    assert 1 <= int(answers[-1].headers["retry-after"]) <= 3600
+    async with client(app, "198.51.100.14") as web:
+        other = await web.post("/api/referrals", json=body(f"other-{target}"))
+        assert other.status_code == 201
+        token = await open_form(web)
+        form = {**form_fields(**{"referrer.email": target}), "csrf": token, "lang": "en"}
+        page = await web.post("/referrals", data=form)
+    assert page.status_code == 429
+    assert "Too many referrals were sent for this email address" in page.text
+    assert 'value="' + target + '"' in page.text  # what was typed is kept

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,7 @@ from starter.intake import (
     parse_submission,
     submit_referral,
 )
-from starter.web.security import ApiError, ApiRefusal
+from starter.web.security import ApiError, ApiRefusal, RateLimiter
 from starter.web.site import Site, pick_language
 from workflows.models import ReferralState, Stage, Submission
 
@@ -32,6 +33,10 @@ CSRF_COOKIE = "referral_form"
 CURRENCIES = ("EUR", "USD", "GBP", "CHF", "CAD")
 # A form field no person sees or fills (see `form_post`); a name bots like to fill.
 HONEYPOT = "subject"
+# Referrals (so acknowledgements) for one referrer address per hour, whoever sends them (per
+# web process, with the per-connection limit): that one alone lets many connections flood
+# one mailbox.
+RECEIPTS_PER_ADDRESS = (10, 3600)
 
 
 class ReferralCreated(BaseModel):
@@ -176,6 +181,14 @@ def status_words(state: ReferralState, lang: str) -> dict[str, Any]:
     }
 
 
+class TooManyForAddress(Exception):
+    """The referrer's address got RECEIPTS_PER_ADDRESS acknowledgements lately."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 def add_intake_routes(app: FastAPI, site: Site) -> None:
     def render_form(
         request: Request,
@@ -205,9 +218,16 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
             honeypot=HONEYPOT,
         )
 
+    # With the per-connection limit, or not at all (REFERRALS_RATE_LIMIT=off: a load test).
+    receipts = RateLimiter(*RECEIPTS_PER_ADDRESS) if site.limiter is not None else None
+
     async def start(submission: Submission, consent_language: str | None = None) -> str:
         """`consent_language`: the language the consent statement was shown in (the form's
-        page); the API's callers accept it in the referrer's language."""
+        page); the API's callers accept it in the referrer's language. Raises
+        TooManyForAddress past RECEIPTS_PER_ADDRESS."""
+        wait = receipts.hit(str(submission.referrer.email).lower()) if receipts else None
+        if wait is not None:
+            raise TooManyForAddress(max(1, math.ceil(wait)))
         return await submit_referral(
             await site.temporal(),
             site.engine,
@@ -265,6 +285,14 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
         except DuplicateReferral as duplicate:
             errors = {"prospect.website": duplicate_message(duplicate, lang)}
             return render_form(request, lang, values, errors, fix, 409)
+        except TooManyForAddress as limited:
+            problem = _(
+                "Too many referrals were sent for this email address in a short time. What "
+                "you typed is kept; please send it again later."
+            )
+            response = render_form(request, lang, values, problem=problem, status=429)
+            response.headers["Retry-After"] = str(limited.retry_after)
+            return response
         except (RuntimeError, RPCError, OSError):
             problem = _(
                 "The service is briefly unavailable. What you typed is kept; please try again "
@@ -378,6 +406,15 @@ def add_intake_routes(app: FastAPI, site: Site) -> None:
             referral_id = await start(parse_submission(data, site.rules))
         except SubmissionRefused as error:
             return refused(422, "invalid submission", error.errors)
+        except TooManyForAddress as limited:
+            wait = f"try again in {limited.retry_after} seconds"
+            too_many = refused(
+                429,
+                f"too many submissions for this referrer address; {wait}",
+                [FieldError("referrer.email", f"rate limit reached; {wait}", "rate_limited")],
+            )
+            too_many.headers["Retry-After"] = str(limited.retry_after)
+            return too_many
         except DuplicateReferral as duplicate:
             message = duplicate_message(duplicate, "en")
             return refused(
