@@ -140,6 +140,10 @@ class Settings:
     log_format: str = "text"
     health_port: int | None = None
     health_host: str = "0.0.0.0"  # a kubelet probes the pod's address
+    # Worker Versioning (docs/rollout.md): the image's tag makes the worker a version of the
+    # Worker Deployment named here (default: the task queue's name); none, an unversioned worker.
+    build_id: str | None = None
+    deployment_name: str = "referrals"
     # What came from the dev stack's files rather than the environment.
     from_dev_files: tuple[str, ...] = ()
 
@@ -405,6 +409,8 @@ class _Reader:
             log_format=self.choice("REFERRALS_LOG_FORMAT", LOG_FORMATS, "text"),
             health_port=self.port("REFERRALS_HEALTH_PORT"),
             health_host=self.text("REFERRALS_HEALTH_HOST") or "0.0.0.0",
+            build_id=self.text("REFERRALS_BUILD_ID"),
+            deployment_name=self.deployment_name(),
             from_dev_files=tuple(self.from_dev),
         )
         if settings.encryption_keys is not None:
@@ -424,6 +430,17 @@ class _Reader:
             return Path(given)
         here = Path("program.yaml")
         return here if (self.cwd / here).is_file() else DEFAULT_PROGRAM
+
+    def deployment_name(self) -> str:
+        """REFERRALS_DEPLOYMENT_NAME, else the task queue's name. Temporal names a version
+        `<deployment>.<build id>`: a versioned worker's deployment name holds no dot."""
+        name = self.text("REFERRALS_DEPLOYMENT_NAME") or self.text("REFERRALS_TASK_QUEUE")
+        if name is not None and "." in name and self.text("REFERRALS_BUILD_ID"):
+            self.problems.append(
+                f"Worker Deployment name {name!r} (REFERRALS_DEPLOYMENT_NAME, default the task "
+                "queue's): no '.' (Temporal names a version <deployment>.<build id>)"
+            )
+        return name or "referrals"
 
     def optional_number(self, name: str) -> float | None:
         if self.text(name) is None:

@@ -168,3 +168,18 @@ def test_the_signing_secret_is_long_enough() -> None:
         Settings.from_env({"REFERRALS_SECRET_KEY": "CHANGE-ME"})
     rotating = {"REFERRALS_SECRET_KEY": f"{NEW},short", REFERRER_SECRET_ENV: "short"}
     assert Settings.from_env(rotating).secret_keys == (NEW, "short")
+
+
+def test_a_build_id_makes_the_worker_a_version_of_its_deployment() -> None:
+    """REFERRALS_BUILD_ID (the image's tag) versions the worker, within the Worker Deployment
+    REFERRALS_DEPLOYMENT_NAME names, by default the task queue's name; none: unversioned."""
+    assert Settings.from_env({}).build_id is None
+    versioned = Settings.from_env({"REFERRALS_TASK_QUEUE": "desk", "REFERRALS_BUILD_ID": "0.7.0"})
+    assert (versioned.build_id, versioned.deployment_name) == ("0.7.0", "desk")
+    named = {"REFERRALS_BUILD_ID": "0.7.0", "REFERRALS_DEPLOYMENT_NAME": "referral-desk"}
+    assert Settings.from_env(named).deployment_name == "referral-desk"
+    # Temporal names a version <deployment>.<build id>: no dot in the deployment's name.
+    dotted = {"REFERRALS_TASK_QUEUE": "referrals.eu"}
+    assert Settings.from_env(dotted).build_id is None
+    with pytest.raises(SettingsError, match="REFERRALS_DEPLOYMENT_NAME"):
+        Settings.from_env({**dotted, "REFERRALS_BUILD_ID": "0.7.0"})
