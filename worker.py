@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+from temporalio.worker import Worker, WorkerDeploymentConfig
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.email import EmailActivities
@@ -48,6 +49,25 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     """Pydantic's email validation is loaded once, outside the sandbox, like the models."""
     restrictions = SandboxRestrictions.default.with_passthrough_modules("email_validator", "idna")
     return SandboxedWorkflowRunner(restrictions=restrictions)
+
+
+def versioning(settings: Settings) -> dict[str, Any]:
+    """The options of every Worker this process runs. With a build id, the worker is that version
+    of the settings' Worker Deployment: once a version is made current, new runs and every
+    running one's next task go to its workers only, so a run started on new code never lands on
+    an old worker mid-rollout (docs/rollout.md). Every workflow is AUTO_UPGRADE, declared here
+    rather than in `@workflow.defn`: a declared behaviour is sent by an unversioned worker too,
+    and the server refuses that worker's tasks. Without a build id (the dev stack, most tests),
+    unversioned, as before: any worker takes any task."""
+    if settings.build_id is None:
+        return {}
+    version = WorkerDeploymentVersion(settings.deployment_name, settings.build_id)
+    config = WorkerDeploymentConfig(
+        version=version,
+        use_worker_versioning=True,
+        default_versioning_behavior=VersioningBehavior.AUTO_UPGRADE,
+    )
+    return {"deployment_config": config}
 
 
 def build_worker(
@@ -98,6 +118,7 @@ def build_worker(
         activity_executor=ThreadPoolExecutor(max_workers=ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        **versioning(settings),
         **options,
     )
 
@@ -150,7 +171,12 @@ async def run_worker(settings: Settings) -> None:
         print(f"metrics on {metrics.url}", flush=True)
     async with worker:
         polling = True
-        print(f"worker polling task queue {settings.task_queue!r}", flush=True)
+        version = (
+            f", version {settings.build_id} of {settings.deployment_name!r} (tasks once current)"
+            if settings.build_id
+            else ""
+        )
+        print(f"worker polling task queue {settings.task_queue!r}{version}", flush=True)
         await stop.wait()
         polling = False  # not ready: in-flight activities finish, nothing new should come
         print("worker stopping: finishing in-flight activities…", flush=True)
