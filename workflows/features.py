@@ -1,4 +1,9 @@
-"""The referral workflow's behaviour flags, one `workflow.patched` id each (docs/rollout.md).
+"""The referral workflow's behaviour flags, decided by `workflow.patched` once, as a run starts
+(docs/rollout.md).
+
+Until release 0.6 each behaviour had a patch id of its own (its field's name, dashed). From
+release 0.7 on, a release has one patch id (`RELEASES`): a new run records only the newest, and
+its marker stands for every behaviour of that release and of the releases before it.
 
 Outside workflows/referral.py, which the sandbox runs again for every referral it caches:
 this module is passed through, and its dataclass built once per worker.
@@ -10,14 +15,18 @@ from dataclasses import dataclass, fields
 
 from temporalio import workflow
 
+# One patch id per release from 0.7 on, newest first, each with the `Features` fields it added.
+# A behaviour change goes under the next release's id: add its field, and name it here.
+RELEASES: tuple[tuple[str, tuple[str, ...]], ...] = (("release-0.7", ()),)
+
 
 @dataclass(frozen=True)
 class Features:
-    """Behaviour added since release 0.1.0, one `workflow.patched` id each.
+    """Behaviour added since release 0.1.0.
 
     Decided once, as a run starts: a run replaying a history recorded before a patch
     finds no marker and keeps the old behaviour for its whole life; a new run records
-    every marker and has them all."""
+    the newest release's marker and has them all."""
 
     # Each change is written to the database, in order; an update returns once it is.
     system_of_record: bool
@@ -45,4 +54,40 @@ class Features:
 
     @classmethod
     def decide(cls) -> Features:
-        return cls(**{f.name: workflow.patched(f.name.replace("_", "-")) for f in fields(cls)})
+        """The newest release whose marker the run has (a new run records the newest); a run
+        started before a release replays without its marker, so `patched` answers False and
+        records nothing. A run started before 0.7 asks for each behaviour's own id, in the
+        order it did then."""
+        names = [f.name for f in fields(cls)]
+        newer: set[str] = set()  # what the releases after the run's own added
+        for release, added in RELEASES:
+            if workflow.patched(release):
+                return cls(**{name: name not in newer for name in names})
+            newer.update(added)
+        return cls(
+            **{
+                name: name not in newer and workflow.patched(behaviour_patch_id(name))
+                for name in names
+            }
+        )
+
+
+def behaviour_patch_id(name: str) -> str:
+    """A behaviour's own patch id, before release 0.7: its field's name, dashed."""
+    return name.replace("_", "-")
+
+
+def patch_markers() -> dict[str, tuple[str, ...]]:
+    """Every patch id a run may have recorded, oldest first, each with the markers any one of
+    which gives a run its behaviour (its own, and those of the releases that include it). A
+    run with none of them takes the id's old branch; once no run can, the id can be retired."""
+    releases = [release for release, _ in reversed(RELEASES)]  # oldest first
+    added = {name for _, names in RELEASES for name in names}
+    markers = {
+        behaviour_patch_id(f.name): (behaviour_patch_id(f.name), *releases)
+        for f in fields(Features)
+        if f.name not in added
+    }
+    for position, release in enumerate(releases):
+        markers[release] = tuple(releases[position:])
+    return markers
