@@ -568,6 +568,30 @@ async def cmd_replay_check(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_patches(args: argparse.Namespace) -> int:
+    """For each patch id, the referral runs Temporal still holds that take its old branch
+    (they recorded none of the markers that give its behaviour, TemporalChangeVersion): a
+    closed one counts too, as a query or a reset replays it. None: the id can be retired
+    (docs/rollout.md)."""
+    from core.temporal import connect_for_operations
+    from workflows.features import patch_markers
+
+    client = await connect_for_operations(args.settings)
+    print(f"{'patch id':<28}{'running':>9}{'closed':>9}")
+    for patch_id, markers in patch_markers().items():
+        listed = ", ".join(f"'{marker}'" for marker in markers)
+        old_branch = (
+            f"WorkflowType = 'ReferralWorkflow' AND TemporalChangeVersion NOT IN ({listed})"
+        )
+        running, closed = [
+            (await client.count_workflows(f"{old_branch} AND ExecutionStatus {status}")).count
+            for status in ("= 'Running'", "!= 'Running'")
+        ]
+        verdict = "retire it" if running == closed == 0 else "in use"
+        print(f"{patch_id:<28}{running:>9}{closed:>9}  {verdict}")
+    return 0
+
+
 async def cmd_erase(args: argparse.Namespace) -> int:
     from activities.erasure import ErasureRefused, erase_referral, referrals_of
 
@@ -872,6 +896,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     sub.add_argument("--reason", required=True)
     sub = add("replay-check", cmd_replay_check, "replay running referrals on this code", (KEYS,))
     sub.add_argument("--limit", type=int, default=1000, help="at most N referrals (1000)")
+    add("patches", cmd_patches, "the referral runs that still take each patch's old branch")
     sub = add(
         "webhooks", cmd_webhooks, "webhook deliveries, newest first (or redeliver one)", (DB,)
     )
