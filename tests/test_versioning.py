@@ -1,0 +1,277 @@
+"""Worker Versioning and patches on a dev server of each test's own (docs/rollout.md).
+
+A rolling update: an unversioned worker (the release before versioning), then v1 and v2
+workers of one Worker Deployment on one task queue, in this process. A version takes no task
+until the operator makes it current with the `temporal` CLI; from then on new referrals run
+only on it, and running ones (AUTO_UPGRADE) move to it at their next task, even while the
+older workers still poll. And `referrals patches` names the patch ids no run still needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import yaml
+from sqlalchemy.engine import Engine
+from temporalio.api.enums.v1 import EventType, RoutingConfigUpdateState
+from temporalio.api.workflowservice.v1 import DescribeWorkerDeploymentRequest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import PatchActivationInput
+
+from activities.db import make_engine
+from activities.schema import upgrade
+from core.settings import Settings
+from tests.conftest import (
+    BIN,
+    REFERRALS,
+    ROOT,
+    SEARCH_ATTRIBUTES,
+    MailSink,
+    converter,
+    eventually,
+    settings_with,
+)
+from tests.desk import act_by_id
+from tests.factories import referral_input
+from worker import build_worker
+from workflows.features import RELEASES, patch_markers
+from workflows.models import Action, ProgramRules
+from workflows.referral import ReferralWorkflow
+
+RELEASE = RELEASES[0][0]  # the newest
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[WorkflowEnvironment]:
+    """A dev server of this test's own: deployments and patch counts are namespace-wide."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=converter(),
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path / 'referrals.db'}")
+    upgrade(engine)
+    return engine
+
+
+async def start_referral(client: Client, rules: ProgramRules, queue: str) -> str:
+    given = referral_input(
+        rules, f"R-V{uuid.uuid4().hex[:10].upper()}", received_at=datetime.now(UTC)
+    )
+    await client.start_workflow(ReferralWorkflow.run, given, id=given.referral_id, task_queue=queue)
+    return given.referral_id
+
+
+async def builds(client: Client, referral_id: str) -> list[str]:
+    """The build id of the worker that completed each workflow task, in order ('' for an
+    unversioned worker), as the history records it."""
+    history = await client.get_workflow_handle(referral_id).fetch_history()
+    return [
+        event.workflow_task_completed_event_attributes.deployment_version.build_id
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    ]
+
+
+async def started(client: Client, referral_id: str) -> list[str]:
+    """The builds once the run's first workflow task is done."""
+
+    async def done() -> bool:
+        return bool(await builds(client, referral_id))
+
+    await eventually(done)
+    return await builds(client, referral_id)
+
+
+async def make_current(env: WorkflowEnvironment, settings: Settings) -> None:
+    """The operator's step (docs/rollout.md), with the `temporal` CLI: possible once the
+    version's workers have polled, done once the task queue routes by it."""
+    address = env.client.service_client.config.target_host
+    command = [
+        str(BIN / "temporal"), "worker", "deployment", "set-current-version",
+        "--deployment-name", settings.deployment_name, "--build-id", str(settings.build_id),
+        "--address", address, "--yes",
+    ]  # fmt: skip
+
+    async def made() -> bool:
+        done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+        assert done.returncode == 0 or "not found" in done.stderr, done.stderr
+        return done.returncode == 0
+
+    async def routed() -> bool:
+        described = await env.client.workflow_service.describe_worker_deployment(
+            DescribeWorkerDeploymentRequest(
+                namespace=env.client.namespace, deployment_name=settings.deployment_name
+            )
+        )
+        info = described.worker_deployment_info
+        return (
+            info.routing_config.current_deployment_version.build_id == settings.build_id
+            and info.routing_config_update_state
+            == RoutingConfigUpdateState.ROUTING_CONFIG_UPDATE_STATE_COMPLETED
+        )
+
+    await eventually(made)
+    await eventually(routed)
+
+
+async def test_a_version_takes_the_referrals_once_made_current(
+    server: WorkflowEnvironment, database: Engine, mail_sink: MailSink, rules: ProgramRules
+) -> None:
+    client = server.client
+    queue = f"versioned-{uuid.uuid4().hex[:8]}"
+    unversioned = settings_with(mail_sink, task_queue=queue, deployment_name=queue)
+    assert unversioned.build_id is None
+    v1 = dataclasses.replace(unversioned, build_id="v1")
+    v2 = dataclasses.replace(unversioned, build_id="v2")
+
+    async with build_worker(client, database, unversioned):
+        before = await start_referral(client, rules, queue)
+        assert set(await started(client, before)) == {""}
+        async with build_worker(client, database, v1):
+            # Polling, not current: a first deployment's version takes nothing yet.
+            waiting = await start_referral(client, rules, queue)
+            assert set(await started(client, waiting)) == {""}
+            await make_current(server, v1)
+            on_v1 = await start_referral(client, rules, queue)
+            assert set(await started(client, on_v1)) == {"v1"}
+            # An unversioned run moves to the current version at its next task.
+            await act_by_id(client, before, Action.CONTACTED)
+            assert (await builds(client, before))[-1] == "v1"
+            async with build_worker(client, database, v2):
+                await make_current(server, v2)
+                # v1 still polls, and has these runs cached: their next task is v2's.
+                for referral_id in (before, waiting, on_v1):
+                    await act_by_id(client, referral_id, Action.DECLINE, reason="no fit")
+                    history = await builds(client, referral_id)
+                    moved = history.index("v2")
+                    assert set(history[moved:]) == {"v2"}, (referral_id, history)
+                on_v2 = await start_referral(client, rules, queue)
+                await act_by_id(client, on_v2, Action.CONTACTED)
+                assert set(await builds(client, on_v2)) == {"v2"}
+
+
+def patches_report(env: WorkflowEnvironment, workdir: Path) -> dict[str, list[str]]:
+    """`referrals patches`: each id's running and closed counts and its verdict."""
+    done = subprocess.run(
+        [REFERRALS, "patches"],
+        cwd=workdir,
+        env={
+            **os.environ,
+            "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
+            "REFERRALS_PROGRAM": str(ROOT / "program.yaml"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.splitlines()
+    assert header.split() == ["patch", "id", "running", "closed"]
+    return {patch_id: rest for patch_id, *rest in (row.split(maxsplit=3) for row in rows)}
+
+
+def started_before(*missing: str) -> Callable[[PatchActivationInput], bool]:
+    """A worker's patch activation: its new runs record every marker but `missing`, as runs
+    started by an older release did."""
+
+    def activate(patch: PatchActivationInput) -> bool:
+        return patch.patch_id not in missing
+
+    return activate
+
+
+async def test_a_new_run_records_one_marker_and_patches_names_what_can_retire(
+    server: WorkflowEnvironment,
+    database: Engine,
+    mail_sink: MailSink,
+    rules: ProgramRules,
+    tmp_path: Path,
+) -> None:
+    client = server.client
+    queues = {name: f"{name}-{uuid.uuid4().hex[:6]}" for name in ("now", "0-6", "0-5")}
+    settings = settings_with(mail_sink)
+    now = build_worker(client, database, settings, queue=queues["now"])
+    older = [
+        build_worker(
+            client, database, settings, queue=queues[name], patch_activation_callback=activation
+        )
+        for name, activation in (
+            ("0-6", started_before(RELEASE)),
+            ("0-5", started_before(RELEASE, "slim-payloads")),
+        )
+    ]
+    async with now, older[0], older[1]:
+        new = await start_referral(client, rules, queues["now"])
+        like_0_6 = await start_referral(client, rules, queues["0-6"])
+        like_0_5 = await start_referral(client, rules, queues["0-5"])
+        for referral_id in (new, like_0_6, like_0_5):
+            await started(client, referral_id)
+        await act_by_id(client, like_0_6, Action.DECLINE, reason="no fit")
+        await client.get_workflow_handle(like_0_6).result()
+
+        history = await client.get_workflow_handle(new).fetch_history()
+        [marker] = [
+            event.marker_recorded_event_attributes
+            for event in history.events
+            if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        ]
+        assert marker.marker_name == "core_patch"
+        assert json.loads(marker.details["patch-data"].payloads[0].data)["id"] == RELEASE
+
+        expected = {
+            patch_id: ["0", "0", "retire it"]
+            for patch_id in patch_markers()
+            if patch_id not in (RELEASE, "slim-payloads")
+        }
+        expected["slim-payloads"] = ["1", "0", "in use"]  # like_0_5, running
+        expected[RELEASE] = ["1", "1", "in use"]  # like_0_5; like_0_6, closed
+
+        async def reported() -> bool:
+            return patches_report(server, tmp_path) == expected
+
+        await eventually(reported, 30)
+
+
+def test_the_worker_manifest_is_the_version_of_its_release() -> None:
+    """The release is written in kustomization.yaml (the label, the images' tags, the name of
+    its workers' Deployment) and in worker.yaml's REFERRALS_BUILD_ID: all the same, the
+    project's version, so the workers' version is their image's tag."""
+    k8s = ROOT / "deploy" / "k8s"
+    release = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "version"
+    ]
+    kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert {image["newTag"] for image in kustomization["images"]} == {release}
+    assert kustomization["labels"][0]["pairs"]["app.kubernetes.io/version"] == release
+    [patch] = kustomization["patches"]
+    assert patch["target"] == {"kind": "Deployment", "name": "referral-desk-worker"}
+    assert {op["path"]: op["value"] for op in yaml.safe_load(patch["patch"])} == {
+        "/metadata/name": f"referral-desk-worker-{release.replace('.', '-')}",
+        "/spec/selector/matchLabels/app.kubernetes.io~1version": release,
+        "/spec/template/metadata/labels/app.kubernetes.io~1version": release,
+    }
+    [deployment, _] = yaml.safe_load_all((k8s / "worker.yaml").read_text(encoding="utf-8"))
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    environment = {variable["name"]: variable["value"] for variable in container["env"]}
+    assert container["image"] == f"referral-desk-worker:{release}"
+    assert environment["REFERRALS_BUILD_ID"] == release
+    assert environment["REFERRALS_DEPLOYMENT_NAME"] == "referrals"
