@@ -55,8 +55,10 @@ def load_program(path: str | Path) -> ProgramRules:
     for number, endpoint in enumerate(rules.webhooks):
         # Checked here, not in the model: rules already in running referrals' inputs stay valid.
         url = urlsplit(endpoint.url)
-        if endpoint.include_personal_data and url.scheme != "https" and not loopback(
-            url.hostname or ""
+        if (
+            endpoint.include_personal_data
+            and url.scheme != "https"
+            and not loopback(url.hostname or "")
         ):
             raise ProgramError(
                 f"{file}: webhooks.{number}.url: an endpoint with include_personal_data must "
