@@ -22,7 +22,7 @@ from activities.metrics import ActivityMetrics, refresh_gauges
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
-from activities.webhooks import WebhookActivities, with_secrets
+from activities.webhooks import WebhookActivities, webhook_queue, with_secrets
 from activities.webhooks import configure as configure_webhooks
 from core.health import HealthServer, database_answers, temporal_answers
 from core.links import status_url
@@ -41,6 +41,9 @@ from workflows.webhook_delivery import WebhookDeliveryWorkflow
 # Activities block on SMTP and SQL: one thread each (record_referral, async for the Temporal
 # client it starts webhook deliveries with, hands its SQL to a thread), never more than threads.
 ACTIVITY_THREADS = 8
+# Webhook deliveries' own threads and slots (build_webhook_worker): an endpoint that never
+# answers holds these, for at most its HTTP timeout each, and nothing else.
+WEBHOOK_THREADS = 4
 # On SIGTERM or Ctrl-C, in-flight activities may finish: longer than any activity's timeout.
 GRACEFUL_SHUTDOWN = timedelta(seconds=75)
 
@@ -51,7 +54,9 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     return SandboxedWorkflowRunner(restrictions=restrictions)
 
 
-def versioning(settings: Settings) -> dict[str, Any]:
+def versioning(
+    settings: Settings, behavior: VersioningBehavior = VersioningBehavior.AUTO_UPGRADE
+) -> dict[str, Any]:
     """The options of every Worker this process runs. With a build id, the worker is that version
     of the settings' Worker Deployment: once a version is made current, new runs and every
     running one's next task go to its workers only, so a run started on new code never lands on
@@ -65,7 +70,7 @@ def versioning(settings: Settings) -> dict[str, Any]:
     config = WorkerDeploymentConfig(
         version=version,
         use_worker_versioning=True,
-        default_versioning_behavior=VersioningBehavior.AUTO_UPGRADE,
+        default_versioning_behavior=behavior,
     )
     return {"deployment_config": config}
 
@@ -123,6 +128,27 @@ def build_worker(
     )
 
 
+def build_webhook_worker(
+    client: Client, engine: Engine, settings: Settings, queue: str | None = None, **options: Any
+) -> Worker:
+    """The webhook deliveries of the referrals queue `queue` (default the settings'), on a
+    queue and slots of their own. Each delivery is PINNED when versioned: it ends on the
+    code that started it, a short run a release never has to replay."""
+    webhooks = WebhookActivities(engine)
+    return Worker(
+        client,
+        task_queue=webhook_queue(queue or settings.task_queue),
+        workflows=[WebhookDeliveryWorkflow],
+        workflow_runner=workflow_runner(),
+        activities=[webhooks.deliver_webhook, webhooks.mark_webhook_failed],
+        activity_executor=ThreadPoolExecutor(max_workers=WEBHOOK_THREADS),
+        max_concurrent_activities=WEBHOOK_THREADS,
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        **versioning(settings, VersioningBehavior.PINNED),
+        **options,
+    )
+
+
 async def run_worker(settings: Settings) -> None:
     settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET)
     configure_logging(settings)
@@ -140,6 +166,9 @@ async def run_worker(settings: Settings) -> None:
         settings,
         rules=rules,
         interceptors=[ActivityMetrics()] if runtime else [],
+    )
+    webhook_worker = build_webhook_worker(
+        client, engine, settings, interceptors=[ActivityMetrics()] if runtime else []
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,7 +198,7 @@ async def run_worker(settings: Settings) -> None:
             refresh_gauges(engine, runtime.metric_meter, settings.metrics_refresh_s)
         )
         print(f"metrics on {metrics.url}", flush=True)
-    async with worker:
+    async with worker, webhook_worker:
         polling = True
         version = (
             f", version {settings.build_id} of {settings.deployment_name!r} (tasks once current)"

@@ -337,15 +337,23 @@ def delivery_input(delivery_id: str) -> WebhookDeliveryInput:
     return WebhookDeliveryInput(delivery_id=delivery_id, **given)
 
 
+def webhook_queue(task_queue: str) -> str:
+    """The task queue of the referrals queue `task_queue`'s webhook deliveries, served by a
+    worker of their own (worker.build_webhook_worker): an endpoint that never answers holds
+    that worker's slots, never those the referrals' database writes and emails need."""
+    return f"{task_queue}-webhooks"
+
+
 async def start_delivery(client: Client, delivery: WebhookDeliveryRow, task_queue: str) -> bool:
-    """Start the delivery's workflow; False if it was already started (this one is never
-    started twice, so a retried caller never sends a message twice)."""
+    """Start the delivery's workflow on `task_queue`'s webhook queue; False if it was already
+    started (this one is never started twice, so a retried caller never sends a message
+    twice)."""
     try:
         await client.start_workflow(
             WebhookDeliveryWorkflow.run,
             delivery_input(delivery.id),
             id=workflow_id(delivery),
-            task_queue=task_queue,
+            task_queue=webhook_queue(task_queue),
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             static_summary=f"webhook {delivery.event_type} of {delivery.referral_id}",
         )

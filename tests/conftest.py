@@ -37,7 +37,7 @@ from core.program import load_program
 from core.settings import Need, Settings, SmtpSettings
 from core.temporal import data_converter, payload_codec
 from starter.mail_sink import start_sink
-from worker import build_worker
+from worker import build_webhook_worker, build_worker
 from workflows.models import ProgramRules
 from workflows.referral import (
     DOMAIN_KEY,
@@ -272,8 +272,10 @@ async def live(
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'referrals.db'}"
     engine = make_engine(url)
     upgrade(engine)
-    worker = build_worker(dev_env.client, engine, settings_with(mail_sink), queue="referrals")
-    async with worker:
+    settings = settings_with(mail_sink)
+    worker = build_worker(dev_env.client, engine, settings, queue="referrals")
+    webhooks = build_webhook_worker(dev_env.client, engine, settings, queue="referrals")
+    async with worker, webhooks:
         yield Live(
             client=dev_env.client,
             engine=engine,

@@ -5,14 +5,16 @@ signature, one failing then recovering, one always down, one holding another sec
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +25,7 @@ import yaml
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import (
@@ -37,6 +40,7 @@ from activities.webhooks import (
     BREAKER_FAILURES,
     EVENT_TYPES,
     PAYABLE,
+    delivery_id,
     list_attempts,
     pending_deliveries,
     post_webhook,
@@ -52,7 +56,7 @@ from starter.intake import new_referral_id, submit_referral
 from tests.conftest import SETTINGS, Cli, Live, eventually
 from tests.desk import act_by_id
 from tests.factories import RECEIVED, referral_input, submission
-from worker import ACTIVITY_THREADS
+from worker import ACTIVITY_THREADS, WEBHOOK_THREADS
 from workflows.models import (
     Action,
     HistoryEntry,
@@ -698,3 +702,93 @@ async def test_a_dead_endpoint_costs_few_attempts(
         breaker = session.get(WebhookEndpointRow, receiver.url("/down"))
     assert breaker is not None and breaker.failures >= BREAKER_FAILURES
     assert breaker.open_until is not None
+
+
+class BlackHole:
+    """An endpoint that takes every connection and never answers, as a hung server or a
+    firewall that drops replies does."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.held.append(connection)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+async def test_an_endpoint_that_never_answers_holds_up_no_staff_update(
+    live: Live,
+    rules: ProgramRules,
+    program_file: Path,
+    tmp_path: Path,
+    webhooks_from: WebhooksFrom,
+) -> None:
+    """Three hundred messages pending for it: their attempts fill the webhook worker's own
+    slots, 10 seconds each, and the referrals' database writes, which staff updates wait on,
+    go on as usual on theirs."""
+    hole = BlackHole()
+    url = f"http://127.0.0.1:{hole.port}/hooks"
+    endpoint = {"url": url, "secret": new_secret(), "events": ["referral.submitted"]}
+    webhooks_from(
+        write_program(tmp_path / "program.yaml", [endpoint], program_file),
+        WebhookRetry(initial_interval_s=1, maximum_interval_s=2, give_up_after_s=120),
+    )
+    site = f"https://www.hole-{uuid.uuid4().hex[:8]}.example/"
+    owner = await submit_referral(
+        live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
+    )
+    now = datetime.now(UTC)
+    pending = [
+        WebhookDeliveryRow(
+            id=delivery_id(f"{owner}/backlog-{n}", url),
+            event_key=f"{owner}/backlog-{n}",
+            event_type="referral.submitted",
+            referral_id=owner,
+            endpoint_url=url,
+            payload=json.dumps({"type": "referral.submitted", "data": {"referral_id": owner}}),
+            status="pending",
+            created_at=now,
+            updated_at=now,
+        )  # fmt: skip
+        for n in range(300)
+    ]
+    with Session(live.engine, expire_on_commit=False) as session:
+        session.add_all(pending)
+        session.commit()
+    try:
+        await start_deliveries(live.client, pending, SETTINGS.task_queue)
+
+        async def slots_full() -> bool:
+            return len(hole.held) >= WEBHOOK_THREADS
+
+        await eventually(slots_full)
+        took = []
+        site = f"https://www.busy-{uuid.uuid4().hex[:8]}.example/"
+        referral_id = await submit_referral(
+            live.client, live.engine, rules, submission(**{"prospect.website": site}), SETTINGS
+        )
+        for action in (Action.CONTACTED, Action.ACCEPT, Action.APPROVE):
+            started = time.monotonic()
+            await act_by_id(live.client, referral_id, action)
+            took.append(time.monotonic() - started)
+        assert len(hole.held) >= WEBHOOK_THREADS  # the endpoint was still holding them
+        # Each update waits for its database write; shared slots would have queued it behind
+        # the 300 attempts (minutes). Usually well under a second.
+        assert max(took) < 5, took
+    finally:
+        hole.close()  # the attempts in flight end now, not at their timeout
+        for delivery in pending:
+            with contextlib.suppress(RPCError):
+                await live.client.get_workflow_handle(f"webhook-{delivery.id}").terminate()
