@@ -60,10 +60,11 @@ def versioning(
     """The options of every Worker this process runs. With a build id, the worker is that version
     of the settings' Worker Deployment: once a version is made current, new runs and every
     running one's next task go to its workers only, so a run started on new code never lands on
-    an old worker mid-rollout (docs/rollout.md). Every workflow is AUTO_UPGRADE, declared here
-    rather than in `@workflow.defn`: a declared behaviour is sent by an unversioned worker too,
-    and the server refuses that worker's tasks. Without a build id (the dev stack, most tests),
-    unversioned, as before: any worker takes any task."""
+    an old worker mid-rollout (docs/rollout.md). `behavior` is the default of the worker's
+    workflows (AUTO_UPGRADE; the webhook worker's PINNED), declared here rather than in
+    `@workflow.defn`: a declared behaviour is sent by an unversioned worker too, and the server
+    refuses that worker's tasks. Without a build id (the dev stack, most tests), unversioned,
+    as before: any worker takes any task."""
     if settings.build_id is None:
         return {}
     version = WorkerDeploymentVersion(settings.deployment_name, settings.build_id)

@@ -32,7 +32,8 @@ from temporalio.worker import PatchActivationInput
 
 from activities.db import make_engine
 from activities.schema import upgrade
-from core.settings import Settings
+from activities.webhooks import configure as configure_webhooks
+from core.settings import Settings, WebhookRetry
 from tests.conftest import (
     BIN,
     REFERRALS,
@@ -45,7 +46,14 @@ from tests.conftest import (
 )
 from tests.desk import act_by_id
 from tests.factories import referral_input
-from worker import build_worker
+from tests.test_webhooks import (  # noqa: F401 - receiver: a fixture
+    Endpoint,
+    Receiver,
+    new_secret,
+    receiver,
+    write_program,
+)
+from worker import build_webhook_worker, build_worker
 from workflows.features import RELEASES, patch_markers
 from workflows.models import Action, ProgramRules
 from workflows.referral import ReferralWorkflow
@@ -275,3 +283,55 @@ def test_the_worker_manifest_is_the_version_of_its_release() -> None:
     assert container["image"] == f"referral-desk-worker:{release}"
     assert environment["REFERRALS_BUILD_ID"] == release
     assert environment["REFERRALS_DEPLOYMENT_NAME"] == "referrals"
+
+
+async def test_a_webhook_delivery_ends_on_the_version_that_started_it(
+    server: WorkflowEnvironment,
+    database: Engine,
+    mail_sink: MailSink,
+    rules: ProgramRules,
+    program_file: Path,
+    receiver: Receiver,  # noqa: F811 - the fixture of tests/test_webhooks.py
+    tmp_path: Path,
+) -> None:
+    """Deliveries are PINNED: one still retrying when v2 becomes current finishes on v1 (its
+    short run never meets code it did not start on), while its referral moves to v2."""
+    client = server.client
+    queue = f"pinned-{uuid.uuid4().hex[:8]}"
+    secret = new_secret()
+    receiver.endpoints = {"/crm": Endpoint(secret, down=True)}
+    hook = {"url": receiver.url("/crm"), "secret": secret, "events": ["referral.submitted"]}
+    v1 = settings_with(
+        mail_sink,
+        task_queue=queue,
+        deployment_name=queue,
+        build_id="v1",
+        program_path=write_program(tmp_path / "program.yaml", [hook], program_file),
+        webhook_retry=WebhookRetry(initial_interval_s=2, maximum_interval_s=2),
+    )
+    v2 = dataclasses.replace(v1, build_id="v2")
+    try:
+        async with build_worker(client, database, v1), build_webhook_worker(client, database, v1):
+            await make_current(server, v1)
+            referral_id = await start_referral(client, rules, queue)
+
+            async def delivering() -> bool:
+                return any(r.path == "/crm" for r in receiver.received)
+
+            await eventually(delivering)
+            [delivery] = [
+                wf.id async for wf in client.list_workflows(f"TaskQueue = '{queue}-webhooks'")
+            ]
+            async with (
+                build_worker(client, database, v2),
+                build_webhook_worker(client, database, v2),
+            ):
+                await make_current(server, v2)
+                receiver.endpoints["/crm"].down = False
+                await client.get_workflow_handle(delivery).result()
+                await act_by_id(client, referral_id, Action.CONTACTED)
+                assert (await builds(client, referral_id))[-1] == "v2"
+        assert set(await builds(client, delivery)) == {"v1"}
+        assert len(await builds(client, delivery)) >= 2  # one task after v2 became current
+    finally:
+        configure_webhooks(Path("program.yaml"), WebhookRetry())
