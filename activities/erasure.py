@@ -86,7 +86,12 @@ def erased_state(state: ReferralState, erasure: Erasure) -> ReferralState:
 async def delete_executions(client: Client, workflow_id: str) -> int:
     """Delete every run of a workflow (an upgraded referral has two): its payloads,
     encrypted or not, go with them."""
-    runs = {wf.run_id async for wf in client.list_workflows(f"WorkflowId = '{workflow_id}'")}
+    runs = {
+        wf.run_id
+        async for wf in client.list_workflows(
+            f"WorkflowId = '{workflow_id}'", rpc_timeout=RPC_TIMEOUT
+        )
+    }
     try:  # the latest run, which visibility may not list yet
         latest = await client.get_workflow_handle(workflow_id).describe(rpc_timeout=RPC_TIMEOUT)
         runs.add(latest.run_id)
@@ -100,7 +105,7 @@ async def delete_executions(client: Client, workflow_id: str) -> int:
             workflow_execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
         )
         try:
-            await client.workflow_service.delete_workflow_execution(request)
+            await client.workflow_service.delete_workflow_execution(request, timeout=RPC_TIMEOUT)
             deleted += 1
         except RPCError as error:
             if error.status != RPCStatusCode.NOT_FOUND:

@@ -129,7 +129,7 @@ async def reconcile(client: Client, engine: Engine, task_queue: str) -> Reconcil
     """`task_queue`: where stalled webhook deliveries are started."""
     now = datetime.now(UTC)
     run = _Run()
-    running = {wf.id async for wf in client.list_workflows(RUNNING)}
+    running = {wf.id async for wf in client.list_workflows(RUNNING, rpc_timeout=QUERY_TIMEOUT)}
     if (after := run.enter("open")) is not None:
         for referral_id, submitted_at in await asyncio.to_thread(_open_referrals, engine, after):
             line = await _check_open(client, engine, running, referral_id, submitted_at, now)
@@ -146,11 +146,16 @@ async def reconcile(client: Client, engine: Engine, task_queue: str) -> Reconcil
     if (after := run.enter("upgrade")) is not None:
         recorded = await asyncio.to_thread(_known, engine, running)
         for referral_id in sorted(rid for rid in running - recorded if rid > after):
-            await client.get_workflow_handle(referral_id).signal("upgrade")
+            await client.get_workflow_handle(referral_id).signal(
+                "upgrade", rpc_timeout=QUERY_TIMEOUT
+            )
             run.repaired(f"{referral_id}: started before the system of record; upgrade requested")
             run.done(referral_id)
     if (after := run.enter("closed")) is not None:
-        closed = {wf.id: wf.status async for wf in client.list_workflows(CLOSED)}
+        closed = {
+            wf.id: wf.status
+            async for wf in client.list_workflows(CLOSED, rpc_timeout=QUERY_TIMEOUT)
+        }
         recorded = await asyncio.to_thread(_known, engine, set(closed))
         for referral_id in sorted(rid for rid in set(closed) - recorded if rid > after):
             run.repaired(await _record_closed(client, engine, referral_id, closed[referral_id]))
@@ -179,7 +184,7 @@ async def _check_open(
         return None
     if status == WorkflowExecutionStatus.COMPLETED:
         handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
-        final = await handle.result()
+        final = await handle.result(rpc_timeout=QUERY_TIMEOUT)
         record = ReferralRecord(
             state=final.model_copy(update={"history": []}), events=final.history
         )
@@ -207,7 +212,7 @@ async def _record_closed(
     handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
     try:
         if status == WorkflowExecutionStatus.COMPLETED:
-            final = await handle.result()
+            final = await handle.result(rpc_timeout=QUERY_TIMEOUT)
         else:  # a query replays the closed run on a worker of its task queue
             final = await handle.query(
                 "state", result_type=ReferralState, rpc_timeout=QUERY_TIMEOUT

@@ -356,6 +356,7 @@ async def start_delivery(client: Client, delivery: WebhookDeliveryRow, task_queu
             task_queue=webhook_queue(task_queue),
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             static_summary=f"webhook {delivery.event_type} of {delivery.referral_id}",
+            rpc_timeout=RPC_TIMEOUT,
         )
     except WorkflowAlreadyStartedError:
         return False

@@ -221,7 +221,10 @@ async def _search_attributes(client: Client) -> list[str]:
 async def _schedule(client: Client, nightly: Nightly, wanted: Schedule) -> str:
     handle = client.get_schedule_handle(nightly.schedule_id)
     try:
-        await _served(lambda: client.create_schedule(nightly.schedule_id, wanted), client.namespace)
+        await _served(
+            lambda: client.create_schedule(nightly.schedule_id, wanted, rpc_timeout=RPC_TIMEOUT),
+            client.namespace,
+        )
         return f"schedule {nightly.schedule_id}: created ({wanted.state.note})"
     except ScheduleAlreadyRunningError:
         pass
@@ -235,5 +238,5 @@ async def _schedule(client: Client, nightly: Nightly, wanted: Schedule) -> str:
     def update(_: ScheduleUpdateInput) -> ScheduleUpdate:
         return ScheduleUpdate(schedule=wanted)
 
-    await handle.update(update)
+    await handle.update(update, rpc_timeout=RPC_TIMEOUT)
     return f"schedule {nightly.schedule_id}: updated from {before} to {wanted.state.note}"

@@ -51,6 +51,8 @@ from workflows.models import (
 )
 from workflows.transitions import allowed_actions
 
+# Every call to Temporal has a deadline; a staff action's is its own --timeout.
+RPC_TIMEOUT = timedelta(seconds=10)
 DEFAULT_TIMEOUT_SECONDS = 30.0
 # `referrals list`: rows per page.
 DEFAULT_LIST_LIMIT = 50
@@ -169,7 +171,7 @@ async def workflow_status(settings: Settings, referral_id: str) -> str:
     try:
         client = await connect(settings)
         description = await client.get_workflow_handle(referral_id).describe(
-            rpc_timeout=timedelta(seconds=10)
+            rpc_timeout=RPC_TIMEOUT
         )
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
@@ -554,7 +556,7 @@ async def cmd_replay_check(args: argparse.Namespace) -> int:
     )
     query = "WorkflowType = 'ReferralWorkflow' AND ExecutionStatus = 'Running'"
     checked = 0
-    async for execution in client.list_workflows(query, limit=args.limit):
+    async for execution in client.list_workflows(query, limit=args.limit, rpc_timeout=RPC_TIMEOUT):
         handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
         history = await handle.fetch_history()
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
@@ -584,7 +586,11 @@ async def cmd_patches(args: argparse.Namespace) -> int:
             f"WorkflowType = 'ReferralWorkflow' AND TemporalChangeVersion NOT IN ({listed})"
         )
         running, closed = [
-            (await client.count_workflows(f"{old_branch} AND ExecutionStatus {status}")).count
+            (
+                await client.count_workflows(
+                    f"{old_branch} AND ExecutionStatus {status}", rpc_timeout=RPC_TIMEOUT
+                )
+            ).count
             for status in ("= 'Running'", "!= 'Running'")
         ]
         verdict = "retire it" if running == closed == 0 else "in use"
