@@ -1,9 +1,11 @@
 """`python -m faults`: every fault scenario, one table row each, and a verdict line.
 
-The last line is machine-readable (`faults: S scenarios, R referrals, L lost, D duplicated`)
-and the exit status is 0 only when nothing was lost or duplicated and no scenario crashed,
-so CI can run it as is. Everything it starts or writes is removed on the way out, Ctrl-C
-and SIGTERM included.
+Each row also has the staff updates' answer times (seconds, every retry of an update
+included): p50 and p99 of those sent while the fault was active, and of all of them; a line
+under the table pools every scenario's. The last line is machine-readable
+(`faults: S scenarios, R referrals, L lost, D duplicated`) and the exit status is 0 only
+when nothing was lost or duplicated and no scenario crashed, so CI can run it as is.
+Everything it starts or writes is removed on the way out, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import math
 import os
 import shutil
 import signal
@@ -38,8 +41,14 @@ COLUMNS = (
     "duplicated",
     "recover s",
     "staff retries",
+    "updates in fault",
+    "p50 s",
+    "p99 s",
+    "all p50 s",
+    "all p99 s",
     "wall s",
 )
+WIDTHS = [17, 9, 78, 4, 10, 9, 13, 16, 5, 5, 9, 9, 6]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,6 +88,19 @@ def _quiet_about_cancelled_calls(loop: asyncio.AbstractEventLoop, context: dict[
     loop.default_exception_handler(context)
 
 
+def percentile(seconds: list[float], share: float) -> float | None:
+    """Nearest rank: the smallest value at least `share` of them do not exceed."""
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def latency(seconds: list[float], share: float) -> str:
+    value = percentile(seconds, share)
+    return "-" if value is None else f"{value:.2f}"
+
+
 def row(values: tuple[str, ...], widths: list[int]) -> str:
     return " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
 
@@ -94,6 +116,11 @@ def cells(outcome: Outcome) -> tuple[str, ...]:
         str(outcome.duplicated),
         recovery,
         str(outcome.staff_retries),
+        str(len(outcome.updates_in_fault)),
+        latency(outcome.updates_in_fault, 0.50),
+        latency(outcome.updates_in_fault, 0.99),
+        latency(outcome.updates, 0.50),
+        latency(outcome.updates, 0.99),
         f"{outcome.seconds:.0f}",
     )
 
@@ -108,10 +135,9 @@ async def run(args: argparse.Namespace, root: Path, children: Children) -> int:
     backend = await asyncio.to_thread(Backend.from_env(force_sqlite=args.sqlite).prepare)
     chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     outcomes: list[Outcome] = []
-    widths = [17, 9, 78, 4, 10, 9, 13, 6]
     print(f"fault suite: {len(chosen)} scenarios, {backend.name} database", flush=True)
-    print(row(COLUMNS, widths), flush=True)
-    print("-+-".join("-" * w for w in widths), flush=True)
+    print(row(COLUMNS, WIDTHS), flush=True)
+    print("-+-".join("-" * w for w in WIDTHS), flush=True)
     started = time.monotonic()
     try:
         for number, scenario in enumerate(chosen):
@@ -119,9 +145,17 @@ async def run(args: argparse.Namespace, root: Path, children: Children) -> int:
                 scenario, backend, children, root, args.referrals, args.seed + number
             )
             outcomes.append(outcome)
-            print(row(cells(outcome), widths), flush=True)
+            print(row(cells(outcome), WIDTHS), flush=True)
     finally:
         await asyncio.to_thread(backend.drop)
+    in_fault = [s for o in outcomes for s in o.updates_in_fault]
+    every = [s for o in outcomes for s in o.updates]
+    print(
+        f"staff updates, all scenarios: {len(in_fault)} in a fault, p50 "
+        f"{latency(in_fault, 0.50)} s, p99 {latency(in_fault, 0.99)} s; {len(every)} in all, "
+        f"p50 {latency(every, 0.50)} s, p99 {latency(every, 0.99)} s",
+        flush=True,
+    )
     problems = [(o.name, p) for o in outcomes for p in o.problems[:PROBLEMS_SHOWN]]
     if problems:
         print("\nfindings:")

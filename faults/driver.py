@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,15 @@ class Referral:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class UpdateTiming:
+    """One staff update: when it was sent, and how long until it was answered, every retry
+    with its request id included (what the staff member waited)."""
+
+    sent_at: datetime
+    seconds: float
+
+
 @dataclass
 class DriveStats:
     applied: int = 0
@@ -136,6 +145,8 @@ class Batch:
         self.tag = tag
         self.referrals: list[Referral] = []
         self.stats = DriveStats()
+        self.updates: list[UpdateTiming] = []
+        self.driving_ended_at: datetime | None = None
         self._random = random.Random(seed)
         self._progress = asyncio.Condition()
         self._driving_done = False
@@ -176,6 +187,7 @@ class Batch:
         try:
             await asyncio.gather(*(self._drive_one(r, duplicates) for r in self.referrals))
         finally:
+            self.driving_ended_at = datetime.now(UTC)
             async with self._progress:
                 self._driving_done = True
                 self._progress.notify_all()
@@ -220,7 +232,10 @@ class Batch:
                 self.client, rid, request, ATTEMPT_SECONDS, self.settings.database()
             )
 
-        return await self._retrying(referral, request, attempt, duplicate, "update act")
+        sent_at, started = datetime.now(UTC), time.monotonic()
+        result = await self._retrying(referral, request, attempt, duplicate, "update act")
+        self.updates.append(UpdateTiming(sent_at, time.monotonic() - started))
+        return result
 
     async def _signal(self, referral: Referral, request: StaffAction) -> None:
         handle = self.client.get_workflow_handle(referral.referral_id)

@@ -3,7 +3,8 @@
 Each scenario gets a fresh stack (database, SMTP server, Temporal dev server, worker), so a
 fault or a finding in one can never leak into the next. The fault lands mid-flight: the
 scenario waits until a share of the staff actions has been applied, so referrals are spread
-over every stage when it hits.
+over every stage when it hits. Each scenario says when its fault started and when it was
+cleared, so the staff updates sent in between are told apart.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class Outcome:
     staff_retries: int = 0
     problems: list[str] = field(default_factory=list)
     crashed: str | None = None
+    # Seconds each staff update took: those sent while the fault was active, and all.
+    updates_in_fault: list[float] = field(default_factory=list)
+    updates: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -83,14 +87,28 @@ class Run:
     worker: Worker
     batch: Batch
     faults: str = ""
+    started_at: datetime | None = None
     cleared_at: datetime | None = None
     notes: list[str] = field(default_factory=list)
+
+    def fault_started(self) -> None:
+        """The fault is active from now (the first call counts)."""
+        if self.started_at is None:
+            self.started_at = datetime.now(UTC)
 
     def cleared(self) -> None:
         self.cleared_at = datetime.now(UTC)
 
     def at_share(self, share: float) -> int:
         return max(1, round(self.batch.steps_total * share))
+
+    def updates_in_fault(self) -> list[float]:
+        """Seconds taken by the staff updates sent between the fault's start and its clearing
+        (the end of driving for a fault never lifted)."""
+        end = self.cleared_at or self.batch.driving_ended_at
+        if self.started_at is None or end is None:
+            return []
+        return [u.seconds for u in self.batch.updates if self.started_at <= u.sent_at <= end]
 
 
 Inject = Callable[[Run], Coroutine[Any, Any, None]]
@@ -144,6 +162,7 @@ async def worker_sigkill(run: Run) -> None:
         # Some work done by each new worker before it is killed too.
         target = max(run.at_share(share), applied + run.at_share(0.06))
         await run.batch.wait_applied(target, DRIVE_TIMEOUT)
+        run.fault_started()
         await kill_worker(run)
         applied = run.batch.stats.applied
     run.cleared()
@@ -155,6 +174,7 @@ async def worker_sigkill(run: Run) -> None:
 
 async def server_restart(run: Run) -> None:
     await run.batch.wait_applied(run.at_share(0.30), DRIVE_TIMEOUT)
+    run.fault_started()
     await run.server.stop()
     stopped = time.monotonic()
     # The outage itself: long enough for the worker's polls and completions, and the staff
@@ -179,6 +199,7 @@ async def smtp_outage(run: Run) -> None:
     except StackError:
         smtp.on_delivery.clear()
         run.notes.append("no email accepted within 30s: SMTP stopped at an arbitrary moment")
+    run.fault_started()
     await smtp.stop()
     down = time.monotonic()
     await asyncio.sleep(SMTP_DOWN_SECONDS)  # the outage itself: connections refused
@@ -215,6 +236,7 @@ async def smtp_outage(run: Run) -> None:
 
 async def smtp_refuse_one(run: Run) -> None:
     """The refusal is armed before submission and never lifted: nothing to recover from."""
+    run.fault_started()
     run.faults = "550 on RCPT for 1 referrer address (see refusals)"
 
 
@@ -241,6 +263,7 @@ async def database_outage(run: Run) -> None:
         smtp.on_delivery.clear()
         db.make_unavailable()
         run.notes.append("no email accepted within 30s: database cut at an arbitrary moment")
+    run.fault_started()
     if smtp.hook_errors:
         raise StackError(f"could not take the database away: {smtp.hook_errors}")
     how = "PostgreSQL proxy cut" if db.proxy is not None else "SQLite BEGIN EXCLUSIVE"
@@ -273,6 +296,7 @@ async def database_outage(run: Run) -> None:
 
 async def duplicate_deliveries(run: Run) -> None:
     """The duplicates are sent by the driver with each action; the fault ends with them."""
+    run.fault_started()
 
 
 SCENARIOS = [
@@ -380,6 +404,8 @@ async def run_scenario(
         outcome.problems = findings.problems + [f"NOTE {n}" for n in run.notes]
         outcome.recovery_seconds = _recovery(run)
         outcome.staff_retries = batch.stats.retries
+        outcome.updates_in_fault = run.updates_in_fault()
+        outcome.updates = [u.seconds for u in batch.updates]
     except Exception as error:  # a crashed scenario is reported, and fails the run
         outcome.crashed = f"{type(error).__name__}: {error}"
         outcome.problems.append(f"CRASH {outcome.crashed}")
