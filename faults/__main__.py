@@ -48,7 +48,7 @@ COLUMNS = (
     "all p99 s",
     "wall s",
 )
-WIDTHS = [17, 9, 78, 4, 10, 9, 13, 16, 5, 5, 9, 9, 6]
+WIDTHS = [17, 9, 92, 4, 10, 9, 13, 16, 5, 5, 9, 9, 6]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

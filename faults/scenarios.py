@@ -1,4 +1,4 @@
-"""The six fault scenarios, and the common run around them.
+"""The seven fault scenarios, and the common run around them.
 
 Each scenario gets a fresh stack (database, SMTP server, Temporal dev server, worker), so a
 fault or a finding in one can never leak into the next. The fault lands mid-flight: the
@@ -10,6 +10,7 @@ cleared, so the staff updates sent in between are told apart.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -20,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlmodel import Session, select
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client
 
 from activities.db import SentEmail
+from activities.webhooks import webhook_queue
 from core.program import load_program
 from core.settings import Settings
 from faults.checks import verify
@@ -40,6 +45,7 @@ from faults.stack import (
     free_port,
     wait_for,
 )
+from workflows.features import RELEASES
 from workflows.models import ClawbackRules, ProgramRules
 
 PROGRAM = ROOT / "program.yaml"
@@ -55,6 +61,16 @@ DB_DOWN_MAX_SECONDS = 90.0
 # Signs the status links of the suite's referrals (as long as a real one must be).
 SECRET = "fault-suite-secret-" + "f" * 32
 REFUSED_REFERRER = "refused.referrer@conseil-martin.example"
+# The rolling deploy: one v1 worker replaced by a v2 one at each of these shares of the staff
+# actions, v2 made current at CURRENT_AT; a v1 worker stopped finishes its in-flight
+# activities (the worker's graceful shutdown is 75 s).
+OLD_VERSION, NEW_VERSION = "v1", "v2"
+REPLACED_AT = (0.15, 0.45)
+CURRENT_AT = 0.30
+GRACEFUL_STOP_SECONDS = 90.0
+NEWEST_RELEASE = RELEASES[0][0]
+# Each worker process polls both: the referrals' queue and its webhook deliveries'.
+VERSIONED_QUEUES = [TASK_QUEUE, webhook_queue(TASK_QUEUE)]
 
 
 @dataclass
@@ -84,12 +100,32 @@ class Run:
     db: ScenarioDatabase
     smtp: RecordingSmtpServer
     server: TemporalServer
-    worker: Worker
+    children: Children
+    worker_env: dict[str, str]
+    workers: list[Worker]
     batch: Batch
     faults: str = ""
     started_at: datetime | None = None
     cleared_at: datetime | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def worker(self) -> Worker:
+        """The first worker started (the only one, but in the rolling deploy)."""
+        return self.workers[0]
+
+    @property
+    def client(self) -> Client:
+        return self.batch.client
+
+    async def start_worker(
+        self, name: str = "worker", module: str = "worker", **env: str
+    ) -> Worker:
+        """Another `python -m worker` (or `module`) on the stack."""
+        worker = Worker(self.children, self.workdir, {**self.worker_env, **env}, name, module)
+        self.workers.append(worker)
+        await worker.start()
+        return worker
 
     def fault_started(self) -> None:
         """The fault is active from now (the first call counts)."""
@@ -114,12 +150,25 @@ class Run:
 Inject = Callable[[Run], Coroutine[Any, Any, None]]
 
 
+async def one_worker(run: Run) -> None:
+    await run.start_worker()
+
+
+async def nothing_more(run: Run) -> None:
+    """Nothing to add once the workers have stopped."""
+
+
 @dataclass(frozen=True)
 class Scenario:
+    """`setup` starts the workers before referrals are submitted; `inject` runs while they
+    are driven; `conclude`, once every worker has stopped, may say what the fault did."""
+
     name: str
     inject: Inject
     duplicates: bool = False
     refused_referrer: str | None = None
+    setup: Inject = one_worker
+    conclude: Inject = nothing_more
 
 
 # --- 1. worker SIGKILL -----------------------------------------------------------------------
@@ -240,6 +289,10 @@ async def smtp_refuse_one(run: Run) -> None:
     run.faults = "550 on RCPT for 1 referrer address (see refusals)"
 
 
+async def count_refusals(run: Run) -> None:
+    run.faults = f"550 on RCPT for 1 address: {run.smtp.replies.rejected} refusals"
+
+
 # --- 5. database unavailable -----------------------------------------------------------------
 
 
@@ -299,13 +352,89 @@ async def duplicate_deliveries(run: Run) -> None:
     run.fault_started()
 
 
+# --- 7. rolling deploy: v1 workers replaced one by one by v2 ---------------------------------
+
+
+async def start_old_version(run: Run) -> None:
+    """v1 as a first versioned install: its workers poll, then the operator makes it current
+    (a version takes no task before). v1 is this checkout's worker with the newest release's
+    patch refused (faults.previous_release): its runs record the release before's markers."""
+    for number in range(1, len(REPLACED_AT) + 1):
+        await run.start_worker(
+            f"{OLD_VERSION}-{number}", "faults.previous_release", REFERRALS_BUILD_ID=OLD_VERSION
+        )
+    await run.server.make_current(run.client, TASK_QUEUE, OLD_VERSION, VERSIONED_QUEUES)
+
+
+async def rolling_deploy(run: Run) -> None:
+    """Each v1 worker in turn: a v2 worker starts, then the v1 one gets SIGTERM (its in-flight
+    activities finish). v2 is made current between the two replacements, as an operator would
+    once a new worker is seen running: from then on every referral moves to v2 at its next
+    task, while the last v1 worker still polls."""
+    old = list(run.workers)
+    for number, (worker, share) in enumerate(zip(old, REPLACED_AT, strict=True), 1):
+        await run.batch.wait_applied(run.at_share(share), DRIVE_TIMEOUT)
+        run.fault_started()
+        await run.start_worker(f"{NEW_VERSION}-{number}", REFERRALS_BUILD_ID=NEW_VERSION)
+        if not await worker.stop(GRACEFUL_STOP_SECONDS):
+            run.notes.append(
+                f"{worker.name} still running {GRACEFUL_STOP_SECONDS:.0f}s after SIGTERM"
+            )
+        if number == 1:
+            await run.batch.wait_applied(run.at_share(CURRENT_AT), DRIVE_TIMEOUT)
+            await run.server.make_current(run.client, TASK_QUEUE, NEW_VERSION, VERSIONED_QUEUES)
+    run.cleared()
+    run.faults = f"{len(old)} {OLD_VERSION} workers replaced by {NEW_VERSION} one by one"
+
+
+def _patch_id(event: HistoryEvent) -> str:
+    """The patch id of a patch marker."""
+    details = event.marker_recorded_event_attributes.details["patch-data"].payloads[0].data
+    return str(json.loads(details)["id"])
+
+
+async def versions_seen(run: Run) -> None:
+    """What each run's history says: the version that completed each workflow task, and the
+    patch markers it recorded. A rolling deploy that moved no run from v1 code to v2 code
+    would prove nothing, and fails the scenario."""
+    moved = 0
+    for referral in run.batch.referrals:
+        history = await run.client.get_workflow_handle(referral.referral_id).fetch_history()
+        builds = [
+            event.workflow_task_completed_event_attributes.deployment_version.build_id
+            for event in history.events
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+        ]
+        markers = {
+            _patch_id(event)
+            for event in history.events
+            if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+            and event.marker_recorded_event_attributes.marker_name == "core_patch"
+        }
+        behind = bool(markers) and NEWEST_RELEASE not in markers
+        if builds[:1] == [OLD_VERSION] and behind and builds[-1:] == [NEW_VERSION]:
+            moved += 1
+        since_switch = builds[builds.index(NEW_VERSION) :] if NEW_VERSION in builds else []
+        if OLD_VERSION in since_switch:
+            run.notes.append(f"{referral.referral_id}: a task on {OLD_VERSION} after {NEW_VERSION}")
+    if moved == 0:
+        raise StackError(f"no referral started on {OLD_VERSION} code and finished on {NEW_VERSION}")
+    run.faults = (
+        f"{OLD_VERSION} ({NEWEST_RELEASE} refused) -> {NEW_VERSION}, {len(REPLACED_AT)} workers "
+        f"1 by 1, current mid-way: {moved}/{len(run.batch.referrals)} runs moved"
+    )
+
+
 SCENARIOS = [
     Scenario("worker-sigkill", worker_sigkill),
     Scenario("server-restart", server_restart),
     Scenario("smtp-outage", smtp_outage),
-    Scenario("smtp-550", smtp_refuse_one, refused_referrer=REFUSED_REFERRER),
+    Scenario(
+        "smtp-550", smtp_refuse_one, refused_referrer=REFUSED_REFERRER, conclude=count_refusals
+    ),
     Scenario("database-outage", database_outage),
     Scenario("duplicate-actions", duplicate_deliveries, duplicates=True),
+    Scenario("rolling-deploy", rolling_deploy, setup=start_old_version, conclude=versions_seen),
 ]
 
 
@@ -333,24 +462,20 @@ async def run_scenario(
     db = ScenarioDatabase(backend, workdir)
     smtp = RecordingSmtpServer("127.0.0.1", free_port())
     server = TemporalServer(children, workdir)
-    worker = Worker(
-        children,
-        workdir,
-        {
-            "TEMPORAL_ADDRESS": server.address,
-            "TEMPORAL_NAMESPACE": NAMESPACE,
-            "REFERRALS_TASK_QUEUE": TASK_QUEUE,
-            "REFERRALS_DATABASE_URL": db.worker_url,
-            "REFERRALS_SMTP_HOST": smtp.host,
-            "REFERRALS_SMTP_PORT": str(smtp.port),
-            "REFERRALS_SMTP_USER": "",
-            "REFERRALS_SMTP_PASSWORD": "",
-            "REFERRALS_SMTP_STARTTLS": "",
-            "REFERRALS_PROGRAM": str(PROGRAM),
-            "REFERRALS_SECRET_KEY": SECRET,
-            "PYTHONUNBUFFERED": "1",
-        },
-    )
+    worker_env = {
+        "TEMPORAL_ADDRESS": server.address,
+        "TEMPORAL_NAMESPACE": NAMESPACE,
+        "REFERRALS_TASK_QUEUE": TASK_QUEUE,
+        "REFERRALS_DATABASE_URL": db.worker_url,
+        "REFERRALS_SMTP_HOST": smtp.host,
+        "REFERRALS_SMTP_PORT": str(smtp.port),
+        "REFERRALS_SMTP_USER": "",
+        "REFERRALS_SMTP_PASSWORD": "",
+        "REFERRALS_SMTP_STARTTLS": "",
+        "REFERRALS_PROGRAM": str(PROGRAM),
+        "REFERRALS_SECRET_KEY": SECRET,
+        "PYTHONUNBUFFERED": "1",
+    }
     # What the driver's intake and the CLI code it reuses run with.
     intake = Settings.from_env(
         {
@@ -361,6 +486,7 @@ async def run_scenario(
             "REFERRALS_SECRET_KEY": SECRET,
         }
     )
+    workers: list[Worker] = []
     outcome = Outcome(scenario.name, count, "", 0, 0, None, 0.0)
     try:
         if scenario.refused_referrer is not None:
@@ -369,10 +495,12 @@ async def run_scenario(
         await db.start()
         await smtp.start()
         await server.start()
-        await worker.start()
         client = await connect(server.address)
         batch = Batch(client, db.engine, rules, intake, scenario.name, seed)
-        run = Run(scenario.name, workdir, rules, db, smtp, server, worker, batch)
+        run = Run(
+            scenario.name, workdir, rules, db, smtp, server, children, worker_env, workers, batch
+        )
+        await scenario.setup(run)
         _say(scenario.name, f"submitting {count} referrals")
         await batch.submit(count, scenario.refused_referrer)
         driving = asyncio.create_task(batch.drive(duplicates=scenario.duplicates))
@@ -387,10 +515,11 @@ async def run_scenario(
             )
         _say(scenario.name, f"fault injected: {run.faults}; waiting for every referral")
         await batch.wait_final(FINAL_TIMEOUT)
-        worker.check_alive()
-        await worker.stop()  # no late attempt can deliver anything after the count
-        if scenario.refused_referrer is not None:
-            run.faults = f"550 on RCPT for 1 address: {smtp.replies.rejected} refusals"
+        for worker in workers:
+            worker.check_alive()
+        for worker in workers:  # no late attempt can deliver anything after the count
+            await worker.stop()
+        await scenario.conclude(run)
         findings = await asyncio.to_thread(
             verify,
             batch,
@@ -409,11 +538,13 @@ async def run_scenario(
     except Exception as error:  # a crashed scenario is reported, and fails the run
         outcome.crashed = f"{type(error).__name__}: {error}"
         outcome.problems.append(f"CRASH {outcome.crashed}")
-        tail = worker.log_text(max(0, worker.log_size() - 1500)) if worker.log.exists() else ""
-        if tail:
-            outcome.problems.append("worker log tail:\n" + tail)
+        for worker in workers:
+            tail = worker.log_text(max(0, worker.log_size() - 1500))
+            if tail:
+                outcome.problems.append(f"{worker.name} log tail:\n{tail}")
     finally:
-        await worker.kill()  # stopped already when all went well; a failed run ends here
+        for worker in workers:  # stopped already when all went well; a failed run ends here
+            await worker.kill()
         await server.stop()
         await smtp.stop()
         await db.close()

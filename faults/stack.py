@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
@@ -37,6 +39,8 @@ NAMESPACE = "default"
 TASK_QUEUE = "referrals"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+# Making a version current: its workers must have polled every task queue first.
+CURRENT_VERSION_TIMEOUT = 90.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -246,16 +250,75 @@ class TemporalServer:
             await _stop(self._process, signal.SIGTERM, STOP_TIMEOUT)
             self._process = None
 
+    async def make_current(
+        self, client: Client, deployment: str, build_id: str, task_queues: list[str]
+    ) -> None:
+        """The operator's step of a rollout (docs/rollout.md), with the `temporal` CLI: refused
+        until the version's workers have polled each of the deployment's task queues. Done
+        once each of `task_queues` (workflow and activity tasks) routes to it, as matching
+        says: the deployment's own `routing_config_update_state` can stay IN_PROGRESS after
+        the routing has changed (seen with dev server 1.32, cf. temporalio/temporal#11842)."""
+        command = [
+            str(BIN / "temporal"), "worker", "deployment", "set-current-version",
+            "--deployment-name", deployment, "--build-id", build_id,
+            "--address", self.address, "--namespace", NAMESPACE, "--yes",
+        ]  # fmt: skip
+        refusals: list[str] = []
+
+        async def made() -> bool:
+            done = await asyncio.to_thread(
+                subprocess.run, command, capture_output=True, text=True, timeout=60
+            )
+            refusals.append(done.stderr.strip())
+            return done.returncode == 0
+
+        async def routed() -> bool:
+            for name in task_queues:
+                for kind in (
+                    TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                    TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+                ):
+                    described = await client.workflow_service.describe_task_queue(
+                        DescribeTaskQueueRequest(
+                            namespace=NAMESPACE,
+                            task_queue=TaskQueue(name=name),
+                            task_queue_type=kind,
+                        )
+                    )
+                    current = described.versioning_info.current_deployment_version
+                    if (current.deployment_name, current.build_id) != (deployment, build_id):
+                        return False
+            return True
+
+        what = f"version {build_id} of {deployment!r} to become current"
+        try:
+            await wait_for(made, what, CURRENT_VERSION_TIMEOUT, 1.0)
+        except StackError as error:
+            raise StackError(f"{error}; the CLI said: {refusals[-1]}") from None
+        await wait_for(
+            routed, f"{', '.join(task_queues)} to route to {build_id}", CURRENT_VERSION_TIMEOUT, 0.5
+        )
+
 
 class Worker:
-    """`python -m worker`, configured only through its environment, as in production."""
+    """`python -m worker`, configured only through its environment, as in production.
+    `module`: another entry point that runs the same worker (faults.previous_release)."""
 
     READY = b"worker polling task queue"
 
-    def __init__(self, children: Children, workdir: Path, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        children: Children,
+        workdir: Path,
+        env: Mapping[str, str],
+        name: str = "worker",
+        module: str = "worker",
+    ) -> None:
         self._children = children
         self._env = {**os.environ, **env}
-        self.log = workdir / "worker.log"
+        self.name = name
+        self.module = module
+        self.log = workdir / f"{name}.log"
         self.starts = 0
         self.kills = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -263,7 +326,7 @@ class Worker:
     async def start(self) -> None:
         offset = self.log.stat().st_size if self.log.exists() else 0
         process = self._children.spawn(
-            [sys.executable, "-m", "worker"], self.log, self._env, cwd=PRODUCT
+            [sys.executable, "-m", self.module], self.log, self._env, cwd=PRODUCT
         )
         self._process = process
         self.starts += 1
@@ -300,10 +363,13 @@ class Worker:
             self._process = None
             self.kills += 1
 
-    async def stop(self) -> None:
-        if self._process is not None:
-            await _stop(self._process, signal.SIGTERM, STOP_TIMEOUT)
-            self._process = None
+    async def stop(self, seconds: float = STOP_TIMEOUT) -> bool:
+        """SIGTERM, and SIGKILL after `seconds`. True if it stopped before that."""
+        if self._process is None:
+            return True
+        process, self._process = self._process, None
+        await _stop(process, signal.SIGTERM, seconds)
+        return process.returncode != -signal.SIGKILL
 
     def check_alive(self) -> None:
         """A worker that died on its own is a finding, not something to restart quietly."""
