@@ -16,11 +16,12 @@ from decimal import ROUND_HALF_UP, Decimal
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from activities.db import CommissionEvent, CommissionRow
+from activities.db import CommissionEvent, CommissionRow, WebhookDeliveryRow
 from activities.email import message_id
 from activities.records import load_referral
 from faults.driver import CURRENCY, DEAL_AMOUNT, FINAL_STAGE, Batch, lifecycle
 from faults.smtp import RecordingSmtpServer
+from faults.webhooks import BACKLOG_KEY, LIFECYCLE_EVENTS
 from workflows.models import HistoryEntry, ProgramRules, ReferralState
 
 REFERRER_STAGES = (
@@ -273,3 +274,34 @@ def _failed_template(entry: HistoryEntry) -> str:
     start = note.find("(")
     end = note.find(")", start)
     return note[start + 1 : end] if 0 <= start < end else note
+
+
+def verify_outbox(batch: Batch, engine: Engine, url: str, backlog: set[str]) -> Findings:
+    """Each lifecycle event of each referral has one message for `url` in the outbox, and the
+    backlog's messages are all still there. Whether they were delivered is not checked: an
+    endpoint that never answers can take none of them."""
+    findings = Findings()
+    with Session(engine) as session:
+        rows = list(
+            session.exec(select(WebhookDeliveryRow).where(WebhookDeliveryRow.endpoint_url == url))
+        )
+    for referral in batch.referrals:
+        rid = referral.referral_id
+        counts = Counter(
+            row.event_type
+            for row in rows
+            if row.referral_id == rid and f"/{BACKLOG_KEY}-" not in row.event_key
+        )
+        for event in LIFECYCLE_EVENTS:
+            if counts[event] == 0:
+                findings.add_lost(f"{rid}: no webhook message for {event}")
+            elif counts[event] > 1:
+                findings.add_duplicated(
+                    f"{rid}: {counts[event]} webhook messages for {event}", counts[event] - 1
+                )
+        for event in set(counts) - set(LIFECYCLE_EVENTS):
+            findings.add_duplicated(f"{rid}: unexpected webhook message {event}", counts[event])
+    missing = backlog - {row.id for row in rows}
+    if missing:
+        findings.add_lost(f"{len(missing)} backlog webhook messages gone", len(missing))
+    return findings

@@ -1,4 +1,4 @@
-"""The seven fault scenarios, and the common run around them.
+"""The eight fault scenarios, and the common run around them.
 
 Each scenario gets a fresh stack (database, SMTP server, Temporal dev server, worker), so a
 fault or a finding in one can never leak into the next. The fault lands mid-flight: the
@@ -10,10 +10,12 @@ cleared, so the staff updates sent in between are told apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,11 +27,12 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
-from activities.db import SentEmail
-from activities.webhooks import webhook_queue
+from activities.db import SentEmail, WebhookDeliveryRow, WebhookEndpointRow
+from activities.webhooks import configure as configure_webhooks
+from activities.webhooks import start_deliveries, webhook_queue
 from core.program import load_program
 from core.settings import Settings
-from faults.checks import verify
+from faults.checks import Findings, verify, verify_outbox
 from faults.database import Backend, ScenarioDatabase
 from faults.driver import Batch
 from faults.smtp import Mode, RecordingSmtpServer
@@ -45,6 +48,7 @@ from faults.stack import (
     free_port,
     wait_for,
 )
+from faults.webhooks import BlackholeEndpoint, enqueue_backlog, write_program
 from workflows.features import RELEASES
 from workflows.models import ClawbackRules, ProgramRules
 
@@ -71,6 +75,8 @@ GRACEFUL_STOP_SECONDS = 90.0
 NEWEST_RELEASE = RELEASES[0][0]
 # Each worker process polls both: the referrals' queue and its webhook deliveries'.
 VERSIONED_QUEUES = [TASK_QUEUE, webhook_queue(TASK_QUEUE)]
+# The webhook endpoint that never answers: messages pending for it before the run.
+BACKLOG_PER_REFERRAL = 10
 
 
 @dataclass
@@ -104,10 +110,16 @@ class Run:
     worker_env: dict[str, str]
     workers: list[Worker]
     batch: Batch
+    # What the scenario started besides the stack, stopped with it.
+    closing: contextlib.AsyncExitStack
+    program: Path = PROGRAM
+    endpoint: BlackholeEndpoint | None = None
+    backlog: set[str] = field(default_factory=set)
     faults: str = ""
     started_at: datetime | None = None
     cleared_at: datetime | None = None
     notes: list[str] = field(default_factory=list)
+    findings: Findings = field(default_factory=Findings)
 
     @property
     def worker(self) -> Worker:
@@ -121,8 +133,14 @@ class Run:
     async def start_worker(
         self, name: str = "worker", module: str = "worker", **env: str
     ) -> Worker:
-        """Another `python -m worker` (or `module`) on the stack."""
-        worker = Worker(self.children, self.workdir, {**self.worker_env, **env}, name, module)
+        """Another `python -m worker` (or `module`) on the stack, with the run's program."""
+        worker = Worker(
+            self.children,
+            self.workdir,
+            {**self.worker_env, "REFERRALS_PROGRAM": str(self.program), **env},
+            name,
+            module,
+        )
         self.workers.append(worker)
         await worker.start()
         return worker
@@ -160,8 +178,9 @@ async def nothing_more(run: Run) -> None:
 
 @dataclass(frozen=True)
 class Scenario:
-    """`setup` starts the workers before referrals are submitted; `inject` runs while they
-    are driven; `conclude`, once every worker has stopped, may say what the fault did."""
+    """`setup` starts the workers (and what the fault needs) before referrals are submitted;
+    `inject` runs while they are driven; `conclude`, once every worker has stopped, may say
+    what the fault did and add findings of its own."""
 
     name: str
     inject: Inject
@@ -425,6 +444,67 @@ async def versions_seen(run: Run) -> None:
     )
 
 
+# --- 8. a webhook endpoint that takes connections and never answers --------------------------
+
+
+async def start_with_blackhole(run: Run) -> None:
+    """The endpoint is in the program's webhooks, subscribed to every event the referrals
+    record, before the worker starts."""
+    endpoint = BlackholeEndpoint("127.0.0.1", free_port())
+    await endpoint.start()
+    run.closing.push_async_callback(endpoint.stop)
+    run.endpoint = endpoint
+    run.program = write_program(PROGRAM, run.workdir / "program.yaml", endpoint.url)
+    await run.start_worker()
+
+
+async def webhook_blackhole(run: Run) -> None:
+    """Never lifted: the fault lasts the whole run. A backlog of messages for the endpoint is
+    enqueued as the referrals start, so hundreds of deliveries are pending throughout."""
+    endpoint = run.endpoint
+    assert endpoint is not None
+    run.fault_started()
+    referral_ids = [r.referral_id for r in run.batch.referrals]
+    rows = await asyncio.to_thread(
+        enqueue_backlog, run.db.engine, referral_ids, endpoint.url, BACKLOG_PER_REFERRAL
+    )
+    run.backlog = {row.id for row in rows}
+    await start_deliveries(run.client, rows, TASK_QUEUE)
+    await wait_for(lambda: endpoint.requests > 0, "a request to the webhook endpoint", 60)
+    run.faults = f"webhook endpoint never answers, {len(rows)} messages of backlog"
+
+
+def _webhook_counts(run: Run, url: str) -> tuple[Counter[str], WebhookEndpointRow | None]:
+    """The endpoint's messages by status, and its circuit breaker."""
+    with Session(run.db.engine) as session:
+        statuses = Counter(
+            session.exec(
+                select(WebhookDeliveryRow.status).where(WebhookDeliveryRow.endpoint_url == url)
+            ).all()
+        )
+        return statuses, session.get(WebhookEndpointRow, url)
+
+
+async def count_webhooks(run: Run) -> None:
+    """Messages are not counted lost for being undelivered (nothing can take them), but each
+    must be in the outbox once; what the endpoint got is the circuit breaker's work."""
+    endpoint = run.endpoint
+    assert endpoint is not None and run.started_at is not None
+    run.findings = await asyncio.to_thread(
+        verify_outbox, run.batch, run.db.engine, endpoint.url, run.backlog
+    )
+    statuses, breaker = await asyncio.to_thread(_webhook_counts, run, endpoint.url)
+    if statuses["delivered"]:
+        run.notes.append(f"{statuses['delivered']} webhook messages recorded as delivered")
+    seconds = (datetime.now(UTC) - run.started_at).total_seconds()
+    circuit = "open" if breaker is not None and breaker.open_until is not None else "closed"
+    run.faults = (
+        f"endpoint never answers: {statuses['pending']}/{sum(statuses.values())} msgs pending "
+        f"({len(run.backlog)} backlog), {endpoint.requests} requests in {seconds:.0f}s, "
+        f"circuit {circuit}"
+    )
+
+
 SCENARIOS = [
     Scenario("worker-sigkill", worker_sigkill),
     Scenario("server-restart", server_restart),
@@ -435,6 +515,12 @@ SCENARIOS = [
     Scenario("database-outage", database_outage),
     Scenario("duplicate-actions", duplicate_deliveries, duplicates=True),
     Scenario("rolling-deploy", rolling_deploy, setup=start_old_version, conclude=versions_seen),
+    Scenario(
+        "webhook-blackhole",
+        webhook_blackhole,
+        setup=start_with_blackhole,
+        conclude=count_webhooks,
+    ),
 ]
 
 
@@ -472,7 +558,6 @@ async def run_scenario(
         "REFERRALS_SMTP_USER": "",
         "REFERRALS_SMTP_PASSWORD": "",
         "REFERRALS_SMTP_STARTTLS": "",
-        "REFERRALS_PROGRAM": str(PROGRAM),
         "REFERRALS_SECRET_KEY": SECRET,
         "PYTHONUNBUFFERED": "1",
     }
@@ -489,48 +574,56 @@ async def run_scenario(
     workers: list[Worker] = []
     outcome = Outcome(scenario.name, count, "", 0, 0, None, 0.0)
     try:
-        if scenario.refused_referrer is not None:
-            smtp.rejected_addresses.add(scenario.refused_referrer.lower())
-        _say(scenario.name, f"starting the stack ({backend.name})")
-        await db.start()
-        await smtp.start()
-        await server.start()
-        client = await connect(server.address)
-        batch = Batch(client, db.engine, rules, intake, scenario.name, seed)
-        run = Run(
-            scenario.name, workdir, rules, db, smtp, server, children, worker_env, workers, batch
-        )
-        await scenario.setup(run)
-        _say(scenario.name, f"submitting {count} referrals")
-        await batch.submit(count, scenario.refused_referrer)
-        driving = asyncio.create_task(batch.drive(duplicates=scenario.duplicates))
-        injecting = asyncio.create_task(scenario.inject(run))
-        await _both(driving, injecting, scenario.name)
-        if scenario.duplicates:
-            run.cleared()  # the last duplicate delivered
-            stats = batch.stats
-            run.faults = (
-                f"{stats.duplicates_sent} duplicates (update resent + signal, same "
-                f"request id; {stats.moot} after close)"
+        async with contextlib.AsyncExitStack() as closing:
+            if scenario.refused_referrer is not None:
+                smtp.rejected_addresses.add(scenario.refused_referrer.lower())
+            _say(scenario.name, f"starting the stack ({backend.name})")
+            await db.start()
+            await smtp.start()
+            await server.start()
+            client = await connect(server.address)
+            batch = Batch(client, db.engine, rules, intake, scenario.name, seed)
+            run = Run(
+                scenario.name, workdir, rules, db, smtp, server, children, worker_env, workers,
+                batch, closing,
+            )  # fmt: skip
+            await scenario.setup(run)
+            # The intake records each submission, and so enqueues its webhook messages, as
+            # the web app does: for the endpoints of the program the workers run with.
+            configure_webhooks(run.program, intake.webhook_retry)
+            _say(scenario.name, f"submitting {count} referrals")
+            await batch.submit(count, scenario.refused_referrer)
+            driving = asyncio.create_task(batch.drive(duplicates=scenario.duplicates))
+            injecting = asyncio.create_task(scenario.inject(run))
+            await _both(driving, injecting, scenario.name)
+            if scenario.duplicates:
+                run.cleared()  # the last duplicate delivered
+                stats = batch.stats
+                run.faults = (
+                    f"{stats.duplicates_sent} duplicates (update resent + signal, same "
+                    f"request id; {stats.moot} after close)"
+                )
+            _say(scenario.name, f"fault injected: {run.faults}; waiting for every referral")
+            await batch.wait_final(FINAL_TIMEOUT)
+            for worker in workers:
+                worker.check_alive()
+            for worker in workers:  # no late attempt can deliver anything after the count
+                await worker.stop()
+            await scenario.conclude(run)
+            findings = await asyncio.to_thread(
+                verify,
+                batch,
+                db.engine,
+                smtp,
+                rules,
+                frozenset(smtp.rejected_addresses),
             )
-        _say(scenario.name, f"fault injected: {run.faults}; waiting for every referral")
-        await batch.wait_final(FINAL_TIMEOUT)
-        for worker in workers:
-            worker.check_alive()
-        for worker in workers:  # no late attempt can deliver anything after the count
-            await worker.stop()
-        await scenario.conclude(run)
-        findings = await asyncio.to_thread(
-            verify,
-            batch,
-            db.engine,
-            smtp,
-            rules,
-            frozenset(smtp.rejected_addresses),
-        )
         outcome.faults = run.faults
-        outcome.lost, outcome.duplicated = findings.lost, findings.duplicated
-        outcome.problems = findings.problems + [f"NOTE {n}" for n in run.notes]
+        outcome.lost = findings.lost + run.findings.lost
+        outcome.duplicated = findings.duplicated + run.findings.duplicated
+        outcome.problems = (
+            findings.problems + run.findings.problems + [f"NOTE {n}" for n in run.notes]
+        )
         outcome.recovery_seconds = _recovery(run)
         outcome.staff_retries = batch.stats.retries
         outcome.updates_in_fault = run.updates_in_fault()
