@@ -92,7 +92,7 @@ run: setup  ## start the local stack: Temporal server + UI, worker, mail sink
 test: setup  ## the whole suite, against real Temporal servers
 	$(BIN)/pytest
 
-faults: setup  ## fault injection: referrals through worker kills, restarts, SMTP and DB outages
+faults: setup  ## fault injection: referrals through worker kills, restarts, outages, a rolling deploy
 	$(BIN)/python -m faults
 
 bench: setup  ## the referral lifecycle against a bare Temporal one: bench/results.json (QUICK=1: short)
