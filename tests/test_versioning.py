@@ -24,8 +24,9 @@ import pytest
 import pytest_asyncio
 import yaml
 from sqlalchemy.engine import Engine
-from temporalio.api.enums.v1 import EventType, RoutingConfigUpdateState
-from temporalio.api.workflowservice.v1 import DescribeWorkerDeploymentRequest
+from temporalio.api.enums.v1 import EventType, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import PatchActivationInput
@@ -109,9 +110,12 @@ async def started(client: Client, referral_id: str) -> list[str]:
     return await builds(client, referral_id)
 
 
-async def make_current(env: WorkflowEnvironment, settings: Settings) -> None:
+async def make_current(env: WorkflowEnvironment, settings: Settings, *queues: str) -> None:
     """The operator's step (docs/rollout.md), with the `temporal` CLI: possible once the
-    version's workers have polled, done once the task queue routes by it."""
+    version's workers have polled, done once the task queues (the settings' and `queues`)
+    route by it, as matching says. Not the deployment's own `routing_config_update_state`:
+    with dev server 1.32 it can stay IN_PROGRESS after the routing has changed (cf.
+    temporalio/temporal#11842)."""
     address = env.client.service_client.config.target_host
     command = [
         str(BIN / "temporal"), "worker", "deployment", "set-current-version",
@@ -121,21 +125,29 @@ async def make_current(env: WorkflowEnvironment, settings: Settings) -> None:
 
     async def made() -> bool:
         done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
-        assert done.returncode == 0 or "not found" in done.stderr, done.stderr
+        # Refused until its workers have polled: the version unknown, or some of the
+        # current version's task queues not polled by it yet.
+        waiting = ("not found", "missing active task queues")
+        assert done.returncode == 0 or any(w in done.stderr for w in waiting), done.stderr
         return done.returncode == 0
 
     async def routed() -> bool:
-        described = await env.client.workflow_service.describe_worker_deployment(
-            DescribeWorkerDeploymentRequest(
-                namespace=env.client.namespace, deployment_name=settings.deployment_name
-            )
-        )
-        info = described.worker_deployment_info
-        return (
-            info.routing_config.current_deployment_version.build_id == settings.build_id
-            and info.routing_config_update_state
-            == RoutingConfigUpdateState.ROUTING_CONFIG_UPDATE_STATE_COMPLETED
-        )
+        for name in (settings.task_queue, *queues):
+            for kind in (
+                TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            ):
+                described = await env.client.workflow_service.describe_task_queue(
+                    DescribeTaskQueueRequest(
+                        namespace=env.client.namespace,
+                        task_queue=TaskQueue(name=name),
+                        task_queue_type=kind,
+                    )
+                )
+                current = described.versioning_info.current_deployment_version
+                if current.build_id != settings.build_id:
+                    return False
+        return True
 
     await eventually(made)
     await eventually(routed)
@@ -312,7 +324,7 @@ async def test_a_webhook_delivery_ends_on_the_version_that_started_it(
     v2 = dataclasses.replace(v1, build_id="v2")
     try:
         async with build_worker(client, database, v1), build_webhook_worker(client, database, v1):
-            await make_current(server, v1)
+            await make_current(server, v1, f"{queue}-webhooks")
             referral_id = await start_referral(client, rules, queue)
 
             async def delivering() -> bool:
@@ -326,7 +338,7 @@ async def test_a_webhook_delivery_ends_on_the_version_that_started_it(
                 build_worker(client, database, v2),
                 build_webhook_worker(client, database, v2),
             ):
-                await make_current(server, v2)
+                await make_current(server, v2, f"{queue}-webhooks")
                 receiver.endpoints["/crm"].down = False
                 await client.get_workflow_handle(delivery).result()
                 await act_by_id(client, referral_id, Action.CONTACTED)
