@@ -17,7 +17,9 @@ from temporalio import workflow
 
 # One patch id per release from 0.7 on, newest first, each with the `Features` fields it added.
 # A behaviour change goes under the next release's id: add its field, and name it here.
-RELEASES: tuple[tuple[str, tuple[str, ...]], ...] = (("release-0.7", ()),)
+RELEASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("release-0.7", ("batched_refusals", "bounded_history")),
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class Features:
     # Emails carry what their templates read, not the whole referral; `act` answers with
     # where the referral stands (ActResult), not the whole referral.
     slim_payloads: bool
+    # Refused signals reach the system of record in batches: with the next applied change, by
+    # the hundred, or a minute after the first, not one database write each (0.7).
+    batched_refusals: bool
+    # Once its history grows long (Temporal suggests it), the run continues as new from its
+    # state at a quiet point, so a flood of signals cannot reach the history limit (0.7).
+    bounded_history: bool
 
     @classmethod
     def decide(cls) -> Features:

@@ -583,6 +583,11 @@ class ReferralInput(BaseModel):
     index_search_attributes: bool = True
     # A referral carried over to a new run (continue-as-new) resumes from this state.
     resume: ReferralState | None = None
+    # Set when a run continued as new because its history had grown long, at a quiet point:
+    # the system of record holds every event up to this seq, except the refused entries
+    # below, which the new run writes. None: the new run writes the whole referral (`upgrade`).
+    recorded_seq: int | None = None
+    unwritten_refusals: list[HistoryEntry] = []
 
 
 class ActResult(BaseModel):

@@ -10,6 +10,10 @@ change of behaviour is a `Features` flag decided by `workflow.patched` when a ru
 starts (docs/rollout.md). A referral started before a change keeps the behaviour
 it started with, replays exactly as it ran, and can be carried over to a new run
 with the `upgrade` signal.
+
+A referral's history must stay well under Temporal's limits however many signals an
+integration sends: refused ones are written in batches, and once the history grows
+long the run continues as new from its state at a quiet point (`bounded_history`).
 """
 
 from __future__ import annotations
@@ -71,6 +75,23 @@ with workflow.unsafe.imports_passed_through():
         initial_state,
     )
 
+# Refused signals (`batched_refusals`) are written with the next applied change, or by this many
+# at once (a small write), or once the first has waited this long, whichever comes first.
+REFUSALS_PER_WRITE = 100
+REFUSALS_WRITE_DELAY = timedelta(minutes=1)
+# While a long history waits for a quiet point, refusals are not written by the hundred (each
+# write would put off the quiet point): up to this many go to the new run instead, a payload
+# of a few hundred KiB.
+REFUSALS_CARRIED_MAX = 1_000
+# A run continues as new (`bounded_history`) when Temporal suggests it (by default at 4 096
+# events or 4 MiB), and in any case by the server's warning levels (`limit.historyCount.warn`,
+# `limit.historySize.warn`), or after half the signals a run may receive
+# (`history.maximumSignalsPerExecution`, 10 000): where the namespace suggests it later or
+# never, the run still has the rest of each limit to reach a quiet point.
+CONTINUE_AS_NEW_EVENTS = 10_240
+CONTINUE_AS_NEW_BYTES = 10 * 1024 * 1024
+CONTINUE_AS_NEW_SIGNALS = 5_000
+
 
 @workflow.defn
 class ReferralWorkflow:
@@ -85,10 +106,19 @@ class ReferralWorkflow:
         self._version = 0
         self._published: tuple[Any, ...] | None = None
         self._recorded_revision = -1
+        self._queued_revision = -1
         self._queued_seq = -1
+        # Refused entries no write has carried yet (`batched_refusals`); some may have left
+        # the history already (MAX_REFUSALS_KEPT).
+        self._unwritten_refusals: list[HistoryEntry] = []
+        self._signals = 0  # `action` signals this run has received
         self._write_trouble: str | None = None
         self._upgrade_requested = False
-        if input.resume is not None:
+        if input.resume is not None and input.recorded_seq is not None:
+            self._state = input.resume.model_copy(deep=True)  # recorded already: no write
+            self._queued_seq = input.recorded_seq
+            self._unwritten_refusals = list(input.unwritten_refusals)
+        elif input.resume is not None:
             self._state = input.resume.model_copy(deep=True)
             for position, entry in enumerate(self._state.history):
                 entry.seq = position if entry.seq is None else entry.seq
@@ -114,6 +144,8 @@ class ReferralWorkflow:
                 ]
             )
         pumps = [asyncio.create_task(self._pump(queue)) for queue in (self._mail, self._records)]
+        if self._features.batched_refusals:
+            pumps.append(asyncio.create_task(self._write_refusals_when_due()))
         while True:
             try:
                 await self._until_closed()
@@ -133,6 +165,16 @@ class ReferralWorkflow:
 
     async def _until_closed(self) -> None:
         while not self._state.is_terminal and not self._upgrade_requested:
+            if self._should_continue_as_new():  # checked and done in one go: nothing between
+                workflow.continue_as_new(
+                    self._input.model_copy(
+                        update={
+                            "resume": self._state,
+                            "recorded_seq": self._queued_seq,
+                            "unwritten_refusals": self._unwritten_refusals,
+                        }
+                    )
+                )
             self._publish()
             seen = self._version
             timer = self._next_timer()
@@ -161,7 +203,28 @@ class ReferralWorkflow:
                     raise
 
     def _changed_since(self, seen: int) -> Callable[[], bool]:
-        return lambda: self._version != seen
+        return lambda: self._version != seen or self._should_continue_as_new()
+
+    def _should_continue_as_new(self) -> bool:
+        """The history has grown long and the run is at a quiet point: no effect queued or
+        under way, no handler running, no transition half done (handlers and timers change the
+        state in one step). Every effect is then done, and the new run starts from the state
+        with nothing to redo; refused entries not yet written go along."""
+        if self._mail or self._records or not workflow.all_handlers_finished():
+            return False
+        return self._history_is_long()
+
+    def _history_is_long(self) -> bool:
+        """Temporal suggests a new run, or the run has reached our own limits."""
+        if not self._features.bounded_history:
+            return False
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= CONTINUE_AS_NEW_EVENTS
+            or info.get_current_history_size() >= CONTINUE_AS_NEW_BYTES
+            or self._signals >= CONTINUE_AS_NEW_SIGNALS
+        )
 
     async def _pump(self, queue: deque[Callable[[], Awaitable[Any]]]) -> None:
         """Perform one queue's side effects in order. Email and ledger have separate queues so
@@ -170,6 +233,19 @@ class ReferralWorkflow:
             await workflow.wait_condition(lambda: bool(queue))
             await queue[0]()
             queue.popleft()
+
+    async def _write_refusals_when_due(self) -> None:
+        """No refused entry waits longer than REFUSALS_WRITE_DELAY for its write (a new run
+        starts the wait again for those it carries)."""
+        while True:
+            await workflow.wait_condition(lambda: bool(self._unwritten_refusals))
+            try:
+                await workflow.wait_condition(
+                    lambda: not self._unwritten_refusals, timeout=REFUSALS_WRITE_DELAY
+                )
+            except TimeoutError:
+                if self._unwritten_refusals:
+                    self._record()
 
     # --- staff actions -----------------------------------------------------------------
 
@@ -182,7 +258,7 @@ class ReferralWorkflow:
                 raise ApplicationError(result.reason, non_retryable=True)
             self._commit(request, result)
         if self._features.system_of_record:  # staff read their own writes
-            revision = self._state.revision
+            revision = self._queued_revision  # not refusals since, which wait for their batch
             await workflow.wait_condition(lambda: self._recorded_revision >= revision)
         if self._features.slim_payloads:
             state = self._state
@@ -202,24 +278,27 @@ class ReferralWorkflow:
 
     @workflow.signal(name="action")
     def action(self, request: StaffAction) -> None:
+        self._signals += 1
         if self._is_repeat(request):
             return
         result = apply_action(self._state, request, self._rules, workflow.now())
         if isinstance(result, Refusal):
-            self._state.history.append(
-                HistoryEntry(
-                    at=workflow.now(),
-                    action=request.action.value,
-                    actor=request.actor,
-                    note=f"refused: {result.reason}",
-                    outcome="refused",
-                    seq=self._state.next_seq(),
-                    request_id=request.request_id,
-                )
+            refused = HistoryEntry(
+                at=workflow.now(),
+                action=request.action.value,
+                actor=request.actor,
+                note=f"refused: {result.reason}",
+                outcome="refused",
+                seq=self._state.next_seq(),
+                request_id=request.request_id,
             )
+            self._state.history.append(refused)
             if self._features.refusal_cap:
                 self._drop_old_refusals()
-            self._changed()
+            if self._features.batched_refusals:
+                self._hold_refusal(refused)
+            else:
+                self._changed()
             return
         self._commit(request, result)
 
@@ -263,6 +342,16 @@ class ReferralWorkflow:
         self._version += 1
         self._state.revision += 1
         self._record()
+
+    def _hold_refusal(self, refused: HistoryEntry) -> None:
+        """A refusal changes no stage and no timer: the run loop is not woken, and its entry
+        waits for a write that carries others (`_write_refusals_when_due`), except once the
+        referral is closed, when the run is about to end."""
+        self._state.revision += 1
+        self._unwritten_refusals.append(refused)
+        batch = REFUSALS_CARRIED_MAX if self._history_is_long() else REFUSALS_PER_WRITE
+        if self._state.is_terminal or len(self._unwritten_refusals) >= batch:
+            self._record()
 
     def _commit(self, request: StaffAction, new: ReferralState) -> None:
         previous = self._state
@@ -313,9 +402,14 @@ class ReferralWorkflow:
             for entry in state.history
             if entry.seq is not None and entry.seq > self._queued_seq
         ]
+        if self._unwritten_refusals:  # those the history no longer keeps go too, in order
+            kept = {entry.seq for entry in events}
+            dropped = [e.model_copy() for e in self._unwritten_refusals if e.seq not in kept]
+            events = sorted([*dropped, *events], key=lambda entry: entry.seq or 0)
+            self._unwritten_refusals = []
         self._queued_seq = max([self._queued_seq, *(entry.seq or 0 for entry in events)])
         record = ReferralRecord(state=state.model_copy(update={"history": []}), events=events)
-        revision = state.revision
+        revision = self._queued_revision = state.revision
 
         def recorded() -> None:
             self._recorded_revision = max(self._recorded_revision, revision)
