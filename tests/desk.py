@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import Client, WorkflowHandle
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -138,7 +139,10 @@ class Desk:
         self,
         start_signal: StaffAction | None = None,
         window: ContactWindow | None = None,
+        indexed: bool = False,
     ) -> tuple[WorkflowHandle[Any, ReferralState], ContactWindow]:
+        """`indexed`: the workflow sets its search attributes (not on the time-skipping
+        server, which has no custom ones)."""
         referral_id = f"R-{uuid.uuid4().hex[:10].upper()}"
         if window is None:
             received_at = await self.env.get_current_time()
@@ -148,7 +152,7 @@ class Desk:
             submission=parse_submission(EXAMPLE),
             rules=self.rules,
             contact_window=window,
-            index_search_attributes=False,
+            index_search_attributes=indexed,
         )
         extra: dict[str, Any] = {}
         if start_signal is not None:
@@ -290,3 +294,17 @@ async def final_state(
     next timer anywhere on it, years ahead at times, and a later sleep may then stall."""
     with env.auto_time_skipping_disabled():
         return await handle.result()
+
+
+async def run_histories(client: Client, handle: WorkflowHandle[Any, Any]) -> list[WorkflowHistory]:
+    """The history of each run of a started workflow, first to latest: a run that continued
+    as new names the next."""
+    histories = []
+    run_id = handle.result_run_id
+    while True:
+        run = client.get_workflow_handle(handle.id, run_id=run_id)
+        histories.append(await run.fetch_history())
+        last = histories[-1].events[-1]
+        if last.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+            return histories
+        run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
