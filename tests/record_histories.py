@@ -273,6 +273,23 @@ async def upgraded_from_0_1_0(desk: Desk) -> list[WorkflowHandle[Any, Any]]:
     return [run1, desk.client.get_workflow_handle(given.referral_id, run_id=described.run_id)]
 
 
+async def continued_as_new(desk: Desk) -> list[WorkflowHandle[Any, Any]]:
+    """Flooded with refused signals until its run continues as new at a quiet point (the
+    server suggests it early, see `record_continued`), carrying refusals not yet written;
+    then paid out on the new run, which stays open for clawback."""
+    handle = await desk.submit()
+    first = (await handle.describe()).run_id
+    while (await handle.describe()).run_id == first:
+        await desk.signal(handle, Action.PAYOUT)  # not payable yet: refused
+    await walk_to(desk, handle, Stage.COMMISSION_PAYABLE)
+    await desk.act(handle, Action.PAYOUT, reference="VIR-1")
+    described = await handle.describe()
+    return [
+        desk.client.get_workflow_handle(handle.id, run_id=run_id)
+        for run_id in (first, described.run_id)
+    ]
+
+
 async def extension(desk: Desk) -> WorkflowHandle[Any, Any]:
     """Still running when recorded: protected since `accept`, extended once (ProtectedUntil)."""
     handle = await desk.submit()
@@ -478,6 +495,32 @@ async def record_timed(
         await env.shutdown()
 
 
+async def record_continued(
+    engine: Engine, settings: Settings, rules: ProgramRules
+) -> dict[str, WorkflowHistory]:
+    """`continued_as_new`, on a dev server of its own that suggests a new run after 300
+    events (Temporal's default is 4 096), so that its histories stay small."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=data_converter(payload_codec(settings)),
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "limit.historyCount.suggestContinueAsNew=300",
+        ],
+    )
+    try:
+        async with build_worker(env.client, engine, settings, queue=QUEUE):
+            runs = await continued_as_new(Desk(env.client, engine, rules, settings))
+            await settle(runs[-1])
+            return {
+                f"continued_as_new_run{number}": await run.fetch_history()
+                for number, run in enumerate(runs, start=1)
+            }
+    finally:
+        await env.shutdown()
+
+
 async def record(target: Path) -> None:
     rules = load_program(ROOT / "program.yaml")
     work = Path(tempfile.mkdtemp(prefix="referral-histories-"))
@@ -515,6 +558,7 @@ async def record(target: Path) -> None:
             histories = {name: await handle.fetch_history() for name, handle in runs.items()}
         for timed in TIMED_PATHS:
             histories[timed.__name__] = await record_timed(timed, engine, settings, rules)
+        histories.update(await record_continued(engine, settings, rules))
         target.mkdir(parents=True)
         for name, history in histories.items():
             (target / f"{name}.json").write_text(history.to_json(), encoding="utf-8")
