@@ -58,7 +58,7 @@ from tests.conftest import (
     free_port,
 )
 from tests.factories import referral_input, submission
-from worker import build_worker
+from worker import build_webhook_worker, build_worker
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
 from workflows.referral import ReferralWorkflow
 
@@ -545,7 +545,8 @@ async def record(target: Path) -> None:
     )
     try:
         worker = build_worker(env.client, engine, settings, queue=QUEUE)
-        async with worker:
+        webhook_worker = build_webhook_worker(env.client, engine, settings, queue=QUEUE)
+        async with worker, webhook_worker:
             desk = Desk(env.client, engine, rules, settings)
             recorded = await asyncio.gather(*(path(desk) for path in PATHS))
             runs = {
