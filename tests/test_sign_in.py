@@ -199,14 +199,19 @@ def test_links_survive_a_rotation_of_the_secret(web: Site) -> None:
     assert redeem(web, STAFF, link_token(rotated, STAFF, STAFF_EMAIL)) is LinkRefused.INVALID
 
 
+async def sign_in_as_staff(client: httpx.AsyncClient, sink: MailSink) -> httpx.Response:
+    """Ask for a staff link and use it: the answer that sets the session."""
+    before = len(links(sink, STAFF_EMAIL))
+    await ask(client, "/staff", STAFF_EMAIL)
+    link = (await settle(sink, STAFF_EMAIL, before + 1))[-1]
+    return await use_sign_in_link(client, link)
+
+
 async def test_sessions_are_per_audience_and_sign_out_ends_them(
     web: Site, mail_sink: MailSink
 ) -> None:
     async with client_for(app_for(web)) as client:
-        before = len(links(mail_sink, STAFF_EMAIL))
-        await ask(client, "/staff", STAFF_EMAIL)
-        link = (await settle(mail_sink, STAFF_EMAIL, before + 1))[-1]
-        opened = await use_sign_in_link(client, link)
+        opened = await sign_in_as_staff(client, mail_sink)
         session = opened.cookies[STAFF.cookie]
         as_staff = _request(STAFF.home, {STAFF.cookie: session})
         assert await signed_in(as_staff, web, STAFF) == STAFF_EMAIL
@@ -229,10 +234,7 @@ async def test_an_address_removed_from_the_staff_list_loses_its_session(
     web: Site, mail_sink: MailSink
 ) -> None:
     async with client_for(app_for(web)) as client:
-        before = len(links(mail_sink, STAFF_EMAIL))
-        await ask(client, "/staff", STAFF_EMAIL)
-        link = (await settle(mail_sink, STAFF_EMAIL, before + 1))[-1]
-        opened = await use_sign_in_link(client, link)
+        opened = await sign_in_as_staff(client, mail_sink)
     as_staff = _request(STAFF.home, {STAFF.cookie: opened.cookies[STAFF.cookie]})
     assert await signed_in(as_staff, web, STAFF) == STAFF_EMAIL
     others = web.rules.model_copy(update={"staff": StaffRules(emails=["someone@else.example"])})
