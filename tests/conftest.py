@@ -119,6 +119,12 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     await env.shutdown()
 
 
+# A deleted workflow is gone once the transfer queue's acknowledged level passes the deletion,
+# which the server moves every 30 s by default: a test waiting for a deletion (erasure) waited
+# that long, and past its limit when the suite loaded the server.
+PROMPT_DELETION = ["--dynamic-config-value", 'history.transferProcessorUpdateAckInterval="1s"']
+
+
 @pytest_asyncio.fixture(scope="session")
 async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     """The real dev server, with the contract's search attributes registered."""
@@ -126,6 +132,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=converter(),
+        dev_server_extra_args=PROMPT_DELETION,
     )
     yield env
     await env.shutdown()
