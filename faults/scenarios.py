@@ -376,8 +376,8 @@ async def duplicate_deliveries(run: Run) -> None:
 
 async def start_old_version(run: Run) -> None:
     """v1 as a first versioned install: its workers poll, then the operator makes it current
-    (a version takes no task before). v1 is this checkout's worker with the newest release's
-    patch refused (faults.previous_release): its runs record the release before's markers."""
+    (a version takes no task before). v1 is this checkout's worker as the release before was
+    (faults.previous_release): its runs record the release before's markers."""
     for number in range(1, len(REPLACED_AT) + 1):
         await run.start_worker(
             f"{OLD_VERSION}-{number}", "faults.previous_release", REFERRALS_BUILD_ID=OLD_VERSION
@@ -439,7 +439,7 @@ async def versions_seen(run: Run) -> None:
     if moved == 0:
         raise StackError(f"no referral started on {OLD_VERSION} code and finished on {NEW_VERSION}")
     run.faults = (
-        f"{OLD_VERSION} ({NEWEST_RELEASE} refused) -> {NEW_VERSION}, {len(REPLACED_AT)} workers "
+        f"{OLD_VERSION} (before {NEWEST_RELEASE}) -> {NEW_VERSION}, {len(REPLACED_AT)} workers "
         f"1 by 1, current mid-way: {moved}/{len(run.batch.referrals)} runs moved"
     )
 

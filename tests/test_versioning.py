@@ -19,22 +19,26 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import yaml
 from sqlalchemy.engine import Engine
-from temporalio.api.enums.v1 import EventType, TaskQueueType
+from temporalio.api.enums.v1 import EventType, TaskQueueType, WorkflowTaskFailedCause
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import PatchActivationInput
 
 from activities.db import make_engine
+from activities.records import load_referral
 from activities.schema import upgrade
 from activities.webhooks import configure as configure_webhooks
 from core.settings import Settings, WebhookRetry
+from faults import previous_release
 from tests.conftest import (
     BIN,
     REFERRALS,
@@ -56,7 +60,7 @@ from tests.test_webhooks import (  # noqa: F401 - receiver: a fixture
 )
 from worker import build_webhook_worker, build_worker
 from workflows.features import RELEASES, patch_markers
-from workflows.models import Action, ProgramRules
+from workflows.models import Action, ActResult, ProgramRules, StaffAction, Stage
 from workflows.referral import ReferralWorkflow
 
 RELEASE = RELEASES[0][0]  # the newest
@@ -347,3 +351,68 @@ async def test_a_webhook_delivery_ends_on_the_version_that_started_it(
         assert len(await builds(client, delivery)) >= 2  # one task after v2 became current
     finally:
         configure_webhooks(Path("program.yaml"), WebhookRetry())
+
+
+async def test_a_rollback_past_a_patch_holds_the_newer_runs_until_rolled_forward(
+    server: WorkflowEnvironment, database: Engine, mail_sink: MailSink, rules: ProgramRules
+) -> None:
+    """The rule of docs/rollout.md, shown: v1 is the release before the newest (its code knows
+    no `release-0.7`), v2 the newest. Once v1 is made current again, a referral started on v1
+    goes on there, while one started on v2 cannot replay on v1: its action is not applied and
+    nothing is recorded, until v2 is current again and the same request applies, once."""
+    client = server.client
+    queue = f"rollback-{uuid.uuid4().hex[:8]}"
+    v1 = settings_with(mail_sink, task_queue=queue, deployment_name=queue, build_id="v1")
+    v2 = dataclasses.replace(v1, build_id="v2")
+    async with previous_release.build_worker(client, database, v1):
+        await make_current(server, v1)
+        older = await start_referral(client, rules, queue)
+        async with build_worker(client, database, v2):
+            await make_current(server, v2)
+            newer = await start_referral(client, rules, queue)
+            for referral_id in (older, newer):
+                await act_by_id(client, referral_id, Action.CONTACTED)
+            assert (await builds(client, older))[-1] == (await builds(client, newer))[-1] == "v2"
+
+            await make_current(server, v1)  # the rollback attempt
+            await act_by_id(client, older, Action.ACCEPT)
+            assert (await builds(client, older))[-1] == "v1"
+            accept = StaffAction(action=Action.ACCEPT, actor="alice", request_id="accept-1")
+            handle = client.get_workflow_handle(newer)
+            with pytest.raises(WorkflowUpdateRPCTimeoutOrCancelledError):
+                await asyncio.wait_for(apply(handle, accept), 10)
+            history = await handle.fetch_history()
+            [failure] = [
+                event.workflow_task_failed_event_attributes
+                for event in history.events
+                if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
+            ]
+            assert (
+                failure.cause
+                == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR
+            )
+            assert f"patch marker encountered for change {RELEASE}" in failure.failure.message
+            held = load_referral(database, newer)
+            assert held is not None and held.stage == Stage.CONTACTED
+
+            await make_current(server, v2)  # rolled forward
+
+            async def applied() -> bool:
+                try:
+                    await apply(handle, accept)
+                except RPCError as error:  # until the failed task is retried, on v2
+                    assert "Workflow Task in failed state" in error.message, error
+                    return False
+                return True
+
+            await eventually(applied, 60)
+            await apply(handle, accept)  # the same request again: applied once
+            await act_by_id(client, newer, Action.APPROVE)
+            assert (await builds(client, newer))[-1] == "v2"
+    state = load_referral(database, newer)
+    assert state is not None and state.stage == Stage.APPROVED
+    assert [entry.action for entry in state.history].count(Action.ACCEPT.value) == 1
+
+
+async def apply(handle: WorkflowHandle[Any, Any], request: StaffAction) -> ActResult:
+    return await handle.execute_update("act", request, id=request.request_id, result_type=ActResult)

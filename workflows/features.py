@@ -17,9 +17,8 @@ from temporalio import workflow
 
 # One patch id per release from 0.7 on, newest first, each with the `Features` fields it added.
 # A behaviour change goes under the next release's id: add its field, and name it here.
-RELEASES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("release-0.7", ("batched_refusals", "bounded_history")),
-)
+Releases = tuple[tuple[str, tuple[str, ...]], ...]
+RELEASES: Releases = (("release-0.7", ("batched_refusals", "bounded_history")),)
 
 
 @dataclass(frozen=True)
@@ -61,14 +60,15 @@ class Features:
     bounded_history: bool
 
     @classmethod
-    def decide(cls) -> Features:
+    def decide(cls, releases: Releases = RELEASES) -> Features:
         """The newest release whose marker the run has (a new run records the newest); a run
         started before a release replays without its marker, so `patched` answers False and
         records nothing. A run started before 0.7 asks for each behaviour's own id, in the
-        order it did then."""
+        order it did then. `releases`: those the code knows (an older release's code knew
+        fewer, which a test of a rollback needs)."""
         names = [f.name for f in fields(cls)]
         newer: set[str] = set()  # what the releases after the run's own added
-        for release, added in RELEASES:
+        for release, added in releases:
             if workflow.patched(release):
                 return cls(**{name: name not in newer for name in names})
             newer.update(added)

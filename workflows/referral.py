@@ -22,14 +22,14 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.features import Features
+    from workflows.features import RELEASES, Features, Releases
     from workflows.models import (
         Action,
         ActResult,
@@ -95,9 +95,12 @@ CONTINUE_AS_NEW_SIGNALS = 5_000
 
 @workflow.defn
 class ReferralWorkflow:
+    # The releases whose patch ids this code knows (workflows/features.py).
+    releases: ClassVar[Releases] = RELEASES
+
     @workflow.init
     def __init__(self, input: ReferralInput) -> None:
-        self._features = Features.decide()
+        self._features = Features.decide(self.releases)
         self._input = input
         self._rules: ProgramRules = input.rules
         self._indexed = input.index_search_attributes
