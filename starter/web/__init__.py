@@ -1,6 +1,7 @@
-"""The web app, one module per audience: the intake form and status pages (`intake`), the
-referrer portal (`portal`), the program dashboard (`staff`); `security` and `signin` are
-shared by all of them, `site` holds what every page needs.
+"""The web app, one router per audience: the intake form and status pages (`intake`), the
+referrer portal (`portal`), the program dashboard (`staff`), sign-in for the last two
+(`signin`); `probes` for the orchestrator and `devmail` for the dev stack. `security` is
+shared by all of them, `site` holds what every page needs and `deps` hands it to routes.
 
 Runs in its own process (`referrals web`); it starts workflows through Temporal and reads
 referrals from the system of record, and never imports the worker.
@@ -8,8 +9,7 @@ referrals from the system of record, and never imports the worker.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.client import Client
 
 from activities.schema import open_database
-from core.health import database_answers, temporal_answers
 from core.links import Keys
 from core.logs import configure_logging
 from core.program import load_program
 from core.settings import Need, Settings, SmtpSettings, loopback
-from starter.web.devmail import add_dev_mail_routes
+from starter.web import devmail, probes
 from starter.web.intake import add_intake_routes
 from starter.web.metrics import RequestMetrics, WebMetrics
 from starter.web.portal import add_portal_routes
@@ -131,54 +130,12 @@ def create_app(
     add_intake_routes(app, site)
     add_portal_routes(app, site)
     add_staff_routes(app, site, clock=clock)
-
-    async def checked(*checks: str) -> JSONResponse:
-        """Each of `checks` (temporal, database): "ok" or why not; 503 unless all are ok."""
-        results = dict(
-            zip(
-                checks,
-                await asyncio.gather(*(PROBES[name](site) for name in checks)),
-                strict=True,
-            )
-        )
-        healthy = all(v == "ok" for v in results.values())
-        return JSONResponse(
-            {"status": "ok" if healthy else "unavailable", **results},
-            status_code=200 if healthy else 503,
-        )
-
-    @app.get("/livez", summary="Liveness: the process answers (restart it if not)")
-    async def livez() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/readyz", summary="Readiness: the database and Temporal answer (send traffic)")
-    async def readyz() -> JSONResponse:
-        return await checked("database", "temporal")
-
-    @app.get("/healthz", summary="Health: Temporal and the database")
-    async def healthz() -> JSONResponse:
-        return await checked("temporal", "database")
-
+    app.include_router(probes.router)
     if maildir is not None:
-        add_dev_mail_routes(app, site.templates, maildir)
+        app.include_router(devmail.router)
 
     _document_submission(app)
     return app
-
-
-async def _temporal(site: Site) -> str:
-    try:
-        client = await site.temporal()
-    except Exception as error:  # noqa: BLE001 - cannot even connect
-        return f"unavailable: {type(error).__name__}"
-    return await temporal_answers(client)
-
-
-async def _database(site: Site) -> str:
-    return await database_answers(site.engine)
-
-
-PROBES: dict[str, Callable[[Site], Awaitable[str]]] = {"temporal": _temporal, "database": _database}
 
 
 def _document_submission(app: FastAPI) -> None:

@@ -12,10 +12,12 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
-from fastapi.templating import Jinja2Templates
+
+from starter.web.deps import SiteDep
 
 
 def _read_mail(maildir: Path) -> list[tuple[str, EmailMessage]]:
@@ -47,30 +49,41 @@ def without_sign_in_links(text: str, key: str) -> str:
     return SIGN_IN_LINK.sub(f"[sign-in link: open it from the message file new/{key}]", text)
 
 
-def add_dev_mail_routes(app: FastAPI, templates: Jinja2Templates, maildir: Path) -> None:
-    @app.get("/dev/mail", response_class=HTMLResponse, include_in_schema=False)
-    async def mail_list(request: Request) -> HTMLResponse:
-        messages = _read_mail(maildir) if (maildir / "new").exists() else []
-        return templates.TemplateResponse(
-            request, "dev_mail.html", {"lang": "en", "messages": messages, "message": None}
-        )
+router = APIRouter(include_in_schema=False)
 
-    @app.get("/dev/mail/{key}", response_class=HTMLResponse, include_in_schema=False)
-    async def mail_message(request: Request, key: str) -> HTMLResponse:
-        found = dict(_read_mail(maildir)) if (maildir / "new").exists() else {}
-        message = found.get(key)
-        if message is None:
-            return HTMLResponse("no such message", status_code=404)
-        text_part = message.get_body(("plain",))
-        html_part = message.get_body(("html",))
-        return templates.TemplateResponse(
-            request,
-            "dev_mail.html",
-            {
-                "lang": "en",
-                "messages": None,
-                "message": message,
-                "text": without_sign_in_links(text_part.get_content() if text_part else "", key),
-                "html": without_sign_in_links(html_part.get_content() if html_part else "", key),
-            },
-        )
+
+def sink_maildir(site: SiteDep) -> Path:
+    assert site.maildir is not None, "the dev mail routes are included with a maildir only"
+    return site.maildir
+
+
+Maildir = Annotated[Path, Depends(sink_maildir)]
+
+
+@router.get("/dev/mail", response_class=HTMLResponse)
+async def mail_list(request: Request, site: SiteDep, maildir: Maildir) -> HTMLResponse:
+    messages = _read_mail(maildir) if (maildir / "new").exists() else []
+    return site.templates.TemplateResponse(
+        request, "dev_mail.html", {"lang": "en", "messages": messages, "message": None}
+    )
+
+
+@router.get("/dev/mail/{key}", response_class=HTMLResponse)
+async def mail_message(request: Request, site: SiteDep, maildir: Maildir, key: str) -> HTMLResponse:
+    found = dict(_read_mail(maildir)) if (maildir / "new").exists() else {}
+    message = found.get(key)
+    if message is None:
+        return HTMLResponse("no such message", status_code=404)
+    text_part = message.get_body(("plain",))
+    html_part = message.get_body(("html",))
+    return site.templates.TemplateResponse(
+        request,
+        "dev_mail.html",
+        {
+            "lang": "en",
+            "messages": None,
+            "message": message,
+            "text": without_sign_in_links(text_part.get_content() if text_part else "", key),
+            "html": without_sign_in_links(html_part.get_content() if html_part else "", key),
+        },
+    )

@@ -7,16 +7,16 @@ import asyncio
 import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from temporalio.service import RPCError
 
 from activities.i18n import N_, countries, format_date, translations
 from activities.records import load_referral
-from core.links import csrf_valid, referral_from_token, status_token
+from core.links import referral_from_token, status_token
 from starter.consent import consent_statement
 from starter.intake import (
     DuplicateReferral,
@@ -24,6 +24,14 @@ from starter.intake import (
     SubmissionRefused,
     parse_submission,
     submit_referral,
+)
+from starter.web.deps import (
+    FormLanguage,
+    Language,
+    PostedForm,
+    SiteDep,
+    csrf_checked,
+    install,
 )
 from starter.web.security import ApiError, ApiRefusal, RateLimiter
 from starter.web.site import Site, pick_language
@@ -190,241 +198,271 @@ class TooManyForAddress(Exception):
 
 
 def add_intake_routes(app: FastAPI, site: Site) -> None:
-    def render_form(
-        request: Request,
-        lang: str,
-        values: dict[str, str] | None = None,
-        errors: dict[str, str] | None = None,
-        problem: str | None = None,
-        status: int = 200,
-    ) -> HTMLResponse:
-        return site.render_with_csrf(
-            request,
-            CSRF_COOKIE,
-            "form.html",
-            lang,
-            status,
-            values=values or {"referrer.language": lang},
-            errors=errors or {},
-            problem=problem,
-            products=[
-                (p, site.rules.commission_for(p.id).rate)
-                for p in site.rules.products
-                if p.multi_tenant_cloud
-            ],
-            countries=countries(lang),
-            currencies=CURRENCIES,
-            consent_statement=consent_statement(lang)[1],
-            honeypot=HONEYPOT,
-        )
-
+    install(app.state, site)
     # With the per-connection limit, or not at all (REFERRALS_RATE_LIMIT=off: a load test).
-    receipts = RateLimiter(*RECEIPTS_PER_ADDRESS) if site.limiter is not None else None
+    app.state.receipts = RateLimiter(*RECEIPTS_PER_ADDRESS) if site.limiter is not None else None
+    app.include_router(router)
 
-    async def start(submission: Submission, consent_language: str | None = None) -> str:
-        """`consent_language`: the language the consent statement was shown in (the form's
-        page); the API's callers accept it in the referrer's language. Raises
-        TooManyForAddress past RECEIPTS_PER_ADDRESS."""
-        wait = receipts.hit(str(submission.referrer.email).lower()) if receipts else None
-        if wait is not None:
-            raise TooManyForAddress(max(1, math.ceil(wait)))
-        return await submit_referral(
-            await site.temporal(),
-            site.engine,
-            site.rules,
-            submission,
-            site.settings,
-            submitted_by=f"web:{submission.referrer.email}",
-            consent_language=consent_language,
-        )
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def form_page(request: Request) -> HTMLResponse:
-        return render_form(request, pick_language(request))
+def receipts_limit(request: Request) -> RateLimiter | None:
+    """Acknowledgements per referrer address (RECEIPTS_PER_ADDRESS), one limiter per app."""
+    limiter: RateLimiter | None = request.app.state.receipts
+    return limiter
 
-    @app.post("/referrals", response_class=HTMLResponse, include_in_schema=False)
-    async def form_post(request: Request) -> Response:
-        """The form post. A filled honeypot (a field hidden from people, see form.html) gets
-        the form back with a generic "could not be sent" and no reason, and nothing starts: a
-        bot learns nothing it could adapt to, and a person whose browser filled the hidden
-        field by mistake still has everything typed and can send it again (the honeypot comes
-        back empty)."""
-        raw = await request.form()
-        form = {k: v for k, v in raw.items() if isinstance(v, str)}
-        lang = pick_language(request, form)
-        _ = translations(lang).gettext
-        values = {k: v for k, v in form.items() if k not in ("csrf", "lang", HONEYPOT)}
-        retry = site.over_limit(request)
-        if retry is not None:
-            problem = _(
-                "Too many referrals were sent from your connection in a short time. What you "
-                "typed is kept; please wait a moment, then send it again."
-            )
-            response = render_form(request, lang, values, problem=problem, status=429)
-            response.headers.update(retry)
-            return response
-        if not csrf_valid(form.get("csrf"), request.cookies.get(CSRF_COOKIE), site.key):
-            problem = _(
-                "The form expired or could not be verified. What you typed is kept; please send "
-                "it again."
-            )
-            return render_form(request, lang, values, problem=problem, status=403)
-        if form.get(HONEYPOT, "").strip():
-            problem = _(
-                "Your referral could not be sent. What you typed is kept; please check it and "
-                "send it again."
-            )
-            return render_form(request, lang, values, problem=problem, status=400)
-        fix = _("Please correct the fields marked below; what you typed is kept.")
-        try:
-            submission = parse_submission(form_to_submission(form), site.rules)
-            referral_id = await start(submission, consent_language=lang)
-        except SubmissionRefused as refused:
-            errors = localized_errors(refused.errors, lang)
-            return render_form(request, lang, values, errors, fix, 422)
-        except DuplicateReferral as duplicate:
-            errors = {"prospect.website": duplicate_message(duplicate, lang)}
-            return render_form(request, lang, values, errors, fix, 409)
-        except TooManyForAddress as limited:
-            problem = _(
-                "Too many referrals were sent for this email address in a short time. What "
-                "you typed is kept; please send it again later."
-            )
-            response = render_form(request, lang, values, problem=problem, status=429)
-            response.headers["Retry-After"] = str(limited.retry_after)
-            return response
-        except (RuntimeError, RPCError, OSError):
-            problem = _(
-                "The service is briefly unavailable. What you typed is kept; please try again "
-                "shortly."
-            )
-            return render_form(request, lang, values, problem=problem, status=503)
-        token = status_token(referral_id, site.key)
-        return RedirectResponse(f"/confirmation/{token}?lang={lang}", status_code=303)
 
-    async def referral_for(token: str) -> ReferralState | None:
-        referral_id = referral_from_token(token, site.key)
-        if referral_id is None:
-            return None
-        return await asyncio.to_thread(load_referral, site.engine, referral_id)
+Receipts = Annotated[RateLimiter | None, Depends(receipts_limit)]
+FormCsrf = Annotated[bool, Depends(csrf_checked(CSRF_COOKIE))]
+router = APIRouter()
 
-    async def referral_page(
-        request: Request,
-        token: str,
-        template: str,
-        extra: Callable[[ReferralState, str], dict[str, Any]],
-    ) -> Response:
-        """A page about one referral, in the referrer's language unless `?lang=` says else."""
-        state = await referral_for(token)
-        if state is None:
-            return site.render(request, "not_found.html", pick_language(request), 404)
-        lang = pick_language(request) if "lang" in request.query_params else state.referrer.language
-        response = site.render(request, template, lang, state=state, **extra(state, lang))
-        # One referral's details, behind a secret link: never kept by a shared cache.
-        response.headers["Cache-Control"] = "no-store"
-        return response
 
-    @app.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
-    async def confirmation(request: Request, token: str) -> Response:
-        link = f"{site.settings.public_url}/status/{token}"
-        return await referral_page(
-            request, token, "confirmation.html", lambda state, lang: {"status_link": link}
-        )
-
-    @app.get("/status/{token}", response_class=HTMLResponse, include_in_schema=False)
-    async def status_page(request: Request, token: str) -> Response:
-        return await referral_page(request, token, "status.html", status_words)
-
-    @app.post(
-        "/api/referrals",
-        status_code=201,
-        response_model=ReferralCreated,
-        responses={
-            409: {"model": ApiRefusal, "description": "the prospect already has an open referral"},
-            413: {"model": ApiRefusal, "description": "request body over 64 KiB"},
-            415: {"model": ApiRefusal, "description": "the body is not application/json"},
-            422: {"model": ApiRefusal, "description": "invalid or ineligible submission"},
-            429: {
-                "model": ApiRefusal,
-                "description": "too many submissions from this address; see Retry-After",
-                "headers": {
-                    "Retry-After": {
-                        "description": "seconds to wait before submitting again",
-                        "schema": {"type": "integer"},
-                    }
-                },
-            },
-            503: {"model": ApiRefusal, "description": "Temporal unreachable; try again shortly"},
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}
-                },
-            }
-        },
-        summary="Submit a referral",
+def render_form(
+    site: Site,
+    request: Request,
+    lang: str,
+    values: dict[str, str] | None = None,
+    errors: dict[str, str] | None = None,
+    problem: str | None = None,
+    status: int = 200,
+) -> HTMLResponse:
+    return site.render_with_csrf(
+        request,
+        CSRF_COOKIE,
+        "form.html",
+        lang,
+        status,
+        values=values or {"referrer.language": lang},
+        errors=errors or {},
+        problem=problem,
+        products=[
+            (p, site.rules.commission_for(p.id).rate)
+            for p in site.rules.products
+            if p.multi_tenant_cloud
+        ],
+        countries=countries(lang),
+        currencies=CURRENCIES,
+        consent_statement=consent_statement(lang)[1],
+        honeypot=HONEYPOT,
     )
-    async def api_submit(request: Request) -> Any:
-        """Body: the submission of DESIGN.md section 4 (the `Submission` schema)."""
 
-        def refused(status: int, detail: str, errors: list[FieldError]) -> JSONResponse:
-            body = ApiRefusal(
-                detail=detail,
-                errors=[ApiError(field=e.field, code=e.code, message=e.message) for e in errors],
-            )
-            return JSONResponse(body.model_dump(), status_code=status)
 
-        retry = site.over_limit(request)
-        if retry is not None:
-            wait = f"try again in {retry['Retry-After']} seconds"
-            limited = refused(
-                429,
-                f"too many submissions from this address; {wait}",
-                [FieldError("body", f"rate limit reached; {wait}", "rate_limited")],
-            )
-            limited.headers.update(retry)
-            return limited
-        # A browser posts text/plain across sites without asking (no CORS preflight): only
-        # a JSON body, which a foreign page cannot send unasked, starts a referral.
-        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media_type != "application/json":
-            return refused(
-                415,
-                "the body must be sent as application/json",
-                [FieldError("body", "Content-Type must be application/json", "media_type")],
-            )
-        not_an_object = FieldError("body", "the body must be a JSON object", "invalid_json")
-        try:
-            data = await request.json()
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
-            data = None
-        if not isinstance(data, dict):
-            return refused(422, "the body must be a JSON object", [not_an_object])
-        try:
-            referral_id = await start(parse_submission(data, site.rules))
-        except SubmissionRefused as error:
-            return refused(422, "invalid submission", error.errors)
-        except TooManyForAddress as limited:
-            wait = f"try again in {limited.retry_after} seconds"
-            too_many = refused(
-                429,
-                f"too many submissions for this referrer address; {wait}",
-                [FieldError("referrer.email", f"rate limit reached; {wait}", "rate_limited")],
-            )
-            too_many.headers["Retry-After"] = str(limited.retry_after)
-            return too_many
-        except DuplicateReferral as duplicate:
-            message = duplicate_message(duplicate, "en")
-            return refused(
-                409,
-                f"prospect {duplicate.domain} already has an open referral",
-                [FieldError("prospect.website", message, "duplicate")],
-            )
-        except (RuntimeError, RPCError, OSError):
-            return refused(503, "the referral service is unavailable; try again shortly", [])
-        token = status_token(referral_id, site.key)
-        return ReferralCreated(
-            referral_id=referral_id, status_url=f"{site.settings.public_url}/status/{token}"
+async def start(
+    site: Site,
+    receipts: RateLimiter | None,
+    submission: Submission,
+    consent_language: str | None = None,
+) -> str:
+    """`consent_language`: the language the consent statement was shown in (the form's
+    page); the API's callers accept it in the referrer's language. Raises
+    TooManyForAddress past RECEIPTS_PER_ADDRESS."""
+    wait = receipts.hit(str(submission.referrer.email).lower()) if receipts else None
+    if wait is not None:
+        raise TooManyForAddress(max(1, math.ceil(wait)))
+    return await submit_referral(
+        await site.temporal(),
+        site.engine,
+        site.rules,
+        submission,
+        site.settings,
+        submitted_by=f"web:{submission.referrer.email}",
+        consent_language=consent_language,
+    )
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def form_page(request: Request, site: SiteDep, lang: Language) -> HTMLResponse:
+    return render_form(site, request, lang)
+
+
+@router.post("/referrals", response_class=HTMLResponse, include_in_schema=False)
+async def form_post(
+    request: Request,
+    site: SiteDep,
+    form: PostedForm,
+    lang: FormLanguage,
+    csrf_ok: FormCsrf,
+    receipts: Receipts,
+) -> Response:
+    """The form post. A filled honeypot (a field hidden from people, see form.html) gets
+    the form back with a generic "could not be sent" and no reason, and nothing starts: a
+    bot learns nothing it could adapt to, and a person whose browser filled the hidden
+    field by mistake still has everything typed and can send it again (the honeypot comes
+    back empty)."""
+    _ = translations(lang).gettext
+    values = {k: v for k, v in form.items() if k not in ("csrf", "lang", HONEYPOT)}
+    retry = site.over_limit(request)
+    if retry is not None:
+        problem = _(
+            "Too many referrals were sent from your connection in a short time. What you "
+            "typed is kept; please wait a moment, then send it again."
         )
+        response = render_form(site, request, lang, values, problem=problem, status=429)
+        response.headers.update(retry)
+        return response
+    if not csrf_ok:
+        problem = _(
+            "The form expired or could not be verified. What you typed is kept; please send "
+            "it again."
+        )
+        return render_form(site, request, lang, values, problem=problem, status=403)
+    if form.get(HONEYPOT, "").strip():
+        problem = _(
+            "Your referral could not be sent. What you typed is kept; please check it and "
+            "send it again."
+        )
+        return render_form(site, request, lang, values, problem=problem, status=400)
+    fix = _("Please correct the fields marked below; what you typed is kept.")
+    try:
+        submission = parse_submission(form_to_submission(form), site.rules)
+        referral_id = await start(site, receipts, submission, consent_language=lang)
+    except SubmissionRefused as refused:
+        errors = localized_errors(refused.errors, lang)
+        return render_form(site, request, lang, values, errors, fix, 422)
+    except DuplicateReferral as duplicate:
+        errors = {"prospect.website": duplicate_message(duplicate, lang)}
+        return render_form(site, request, lang, values, errors, fix, 409)
+    except TooManyForAddress as limited:
+        problem = _(
+            "Too many referrals were sent for this email address in a short time. What "
+            "you typed is kept; please send it again later."
+        )
+        response = render_form(site, request, lang, values, problem=problem, status=429)
+        response.headers["Retry-After"] = str(limited.retry_after)
+        return response
+    except (RuntimeError, RPCError, OSError):
+        problem = _(
+            "The service is briefly unavailable. What you typed is kept; please try again shortly."
+        )
+        return render_form(site, request, lang, values, problem=problem, status=503)
+    token = status_token(referral_id, site.key)
+    return RedirectResponse(f"/confirmation/{token}?lang={lang}", status_code=303)
+
+
+async def referral_page(
+    site: Site,
+    request: Request,
+    token: str,
+    template: str,
+    extra: Callable[[ReferralState, str], dict[str, Any]],
+) -> Response:
+    """A page about one referral, in the referrer's language unless `?lang=` says else."""
+    referral_id = referral_from_token(token, site.key)
+    state = (
+        None
+        if referral_id is None
+        else await asyncio.to_thread(load_referral, site.engine, referral_id)
+    )
+    if state is None:
+        return site.render(request, "not_found.html", pick_language(request), 404)
+    lang = pick_language(request) if "lang" in request.query_params else state.referrer.language
+    response = site.render(request, template, lang, state=state, **extra(state, lang))
+    # One referral's details, behind a secret link: never kept by a shared cache.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
+async def confirmation(request: Request, site: SiteDep, token: str) -> Response:
+    link = f"{site.settings.public_url}/status/{token}"
+    return await referral_page(
+        site, request, token, "confirmation.html", lambda state, lang: {"status_link": link}
+    )
+
+
+@router.get("/status/{token}", response_class=HTMLResponse, include_in_schema=False)
+async def status_page(request: Request, site: SiteDep, token: str) -> Response:
+    return await referral_page(site, request, token, "status.html", status_words)
+
+
+@router.post(
+    "/api/referrals",
+    status_code=201,
+    response_model=ReferralCreated,
+    responses={
+        409: {"model": ApiRefusal, "description": "the prospect already has an open referral"},
+        413: {"model": ApiRefusal, "description": "request body over 64 KiB"},
+        415: {"model": ApiRefusal, "description": "the body is not application/json"},
+        422: {"model": ApiRefusal, "description": "invalid or ineligible submission"},
+        429: {
+            "model": ApiRefusal,
+            "description": "too many submissions from this address; see Retry-After",
+            "headers": {
+                "Retry-After": {
+                    "description": "seconds to wait before submitting again",
+                    "schema": {"type": "integer"},
+                }
+            },
+        },
+        503: {"model": ApiRefusal, "description": "Temporal unreachable; try again shortly"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}
+            },
+        }
+    },
+    summary="Submit a referral",
+)
+async def api_submit(request: Request, site: SiteDep, receipts: Receipts) -> Any:
+    """Body: the submission of DESIGN.md section 4 (the `Submission` schema)."""
+
+    def refused(status: int, detail: str, errors: list[FieldError]) -> JSONResponse:
+        body = ApiRefusal(
+            detail=detail,
+            errors=[ApiError(field=e.field, code=e.code, message=e.message) for e in errors],
+        )
+        return JSONResponse(body.model_dump(), status_code=status)
+
+    retry = site.over_limit(request)
+    if retry is not None:
+        wait = f"try again in {retry['Retry-After']} seconds"
+        limited = refused(
+            429,
+            f"too many submissions from this address; {wait}",
+            [FieldError("body", f"rate limit reached; {wait}", "rate_limited")],
+        )
+        limited.headers.update(retry)
+        return limited
+    # A browser posts text/plain across sites without asking (no CORS preflight): only
+    # a JSON body, which a foreign page cannot send unasked, starts a referral.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        return refused(
+            415,
+            "the body must be sent as application/json",
+            [FieldError("body", "Content-Type must be application/json", "media_type")],
+        )
+    not_an_object = FieldError("body", "the body must be a JSON object", "invalid_json")
+    try:
+        data = await request.json()
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+        data = None
+    if not isinstance(data, dict):
+        return refused(422, "the body must be a JSON object", [not_an_object])
+    try:
+        referral_id = await start(site, receipts, parse_submission(data, site.rules))
+    except SubmissionRefused as error:
+        return refused(422, "invalid submission", error.errors)
+    except TooManyForAddress as limited:
+        wait = f"try again in {limited.retry_after} seconds"
+        too_many = refused(
+            429,
+            f"too many submissions for this referrer address; {wait}",
+            [FieldError("referrer.email", f"rate limit reached; {wait}", "rate_limited")],
+        )
+        too_many.headers["Retry-After"] = str(limited.retry_after)
+        return too_many
+    except DuplicateReferral as duplicate:
+        message = duplicate_message(duplicate, "en")
+        return refused(
+            409,
+            f"prospect {duplicate.domain} already has an open referral",
+            [FieldError("prospect.website", message, "duplicate")],
+        )
+    except (RuntimeError, RPCError, OSError):
+        return refused(503, "the referral service is unavailable; try again shortly", [])
+    token = status_token(referral_id, site.key)
+    return ReferralCreated(
+        referral_id=referral_id, status_url=f"{site.settings.public_url}/status/{token}"
+    )

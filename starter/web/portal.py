@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -28,16 +28,17 @@ from activities.ledger import Balance, balances, referral_balances
 from activities.records import list_referrals
 from core.links import Keys, status_token
 from starter.spreadsheet import spreadsheet_text
+from starter.web.deps import Language, SiteDep
 from starter.web.intake import STAGE_NAMES
 from starter.web.signin import (
     PRIVATE,
     REFERRER,
+    ReferrerEmail,
     add_sign_in_routes,
     sign_in_page,
     sign_out_token,
-    signed_in,
 )
-from starter.web.site import Site, pick_language
+from starter.web.site import Site
 from workflows.models import ReferralState, round_money
 
 # The history actions whose (applied) date the portal shows beside the submission date.
@@ -200,43 +201,45 @@ def statement_csv(statement: Statement) -> str:
 
 def add_portal_routes(app: FastAPI, site: Site) -> None:
     add_sign_in_routes(app, site, REFERRER)
+    app.include_router(router)
+
+
+router = APIRouter()
+
+
+async def statement_of(site: Site, email: str) -> Statement:
     zone = ZoneInfo(site.rules.calendar.timezone)
+    return await asyncio.to_thread(referrer_statement, site.engine, site.key, zone, email)
 
-    async def statement_of(email: str) -> Statement:
-        return await asyncio.to_thread(referrer_statement, site.engine, site.key, zone, email)
 
-    @app.get(REFERRER.home, response_class=HTMLResponse, include_in_schema=False)
-    async def portal(request: Request) -> Response:
-        """The sign-in form, or the signed-in referrer's referrals and totals."""
-        lang = pick_language(request)
-        email = await signed_in(request, site, REFERRER)
-        if email is None:
-            return sign_in_page(request, site, REFERRER, lang)
-        response = site.render(
-            request,
-            "portal.html",
-            lang,
-            home=REFERRER.home,
-            sign_out_csrf=sign_out_token(request, site, REFERRER),
-            statement=await statement_of(email),
-            stage_names=STAGE_NAMES,  # as the status page names them
-        )
-        response.headers.update(PRIVATE)
-        return response
+@router.get(REFERRER.home, response_class=HTMLResponse, include_in_schema=False)
+async def portal(request: Request, site: SiteDep, lang: Language, email: ReferrerEmail) -> Response:
+    """The sign-in form, or the signed-in referrer's referrals and totals."""
+    if email is None:
+        return sign_in_page(request, site, REFERRER, lang)
+    response = site.render(
+        request,
+        "portal.html",
+        lang,
+        home=REFERRER.home,
+        sign_out_csrf=sign_out_token(request, site, REFERRER),
+        statement=await statement_of(site, email),
+        stage_names=STAGE_NAMES,  # as the status page names them
+    )
+    response.headers.update(PRIVATE)
+    return response
 
-    @app.get(f"{REFERRER.home}/statement.csv", include_in_schema=False)
-    async def statement_download(request: Request) -> Response:
-        email = await signed_in(request, site, REFERRER)
-        if email is None:
-            return RedirectResponse(
-                f"{REFERRER.home}?lang={pick_language(request)}", status_code=303
-            )
-        today = datetime.now(zone).date().isoformat()
-        return Response(
-            statement_csv(await statement_of(email)),
-            media_type="text/csv; charset=utf-8",
-            headers={
-                "Content-Disposition": f'attachment; filename="referrals-statement-{today}.csv"',
-                **PRIVATE,
-            },
-        )
+
+@router.get(f"{REFERRER.home}/statement.csv", include_in_schema=False)
+async def statement_download(site: SiteDep, lang: Language, email: ReferrerEmail) -> Response:
+    if email is None:
+        return RedirectResponse(f"{REFERRER.home}?lang={lang}", status_code=303)
+    today = datetime.now(ZoneInfo(site.rules.calendar.timezone)).date().isoformat()
+    return Response(
+        statement_csv(await statement_of(site, email)),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="referrals-statement-{today}.csv"',
+            **PRIVATE,
+        },
+    )

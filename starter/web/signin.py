@@ -24,16 +24,17 @@ import logging
 import secrets
 import smtplib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from enum import StrEnum
+from typing import Annotated
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from pydantic import EmailStr, TypeAdapter, ValidationError
@@ -42,9 +43,17 @@ from sqlmodel import Session, select
 
 from activities.db import ReferralRow, SignInLinkRow
 from activities.email import deliver
-from core.links import Keys, csrf_valid, signer_keys
+from core.links import Keys, signer_keys
+from starter.web.deps import (
+    FormLanguage,
+    Language,
+    PostedForm,
+    SiteDep,
+    csrf_checked,
+    install,
+)
 from starter.web.security import RateLimiter
-from starter.web.site import Site, pick_language
+from starter.web.site import Site
 
 log = logging.getLogger(__name__)
 
@@ -294,88 +303,157 @@ async def _send(site: Site, message: EmailMessage) -> None:
     log.error("sign-in link not sent after %d attempts: %s", SEND_ATTEMPTS, failure)
 
 
+@dataclass
+class LinkSending:
+    """One app's links to one audience: how many each address got lately, and the sends
+    still under way (kept alive until they end)."""
+
+    sent_to: RateLimiter = field(default_factory=lambda: RateLimiter(*LINKS_PER_ADDRESS))
+    sending: set[asyncio.Task[None]] = field(default_factory=set)
+
+
 def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
-    sending: set[asyncio.Task[None]] = set()  # keeps each send alive until it ends
-    sent_to = RateLimiter(*LINKS_PER_ADDRESS)
+    """The sign-in routes under the audience's home."""
+    install(app.state, site)
+    if not hasattr(app.state, "link_sending"):
+        app.state.link_sending = {}
+    app.state.link_sending[audience.name] = LinkSending()
+    app.include_router(ROUTERS[audience.name])
 
-    @app.post(f"{audience.home}/sign-in", response_class=HTMLResponse, include_in_schema=False)
-    async def ask_for_link(request: Request) -> Response:
-        raw = await request.form()
-        form = {k: v for k, v in raw.items() if isinstance(v, str)}
-        lang = pick_language(request, form)
-        typed = form.get("email", "").strip()
-        retry = site.over_limit(request)
-        if retry is not None:
-            response = sign_in_page(
-                request, site, audience, lang, 429, email=typed, problem="rate_limited"
-            )
-            response.headers.update(retry)
-            return response
-        if not csrf_valid(form.get("csrf"), request.cookies.get(CSRF_COOKIE), site.key):
-            return sign_in_page(request, site, audience, lang, 403, email=typed, problem="csrf")
-        try:
-            email = str(_email.validate_python(typed)).lower()
-        except ValidationError:
-            return sign_in_page(request, site, audience, lang, 422, email=typed, error="email")
-        task = asyncio.create_task(_send_if_allowed(site, audience, email, lang, sent_to))
-        sending.add(task)
-        task.add_done_callback(sending.discard)
-        return site.render(
-            request, "sign_in_sent.html", lang, audience=audience.name, home=audience.home
+
+AUDIENCES = (REFERRER, STAFF)
+
+
+def audience_of(request: Request) -> Audience:
+    """The audience under whose home the sign-in routes answer this request."""
+    path: str = request.scope["path"]
+    return next(a for a in AUDIENCES if path.startswith(f"{a.home}/"))
+
+
+def link_sending(request: Request, audience: AudienceDep) -> LinkSending:
+    sending: LinkSending = request.app.state.link_sending[audience.name]
+    return sending
+
+
+async def staff_signed_in(request: Request, site: SiteDep) -> str | None:
+    return await signed_in(request, site, STAFF)
+
+
+async def referrer_signed_in(request: Request, site: SiteDep) -> str | None:
+    return await signed_in(request, site, REFERRER)
+
+
+AudienceDep = Annotated[Audience, Depends(audience_of)]
+LinkSendingDep = Annotated[LinkSending, Depends(link_sending)]
+SignInCsrf = Annotated[bool, Depends(csrf_checked(CSRF_COOKIE))]
+# The signed-in address, or None.
+StaffEmail = Annotated[str | None, Depends(staff_signed_in)]
+ReferrerEmail = Annotated[str | None, Depends(referrer_signed_in)]
+
+
+async def ask_for_link(
+    request: Request,
+    site: SiteDep,
+    audience: AudienceDep,
+    form: PostedForm,
+    lang: FormLanguage,
+    csrf_ok: SignInCsrf,
+    links: LinkSendingDep,
+) -> Response:
+    typed = form.get("email", "").strip()
+    retry = site.over_limit(request)
+    if retry is not None:
+        response = sign_in_page(
+            request, site, audience, lang, 429, email=typed, problem="rate_limited"
         )
-
-    @app.get(
-        f"{audience.home}/sign-in/{{token}}", response_class=HTMLResponse, include_in_schema=False
+        response.headers.update(retry)
+        return response
+    if not csrf_ok:
+        return sign_in_page(request, site, audience, lang, 403, email=typed, problem="csrf")
+    try:
+        email = str(_email.validate_python(typed)).lower()
+    except ValidationError:
+        return sign_in_page(request, site, audience, lang, 422, email=typed, error="email")
+    task = asyncio.create_task(_send_if_allowed(site, audience, email, lang, links.sent_to))
+    links.sending.add(task)
+    task.add_done_callback(links.sending.discard)
+    return site.render(
+        request, "sign_in_sent.html", lang, audience=audience.name, home=audience.home
     )
-    async def open_link(request: Request, token: str) -> Response:
-        """A page with a button that signs in: opening the link spends nothing."""
-        lang = pick_language(request)
-        outcome = await asyncio.to_thread(read_link, site, audience, token)
-        if isinstance(outcome, LinkRefused):
-            return sign_in_page(request, site, audience, lang, 400, problem=f"link_{outcome}")
-        response = site.render_with_csrf(
-            request, CSRF_COOKIE, "sign_in_link.html", lang, audience=audience.name,
-            home=audience.home, token=token,
-        )  # fmt: skip
-        response.headers.update(PRIVATE)
-        return response
 
-    @app.post(
-        f"{audience.home}/sign-in/{{token}}", response_class=HTMLResponse, include_in_schema=False
+
+async def open_link(
+    request: Request, site: SiteDep, audience: AudienceDep, lang: Language, token: str
+) -> Response:
+    """A page with a button that signs in: opening the link spends nothing."""
+    outcome = await asyncio.to_thread(read_link, site, audience, token)
+    if isinstance(outcome, LinkRefused):
+        return sign_in_page(request, site, audience, lang, 400, problem=f"link_{outcome}")
+    response = site.render_with_csrf(
+        request, CSRF_COOKIE, "sign_in_link.html", lang, audience=audience.name,
+        home=audience.home, token=token,
+    )  # fmt: skip
+    response.headers.update(PRIVATE)
+    return response
+
+
+async def use_link(
+    request: Request,
+    site: SiteDep,
+    audience: AudienceDep,
+    lang: FormLanguage,
+    csrf_ok: SignInCsrf,
+    token: str,
+) -> Response:
+    if not csrf_ok:
+        # Another site posting its own link would sign this visitor in as someone else.
+        return sign_in_page(request, site, audience, lang, 403, problem="csrf")
+    outcome = await asyncio.to_thread(redeem, site, audience, token)
+    if isinstance(outcome, LinkRefused):
+        return sign_in_page(request, site, audience, lang, 400, problem=f"link_{outcome}")
+    response = RedirectResponse(f"{audience.home}?lang={lang}", status_code=303)
+    response.set_cookie(
+        audience.cookie,
+        _sessions(site, audience).dumps({"email": outcome.email, "nonce": outcome.nonce}),
+        max_age=SESSION_MAX_AGE_SECONDS,
+        path=audience.home,
+        httponly=True,
+        samesite="lax",  # the link is opened from a mail client: a cross-site navigation
+        secure=site.https,
     )
-    async def use_link(request: Request, token: str) -> Response:
-        raw = await request.form()
-        form = {k: v for k, v in raw.items() if isinstance(v, str)}
-        lang = pick_language(request, form)
-        if not csrf_valid(form.get("csrf"), request.cookies.get(CSRF_COOKIE), site.key):
-            # Another site posting its own link would sign this visitor in as someone else.
-            return sign_in_page(request, site, audience, lang, 403, problem="csrf")
-        outcome = await asyncio.to_thread(redeem, site, audience, token)
-        if isinstance(outcome, LinkRefused):
-            return sign_in_page(request, site, audience, lang, 400, problem=f"link_{outcome}")
-        response = RedirectResponse(f"{audience.home}?lang={lang}", status_code=303)
-        response.set_cookie(
-            audience.cookie,
-            _sessions(site, audience).dumps({"email": outcome.email, "nonce": outcome.nonce}),
-            max_age=SESSION_MAX_AGE_SECONDS,
-            path=audience.home,
-            httponly=True,
-            samesite="lax",  # the link is opened from a mail client: a cross-site navigation
-            secure=site.https,
-        )
-        return response
+    return response
 
-    @app.post(f"{audience.home}/sign-out", include_in_schema=False)
-    async def end_session(request: Request) -> Response:
-        token = (await request.form()).get("csrf")
-        session = _session(request, site, audience)
-        home = f"{audience.home}?lang={pick_language(request)}"
-        if session is not None and not _sign_out_allowed(
-            token if isinstance(token, str) else None, session, site.key
-        ):
-            return RedirectResponse(home, status_code=303)  # still signed in
-        if session is not None:
-            await asyncio.to_thread(sign_out, site, session)
-        response = RedirectResponse(home, status_code=303)
-        response.delete_cookie(audience.cookie, path=audience.home)
-        return response
+
+async def end_session(
+    request: Request, site: SiteDep, audience: AudienceDep, form: PostedForm, lang: Language
+) -> Response:
+    session = _session(request, site, audience)
+    home = f"{audience.home}?lang={lang}"
+    if session is not None and not _sign_out_allowed(form.get("csrf"), session, site.key):
+        return RedirectResponse(home, status_code=303)  # still signed in
+    if session is not None:
+        await asyncio.to_thread(sign_out, site, session)
+    response = RedirectResponse(home, status_code=303)
+    response.delete_cookie(audience.cookie, path=audience.home)
+    return response
+
+
+def sign_in_router(audience: Audience) -> APIRouter:
+    """The routes above under one audience's home (full paths, so that the access log and
+    the metrics name each route by its whole template)."""
+    router = APIRouter(include_in_schema=False)
+    home = audience.home
+    router.add_api_route(
+        f"{home}/sign-in", ask_for_link, methods=["POST"], response_class=HTMLResponse
+    )
+    router.add_api_route(
+        f"{home}/sign-in/{{token}}", open_link, methods=["GET"], response_class=HTMLResponse
+    )
+    router.add_api_route(
+        f"{home}/sign-in/{{token}}", use_link, methods=["POST"], response_class=HTMLResponse
+    )
+    router.add_api_route(f"{home}/sign-out", end_session, methods=["POST"])
+    return router
+
+
+ROUTERS = {audience.name: sign_in_router(audience) for audience in AUDIENCES}

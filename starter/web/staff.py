@@ -16,27 +16,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
 import pygal
 from babel.numbers import format_decimal
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from pygal.style import Style
 
 from activities.i18n import N_, format_percent, translations
 from core.settings import Settings
 from starter.figures import ProgramFigures, change_stamp, program_figures
+from starter.web.deps import Language, SiteDep
 from starter.web.signin import (
     PRIVATE,
     STAFF,
+    StaffEmail,
     add_sign_in_routes,
     sign_in_page,
     sign_out_token,
-    signed_in,
 )
-from starter.web.site import Site, pick_language
+from starter.web.site import Site
 from workflows.models import Stage
 
 CHARTS = ("funnel", "ended", "time", "contact", "commission", "referrers")
@@ -291,50 +292,76 @@ def add_staff_routes(
             site.engine, site.rules, since=choice.since, product=choice.product, now=clock()
         )
 
-    cache = FiguresCache(compute, lambda: change_stamp(site.engine), figures_ttl)
-    app.state.staff_figures = cache
-    figures_for = cache.get
+    app.state.staff_figures = FiguresCache(compute, lambda: change_stamp(site.engine), figures_ttl)
+    app.include_router(router)
 
-    @app.get(STAFF.home, response_class=HTMLResponse, include_in_schema=False)
-    async def dashboard(request: Request) -> Response:
-        """The sign-in form, or the figures for the period and product asked for."""
-        lang = pick_language(request)
-        email = await signed_in(request, site, STAFF)
-        if email is None:
-            return sign_in_page(request, site, STAFF, lang)
-        choice = choice_of(request, site)
-        figures = await figures_for(choice)
-        gettext: Callable[[str], str] = translations(lang).gettext
-        currencies = sorted({m.currency for m in figures.commission_by_month})
-        response = site.render(
-            request,
-            "staff.html",
-            lang,
-            home=STAFF.home,
-            sign_out_csrf=sign_out_token(request, site, STAFF),
-            email=email,
-            choice=choice,
-            figures=figures,
-            currencies=currencies,
-            stage_label=lambda s: gettext(STAGE_LABELS[Stage(s)]),
-            number=lambda value: _number(value, lang),
-            days=lambda value: _days(value, lang),
-            temporal_ui=temporal_ui_links(site.settings),
-            chart_url=lambda name, **extra: (
-                f"{STAFF.home}/charts/{name}.svg?{choice.query(lang, **extra)}"
-            ),
-        )
-        response.headers.update(PRIVATE)
-        return response
 
-    @app.get(f"{STAFF.home}/charts/{{name}}.svg", include_in_schema=False)
-    async def chart(request: Request, name: str) -> Response:
-        if await signed_in(request, site, STAFF) is None:
-            return Response(status_code=403, headers=PRIVATE)
-        if name not in CHARTS:
-            return Response(status_code=404, headers=PRIVATE)
-        choice = choice_of(request, site)
-        figures = await figures_for(choice)
-        currency = request.query_params.get("currency") or site.rules.commission.currency
-        svg = await asyncio.to_thread(chart_svg, name, figures, pick_language(request), currency)
-        return Response(svg, media_type="image/svg+xml", headers=PRIVATE)
+def staff_figures(request: Request) -> FiguresCache:
+    cache: FiguresCache = request.app.state.staff_figures
+    return cache
+
+
+def choice(request: Request, site: SiteDep) -> Choice:
+    return choice_of(request, site)
+
+
+Figures = Annotated[FiguresCache, Depends(staff_figures)]
+Chosen = Annotated[Choice, Depends(choice)]
+router = APIRouter()
+
+
+@router.get(STAFF.home, response_class=HTMLResponse, include_in_schema=False)
+async def dashboard(
+    request: Request,
+    site: SiteDep,
+    lang: Language,
+    email: StaffEmail,
+    chosen: Chosen,
+    figures_cache: Figures,
+) -> Response:
+    """The sign-in form, or the figures for the period and product asked for."""
+    if email is None:
+        return sign_in_page(request, site, STAFF, lang)
+    figures = await figures_cache.get(chosen)
+    gettext: Callable[[str], str] = translations(lang).gettext
+    currencies = sorted({m.currency for m in figures.commission_by_month})
+    response = site.render(
+        request,
+        "staff.html",
+        lang,
+        home=STAFF.home,
+        sign_out_csrf=sign_out_token(request, site, STAFF),
+        email=email,
+        choice=chosen,
+        figures=figures,
+        currencies=currencies,
+        stage_label=lambda s: gettext(STAGE_LABELS[Stage(s)]),
+        number=lambda value: _number(value, lang),
+        days=lambda value: _days(value, lang),
+        temporal_ui=temporal_ui_links(site.settings),
+        chart_url=lambda name, **extra: (
+            f"{STAFF.home}/charts/{name}.svg?{chosen.query(lang, **extra)}"
+        ),
+    )
+    response.headers.update(PRIVATE)
+    return response
+
+
+@router.get(f"{STAFF.home}/charts/{{name}}.svg", include_in_schema=False)
+async def chart(
+    request: Request,
+    site: SiteDep,
+    lang: Language,
+    email: StaffEmail,
+    chosen: Chosen,
+    figures_cache: Figures,
+    name: str,
+) -> Response:
+    if email is None:
+        return Response(status_code=403, headers=PRIVATE)
+    if name not in CHARTS:
+        return Response(status_code=404, headers=PRIVATE)
+    figures = await figures_cache.get(chosen)
+    currency = request.query_params.get("currency") or site.rules.commission.currency
+    svg = await asyncio.to_thread(chart_svg, name, figures, lang, currency)
+    return Response(svg, media_type="image/svg+xml", headers=PRIVATE)
