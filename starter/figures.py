@@ -228,6 +228,11 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
+def day_start(day: date, zone: ZoneInfo) -> datetime:
+    """00:00 of `day` in the program's zone: where "submitted since" a day begins."""
+    return datetime.combine(day, time(0), tzinfo=zone)
+
+
 def _month_start(moment: datetime, zone: ZoneInfo) -> datetime:
     local = moment.astimezone(zone)
     return datetime.combine(local.date().replace(day=1), time(0), tzinfo=zone)
@@ -264,8 +269,7 @@ class _Selection:
     def __init__(self, zone: ZoneInfo, since: date | None, product: str | None) -> None:
         self.conditions: list[ColumnElement[bool]] = []
         if since is not None:
-            start = datetime.combine(since, time(0), tzinfo=zone)
-            self.conditions.append(_referral.c.submitted_at >= _utc(start))
+            self.conditions.append(_referral.c.submitted_at >= _utc(day_start(since, zone)))
         if product is not None:
             self.conditions.append(_referral.c.product == product)
 
@@ -276,6 +280,34 @@ class _Selection:
     def of(self, query: Select[Any]) -> Select[Any]:
         """`query` over the referral table, limited to the selected referrals."""
         return query.where(*self.conditions)
+
+
+def contact_breached_between(start: datetime, end: datetime) -> list[ColumnElement[bool]]:
+    """The referrals whose contact deadline, in [start, end), passed with nobody having
+    contacted the referrer (the workflow's `contact_sla_breached`). The dashboard's breaches
+    and the staff list's filter (starter.desk) both use it, so both count the same."""
+    return [
+        _referral.c.contact_sla_breached.is_(True),
+        _referral.c.contact_deadline >= _utc(start),
+        _referral.c.contact_deadline < _utc(end),
+    ]
+
+
+def protection_ending(now: datetime, within: timedelta) -> list[ColumnElement[bool]]:
+    """Protections still running (qualifying or approved: a won or closed referral keeps its
+    old date) that end in [now, now + within). Shared with the staff list's filter."""
+    return [
+        _referral.c.stage.in_([s.value for s in PROTECTING_STAGES]),
+        _referral.c.protected_until >= _utc(now),
+        _referral.c.protected_until < _utc(now + within),
+    ]
+
+
+def breach_month(now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The month of `now` in the program's zone, [first instant, first of the next): the
+    period of the dashboard's "contact deadlines breached"."""
+    start = _month_start(now, zone)
+    return start, _next_month(start)
 
 
 def _entries() -> Any:
@@ -462,7 +494,7 @@ def _contact(
         )
     ).one()
     total, before_reminder, before_deadline = (int(n) for n in counts)
-    start = _month_start(now, zone)
+    start, end = breach_month(now, zone)
     breached = connection.execute(
         selection.of(
             select(
@@ -472,11 +504,7 @@ def _contact(
                 _referral.c.stage,
                 _referral.c.contact_deadline,
             )
-            .where(
-                _referral.c.contact_sla_breached.is_(True),
-                _referral.c.contact_deadline >= _utc(start),
-                _referral.c.contact_deadline < _utc(_next_month(start)),
-            )
+            .where(*contact_breached_between(start, end))
             .order_by(_referral.c.contact_deadline, _referral.c.referral_id)
         )
     )
@@ -512,11 +540,7 @@ def _expiring(connection: Any, selection: _Selection, now: datetime) -> list[Exp
                 _referral.c.stage,
                 _referral.c.protected_until,
             )
-            .where(
-                _referral.c.stage.in_([s.value for s in PROTECTING_STAGES]),
-                _referral.c.protected_until >= _utc(now),
-                _referral.c.protected_until < _utc(now + EXPIRING_WITHIN),
-            )
+            .where(*protection_ending(now, EXPIRING_WITHIN))
             .order_by(_referral.c.protected_until, _referral.c.referral_id)
         )
     )
