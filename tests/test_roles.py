@@ -1,7 +1,9 @@
-"""Staff roles (core/roles.py, program.yaml's `staff`): loading them and the table."""
+"""Staff roles (core/roles.py, program.yaml's `staff`) and who the CLI records as acting: a
+configured identity, bounded by its roles, or a claimed name with the login and host."""
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import yaml
 
 from core.program import ProgramError, load_program
 from core.roles import ROLES_FOR, Task, held, may, refusal, roles_for, roles_of, staff_addresses
+from tests.conftest import Cli, Result
+from tests.test_cli import VIA, write_submission
 from workflows.models import Action, ProgramRules, Role, StaffRules
 
 SALES, FINANCE, MANAGER = Role.SALES, Role.FINANCE, Role.MANAGER
@@ -104,3 +108,90 @@ def test_a_refusal_is_one_line_with_what_a_translation_needs() -> None:
     assert held(MAY, {MANAGER, SALES}) == f"{MAY} is sales and manager"
     assert held(BOB, set(Role)) == f"{BOB} is sales, finance and manager"
     assert held(BOB, ()) == f"{BOB} has no staff role"
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def refused(result: Result, line: str) -> None:
+    assert result.code == 1 and result.out == "", result
+    assert result.err.strip().splitlines() == [f"referrals: {line}"], result.err
+
+
+async def test_with_an_identity_the_cli_acts_as_it_and_only_as_its_roles_allow(
+    cli: Cli, program_file: Path, tmp_path: Path
+) -> None:
+    program = str(program_with(program_file, tmp_path, STAFF))
+
+    async def as_(identity: str, *args: str) -> Result:
+        env = {"REFERRALS_PROGRAM": program, "REFERRALS_ACTOR": ""}
+        return await cli(*args, env_changes={**env, "REFERRALS_STAFF_IDENTITY": identity})
+
+    submitted = await as_(BOB, "submit", str(write_submission(tmp_path)))
+    assert submitted.code == 0, submitted
+    rid = submitted.out.strip()
+    for step in [
+        ("contacted", rid),
+        ("accept", rid),
+        ("approve", rid),
+        ("won", rid, "--amount", "1000", "--currency", "EUR"),
+    ]:
+        done = await as_(BOB, *step)
+        assert done.code == 0, done
+    refused(
+        await as_(BOB, "payment", rid, "--amount", "1000", "--reference", "INV-1"),
+        f"refused: payment needs the finance or manager role ({BOB} is sales)",
+    )
+    assert (await as_(FRED, "payment", rid, "--amount", "1000", "--reference", "INV-1")).code == 0
+    before = json.loads((await cli("show", rid, "--json")).out)
+
+    refused(
+        await as_(BOB, "payout", rid, "--reference", "X"),
+        f"refused: payout needs the finance or manager role ({BOB} is sales)",
+    )
+    refused(
+        await as_("eve@staff.example", "payout", rid, "--reference", "X"),
+        "refused: payout needs the finance or manager role (eve@staff.example has no staff role)",
+    )
+    refused(
+        await as_(BOB, "--actor", "fred", "cancel", rid, "--reason", "no"),
+        f"refused: this CLI acts as {BOB} (REFERRALS_STAFF_IDENTITY), not fred: drop --actor "
+        "(and REFERRALS_ACTOR)",
+    )
+    refused(
+        await as_(BOB, "erase", rid, "--reason", "asked"),
+        f"refused: erase needs the manager role ({BOB} is sales)",
+    )
+    refused(
+        await as_("eve@staff.example", "submit", str(write_submission(tmp_path))),
+        "refused: submit needs a staff role (eve@staff.example has no staff role)",
+    )
+    # Nothing of the refused commands reached the referral.
+    assert json.loads((await cli("show", rid, "--json")).out) == before
+
+    paid = await as_("Fred@Staff.Example", "--actor", FRED, "payout", rid, "--reference", "X")
+    assert paid.code == 0 and "stage commission_paid" in paid.out, paid
+    history = json.loads((await cli("show", rid, "--json")).out)["history"]
+    assert [(h["action"], h["actor"]) for h in history] == [
+        ("submitted", BOB),
+        ("contacted", BOB),
+        ("accept", BOB),
+        ("approve", BOB),
+        ("won", BOB),
+        ("payment", FRED),
+        ("payout", FRED),
+    ]
+
+
+async def test_without_an_identity_the_cli_records_the_login_and_host(
+    cli: Cli, tmp_path: Path
+) -> None:
+    rid = (await cli("submit", str(write_submission(tmp_path)))).out.strip()
+    assert (await cli("--actor", "alice", "contacted", rid)).code == 0
+    assert (await cli("accept", rid, env_changes={"REFERRALS_ACTOR": ""})).code == 0
+    history = json.loads((await cli("show", rid, "--json")).out)["history"]
+    assert [h["actor"] for h in history] == [
+        f"desk-anna {VIA}",
+        f"alice {VIA}",
+        f"{getpass.getuser()} {VIA}",
+    ]
