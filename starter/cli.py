@@ -257,10 +257,10 @@ def os_user() -> str:
 
 
 def acting_as(args: argparse.Namespace, permission: Permission | None = None) -> str:
-    """Who a command that records something records as acting (docs/operations.md, "Who
-    acted"). With REFERRALS_STAFF_IDENTITY, that identity, and only for what its roles allow
-    (`permission`; None: any staff role will do); without, the claimed name (--actor,
-    REFERRALS_ACTOR, else the login) and the operating-system user and host it came from."""
+    """Who a command that records something records as acting (docs/operations.md, "Staff
+    roles, and who acted"). With REFERRALS_STAFF_IDENTITY, that identity, only for what its
+    roles allow (`permission`; None: any staff role will do); without, the claimed name
+    (--actor, REFERRALS_ACTOR, else the login) and the operating-system user and host."""
     settings: Settings = args.settings
     claimed = args.actor or settings.actor
     identity = settings.staff_identity
