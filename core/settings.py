@@ -41,6 +41,7 @@ SECRETS_FROM_FILES = (
     "REFERRALS_REFERRER_KEY_SECRET",
 )
 REFERRER_SECRET_ENV = "REFERRALS_REFERRER_KEY_SECRET"
+STAFF_IDENTITY_ENV = "REFERRALS_STAFF_IDENTITY"
 # The signing secret's least length (characters): a guessable one forges every status link.
 # Only the key that signs: an older, shorter one may still verify while it is rotated out.
 MIN_SECRET_LENGTH = 32
@@ -135,6 +136,9 @@ class Settings:
     codec_origins: tuple[str, ...] = ("http://127.0.0.1:8233", "http://localhost:8233")
     webhook_retry: WebhookRetry = WebhookRetry()
     actor: str | None = None
+    # Who the CLI acts as, when the deployment says so (a toolbox): an address of program.yaml's
+    # `staff`, in lower case. Its roles then bound what the CLI may do (core/roles.py).
+    staff_identity: str | None = None
     cli_timeout_s: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"
@@ -400,6 +404,7 @@ class _Reader:
                 give_up_after_s=self.optional_number("REFERRALS_WEBHOOK_GIVE_UP_S"),
             ),
             actor=self.text("REFERRALS_ACTOR"),
+            staff_identity=self.staff_identity(),
             cli_timeout_s=self.number("REFERRALS_CLI_TIMEOUT", 30.0),
             log_level=self.choice(
                 "REFERRALS_LOG_LEVEL",
@@ -421,6 +426,19 @@ class _Reader:
         if self.problems:
             raise SettingsError("; ".join(self.problems))
         return settings
+
+    def staff_identity(self) -> str | None:
+        identity = self.text(STAFF_IDENTITY_ENV)
+        if identity is None:
+            return None
+        local, at, domain = identity.partition("@")
+        if not (local and at and "." in domain) or any(c.isspace() for c in identity):
+            self.problems.append(
+                f"{STAFF_IDENTITY_ENV}={identity!r}: an email address, the staff member the "
+                "CLI acts as (program.yaml's staff)"
+            )
+            return None
+        return identity.lower()
 
     def program(self) -> Path:
         """REFERRALS_PROGRAM; else program.yaml where the process runs; else the rules the

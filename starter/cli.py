@@ -8,6 +8,7 @@ import csv
 import getpass
 import json
 import os
+import socket
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
@@ -36,7 +37,8 @@ from activities.webhooks import configure as configure_webhooks
 from core.encryption import EncryptionKeyError
 from core.links import referrer_key
 from core.program import ProgramError, load_program
-from core.settings import Need, Settings, SettingsError
+from core.roles import Permission, Task, held, may, refusal, roles_of
+from core.settings import STAFF_IDENTITY_ENV, Need, Settings, SettingsError
 from core.temporal import connect
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
 from starter.spreadsheet import spreadsheet_row
@@ -244,11 +246,46 @@ def decimal_value(text: str, option: str) -> Decimal:
     return value
 
 
+# --- who acts -------------------------------------------------------------------------------
+
+
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (a bare container)
+        return f"uid-{os.getuid()}"
+
+
+def acting_as(args: argparse.Namespace, permission: Permission | None = None) -> str:
+    """Who a command that records something records as acting (docs/operations.md, "Staff
+    roles, and who acted"). With REFERRALS_STAFF_IDENTITY, that identity, only for what its
+    roles allow (`permission`; None: any staff role will do); without, the claimed name
+    (--actor, REFERRALS_ACTOR, else the login) and the operating-system user and host."""
+    settings: Settings = args.settings
+    claimed = args.actor or settings.actor
+    identity = settings.staff_identity
+    if identity is None:
+        user = os_user()
+        return f"{claimed or user} (via cli: {user}@{socket.gethostname()})"
+    if claimed and claimed.strip().lower() != identity:
+        raise Refused(
+            f"refused: this CLI acts as {identity} ({STAFF_IDENTITY_ENV}), not {claimed}: "
+            "drop --actor (and REFERRALS_ACTOR)"
+        )
+    roles = roles_of(load_program(settings.program_path).staff, identity)
+    if permission is None and not roles:
+        raise Refused(f"refused: {args.command} needs a staff role ({held(identity, roles)})")
+    if permission is not None and not may(roles, permission):
+        raise Refused(f"refused: {refusal(permission)} ({held(identity, roles)})")
+    return identity
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
+    actor = acting_as(args)
     rules = load_program(settings.program_path)
     try:
         data = json.loads(Path(args.file).read_text(encoding="utf-8"))
@@ -260,7 +297,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     client = await connect(settings)
     referral_id = await submit_referral(
         client, make_engine(settings.database()), rules, submission, settings,
-        submitted_by=args.actor,
+        submitted_by=actor,
     )  # fmt: skip
     print(referral_id)
     return 0
@@ -356,10 +393,11 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
     async def command(args: argparse.Namespace) -> int:
+        actor = acting_as(args, action)  # before anything is sent: a refusal sends nothing
         amount = getattr(args, "amount", None)
         request = StaffAction(
             action=action,
-            actor=args.actor,
+            actor=actor,
             note=getattr(args, "note", None),
             reason=getattr(args, "reason", None),
             amount=decimal_value(amount, "--amount") if amount is not None else None,
@@ -603,6 +641,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
 
     if (args.id is None) == (args.referrer is None):
         raise Usage("erase needs a referral id or --referrer EMAIL, not both")
+    actor = acting_as(args, Task.ERASE)
     engine = open_database(args.settings.database())
     if args.id is not None:
         targets, still_open = [args.id], []
@@ -619,7 +658,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
                 client,
                 engine,
                 referral_id,
-                by=args.actor,
+                by=actor,
                 reason=args.reason,
                 task_queue=args.settings.task_queue,
                 maildir=args.settings.dev_maildir,
@@ -782,8 +821,9 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--actor",
-        default=settings.actor or getpass.getuser(),
-        help="who is acting, recorded in the audit history (default $REFERRALS_ACTOR or login)",
+        help="who is acting, recorded in the audit history with the login and host it came "
+        f"from (default $REFERRALS_ACTOR or the login); with ${STAFF_IDENTITY_ENV} set, that "
+        "identity is recorded instead and --actor may only name it",
     )
     parser.add_argument(
         "--request-id",

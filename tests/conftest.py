@@ -10,7 +10,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -388,12 +388,12 @@ def cli(live: Live, tmp_path: Path, program_file: Path) -> Cli:
         "REFERRALS_ACTOR": "desk-anna",
     }
 
-    async def run(*args: str) -> Result:
+    async def run(*args: str, env_changes: Mapping[str, str] | None = None) -> Result:
         # Asynchronously, so the in-process worker keeps serving while the CLI waits.
         process = await asyncio.create_subprocess_exec(
             REFERRALS,
             *args,
-            env=env,
+            env={**env, **(env_changes or {})},
             cwd=tmp_path,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import getpass
 import io
 import json
+import socket
 import time
 import uuid
 from datetime import UTC, datetime
@@ -16,6 +18,9 @@ from tests.conftest import Cli, Live, Result
 from tests.factories import referral_input, submission_data
 from workflows.models import ProgramRules
 from workflows.referral import ReferralWorkflow
+
+# What the CLI adds to a claimed actor (--actor, REFERRALS_ACTOR) without a staff identity.
+VIA = f"(via cli: {getpass.getuser()}@{socket.gethostname()})"
 
 
 def write_submission(tmp_path: Path, **changes: object) -> Path:
@@ -52,7 +57,7 @@ async def test_walk_a_referral_through_every_step(cli: Cli, tmp_path: Path) -> N
         assert key in state
     assert state["stage"] == "submitted" and state["commission"] is None
     assert state["contact_deadline"].endswith(("+01:00", "+02:00"))
-    assert state["history"][0]["actor"] == "desk-anna"
+    assert state["history"][0]["actor"] == f"desk-anna {VIA}"
 
     refused(await cli("approve", rid), "approve is not allowed in stage submitted")
     assert json.loads((await cli("show", rid, "--json")).out) == state
@@ -86,9 +91,9 @@ async def test_walk_a_referral_through_every_step(cli: Cli, tmp_path: Path) -> N
     assert state["commission"]["status"] == "paid"
     actions = [(h["action"], h["actor"]) for h in state["history"]]
     assert actions[:3] == [
-        ("submitted", "desk-anna"),
-        ("contacted", "bob"),
-        ("accept", "desk-anna"),
+        ("submitted", f"desk-anna {VIA}"),
+        ("contacted", f"bob {VIA}"),
+        ("accept", f"desk-anna {VIA}"),
     ]
     refused(await cli("payout", rid, "--reference", "again"), "closed")
 

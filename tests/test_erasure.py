@@ -33,6 +33,7 @@ from starter.web import create_app
 from tests.conftest import SETTINGS, Cli, Live, eventually, settings_with
 from tests.desk import act_by_id
 from tests.factories import submission, submission_data
+from tests.test_cli import VIA
 from tests.test_system_of_record import DELETION_SECONDS, KEY, gone
 from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtures
     Endpoint,
@@ -119,7 +120,7 @@ async def test_a_closed_referral_is_erased_and_accounting_keeps_its_figures(
     stored = rows_about(live, rid)
     assert [secret for secret in SECRETS if secret in stored + json.dumps(after)] == []
     assert after["referrer"]["name"] == f"erased-{rid.lower()}"
-    assert after["erased"]["by"] == "dpo-marc"
+    assert after["erased"]["by"] == f"dpo-marc {VIA}"
     assert after["erased"]["reason"] == "GDPR request 2026-41"
     # What accounting needs is intact.
     for key in ("stage", "submitted_at", "closed_at", "commission", "payments", "prospect"):
@@ -128,7 +129,7 @@ async def test_a_closed_referral_is_erased_and_accounting_keeps_its_figures(
         "erase"
     ]
     assert all(h["note"] is None for h in after["history"][:-1])
-    assert after["history"][-1]["actor"] == "dpo-marc"
+    assert after["history"][-1]["actor"] == f"dpo-marc {VIA}"
     ledger = json.loads((await cli("commissions", "--json")).out)
     [row] = [r for r in ledger if r["referral_id"] == rid]
     assert row["amount"] == "18000.00" and row["status"] == "paid"

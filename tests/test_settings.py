@@ -130,12 +130,19 @@ def test_every_malformed_setting_is_named_at_once() -> None:
                 "REFERRALS_SMTP_TLS": "maybe",
                 "REFERRALS_CLI_TIMEOUT": "-1",
                 "REFERRALS_LOG_FORMAT": "xml",
+                "REFERRALS_STAFF_IDENTITY": "bob",
             }
         )
     message = str(refused.value)
-    for name in ("SMTP_PORT", "SMTP_TLS", "CLI_TIMEOUT", "LOG_FORMAT"):
+    for name in ("SMTP_PORT", "SMTP_TLS", "CLI_TIMEOUT", "LOG_FORMAT", "STAFF_IDENTITY"):
         assert f"REFERRALS_{name}=" in message
     assert len(message.splitlines()) == 1
+
+
+def test_the_staff_identity_is_an_address_in_lower_case() -> None:
+    assert Settings.from_env({}).staff_identity is None
+    given = {"REFERRALS_STAFF_IDENTITY": " Bob@Staff.Example "}
+    assert Settings.from_env(given).staff_identity == "bob@staff.example"
 
 
 def test_the_relay_is_reached_over_tls_unless_it_is_on_this_machine() -> None:

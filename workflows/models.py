@@ -231,9 +231,25 @@ class Recipients(Strict):
     finance: EmailStr
 
 
+class Role(StrEnum):
+    """What a member of staff may do (core/roles.py holds the table, docs/operations.md)."""
+
+    SALES = "sales"
+    FINANCE = "finance"
+    MANAGER = "manager"
+
+
+class StaffRoles(Strict):
+    # One list per `Role`, named as its value; an address may be in several.
+    sales: list[EmailStr] = []
+    finance: list[EmailStr] = []
+    manager: list[EmailStr] = []
+
+
 class StaffRules(Strict):
-    # Who may sign in to the program dashboard (`GET /staff`).
+    # The staff and their roles (core/roles.py). `emails`, the older form, lists managers.
     emails: list[EmailStr] = []
+    roles: StaffRoles = StaffRoles()
 
 
 # What a webhook endpoint may subscribe to (docs/webhooks.md).
