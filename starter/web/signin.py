@@ -44,6 +44,7 @@ from sqlmodel import Session, select
 from activities.db import ReferralRow, SignInLinkRow
 from activities.email import deliver
 from core.links import Keys, signer_keys
+from core.roles import staff_addresses
 from starter.web.deps import (
     FormLanguage,
     Language,
@@ -159,9 +160,9 @@ def redeem(site: Site, audience: Audience, token: str) -> SignedIn | LinkRefused
 
 
 def may_sign_in(site: Site, audience: Audience, email: str) -> bool:
-    """Staff: an address listed in `staff.emails`. A referrer: one who submitted a referral."""
+    """Staff: an address with a role in `staff`. A referrer: one who submitted a referral."""
     if audience == STAFF:
-        return email in {str(e).lower() for e in site.rules.staff.emails}
+        return email.lower() in staff_addresses(site.rules.staff)
     with Session(site.engine) as session:
         found = session.exec(
             select(ReferralRow.referral_id).where(ReferralRow.referrer_email == email).limit(1)

@@ -17,18 +17,21 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import pygal
 from babel.numbers import format_decimal
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pygal.style import Style
 
-from activities.i18n import N_, format_percent, translations
-from core.settings import Settings
+from activities.i18n import format_percent, translations
+from core.roles import Task, may, roles_of
+from starter.desk import figure_filters
 from starter.figures import ProgramFigures, change_stamp, program_figures
+from starter.web import desk
 from starter.web.deps import Language, SiteDep
+from starter.web.desk import STAGE_LABELS, list_url, temporal_ui_links
 from starter.web.signin import (
     PRIVATE,
     STAFF,
@@ -44,20 +47,6 @@ CHARTS = ("funnel", "ended", "time", "contact", "commission", "referrers")
 # The longest the dashboard shows figures computed earlier (any change to the data shows at
 # once; this bounds how far "now" may have moved on): see FiguresCache.
 FIGURES_TTL_SECONDS = 30.0
-STAGE_LABELS = {
-    Stage.SUBMITTED: N_("Submitted"),
-    Stage.CONTACTED: N_("Contacted"),
-    Stage.QUALIFYING: N_("Accepted (qualifying)"),
-    Stage.APPROVED: N_("Approved"),
-    Stage.WON: N_("Won"),
-    Stage.COMMISSION_PAYABLE: N_("Commission payable"),
-    Stage.COMMISSION_PAID: N_("Commission paid"),
-    Stage.DECLINED: N_("Declined"),
-    Stage.REJECTED: N_("Rejected"),
-    Stage.LOST: N_("Lost"),
-    Stage.EXPIRED: N_("Expired"),
-    Stage.CANCELLED: N_("Cancelled"),
-}
 # The site's palette (core/templates/web/static/site.css): accent blue first.
 CHART_STYLE = Style(
     background="#ffffff",
@@ -154,14 +143,6 @@ def choice_of(request: Request, site: Site) -> Choice:
         problems.append("product")
         product = None
     return Choice(since, product, tuple(problems))
-
-
-def temporal_ui_links(settings: Settings) -> Callable[[str], str]:
-    """Each referral's workflow (its id is the referral id) in the Temporal UI
-    (REFERRALS_TEMPORAL_UI_URL, in the settings' namespace)."""
-    base, namespace = settings.temporal_ui_url, quote(settings.namespace, safe="")
-    workflows = f"{base}/namespaces/{namespace}/workflows/"
-    return lambda referral_id: workflows + quote(referral_id, safe="")
 
 
 def _without_scripts(root: Any) -> Any:
@@ -293,7 +274,9 @@ def add_staff_routes(
         )
 
     app.state.staff_figures = FiguresCache(compute, lambda: change_stamp(site.engine), figures_ttl)
+    app.state.staff_clock = clock
     app.include_router(router)
+    app.include_router(desk.router)
 
 
 def staff_figures(request: Request) -> FiguresCache:
@@ -319,10 +302,14 @@ async def dashboard(
     chosen: Chosen,
     figures_cache: Figures,
 ) -> Response:
-    """The sign-in form, or the figures for the period and product asked for."""
+    """The sign-in form, or the figures for the period and product asked for (a manager's;
+    other staff are sent to the referrals)."""
     if email is None:
         return sign_in_page(request, site, STAFF, lang)
+    if not may(roles_of(site.rules.staff, email), Task.FIGURES):
+        return RedirectResponse(f"{STAFF.home}/referrals?lang={lang}", status_code=303)
     figures = await figures_cache.get(chosen)
+    links = figure_filters(figures)
     gettext: Callable[[str], str] = translations(lang).gettext
     currencies = sorted({m.currency for m in figures.commission_by_month})
     response = site.render(
@@ -339,6 +326,7 @@ async def dashboard(
         number=lambda value: _number(value, lang),
         days=lambda value: _days(value, lang),
         temporal_ui=temporal_ui_links(site.settings),
+        figure_link=lambda key: list_url(links[key], lang) if key in links else None,
         chart_url=lambda name, **extra: (
             f"{STAFF.home}/charts/{name}.svg?{chosen.query(lang, **extra)}"
         ),
@@ -357,7 +345,7 @@ async def chart(
     figures_cache: Figures,
     name: str,
 ) -> Response:
-    if email is None:
+    if email is None or not may(roles_of(site.rules.staff, email), Task.FIGURES):
         return Response(status_code=403, headers=PRIVATE)
     if name not in CHARTS:
         return Response(status_code=404, headers=PRIVATE)
