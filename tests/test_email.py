@@ -211,6 +211,36 @@ def test_starttls_verifies_the_relay_then_logs_in(
     assert len(list((tmp_path / "mail" / "new").iterdir())) == 1
 
 
+def test_implicit_tls_verifies_the_relay_then_sends(
+    rules: ProgramRules, engine: Engine, tmp_path: Path
+) -> None:
+    """A relay that speaks TLS from the first byte (SMTPS, port 465 in production): its
+    certificate verified as for STARTTLS, then the message sent."""
+    cert, key = certificate(tmp_path, "relay", "IP:127.0.0.1", "DNS:localhost")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    port = free_port()
+    controller = Controller(
+        MaildirHandler(tmp_path / "mail"), hostname="127.0.0.1", port=port, ssl_context=tls
+    )
+    controller.start()
+
+    def send(ca_file: Path | None, suffix: str) -> None:
+        smtp = SmtpSettings("127.0.0.1", port, tls="implicit", ca_file=ca_file)
+        key = f"R-TEST000001/referrer/qualifying/{engine.url.get_backend_name()}-smtps-{suffix}"
+        ActivityEnvironment().run(
+            EmailActivities(engine, smtp).send_email, request(rules, key, "referrer_qualifying")
+        )
+
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            send(None, "unverified")
+        send(cert, "verified")
+    finally:
+        controller.stop()
+    assert len(list((tmp_path / "mail" / "new").iterdir())) == 1
+
+
 class Relay(MaildirHandler):
     """A relay that refuses some recipients (by domain: 550 for good, 451 for now) and can
     answer QUIT as a server shutting down does, after it has accepted the message."""
