@@ -9,6 +9,7 @@ import io
 import re
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from html import unescape
 
 import httpx
@@ -42,11 +43,17 @@ def sales_email() -> str:
     return f"sales-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"
 
 
-async def signed_in(client: httpx.AsyncClient, mail_sink: MailSink, email: str) -> None:
-    await ask(client, STAFF.home, email)
-    [link] = await settle(mail_sink, email, 1)
-    opened = await use_sign_in_link(client, link)
-    assert opened.status_code == 303
+@asynccontextmanager
+async def signed_in(
+    app: FastAPI, mail_sink: MailSink, email: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A browser on `app`, signed in as `email` through the emailed link."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        await ask(client, STAFF.home, email)
+        [link] = await settle(mail_sink, email, 1)
+        assert (await use_sign_in_link(client, link)).status_code == 303
+        yield client
 
 
 @pytest_asyncio.fixture
@@ -57,9 +64,7 @@ async def manager(
     staff_email: str,
 ) -> AsyncIterator[httpx.AsyncClient]:
     app = staff_app(known_db, shipped_rules, mail_sink, staff_email)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        await signed_in(client, mail_sink, staff_email)
+    async with signed_in(app, mail_sink, staff_email) as client:
         yield client
 
 
@@ -71,9 +76,7 @@ async def sales(
     sales_email: str,
 ) -> AsyncIterator[httpx.AsyncClient]:
     app = desk_app(known_db, shipped_rules, mail_sink, sales_email)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        await signed_in(client, mail_sink, sales_email)
+    async with signed_in(app, mail_sink, sales_email) as client:
         yield client
 
 
