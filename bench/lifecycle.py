@@ -4,6 +4,7 @@ shape, each timed on the dev server the bench runs (see bench/__main__.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -55,14 +56,18 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99)}
 
 
-async def walk_referrals(client: Client, engine: Engine, rules: ProgramRules, count: int) -> Run:
-    """`count` referrals at once, each submitted then moved by updates to its end."""
+async def walk_referrals(
+    client: Client, engine: Engine, rules: ProgramRules, count: int, queue: str | None = None
+) -> Run:
+    """`count` referrals at once, each submitted (on `queue`, default the settings') then
+    moved by updates to its end."""
     run = Run(count)
+    settings = dataclasses.replace(SETTINGS, task_queue=queue or SETTINGS.task_queue)
 
     async def one() -> None:
         data = submission_data(**{"prospect.website": f"b-{uuid.uuid4().hex[:10]}.example"})
         started = time.perf_counter()
-        referral_id = await submit_referral(client, engine, rules, parse_submission(data), SETTINGS)
+        referral_id = await submit_referral(client, engine, rules, parse_submission(data), settings)
         run.submit_ms.append((time.perf_counter() - started) * 1000)
         handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
         for step in STEPS:

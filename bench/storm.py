@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -46,7 +47,7 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client
 
 from bench.stack import bench_stack
-from bench.workers import WorkerProcess, submitting_to, throughput_by_workers
+from bench.workers import WorkerProcess, throughput_by_workers
 from starter.contact_window import contact_window
 from starter.intake import parse_submission, submit_referral
 from tests.conftest import SETTINGS
@@ -87,13 +88,16 @@ class Maildir:
         return [(k, at) for k, at in self.scan() if k.split("/", 1)[0] in ids]
 
 
-async def _submit(client: Client, engine: Engine, rules: ProgramRules, count: int) -> list[str]:
+async def _submit(
+    client: Client, engine: Engine, rules: ProgramRules, count: int, queue: str
+) -> list[str]:
     gate = asyncio.Semaphore(CONCURRENT_STARTS)
+    settings = dataclasses.replace(SETTINGS, task_queue=queue)
 
     async def one() -> str:
         data = submission_data(**{"prospect.website": f"s-{uuid.uuid4().hex[:12]}.example"})
         async with gate:
-            return await submit_referral(client, engine, rules, parse_submission(data), SETTINGS)
+            return await submit_referral(client, engine, rules, parse_submission(data), settings)
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
 
@@ -152,29 +156,28 @@ async def timer_storm(
     mail = Maildir(maildir)
     await worker.start()
     try:
-        with submitting_to(queue):
-            warm = set(await _submit(client, engine, rules, WARM))
-            await worker.settle()
-            per_referral = len(mail.by_referral(warm)) // WARM
-            assert per_referral > 0, "the warm-up referrals sent no email"
-            before = worker.rss_kib()
-            # All started, emailed and idle before T: the worker handles some 25 referrals'
-            # starts a second on two cores (it falls behind the starts, which go faster).
-            margin = margin_s if margin_s is not None else 30 + 0.08 * count
-            due = datetime.now(UTC) + timedelta(seconds=margin)
+        warm = set(await _submit(client, engine, rules, WARM, queue))
+        await worker.settle()
+        per_referral = len(mail.by_referral(warm)) // WARM
+        assert per_referral > 0, "the warm-up referrals sent no email"
+        before = worker.rss_kib()
+        # All started, emailed and idle before T: the worker handles some 25 referrals'
+        # starts a second on two cores (it falls behind the starts, which go faster).
+        margin = margin_s if margin_s is not None else 30 + 0.08 * count
+        due = datetime.now(UTC) + timedelta(seconds=margin)
 
-            def storm_window(
-                received_at: datetime, calendar: CalendarRules, contact: ContactRules
-            ) -> ContactWindow:
-                window = contact_window(received_at, calendar, contact)
-                return window.model_copy(
-                    update={"reminder_at": due, "deadline": due + timedelta(days=1)}
-                )
+        def storm_window(
+            received_at: datetime, calendar: CalendarRules, contact: ContactRules
+        ) -> ContactWindow:
+            window = contact_window(received_at, calendar, contact)
+            return window.model_copy(
+                update={"reminder_at": due, "deadline": due + timedelta(days=1)}
+            )
 
-            started = time.monotonic()
-            with mock.patch("starter.intake.contact_window", storm_window):
-                ids = set(await _submit(client, engine, rules, count))
-            start_s = time.monotonic() - started
+        started = time.monotonic()
+        with mock.patch("starter.intake.contact_window", storm_window):
+            ids = set(await _submit(client, engine, rules, count, queue))
+        start_s = time.monotonic() - started
         remaining = (due - datetime.now(UTC)).total_seconds()
         await _delivered(mail, ids, per_referral * count, max(remaining, 0))
         await worker.settle()

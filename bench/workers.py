@@ -23,8 +23,8 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -37,7 +37,6 @@ from workflows.models import ProgramRules
 
 START_SECONDS = 60.0
 STOP_SECONDS = 90.0  # graceful shutdown lets in-flight activities finish (worker.py: 75 s)
-QUEUE_ENV = "REFERRALS_TASK_QUEUE"
 
 
 def rss_kib(pid: int) -> int:
@@ -217,21 +216,6 @@ async def worker_processes(
         children.kill_all()
 
 
-@contextmanager
-def submitting_to(queue: str) -> Iterator[None]:
-    """starter.intake.submit_referral starts workflows on REFERRALS_TASK_QUEUE: point it at
-    `queue` meanwhile, so only the workers measured run them."""
-    previous = os.environ.get(QUEUE_ENV)
-    os.environ[QUEUE_ENV] = queue
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[QUEUE_ENV]
-        else:
-            os.environ[QUEUE_ENV] = previous
-
-
 async def throughput_by_workers(
     client: Client,
     engine: Engine,
@@ -252,8 +236,7 @@ async def throughput_by_workers(
         async with worker_processes(
             workers, address, database_url, smtp_port, queue, workdir, namespace=namespace
         ):
-            with submitting_to(queue):
-                await walk_referrals(client, engine, rules, 2 * workers)  # warm every worker
-                run = await walk_referrals(client, engine, rules, count)
+            await walk_referrals(client, engine, rules, 2 * workers, queue)  # warm every worker
+            run = await walk_referrals(client, engine, rules, count, queue)
         results[str(workers)] = round(run.per_second, 2)
     return results
