@@ -1,6 +1,6 @@
 """Who may do what: the staff and their roles (program.yaml's `staff`) and the one table of
 what each role may do. The CLI checks it when it acts as a configured identity
-(REFERRALS_STAFF_IDENTITY); the staff web desk is to check it with the signed-in address.
+(REFERRALS_STAFF_IDENTITY), the staff web desk with the signed-in address.
 docs/operations.md ("Staff roles") says the same for people."""
 
 from __future__ import annotations

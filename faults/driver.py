@@ -1,8 +1,9 @@
 """Referrals submitted and driven through their lifecycle the way staff would drive them.
 
-Staff actions go through the CLI's own code path (`starter.cli.send_action`) with a request
-id chosen here, and a timeout is retried with the same request id: the documented safe
-retry. So what the suite proves is what a staff member retrying a command would get.
+Staff actions go through the CLI's own code path (`starter.actions.send_action`, the staff
+desk's too) with a request id chosen here, and a timeout is retried with the same request
+id: the documented safe retry. So what the suite proves is what a staff member retrying a
+command would get.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from core.settings import Settings
-from starter.cli import Refused, send_action
+from starter.actions import Refused, send_action
 from starter.intake import parse_submission, submit_referral
 from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction, Stage
 

@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 from temporalio.client import (
-    Client,
     WorkflowExecutionStatus,
-    WorkflowUpdateFailedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
-    WorkflowUpdateStage,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -40,14 +36,21 @@ from core.program import ProgramError, load_program
 from core.roles import Permission, Task, held, may, refusal, roles_of
 from core.settings import STAFF_IDENTITY_ENV, Need, Settings, SettingsError
 from core.temporal import connect
+from starter.actions import (
+    ACTION_FIELDS,
+    DEFAULT_TIMEOUT_SECONDS,
+    Kind,
+    Refused,
+    fields_of,
+    send_action,
+    staff_action,
+)
 from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
 from starter.spreadsheet import spreadsheet_row
 from workflows.models import (
     Action,
-    ActResult,
     CommissionStatus,
     ReferralState,
-    StaffAction,
     Stage,
     round_money,
 )
@@ -55,13 +58,8 @@ from workflows.transitions import allowed_actions
 
 # Every call to Temporal has a deadline; a staff action's is its own --timeout.
 RPC_TIMEOUT = timedelta(seconds=10)
-DEFAULT_TIMEOUT_SECONDS = 30.0
 # `referrals list`: rows per page.
 DEFAULT_LIST_LIMIT = 50
-
-
-class Refused(Exception):
-    """The command could not be done; the message is the one line the user sees."""
 
 
 class Usage(Exception):
@@ -185,65 +183,6 @@ async def workflow_status(settings: Settings, referral_id: str) -> str:
     if status == WorkflowExecutionStatus.RUNNING:
         return "running"
     return f"{status.name.lower() if status else 'unknown'} in Temporal"
-
-
-async def send_action(
-    client: Client, referral_id: str, request: StaffAction, timeout: float, database_url: str
-) -> ActResult:
-    """Apply one staff action through the `act` update, its request id as the update id, so
-    a retried command is applied once. Waits at most `timeout` seconds in all. A referral
-    Temporal does not know is looked up in the database at `database_url`."""
-    handle = client.get_workflow_handle(referral_id)
-    retry = f"repeat the command with --request-id {request.request_id} to retry it safely"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    accepted = False
-    try:
-        # The deadline bounds the whole call: the server answers an update's long poll empty
-        # after about 20 s, and the SDK then polls again, past any RPC timeout.
-        async with asyncio.timeout_at(deadline):
-            update = await handle.start_update(
-                "act",
-                request,
-                id=request.request_id,
-                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                result_type=ActResult,
-                rpc_timeout=timedelta(seconds=timeout),
-            )
-            accepted = True
-            left = max(0.1, deadline - loop.time())
-            return await update.result(rpc_timeout=timedelta(seconds=left))
-    except WorkflowUpdateFailedError as error:
-        cause = error.cause
-        raise Refused(getattr(cause, "message", None) or str(cause or error)) from error
-    except (WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError):
-        if not accepted:
-            raise Refused(
-                f"no worker answered within {timeout:g}s (is a worker running?); the action may "
-                f"still apply when one does: {retry}"
-            ) from None
-        raise Refused(
-            f"{request.action.value} was accepted but not yet recorded after {timeout:g}s "
-            f"(is the database reachable?); {retry}"
-        ) from None
-    except RPCError as error:
-        if error.status != RPCStatusCode.NOT_FOUND:
-            raise
-        engine = open_database(database_url)
-        state = await asyncio.to_thread(load_referral, engine, referral_id)
-        if state is None:
-            raise Refused(f"unknown referral {referral_id}") from error
-        raise Refused(f"referral {referral_id} is closed ({state.stage.value})") from error
-
-
-def decimal_value(text: str, option: str) -> Decimal:
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise Refused(f"{option} must be a decimal number like 1234.50, not {text!r}") from None
-    if not value.is_finite():
-        raise Refused(f"{option} must be a finite decimal number")
-    return value
 
 
 # --- who acts -------------------------------------------------------------------------------
@@ -394,17 +333,10 @@ async def cmd_show(args: argparse.Namespace) -> int:
 def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
     async def command(args: argparse.Namespace) -> int:
         actor = acting_as(args, action)  # before anything is sent: a refusal sends nothing
-        amount = getattr(args, "amount", None)
-        request = StaffAction(
-            action=action,
+        request = staff_action(
+            action,
+            {field.name: getattr(args, field.name) for field in fields_of(action)},
             actor=actor,
-            note=getattr(args, "note", None),
-            reason=getattr(args, "reason", None),
-            amount=decimal_value(amount, "--amount") if amount is not None else None,
-            currency=getattr(args, "currency", None),
-            payment_terms_days=getattr(args, "payment_terms_days", None),
-            reference=getattr(args, "reference", None),
-            days=getattr(args, "days", None),
             request_id=args.request_id or f"cli-{uuid.uuid4()}",
         )
         settings: Settings = args.settings
@@ -878,35 +810,15 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         sub.add_argument("id")
         return sub
 
-    for action, help in [
-        (Action.CONTACTED, "the referrer has been contacted"),
-        (Action.ACCEPT, "accept the referral and hand it to sales"),
-        (Action.APPROVE, "approve the opportunity: it enters the sales cycle"),
-    ]:
-        add_action(action, help).add_argument("--note")
-    for action, help in [
-        (Action.DECLINE, "decline the referral"),
-        (Action.REJECT, "reject the opportunity"),
-        (Action.LOST, "the deal is lost"),
-        (Action.CANCEL, "cancel the referral"),
-    ]:
-        add_action(action, help).add_argument("--reason", required=True)
-    sub = add_action(Action.WON, "the deal is won: record the first-year subscription value")
-    sub.add_argument("--amount", required=True, help="first-year subscription value")
-    sub.add_argument("--currency", required=True)
-    sub.add_argument("--payment-terms-days", type=int)
-    sub = add_action(Action.PAYMENT, "record a customer payment")
-    sub.add_argument("--amount", required=True)
-    sub.add_argument("--reference", required=True, help="the payment's unique reference")
-    sub = add_action(Action.PAYOUT, "mark the commission paid to the referrer")
-    sub.add_argument("--reference", required=True, help="the payout's reference")
-    sub = add_action(Action.EXTEND, "extend the prospect's protection")
-    sub.add_argument("--days", type=int, required=True, help="days the protection gains (1 to 365)")
-    sub.add_argument("--reason", required=True, help="why; the history keeps it")
-    sub = add_action(Action.REFUND, "record a customer refund or credit note (claws back)")
-    sub.add_argument("--amount", required=True, help="refunded, in the deal's currency")
-    sub.add_argument("--reference", required=True, help="the refund's unique reference")
-    sub.add_argument("--reason", required=True, help="why; the clawback line keeps it")
+    for action, (help, fields) in ACTION_FIELDS.items():
+        sub = add_action(action, help)
+        for field in fields:
+            sub.add_argument(
+                field.option,
+                required=field.required,
+                type=int if field.kind is Kind.INTEGER else str,
+                help=field.help,
+            )
     sub = add("commissions", cmd_commissions, "finance's export of the commission ledger", (DB,))
     sub.add_argument("--status", choices=[s.value for s in CommissionStatus])
     view = sub.add_mutually_exclusive_group()
