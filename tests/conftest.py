@@ -122,20 +122,36 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
 # A deleted workflow is gone once the transfer queue's acknowledged level passes the deletion,
 # which the server moves every 30 s by default: a test waiting for a deletion (erasure) waited
 # that long, and past its limit when the suite loaded the server.
-PROMPT_DELETION = ["--dynamic-config-value", 'history.transferProcessorUpdateAckInterval="1s"']
+PROMPT_DELETION = 'history.transferProcessorUpdateAckInterval="1s"'
+
+
+@asynccontextmanager
+async def dev_server(
+    *dynamic_config: str, search_attributes: bool = True
+) -> AsyncIterator[WorkflowEnvironment]:
+    """A dev server of its own (in memory), with the contract's search attributes unless told
+    otherwise, and `dynamic_config` values (`key=value`) besides PROMPT_DELETION."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"),
+        search_attributes=SEARCH_ATTRIBUTES if search_attributes else (),
+        data_converter=converter(),
+        dev_server_extra_args=[
+            arg
+            for value in (PROMPT_DELETION, *dynamic_config)
+            for arg in ("--dynamic-config-value", value)
+        ],
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
 
 
 @pytest_asyncio.fixture(scope="session")
 async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     """The real dev server, with the contract's search attributes registered."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=converter(),
-        dev_server_extra_args=PROMPT_DELETION,
-    )
-    yield env
-    await env.shutdown()
+    async with dev_server() as env:
+        yield env
 
 
 POSTGRES_URL_ENV = "REFERRALS_TEST_POSTGRES_URL"

@@ -19,7 +19,7 @@ import pytest_asyncio
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from tests.conftest import BIN, SEARCH_ATTRIBUTES, converter
+from tests.conftest import dev_server
 from tests.desk import (
     PROSPECT_DOMAIN,
     WON_180K,
@@ -205,14 +205,8 @@ async def late_env() -> AsyncIterator[WorkflowEnvironment]:
         "limit.historyCount.suggestContinueAsNew=40000",
         "limit.historySize.suggestContinueAsNew=40000000",
     ]
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=converter(),
-        dev_server_extra_args=[arg for value in late for arg in ("--dynamic-config-value", value)],
-    )
-    yield env
-    await env.shutdown()
+    async with dev_server(*late) as env:
+        yield env
 
 
 async def test_our_own_limit_and_updates_sent_while_the_run_switches(

@@ -14,22 +14,18 @@ from pathlib import Path
 
 import pytest_asyncio
 import yaml
-from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.schema import upgrade
-from tests.conftest import BIN, REFERRALS, ROOT, converter
+from tests.conftest import REFERRALS, ROOT, dev_server
 
 SETUP_LINES = 1 + 6 + 2  # the namespace, six search attributes, two Schedules
 
 
 @pytest_asyncio.fixture
 async def bare_server() -> AsyncIterator[str]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"), data_converter=converter()
-    )
-    yield env.client.service_client.config.target_host
-    await env.shutdown()
+    async with dev_server(search_attributes=False) as env:
+        yield env.client.service_client.config.target_host
 
 
 def referrals(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

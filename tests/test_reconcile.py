@@ -17,7 +17,6 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ActivityOutboundInterceptor,
@@ -30,7 +29,7 @@ import activities.reconcile
 from activities.db import ProspectClaim
 from activities.reconcile import ReconcileActivities, reconcile
 from activities.records import load_referral, save_referral
-from tests.conftest import BIN, converter
+from tests.conftest import dev_server
 from tests.factories import referral_input
 from worker import workflow_runner
 from workflows.models import ProgramRules, ReconcileReport, ReferralRecord, Stage
@@ -43,11 +42,8 @@ PAST_GRACE = timedelta(minutes=10)
 @pytest_asyncio.fixture(scope="module")
 async def temporal() -> AsyncIterator[Client]:
     """This module's own dev server (see above)."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"), data_converter=converter()
-    )
-    yield env.client
-    await env.shutdown()
+    async with dev_server(search_attributes=False) as env:
+        yield env.client
 
 
 class Watch(Interceptor):

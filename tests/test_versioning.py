@@ -43,9 +43,8 @@ from tests.conftest import (
     BIN,
     REFERRALS,
     ROOT,
-    SEARCH_ATTRIBUTES,
     MailSink,
-    converter,
+    dev_server,
     eventually,
     settings_with,
 )
@@ -69,13 +68,8 @@ RELEASE = RELEASES[0][0]  # the newest
 @pytest_asyncio.fixture
 async def server() -> AsyncIterator[WorkflowEnvironment]:
     """A dev server of this test's own: deployments and patch counts are namespace-wide."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=converter(),
-    )
-    yield env
-    await env.shutdown()
+    async with dev_server() as env:
+        yield env
 
 
 @pytest.fixture
