@@ -50,7 +50,7 @@ from starter.desk import (
 from starter.web.deps import FormLanguage, Language, PostedForm, SiteDep, csrf_checked
 from starter.web.signin import PRIVATE, STAFF, StaffEmail, sign_in_page, sign_out_token
 from starter.web.site import Site
-from workflows.models import Action, Stage
+from workflows.models import Action, CommissionStatus, Stage
 from workflows.transitions import allowed_actions
 
 LIST = f"{STAFF.home}/referrals"
@@ -69,6 +69,12 @@ STAGE_LABELS = {
     Stage.LOST: N_("Lost"),
     Stage.EXPIRED: N_("Expired"),
     Stage.CANCELLED: N_("Cancelled"),
+}
+COMMISSION_STATUS_LABELS = {
+    CommissionStatus.PENDING: N_("Pending"),
+    CommissionStatus.PAYABLE: N_("Payable"),
+    CommissionStatus.PAID: N_("Paid"),
+    CommissionStatus.VOID: N_("Void"),
 }
 
 
@@ -344,6 +350,7 @@ def file_page(
         state=found.state,
         zone=zone_of(site),
         stage_label=stage_label(lang),
+        commission_status=COMMISSION_STATUS_LABELS,
         list_url=f"{LIST}?lang={lang}",
         workflow_url=temporal_ui_links(site.settings)(found.workflow_id),
         switch_url=f"{LIST}/{quote(referral_id, safe='')}?lang={'en' if lang == 'fr' else 'fr'}",
