@@ -614,15 +614,9 @@ def referral_file(engine: Engine, referral_id: str) -> ReferralFile | None:
     state = load_referral(engine, referral_id)
     if state is None:
         return None
-    timeline = [
-        TimelineEntry(
-            seq=entry.seq if entry.seq is not None else number,
-            at=entry.at,
-            action=entry.action,
-            actor=entry.actor,
-            note=entry.note,
-            outcome=entry.outcome,
-            request_id=entry.request_id,
+    timeline = [  # an entry older than the event log's numbering is numbered by its place
+        TimelineEntry.model_validate(
+            entry.model_dump() | {"seq": number if entry.seq is None else entry.seq}
         )
         for number, entry in enumerate(state.history)
     ]
