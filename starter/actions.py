@@ -140,27 +140,29 @@ def fields_of(action: Action) -> tuple[Field, ...]:
     return ACTION_FIELDS[action][1]
 
 
-def decimal_value(text: str, option: str) -> Decimal:
-    """`text` as a finite decimal; refused naming `option` (`--amount`, or a form's field)."""
-    field = option.removeprefix("--").replace("-", "_")
+def decimal_value(text: str, field: Field) -> Decimal:
+    """`text` as a finite decimal; refused naming the field's CLI option (`--amount`)."""
     try:
         value = Decimal(text)
     except InvalidOperation:
         raise InvalidValue(
-            field, Problem.DECIMAL, f"{option} must be a decimal number like 1234.50, not {text!r}"
+            field.name,
+            Problem.DECIMAL,
+            f"{field.option} must be a decimal number like 1234.50, not {text!r}",
         ) from None
     if not value.is_finite():
-        raise InvalidValue(field, Problem.FINITE, f"{option} must be a finite decimal number")
+        raise InvalidValue(
+            field.name, Problem.FINITE, f"{field.option} must be a finite decimal number"
+        )
     return value
 
 
-def integer_value(text: str, option: str) -> int:
+def integer_value(text: str, field: Field) -> int:
     try:
         return int(text.strip())
     except ValueError:
-        field = option.removeprefix("--").replace("-", "_")
         raise InvalidValue(
-            field, Problem.INTEGER, f"{option} must be a whole number, not {text!r}"
+            field.name, Problem.INTEGER, f"{field.option} must be a whole number, not {text!r}"
         ) from None
 
 
@@ -178,11 +180,9 @@ def staff_action(
                 raise InvalidValue(field.name, Problem.REQUIRED, f"{field.option} is required")
             continue
         if field.kind is Kind.DECIMAL:
-            given[field.name] = decimal_value(str(value), field.option)
+            given[field.name] = decimal_value(str(value), field)
         elif field.kind is Kind.INTEGER:
-            given[field.name] = (
-                value if isinstance(value, int) else integer_value(value, field.option)
-            )
+            given[field.name] = value if isinstance(value, int) else integer_value(value, field)
         else:
             given[field.name] = value
     return StaffAction(action=action, actor=actor, request_id=request_id, **given)  # type: ignore[arg-type]
