@@ -48,7 +48,7 @@ from starter.desk import (
     referrals_csv,
 )
 from starter.web.deps import FormLanguage, Language, PostedForm, SiteDep, csrf_checked
-from starter.web.signin import PRIVATE, STAFF, StaffEmail, sign_in_page, sign_out_token
+from starter.web.signin import PRIVATE, STAFF, StaffEmail, sign_in_page, signed_in_page
 from starter.web.site import Site
 from workflows.models import Action, CommissionStatus, Stage
 from workflows.transitions import allowed_actions
@@ -141,8 +141,7 @@ async def referral_list(
         request,
         "staff_referrals.html",
         lang,
-        home=STAFF.home,
-        sign_out_csrf=sign_out_token(request, site, STAFF),
+        **signed_in_page(request, site, STAFF),
         email=email,
         filters=filters,
         problems=problems,
@@ -343,8 +342,7 @@ def file_page(
         "staff_referral.html",
         lang,
         status,
-        home=STAFF.home,
-        sign_out_csrf=sign_out_token(request, site, STAFF),
+        **signed_in_page(request, site, STAFF),
         email=email,
         file=found,
         state=found.state,

@@ -36,7 +36,7 @@ from starter.web.signin import (
     ReferrerEmail,
     add_sign_in_routes,
     sign_in_page,
-    sign_out_token,
+    signed_in_page,
 )
 from starter.web.site import Site
 from workflows.models import ReferralState, round_money
@@ -221,8 +221,7 @@ async def portal(request: Request, site: SiteDep, lang: Language, email: Referre
         request,
         "portal.html",
         lang,
-        home=REFERRER.home,
-        sign_out_csrf=sign_out_token(request, site, REFERRER),
+        **signed_in_page(request, site, REFERRER),
         statement=await statement_of(site, email),
         stage_names=STAGE_NAMES,  # as the status page names them
     )

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
@@ -212,6 +212,18 @@ def sign_out_token(request: Request, site: Site, audience: Audience) -> str:
     visitor's browser sign them out."""
     session = _session(request, site, audience)
     return "" if session is None else _sign_out_token(session.nonce, signer_keys(site.key)[-1])
+
+
+class SignedInPage(TypedDict):
+    """What every signed-in page renders with (sign_out.html)."""
+
+    home: str
+    sign_out_csrf: str
+
+
+def signed_in_page(request: Request, site: Site, audience: Audience) -> SignedInPage:
+    """The audience's home, and the sign-out form's token of this visitor's session."""
+    return {"home": audience.home, "sign_out_csrf": sign_out_token(request, site, audience)}
 
 
 def _sign_out_allowed(token: str | None, session: SignedIn, keys: Keys) -> bool:

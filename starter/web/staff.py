@@ -38,7 +38,7 @@ from starter.web.signin import (
     StaffEmail,
     add_sign_in_routes,
     sign_in_page,
-    sign_out_token,
+    signed_in_page,
 )
 from starter.web.site import Site
 from workflows.models import Stage
@@ -316,8 +316,7 @@ async def dashboard(
         request,
         "staff.html",
         lang,
-        home=STAFF.home,
-        sign_out_csrf=sign_out_token(request, site, STAFF),
+        **signed_in_page(request, site, STAFF),
         email=email,
         choice=chosen,
         figures=figures,
