@@ -5,7 +5,7 @@ docs/operations.md ("Staff roles") says the same for people."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 
 from workflows.models import Action, Role, StaffRules
@@ -73,15 +73,16 @@ def may(roles: Iterable[Role], permission: Permission) -> bool:
     return not ROLES_FOR[permission].isdisjoint(roles)
 
 
-def _either(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
-
-
-def refusal(permission: Permission) -> str:
-    """Why one without the role may not, in English: "payout needs the finance or manager
-    role". Another language builds its own line from `permission` and `roles_for`."""
-    roles = roles_for(permission)
-    return f"{permission.value} needs the {_either([r.value for r in roles])} role"
+def refusal(permission: Permission, gettext: Callable[[str], str] = str) -> str:
+    """Why one without the role may not: "payout needs the finance or manager role", in
+    English, or in the language whose `gettext` is given (the staff web desk's pages)."""
+    names = [role.value for role in roles_for(permission)]
+    roles = (
+        names[0]
+        if len(names) == 1
+        else gettext("{first} or {last}").format(first=", ".join(names[:-1]), last=names[-1])
+    )
+    return gettext("{action} needs the {roles} role").format(action=permission.value, roles=roles)
 
 
 def held(email: str, roles: Iterable[Role]) -> str:

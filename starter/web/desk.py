@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.i18n import N_, translations
-from core.roles import may, roles_for, roles_of
+from core.roles import may, refusal, roles_of
 from core.settings import Settings
 from starter.actions import (
     Field,
@@ -308,19 +308,6 @@ def action_forms(
     return forms
 
 
-def role_refusal(action: Action, lang: str) -> str:
-    """`core.roles.refusal`, in the page's language: "payout needs the finance or manager
-    role"."""
-    gettext = translations(lang).gettext
-    names = [role.value for role in roles_for(action)]
-    roles = (
-        names[0]
-        if len(names) == 1
-        else gettext("{first} or {last}").format(first=", ".join(names[:-1]), last=names[-1])
-    )
-    return gettext("{action} needs the {roles} role").format(action=action.value, roles=roles)
-
-
 def file_page(
     request: Request,
     site: Site,
@@ -429,7 +416,7 @@ async def referral_action(
     if not csrf_ok:
         return await again(403, gettext("This form had expired: check it and send it again."))
     if not may(roles_of(site.rules.staff, email), action):
-        return await again(403, role_refusal(action, lang))
+        return await again(403, refusal(action, gettext))
     try:
         staff_request = staff_action(
             action,
