@@ -1,14 +1,13 @@
-"""What a route asks for rather than derives by hand (FastAPI dependencies): the site and its
-database, the visitor's language, a posted form and whether its CSRF token holds. Who is
-signed in is `signin.signed_in_as`'s."""
+"""What a route asks for rather than derives by hand (FastAPI dependencies): the site (its
+database among its parts), the visitor's language, a posted form and whether its CSRF token
+holds. Who is signed in: `signin.StaffEmail` and `signin.ReferrerEmail`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
-from sqlalchemy.engine import Engine
+from fastapi import Depends, FastAPI, Request
 
 from core.links import csrf_valid
 from starter.web.site import Site, pick_language
@@ -21,13 +20,6 @@ def get_site(request: Request) -> Site:
 
 
 SiteDep = Annotated[Site, Depends(get_site)]
-
-
-def get_engine(site: SiteDep) -> Engine:
-    return site.engine
-
-
-EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
 def language(request: Request) -> str:
@@ -65,10 +57,10 @@ def csrf_checked(cookie: str) -> Callable[[Request, PostedForm, Site], bool]:
     return checked
 
 
-def install(request_app_state: object, site: Site) -> None:
+def install(app: FastAPI, site: Site) -> None:
     """Make `site` the one every route of the app is given (each audience's `add_…_routes`
     calls this with the same site)."""
-    installed = getattr(request_app_state, "site", None)
+    installed = getattr(app.state, "site", None)
     if installed is not None and installed is not site:
         raise ValueError("an app serves one site: its audiences were given different ones")
-    request_app_state.site = site  # type: ignore[attr-defined]
+    app.state.site = site

@@ -198,7 +198,7 @@ class TooManyForAddress(Exception):
 
 
 def add_intake_routes(app: FastAPI, site: Site) -> None:
-    install(app.state, site)
+    install(app, site)
     # With the per-connection limit, or not at all (REFERRALS_RATE_LIMIT=off: a load test).
     app.state.receipts = RateLimiter(*RECEIPTS_PER_ADDRESS) if site.limiter is not None else None
     app.include_router(router)

@@ -327,7 +327,7 @@ class LinkSending:
 
 def add_sign_in_routes(app: FastAPI, site: Site, audience: Audience) -> None:
     """The sign-in routes under the audience's home."""
-    install(app.state, site)
+    install(app, site)
     if not hasattr(app.state, "link_sending"):
         app.state.link_sending = {}
     app.state.link_sending[audience.name] = LinkSending()
