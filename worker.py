@@ -24,6 +24,7 @@ from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
 from activities.webhooks import WebhookActivities, webhook_queue, with_secrets
 from activities.webhooks import configure as configure_webhooks
+from core.actor_assertions import trust
 from core.health import HealthServer, database_answers, temporal_answers
 from core.links import status_url
 from core.logs import configure_logging
@@ -88,6 +89,8 @@ def build_worker(
     retries; `queue` (default the settings'); `rules`: the program in force, for its retention
     period (default: the settings' program file)."""
     configure_webhooks(settings.program_path, settings.webhook_retry)
+    if settings.actor_trusted_keys is not None:
+        trust(settings.actor_trusted_keys)  # what the `act` validator checks assertions with
     email = EmailActivities(
         engine,
         settings.smtp,
@@ -151,7 +154,7 @@ def build_webhook_worker(
 
 
 async def run_worker(settings: Settings) -> None:
-    settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET)
+    settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET, Need.ACTOR_KEYS)
     configure_logging(settings)
     rules = load_program(settings.program_path)
     with_secrets(rules.webhooks)  # every webhook's secret_env set: refuse to start otherwise

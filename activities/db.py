@@ -119,6 +119,8 @@ class ReferralEventRow(SQLModel, table=True):
     note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     outcome: str
     request_id: str | None = None
+    # The surface that signed a staff action's actor, or "unauthenticated" (0010).
+    surface: str | None = None
 
 
 class CommissionLineRow(SQLModel, table=True):

@@ -53,6 +53,7 @@ def write_referral(session: Session, record: ReferralRecord) -> None:
                     note=entry.note,
                     outcome=entry.outcome,
                     request_id=entry.request_id,
+                    surface=entry.surface,
                 )
             )
     enqueue_deliveries(session, state, added)
@@ -148,6 +149,7 @@ def load_referral(engine: Engine, referral_id: str) -> ReferralState | None:
             outcome=event.outcome,  # type: ignore[arg-type]
             seq=event.seq,
             request_id=event.request_id,
+            surface=event.surface,
         )
         for event in events
     ]

@@ -3,7 +3,8 @@ them. Entry points build one `Settings` with `Settings.from_env()` and hand it d
 
 **Secrets from files.** Each secret may come from `<NAME>_FILE` (the Docker and Kubernetes
 secrets convention) instead of `<NAME>`: REFERRALS_ENCRYPTION_KEYS, REFERRALS_SECRET_KEY,
-REFERRALS_DATABASE_URL, REFERRALS_SMTP_PASSWORD, REFERRALS_CODEC_TOKEN.
+REFERRALS_DATABASE_URL, REFERRALS_SMTP_PASSWORD, REFERRALS_CODEC_TOKEN,
+REFERRALS_ACTOR_SIGNING_KEY.
 
 **Fail closed.** Only `referrals dev` creates the dev stack's key file, secret and SQLite
 database under `.data/` (`create_dev_files`). Any other process uses them when they already
@@ -24,6 +25,13 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from core import DEFAULT_PROGRAM
+from core.actor_assertions import (
+    SIGNING_KEY_ENV,
+    TRUSTED_KEYS_ENV,
+    ActorKeyError,
+    SigningKey,
+    TrustedKeys,
+)
 from core.encryption import EncryptionKeyError, KeyRing, new_key_entry
 from core.metrics import MetricsEndpoint
 
@@ -31,6 +39,8 @@ DEV_DATA = Path(".data")
 DEV_KEY_FILE = DEV_DATA / "encryption-keys"
 DEV_SECRET_FILE = DEV_DATA / "secret_key"
 DEV_DATABASE = DEV_DATA / "referrals.db"
+# The dev stack's one surface key: its web desk and CLI sign with it, its worker trusts it.
+DEV_ACTOR_KEY_FILE = DEV_DATA / "actor-signing-key"
 
 SECRETS_FROM_FILES = (
     "REFERRALS_ENCRYPTION_KEYS",
@@ -39,6 +49,7 @@ SECRETS_FROM_FILES = (
     "REFERRALS_SMTP_PASSWORD",
     "REFERRALS_CODEC_TOKEN",
     "REFERRALS_REFERRER_KEY_SECRET",
+    SIGNING_KEY_ENV,
 )
 REFERRER_SECRET_ENV = "REFERRALS_REFERRER_KEY_SECRET"
 STAFF_IDENTITY_ENV = "REFERRALS_STAFF_IDENTITY"
@@ -64,6 +75,9 @@ class Need(Enum):
     DATABASE = "REFERRALS_DATABASE_URL"
     ENCRYPTION = "REFERRALS_ENCRYPTION_KEYS"
     SECRET = "REFERRALS_SECRET_KEY"
+    # The web app signs its staff's actions; a worker checks them (core/actor_assertions.py).
+    ACTOR_SIGNING = SIGNING_KEY_ENV
+    ACTOR_KEYS = TRUSTED_KEYS_ENV
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,10 @@ class Settings:
     # Worker Deployment named here (default: the task queue's name); none, an unversioned worker.
     build_id: str | None = None
     deployment_name: str = "referrals"
+    # The key this process signs its staff's actions with (the web desk, a toolbox's CLI), and
+    # the public keys a worker accepts them from (core/actor_assertions.py).
+    actor_signing_key: SigningKey | None = field(default=None, repr=False)
+    actor_trusted_keys: TrustedKeys | None = None
     # What came from the dev stack's files rather than the environment.
     from_dev_files: tuple[str, ...] = ()
 
@@ -173,6 +191,8 @@ class Settings:
             Need.DATABASE: self.database_url,
             Need.ENCRYPTION: self.encryption_keys,
             Need.SECRET: self.secret_keys,
+            Need.ACTOR_SIGNING: self.actor_signing_key,
+            Need.ACTOR_KEYS: self.actor_trusted_keys,
         }
         missing = [need.value for need in needs if not given[need]]
         if missing:
@@ -367,6 +387,7 @@ class _Reader:
                 f"{REFERRER_SECRET_ENV} to the secret that keyed ReferrerKey so far (the one "
                 "that signed before the rotation), so every referrer keeps the same key"
             )
+        signing_key, trusted_keys = self.actor_keys()
         origins = self.text("REFERRALS_CODEC_ORIGINS")
         maildir = self.text("REFERRALS_DEV_MAILDIR")
         settings = Settings(
@@ -416,6 +437,8 @@ class _Reader:
             health_host=self.text("REFERRALS_HEALTH_HOST") or "0.0.0.0",
             build_id=self.text("REFERRALS_BUILD_ID"),
             deployment_name=self.deployment_name(),
+            actor_signing_key=signing_key,
+            actor_trusted_keys=trusted_keys,
             from_dev_files=tuple(self.from_dev),
         )
         if settings.encryption_keys is not None:
@@ -426,6 +449,29 @@ class _Reader:
         if self.problems:
             raise SettingsError("; ".join(self.problems))
         return settings
+
+    def actor_keys(self) -> tuple[SigningKey | None, TrustedKeys | None]:
+        """The surface's signing key and the worker's trusted keys; in the dev stack, when
+        neither variable says otherwise, its one key for both."""
+        signing_text = self.secret(SIGNING_KEY_ENV)
+        trusted_text = self.text(TRUSTED_KEYS_ENV)
+        dev = None
+        if signing_text is None and not self.text(f"{SIGNING_KEY_ENV}_FILE"):
+            dev = signing_text = self.dev_file(SIGNING_KEY_ENV, DEV_ACTOR_KEY_FILE)
+        signing = trusted = None
+        try:
+            if signing_text is not None:
+                signing = SigningKey.parse(
+                    signing_text, str(DEV_ACTOR_KEY_FILE) if dev else SIGNING_KEY_ENV
+                )
+            if trusted_text is not None:
+                trusted = TrustedKeys.parse(trusted_text)
+            elif dev is not None and signing is not None:
+                trusted = TrustedKeys.parse(signing.trusted_entry(), str(DEV_ACTOR_KEY_FILE))
+                self.from_dev.append(TRUSTED_KEYS_ENV)
+        except ActorKeyError as error:
+            self.problems.append(str(error))
+        return signing, trusted
 
     def staff_identity(self) -> str | None:
         identity = self.text(STAFF_IDENTITY_ENV)
@@ -499,7 +545,7 @@ def loopback(host: str) -> bool:
 
 
 def create_dev_files(cwd: Path | None = None) -> list[Path]:
-    """For `referrals dev` only: the local stack's payload key and signing secret, each
+    """For `referrals dev` only: the local stack's payload key, signing secret and actor key, each
     created once (mode 0600) and kept, so links and histories survive restarts. The database
     file comes from the stack's `db upgrade`. Returns what it created."""
     base = cwd or Path.cwd()
@@ -508,6 +554,7 @@ def create_dev_files(cwd: Path | None = None) -> list[Path]:
         (DEV_KEY_FILE, "# Referral Desk payload keys, oldest first; the last encrypts.\n"
          f"{new_key_entry()}\n"),
         (DEV_SECRET_FILE, secrets.token_urlsafe(32)),
+        (DEV_ACTOR_KEY_FILE, SigningKey.new("dev", "dev").text()),
     ):  # fmt: skip
         target = base / path
         target.parent.mkdir(parents=True, exist_ok=True)

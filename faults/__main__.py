@@ -25,6 +25,7 @@ from typing import Any
 
 from temporalio.client import RPCTimeoutOrCancelledError, WorkflowUpdateRPCTimeoutOrCancelledError
 
+from core.actor_assertions import SIGNING_KEY_ENV, TRUSTED_KEYS_ENV, SigningKey
 from core.encryption import KEYS_ENV, new_key_entry
 from faults.database import Backend
 from faults.scenarios import SCENARIOS, Outcome, run_scenario
@@ -191,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         print("--referrals must be at least 1", file=sys.stderr)
         return 2
     remove_left_behind()
-    # One key ring for the suite and every worker it starts, as a deployment configures it.
+    # One key ring for the suite and every worker it starts, as a deployment configures it;
+    # the driver signs staff actions as the web desk does, with a key the workers trust.
     os.environ.setdefault(KEYS_ENV, new_key_entry())
+    signing = SigningKey.parse(
+        os.environ.setdefault(SIGNING_KEY_ENV, SigningKey.new("faults", "desk").text())
+    )
+    os.environ.setdefault(TRUSTED_KEYS_ENV, signing.trusted_entry())
     root = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
     children = Children()
 

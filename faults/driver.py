@@ -33,7 +33,15 @@ from temporalio.service import RPCError, RPCStatusCode
 from core.settings import Settings
 from starter.actions import Refused, send_action
 from starter.intake import parse_submission, submit_referral
-from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction, Stage
+from workflows.models import (
+    MONEY_ACTIONS,
+    Action,
+    ActResult,
+    ProgramRules,
+    ReferralState,
+    StaffAction,
+    Stage,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "referral.json"
 ACTOR = "fault-suite"
@@ -212,14 +220,22 @@ class Batch:
         self, referral: Referral, request: StaffAction, race: bool
     ) -> None:
         """The update, a signal with the same request id (racing it, or after it), and the
-        update again with the same id: the action must be applied exactly once."""
+        update again with the same id: the action must be applied exactly once. A signal
+        proves no actor and cannot move money: a money action goes by update each time."""
+
+        async def second() -> None:
+            if request.action in MONEY_ACTIONS:
+                await self._update(referral, request, duplicate=True)
+            else:
+                await self._signal(referral, request)
+
         if race:
-            signal = asyncio.create_task(self._signal(referral, request))
+            racing = asyncio.create_task(second())
             await self._update(referral, request)
-            await signal
+            await racing
         else:
             await self._update(referral, request)
-            await self._signal(referral, request)
+            await second()
         await self._update(referral, request, duplicate=True)
         self.stats.duplicates_sent += 2
 
@@ -230,7 +246,12 @@ class Batch:
 
         async def attempt() -> ActResult:
             return await send_action(
-                self.client, rid, request, ATTEMPT_SECONDS, self.settings.database()
+                self.client,
+                rid,
+                request,
+                ATTEMPT_SECONDS,
+                self.settings.database(),
+                self.settings.actor_signing_key,
             )
 
         sent_at, started = datetime.now(UTC), time.monotonic()

@@ -27,6 +27,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.records import load_referral
 from activities.schema import open_database
+from core.actor_assertions import SigningKey
 from workflows.models import Action, ActResult, StaffAction
 
 # How long a staff action may wait for a worker, unless REFERRALS_CLI_TIMEOUT says otherwise.
@@ -194,14 +195,19 @@ async def send_action(
     request: StaffAction,
     timeout: float,
     database_url: str | Engine,
+    signer: SigningKey | None,
 ) -> ActResult:
     """Apply one staff action through the `act` update, its request id as the update id, so
     a retried request is applied once. Waits at most `timeout` seconds in all. A referral
     Temporal does not know is looked up in the database at `database_url` (or that engine).
+    `signer`: this surface's key, which asserts that the request's actor is who it
+    authenticated; without one the action goes unsigned (money actions are then refused).
 
     Refused: `Refused` with the workflow's one-line reason (or the referral unknown or
     closed); `NotAnswered` when no worker answered, or one did but the action was not
     recorded, within the timeout (its message speaks the CLI's words)."""
+    if signer is not None:  # signed at each attempt: a retry is a fresh assertion
+        request = signer.sign(referral_id, request)
     handle = client.get_workflow_handle(referral_id)
     retry = f"repeat the command with --request-id {request.request_id} to retry it safely"
     loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ from activities.db import CommissionRow, as_utc, make_engine
 from activities.records import count_referrals, list_referrals, load_referral
 from activities.schema import SchemaOutOfDate, open_database, upgrade
 from activities.webhooks import configure as configure_webhooks
+from core.actor_assertions import SIGNING_KEY_ENV, SigningKey
 from core.encryption import EncryptionKeyError
 from core.links import referrer_key
 from core.program import ProgramError, load_program
@@ -155,7 +156,8 @@ def describe(state: ReferralState, workflow: str | None = None) -> str:
     for entry in s.history:
         note = f" — {entry.note}" if entry.note else ""
         flag = " [refused]" if entry.outcome == "refused" else ""
-        lines.append(f"    {at(entry.at)}  {entry.action}{flag} by {entry.actor}{note}")
+        proof = f" ({entry.surface})" if entry.surface else ""  # who signed, or unauthenticated
+        lines.append(f"    {at(entry.at)}  {entry.action}{flag} by {entry.actor}{proof}{note}")
     return "\n".join(lines)
 
 
@@ -217,6 +219,15 @@ def acting_as(args: argparse.Namespace, permission: Permission | None = None) ->
     if permission is not None and not may(roles, permission):
         raise Refused(f"refused: {refusal(permission)} ({held(identity, roles)})")
     return identity
+
+
+def cli_signer(settings: Settings) -> SigningKey | None:
+    """The CLI vouches for its actor only when it knows who that is: the identity a toolbox is
+    given (REFERRALS_STAFF_IDENTITY), or the one developer of a dev stack (its key file). A
+    name claimed with --actor goes unsigned, and cannot move money."""
+    if settings.staff_identity is not None or SIGNING_KEY_ENV in settings.from_dev_files:
+        return settings.actor_signing_key
+    return None
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -342,7 +353,12 @@ def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[A
         settings: Settings = args.settings
         client = await connect(settings)
         state = await send_action(
-            client, args.id, request, timeout_seconds(args), settings.database()
+            client,
+            args.id,
+            request,
+            timeout_seconds(args),
+            settings.database(),
+            cli_signer(settings),
         )
         print(f"{state.referral_id}: {action.value} done, stage {state.stage.value}")
         return 0
@@ -704,6 +720,19 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_actor(args: argparse.Namespace) -> int:
+    """A surface's new signing key and its public entry (docs/operations.md, "Who acted")."""
+    from core.actor_assertions import TRUSTED_KEYS_ENV, ActorKeyError
+
+    try:
+        key = SigningKey.new(args.key_id, args.surface)
+    except ActorKeyError as error:
+        raise Refused(str(error).removeprefix(f"{SIGNING_KEY_ENV}: ")) from None
+    print(f"{SIGNING_KEY_ENV}={key.text()}")
+    print(f"{TRUSTED_KEYS_ENV} entry, for every worker (comma-separated): {key.trusted_entry()}")
+    return 0
+
+
 def cmd_codec_server(args: argparse.Namespace) -> int:
     from starter.codec_server import CodecServerError, run_codec_server
 
@@ -780,9 +809,17 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
 
     sub = add("dev", cmd_dev, "run the local stack: Temporal dev server and UI, worker, mail sink")
     sub.add_argument("--config", default="temporal-dev.yaml", help="the stack's settings")
-    add("worker", cmd_worker, "run a worker on the referrals task queue", (DB, KEYS, SECRET))
+    add(
+        "worker",
+        cmd_worker,
+        "run a worker on the referrals task queue",
+        (DB, KEYS, SECRET, Need.ACTOR_KEYS),
+    )
     sub = add(
-        "web", cmd_web, "run the intake web app (form, JSON API, status pages)", (DB, KEYS, SECRET)
+        "web",
+        cmd_web,
+        "run the web app (intake, portal, staff desk)",
+        (DB, KEYS, SECRET, Need.ACTOR_SIGNING),
     )
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
@@ -885,11 +922,18 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         metavar="DAYS",
         help="days Temporal keeps a closed workflow (default: leave it; 30 for a new namespace)",
     )
-    keys = add("keys", lambda _: 2, "manage the payload encryption keys").add_subparsers(
+    keys = add("keys", lambda _: 2, "manage the payload and actor keys").add_subparsers(
         dest="keys_command", required=True, metavar="KEYS_COMMAND"
     )
     rotate_help = "add a key to the key file: it encrypts from now on, older keys still decrypt"
     keys.add_parser("rotate", help=rotate_help).set_defaults(handler=cmd_keys_rotate)
+    actor_help = (
+        "print a new key a surface (the web desk, a toolbox) signs its staff's actions with"
+    )
+    sub = keys.add_parser("actor", help=actor_help)
+    sub.set_defaults(handler=cmd_keys_actor)
+    sub.add_argument("--surface", required=True, help="what it is: web, toolbox…")
+    sub.add_argument("--key-id", required=True, help="its id, e.g. web-2026-12")
     sub = add(
         "codec-server",
         cmd_codec_server,

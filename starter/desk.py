@@ -38,6 +38,7 @@ from activities.db import (
     as_utc,
 )
 from activities.records import load_referral
+from core.actor_assertions import UNAUTHENTICATED
 from starter.domains import registrable_domain
 from starter.figures import (
     ENTERED_BY,
@@ -524,6 +525,13 @@ class TimelineEntry(BaseModel):
     note: str | None
     outcome: str
     request_id: str | None
+    # Who proved the actor: the surface that signed, or "unauthenticated" (a signal, a CLI
+    # with no identity); None for the workflow's own entries and those before release 0.8.
+    surface: str | None = None
+
+    @property
+    def unauthenticated(self) -> bool:
+        return self.surface == UNAUTHENTICATED
 
     @property
     def refused(self) -> bool:

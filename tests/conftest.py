@@ -32,9 +32,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.db import make_engine
 from activities.schema import upgrade
+from core.actor_assertions import SIGNING_KEY_ENV, TRUSTED_KEYS_ENV, SigningKey, trust
 from core.encryption import KEYS_ENV, new_key_entry
 from core.program import load_program
-from core.settings import Need, Settings, SmtpSettings
+from core.settings import DEV_ACTOR_KEY_FILE, Need, Settings, SmtpSettings
 from core.temporal import data_converter, payload_codec
 from starter.mail_sink import start_sink
 from worker import build_webhook_worker, build_worker
@@ -56,9 +57,16 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault(KEYS_ENV, new_key_entry())
 os.environ.setdefault(Need.SECRET.value, "test-secret-" + "x" * 32)
 SECRET = os.environ[Need.SECRET.value]
+# Staff actions are signed with a key of the test run, which every worker trusts.
+os.environ.setdefault(SIGNING_KEY_ENV, SigningKey.new("tests", "tests").text())
+os.environ.setdefault(
+    TRUSTED_KEYS_ENV, SigningKey.parse(os.environ[SIGNING_KEY_ENV]).trusted_entry()
+)
 # The settings of the test process (its environment above; no dev stack files are read from
 # tests/): the in-process workers and web apps get these, or a copy with a change.
 SETTINGS = Settings.from_env(cwd=ROOT / "tests")
+# Workers built without `build_worker` (tests/desk.py) check assertions with the same keys.
+trust(SETTINGS.actor_trusted_keys)
 
 
 def converter() -> DataConverter:
@@ -396,8 +404,15 @@ Cli = Callable[..., Awaitable[Result]]
 
 @pytest.fixture
 def cli(live: Live, tmp_path: Path, program_file: Path) -> Cli:
+    """`referrals` as a dev stack's CLI: it signs its actions with the stack's key file (here
+    the test run's key), whoever --actor names. Without that file or an identity, a CLI
+    signs nothing (tests/test_cli.py)."""
+    assert SETTINGS.actor_signing_key is not None
+    key_file = tmp_path / DEV_ACTOR_KEY_FILE
+    key_file.parent.mkdir(exist_ok=True)
+    key_file.write_text(SETTINGS.actor_signing_key.text())
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key != SIGNING_KEY_ENV},
         "TEMPORAL_ADDRESS": live.address,
         "REFERRALS_DATABASE_URL": live.database_url,
         "REFERRALS_PROGRAM": str(program_file),

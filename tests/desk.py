@@ -28,6 +28,7 @@ from temporalio.worker import Worker
 
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
+from tests.conftest import SETTINGS
 from worker import workflow_runner
 from workflows.models import (
     Action,
@@ -123,11 +124,12 @@ class Desk:
 
         return [send_email, record_commission, release_prospect, record_referral]
 
-    def worker(self, **options: Any) -> Worker:
+    def worker(self, workflow: type = ReferralWorkflow, **options: Any) -> Worker:
+        """`workflow`: the referral workflow's class (an older release's, in a test of one)."""
         return Worker(
             self.env.client,
             task_queue=self.task_queue,
-            workflows=[ReferralWorkflow],
+            workflows=[workflow],
             activities=self.activities(),
             workflow_runner=workflow_runner(),
             **options,
@@ -193,10 +195,14 @@ class Desk:
 
 @asynccontextmanager
 async def referral_desk(
-    env: WorkflowEnvironment, rules: ProgramRules, **options: Any
+    env: WorkflowEnvironment,
+    rules: ProgramRules,
+    worker_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> AsyncIterator[Desk]:
+    """A desk (`options`) and its worker (`worker_options`: a patch activation…)."""
     desk = Desk(env, rules, **options)
-    async with desk.worker():
+    async with desk.worker(**(worker_options or {})):
         try:
             yield desk
         finally:
@@ -219,10 +225,18 @@ async def act_by_id(
     return await act_on(handle, StaffAction(action=action, actor="alice", **values))
 
 
+def signed(referral_id: str, request: StaffAction) -> StaffAction:
+    """`request` as the test run's surface sends it: with a request id, signed."""
+    if request.request_id is None:
+        request = request.model_copy(update={"request_id": f"test-{uuid.uuid4()}"})
+    assert SETTINGS.actor_signing_key is not None
+    return SETTINGS.actor_signing_key.sign(referral_id, request)
+
+
 async def act_on(handle: WorkflowHandle[Any, Any], request: StaffAction) -> ReferralState:
-    """The `act` update, then the whole referral (the update answers with where it stands
-    only); a timer or a failed email may have changed it again since."""
-    done = await handle.execute_update("act", request, result_type=ActResult)
+    """The `act` update, signed, then the whole referral (the update answers with where it
+    stands only); a timer or a failed email may have changed it again since."""
+    done = await handle.execute_update("act", signed(handle.id, request), result_type=ActResult)
     state = await query_state(handle)
     assert state.referral_id == done.referral_id and state.revision >= done.revision
     return state

@@ -57,6 +57,7 @@ from tests.conftest import (
     SEARCH_ATTRIBUTES,
     free_port,
 )
+from tests.desk import signed
 from tests.factories import referral_input, submission
 from worker import build_webhook_worker, build_worker
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
@@ -103,9 +104,8 @@ class Desk:
         return await handle.query("state", result_type=ReferralState)
 
     async def act(self, handle: WorkflowHandle[Any, Any], action: Action, **values: Any) -> None:
-        await handle.execute_update(
-            "act", StaffAction(action=action, actor="desk-anna", **values), result_type=None
-        )
+        request = StaffAction(action=action, actor="desk-anna", **values)
+        await handle.execute_update("act", signed(handle.id, request), result_type=None)
 
     async def signal(self, handle: WorkflowHandle[Any, Any], action: Action, **values: Any) -> None:
         await handle.signal("action", StaffAction(action=action, actor="crm-sync", **values))
@@ -209,14 +209,16 @@ async def refused_and_duplicated_signals(desk: Desk) -> WorkflowHandle[Any, Any]
     await desk.signal(handle, Action.CONTACTED, request_id="crm-1")  # redelivered: applied once
     for action in (Action.CONTACTED, Action.ACCEPT, Action.APPROVE):  # a new request: refused
         await desk.signal(handle, action)
-    won = {"amount": Decimal("50000"), "currency": "EUR"}
+    won = {"amount": Decimal("50000"), "currency": "EUR", "request_id": "crm-2"}
+    # A signal proves no actor: since 0.8 it cannot move money (refused, its request id not
+    # used up), and the desk records the same request, signed, by update.
     await desk.signal(handle, Action.WON, **won)
-    await desk.signal(handle, Action.WON, **won)
+    await desk.act(handle, Action.WON, **won)
+    await desk.signal(handle, Action.WON, **won)  # applied already: ignored
     payment = {"amount": Decimal("50000"), "reference": "INV-7"}
-    await desk.signal(handle, Action.PAYMENT, **payment)
-    await desk.signal(handle, Action.PAYMENT, **payment)
+    await desk.act(handle, Action.PAYMENT, **payment)
     await desk.until(handle, lambda s: s.stage is Stage.COMMISSION_PAYABLE)
-    await desk.signal(handle, Action.PAYOUT, reference="VIR-7")
+    await desk.act(handle, Action.PAYOUT, reference="VIR-7")
     return handle
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from starter.cli import DEFAULT_TIMEOUT_SECONDS as DEFAULT_TIMEOUT
-from tests.conftest import Cli, Live, Result
+from tests.conftest import SETTINGS, Cli, Live, Result
 from tests.factories import referral_input, submission_data
 from workflows.models import ProgramRules
 from workflows.referral import ReferralWorkflow
@@ -70,6 +70,13 @@ async def test_walk_a_referral_through_every_step(cli: Cli, tmp_path: Path) -> N
     for step in steps:
         done = await cli(*step)
         assert done.code == 0, done
+    # A CLI that neither knows who it acts as (REFERRALS_STAFF_IDENTITY) nor is a dev stack's
+    # signs nothing, whatever key it holds: money does not move on a typed name.
+    unsigned = {"REFERRALS_ACTOR_SIGNING_KEY": SETTINGS.actor_signing_key.text()}  # type: ignore[union-attr]
+    refused(
+        await cli("won", rid, "--amount", "180000", "--currency", "EUR", env_changes=unsigned),
+        "won moves money: it needs an actor signed by",
+    )
     refused(await cli("won", rid, "--amount", "abc", "--currency", "EUR"), "--amount")
     refused(await cli("won", rid, "--amount", "-3", "--currency", "EUR"), "positive amount")
     won = await cli("won", rid, "--amount", "180000", "--currency", "EUR")

@@ -14,6 +14,7 @@ from typing import Any
 from activities.i18n import format_money
 from starter.intake import submit_referral
 from tests.conftest import SETTINGS, Cli, Live, eventually
+from tests.desk import signed
 from tests.factories import submission
 from workflows.models import Action, ActResult, ProgramRules, StaffAction
 
@@ -23,7 +24,7 @@ async def walk(live: Live, rid: str, *steps: tuple[Action, dict[str, Any]]) -> N
     handle = live.client.get_workflow_handle(rid)
     for action, values in steps:
         request = StaffAction(action=action, actor="desk-anna", **values)
-        await handle.execute_update("act", request, result_type=ActResult)
+        await handle.execute_update("act", signed(rid, request), result_type=ActResult)
 
 
 TO_APPROVED: list[tuple[Action, dict[str, Any]]] = [

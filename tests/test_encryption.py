@@ -27,6 +27,7 @@ from core.encryption import (
     rotate_key_file,
 )
 from core.settings import (
+    DEV_ACTOR_KEY_FILE,
     DEV_KEY_FILE,
     DEV_SECRET_FILE,
     Settings,
@@ -80,7 +81,12 @@ async def test_the_dev_key_file_is_created_once_private_and_rotated(tmp_path: Pa
     """`referrals dev` creates the key file; `keys rotate` adds a key that encrypts from then
     on; a process started before the rotation re-reads the file for a key it does not know."""
     environment = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
-    assert create_dev_files(tmp_path) == [tmp_path / DEV_KEY_FILE, tmp_path / DEV_SECRET_FILE]
+    assert create_dev_files(tmp_path) == [
+        tmp_path / DEV_KEY_FILE,
+        tmp_path / DEV_SECRET_FILE,
+        tmp_path / DEV_ACTOR_KEY_FILE,
+    ]
+    assert stat.S_IMODE((tmp_path / DEV_ACTOR_KEY_FILE).stat().st_mode) == 0o600
     assert create_dev_files(tmp_path) == []  # every later start finds the same ones
     path = tmp_path / DEV_KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -22,9 +22,11 @@ from core.settings import (
     create_dev_files,
 )
 from tests.conftest import REFERRALS, ROOT
+from workflows.models import Action, StaffAction
 
 OLD, NEW = "old-" + "o" * 32, "new-" + "n" * 32
 LONG = "s" * 32
+
 MISSING = "missing REFERRALS_DATABASE_URL, REFERRALS_ENCRYPTION_KEYS, REFERRALS_SECRET_KEY"
 
 
@@ -36,8 +38,8 @@ def bare_environment() -> dict[str, str]:
 @pytest.mark.parametrize(
     ("command", "missing"),
     [
-        (["worker"], MISSING),
-        (["web", "--port", "1"], MISSING),
+        (["worker"], f"{MISSING}, REFERRALS_ACTOR_KEYS "),
+        (["web", "--port", "1"], f"{MISSING}, REFERRALS_ACTOR_SIGNING_KEY "),
         (["codec-server", "--port", "1"], "missing REFERRALS_ENCRYPTION_KEYS"),
         (["list"], "missing REFERRALS_DATABASE_URL"),
         (["db", "upgrade"], "missing REFERRALS_DATABASE_URL"),
@@ -70,8 +72,17 @@ def test_the_dev_stack_files_are_used_only_once_they_exist(tmp_path: Path) -> No
 
     found = Settings.from_env(environment, cwd=tmp_path)
 
-    found.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET)
-    assert found.from_dev_files == (KEYS_ENV, Need.SECRET.value, Need.DATABASE.value)
+    found.require(*Need)
+    assert found.from_dev_files == (
+        KEYS_ENV,
+        Need.SECRET.value,
+        Need.DATABASE.value,
+        Need.ACTOR_SIGNING.value,
+        Need.ACTOR_KEYS.value,  # the dev stack's worker trusts its one signing key
+    )
+    assert found.actor_signing_key is not None and found.actor_trusted_keys is not None
+    signed = found.actor_signing_key.sign("R-1", StaffAction(action=Action.WON, request_id="a"))
+    assert found.actor_trusted_keys.verify("R-1", signed) == "dev"
     assert found.database() == f"sqlite:///{(tmp_path / DEV_DATABASE).resolve()}"
     assert found.secret_keys == ((tmp_path / DEV_SECRET_FILE).read_text(),)
     # A variable, when set, wins over the file.

@@ -183,6 +183,37 @@ async def test_sales_and_finance_walk_a_referral_to_its_payout(
         ("payment", desk.finance),
         ("payout", desk.finance),
     ]
+    # Each signed by the desk (the test run's key, surface "tests"), and shown so.
+    state = load_referral(live.engine, rid)
+    assert state is not None and {entry.surface for entry in state.history[1:]} == {"tests"}
+    assert page.text.count("signed by tests") == 6
+
+
+async def test_a_desk_without_its_signing_key_moves_no_money(
+    live: Live, rules: ProgramRules
+) -> None:
+    """Fail closed: the workflow refuses an unsigned `won`, and the page says why."""
+    sales = staff_address("sales")
+    staff = StaffRules(roles=StaffRoles(sales=[sales]))
+    app = create_app(
+        settings_with(live.sink, actor_signing_key=None),
+        rules=rules.model_copy(update={"staff": staff}),
+        engine=live.engine,
+        client=live.client,
+        key=KEY,
+        rate_limit="off",
+    )
+    rid = await new_referral(live, rules)
+    async with browser(app) as client:
+        await sign_in(client, live, sales)
+        for action in (Action.CONTACTED, Action.ACCEPT, Action.APPROVE):
+            assert (await act(client, rid, action)).status_code == 303
+        refused = await act(client, rid, Action.WON, amount="120000", currency="EUR")
+    assert refused.status_code == 409
+    assert problem_of(refused.text).startswith("won moves money: it needs an actor signed by")
+    state = load_referral(live.engine, rid)
+    assert state is not None
+    assert [entry.surface for entry in state.history[1:]] == ["unauthenticated"] * 3
 
 
 async def test_a_salesperson_is_offered_no_payout_and_a_crafted_one_is_refused(

@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from activities.db import make_engine
 from activities.records import load_referral
+from core.actor_assertions import SigningKey
 from core.encryption import KEYS_ENV, new_key_entry
 from tests.conftest import POSTGRES_URL_ENV, REFERRALS, ROOT, Live, use_sign_in_link
 from tests.factories import submission_data
@@ -33,6 +34,8 @@ from tests.processes import Process
 from workflows.models import ProgramRules, Stage
 
 REFERRER = "julie.topology@conseil-martin.example"
+WEB_KEY = SigningKey.new("web-1", "web")
+MANAGER = "referral-desk-manager@nuage-logiciel.example"  # program.yaml's staff
 
 
 @pytest.fixture
@@ -61,7 +64,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 async def referrals(env: dict[str, str], *args: str) -> str:
     done = await asyncio.create_subprocess_exec(
-        REFERRALS, "--actor", "desk-anna", *args, env={**os.environ, **env}, cwd=ROOT,
+        REFERRALS, *args, env={**os.environ, "REFERRALS_ACTOR": "desk-anna", **env}, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await done.communicate()
@@ -90,6 +93,10 @@ async def test_two_of_each_process_from_one_env_file(
                 f"{KEYS_ENV}={new_key_entry()}",
                 "REFERRALS_SECRET_KEY=topology-secret-" + "t" * 32,
                 "REFERRALS_CODEC_TOKEN=operator-token",
+                # The web desk signs its staff's actions; the workers trust its key; the
+                # toolbox's CLI, below, signs as the identity it is given.
+                f"REFERRALS_ACTOR_SIGNING_KEY={WEB_KEY.text()}",
+                f"REFERRALS_ACTOR_KEYS={WEB_KEY.trusted_entry()}",
                 f"REFERRALS_PROGRAM={program_file}",
                 f"REFERRALS_SMTP_HOST={live.sink.host}",
                 f"REFERRALS_SMTP_PORT={live.sink.port}",
@@ -125,9 +132,10 @@ async def test_two_of_each_process_from_one_env_file(
         for action in ("contacted", "accept", "approve"):
             await referrals(env, action, referral_id)
         assert await worker_a.stop() == 0  # mid-lifecycle: the other worker carries on
-        await referrals(env, "won", referral_id, "--amount", "180000", "--currency", "EUR")
-        await referrals(env, "payment", referral_id, "--amount", "180000", "--reference", "I-1")
-        await referrals(env, "payout", referral_id, "--reference", "VIR-1")
+        toolbox = {**env, "REFERRALS_STAFF_IDENTITY": MANAGER, "REFERRALS_ACTOR": ""}
+        await referrals(toolbox, "won", referral_id, "--amount", "180000", "--currency", "EUR")
+        await referrals(toolbox, "payment", referral_id, "--amount", "180000", "--reference", "I")
+        await referrals(toolbox, "payout", referral_id, "--reference", "VIR-1")
 
         engine = make_engine(database)
 

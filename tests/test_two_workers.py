@@ -30,6 +30,7 @@ from faults.driver import lifecycle
 from faults.stack import Children, Worker
 from starter.intake import submit_referral
 from tests.conftest import MailSink, settings_with
+from tests.desk import signed
 from tests.factories import submission
 from workflows.models import ProgramRules, ReferralState, Stage
 
@@ -75,7 +76,7 @@ async def _act(client: Client, ids: list[str], steps: range) -> None:
     async def one(referral_id: str) -> None:
         handle = client.get_workflow_handle(referral_id)
         for step in steps:
-            await handle.execute_update("act", lifecycle(referral_id)[step])
+            await handle.execute_update("act", signed(referral_id, lifecycle(referral_id)[step]))
 
     await asyncio.wait_for(asyncio.gather(*(one(i) for i in ids)), 90)
 

@@ -23,6 +23,7 @@ from tests.desk import (
     assert_fired_at,
     query_state,
     referral_desk,
+    signed,
     state_until,
     system_entries,
 )
@@ -356,7 +357,7 @@ async def assert_refused(
 ) -> None:
     before = await query_state(handle)
     with pytest.raises(WorkflowUpdateFailedError) as raised:
-        await handle.execute_update("act", request, result_type=ActResult)
+        await handle.execute_update("act", signed(handle.id, request), result_type=ActResult)
     message = str(raised.value.cause)
     for fragment in fragments:
         assert fragment in message, message

@@ -270,7 +270,7 @@ async def test_a_repeated_request_is_applied_once(
         accept = StaffAction(action=Action.ACCEPT, actor="crm", request_id="sig-1")
         await handle.signal("action", accept)
         await handle.signal("action", accept)
-        refused = StaffAction(action=Action.WON, actor="crm", request_id="sig-2")
+        refused = StaffAction(action=Action.CONTACTED, actor="crm", request_id="sig-2")
         await handle.signal("action", refused)
         await handle.signal("action", refused)
         state = await state_until(
@@ -283,7 +283,7 @@ async def test_a_repeated_request_is_applied_once(
     assert steps[:3] == [
         ("contacted", "applied", "req-1"),
         ("accept", "applied", "sig-1"),
-        ("won", "refused", "sig-2"),
+        ("contacted", "refused", "sig-2"),
     ]
     assert len(steps) == 4 and steps[3][0] == "approve"
     assert steps[3][2]  # an update without a request id is identified by its update id

@@ -18,7 +18,10 @@ from temporalio import workflow
 # One patch id per release from 0.7 on, newest first, each with the `Features` fields it added.
 # A behaviour change goes under the next release's id: add its field, and name it here.
 Releases = tuple[tuple[str, tuple[str, ...]], ...]
-RELEASES: Releases = (("release-0.7", ("batched_refusals", "bounded_history")),)
+RELEASES: Releases = (
+    ("release-0.8", ("signed_actors",)),
+    ("release-0.7", ("batched_refusals", "bounded_history")),
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class Features:
     # Once its history grows long (Temporal suggests it), the run continues as new from its
     # state at a quiet point, so a flood of signals cannot reach the history limit (0.7).
     bounded_history: bool
+    # An `action` signal (whose sender is never authenticated) cannot move money, and does
+    # the rest only as the program allows (0.8). Updates are checked in every run: their
+    # validator does not replay.
+    signed_actors: bool
 
     @classmethod
     def decide(cls, releases: Releases = RELEASES) -> Features:
@@ -67,7 +74,10 @@ class Features:
         order it did then. `releases`: those the code knows (an older release's code knew
         fewer, which a test of a rollback needs)."""
         names = [f.name for f in fields(cls)]
-        newer: set[str] = set()  # what the releases after the run's own added
+        # What the releases after the run's own added; from the start, what releases the code
+        # does not know added (an older release's code had no such behaviour).
+        newer = {name for _, added in RELEASES for name in added}
+        newer -= {name for _, added in releases for name in added}
         for release, added in releases:
             if workflow.patched(release):
                 return cls(**{name: name not in newer for name in names})

@@ -321,6 +321,36 @@ def _distinct_urls(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
     return endpoints
 
 
+class Action(StrEnum):
+    CONTACTED = "contacted"
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    APPROVE = "approve"
+    REJECT = "reject"
+    WON = "won"
+    LOST = "lost"
+    PAYMENT = "payment"
+    PAYOUT = "payout"
+    CANCEL = "cancel"
+    EXTEND = "extend"
+    REFUND = "refund"
+
+
+# The actions that move money: never on a name alone, always from an actor signed by the surface
+# that authenticated them (core/actor_assertions.py).
+MONEY_ACTIONS = frozenset({Action.WON, Action.PAYMENT, Action.PAYOUT, Action.REFUND})
+
+
+def _money_needs_a_signed_actor(actions: list[Action]) -> list[Action]:
+    money = sorted(action.value for action in set(actions) & MONEY_ACTIONS)
+    if money:
+        raise ValueError(
+            f"{', '.join(money)} move money: they always need a signed actor, so they cannot be "
+            "unauthenticated"
+        )
+    return actions
+
+
 class ProgramRules(Strict):
     """The program's rules; a snapshot of them travels in every referral's workflow input."""
 
@@ -338,6 +368,12 @@ class ProgramRules(Strict):
     protection: ProtectionRules = ProtectionRules()
     clawback: ClawbackRules = ClawbackRules()
     recipients: Recipients
+    # What a staff action may do without an actor assertion (an `action` signal from the
+    # Temporal UI or an integration, a CLI with no signing key): it is recorded as
+    # unauthenticated. Money actions are never allowed so (docs/operations.md, "Who acted").
+    unauthenticated_actions: Annotated[
+        list[Action], AfterValidator(_money_needs_a_signed_actor)
+    ] = Field(default_factory=lambda: [a for a in Action if a not in MONEY_ACTIONS])
     # Operational settings, read from program.yaml when used: never part of the snapshot a
     # referral carries (a webhook secret has no place in workflow history).
     staff: StaffRules = Field(default=StaffRules(), exclude=True)
@@ -393,21 +429,6 @@ TERMINAL_STAGES = frozenset(
 PROTECTING_STAGES = (Stage.QUALIFYING, Stage.APPROVED)
 
 
-class Action(StrEnum):
-    CONTACTED = "contacted"
-    ACCEPT = "accept"
-    DECLINE = "decline"
-    APPROVE = "approve"
-    REJECT = "reject"
-    WON = "won"
-    LOST = "lost"
-    PAYMENT = "payment"
-    PAYOUT = "payout"
-    CANCEL = "cancel"
-    EXTEND = "extend"
-    REFUND = "refund"
-
-
 # The desk's notes that the sales handoff email quotes (core/templates/email/staff_sales_handoff).
 DESK_NOTE_ACTIONS = (Action.CONTACTED, Action.ACCEPT)
 
@@ -428,6 +449,9 @@ class StaffAction(BaseModel):
     # Makes a retried delivery harmless: a request id already applied is not applied again.
     # The CLI sends one with every action (it is also the update's id).
     request_id: str | None = None
+    # Who sent it, proven: signed by the surface that authenticated the actor
+    # (core/actor_assertions.py). Money actions are refused without a valid one.
+    assertion: str | None = None
 
 
 class ContactWindow(BaseModel):
@@ -509,6 +533,9 @@ class HistoryEntry(BaseModel):
     # (None in referrals recorded before the system of record).
     seq: int | None = None
     request_id: str | None = None
+    # A staff action's proof of who acted: the surface that signed its actor (`web`,
+    # `toolbox`…) or "unauthenticated"; None before release 0.8 and for the workflow's own.
+    surface: str | None = None
 
 
 class ReferralState(BaseModel):

@@ -29,8 +29,11 @@ from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from core import actor_assertions
+    from core.actor_assertions import UNAUTHENTICATED, AssertionRefused, signed_surface
     from workflows.features import RELEASES, Features, Releases
     from workflows.models import (
+        MONEY_ACTIONS,
         Action,
         ActResult,
         CommissionRecord,
@@ -259,7 +262,9 @@ class ReferralWorkflow:
             result = apply_action(self._state, request, self._rules, workflow.now())
             if isinstance(result, Refusal):  # the validator ran on this same state: not expected
                 raise ApplicationError(result.reason, non_retryable=True)
-            self._commit(request, result)
+            # The validator checked the assertion; its surface is read from the request, which
+            # the history holds, so a replay records the same.
+            self._commit(request, result, signed_surface(request))
         if self._features.system_of_record:  # staff read their own writes
             revision = self._queued_revision  # not refusals since, which wait for their batch
             await workflow.wait_condition(lambda: self._recorded_revision >= revision)
@@ -275,16 +280,51 @@ class ReferralWorkflow:
         request = self._with_request_id(request)
         if self._is_repeat(request):
             return  # applied already: the update answers with the referral as it is
+        self._check_actor(request)
         refusal = check_action(self._state, request, self._rules)
         if refusal is not None:
             raise ValueError(refusal.reason)
+
+    def _check_actor(self, request: StaffAction) -> None:
+        """Refuse an update whose actor is not proven as its action needs: money actions need
+        an assertion the worker's trusted keys verify; others without one only as the program
+        allows. Validators do not run when a history is replayed, and the history records
+        whether the update was accepted: the keys of the day decide once."""
+        action = request.action.value
+        if request.assertion:
+            keys = actor_assertions.trusted()
+            try:
+                if keys is None:
+                    raise AssertionRefused(
+                        "the workers trust no signing key (REFERRALS_ACTOR_KEYS) to check the "
+                        "actor assertion with"
+                    )
+                keys.verify(workflow.info().workflow_id, request)
+            except AssertionRefused as error:
+                # Worth an operator's look: a forged or replayed assertion leaves no other trace.
+                workflow.logger.warning(
+                    "%s refused (request %s): %s", action, request.request_id, error
+                )
+                raise ValueError(f"{action} refused: {error}") from None
+        elif request.action in MONEY_ACTIONS:
+            workflow.logger.warning("%s refused (request %s): unsigned", action, request.request_id)
+            raise ValueError(
+                f"{action} moves money: it needs an actor signed by the surface that authenticated "
+                "them (the staff web desk, or the CLI with REFERRALS_ACTOR_SIGNING_KEY)"
+            )
+        elif request.action not in self._rules.unauthenticated_actions:
+            raise ValueError(
+                f"{action} needs a signed actor: the program allows no unauthenticated {action} "
+                "(unauthenticated_actions)"
+            )
 
     @workflow.signal(name="action")
     def action(self, request: StaffAction) -> None:
         self._signals += 1
         if self._is_repeat(request):
             return
-        result = apply_action(self._state, request, self._rules, workflow.now())
+        unproven = self._unauthenticated_refusal(request)
+        result = unproven or apply_action(self._state, request, self._rules, workflow.now())
         if isinstance(result, Refusal):
             refused = HistoryEntry(
                 at=workflow.now(),
@@ -293,7 +333,10 @@ class ReferralWorkflow:
                 note=f"refused: {result.reason}",
                 outcome="refused",
                 seq=self._state.next_seq(),
-                request_id=request.request_id,
+                # An unproven sender does not use up the request id: the same request, signed
+                # and sent by update, still applies.
+                request_id=None if unproven else request.request_id,
+                surface=UNAUTHENTICATED,
             )
             self._state.history.append(refused)
             if self._features.refusal_cap:
@@ -303,7 +346,26 @@ class ReferralWorkflow:
             else:
                 self._changed()
             return
-        self._commit(request, result)
+        self._commit(request, result, UNAUTHENTICATED)
+
+    def _unauthenticated_refusal(self, request: StaffAction) -> Refusal | None:
+        """A signal's sender is never proven (an assertion it carries could only be checked
+        again, with other keys, when the history is replayed): it may not move money, and does
+        the rest only as the program allows."""
+        action = request.action.value
+        if not self._features.signed_actors:
+            return None
+        if request.action in MONEY_ACTIONS:
+            return Refusal(
+                reason=f"{action} moves money: a signal cannot prove who sent it; staff "
+                "record it from the desk or the CLI, signed"
+            )
+        if request.action not in self._rules.unauthenticated_actions:
+            return Refusal(
+                reason=f"{action} needs a signed actor: the program allows no unauthenticated "
+                f"{action} (unauthenticated_actions)"
+            )
+        return None
 
     @workflow.signal(name="upgrade")
     def upgrade(self) -> None:
@@ -356,7 +418,9 @@ class ReferralWorkflow:
         if self._state.is_terminal or len(self._unwritten_refusals) >= batch:
             self._record()
 
-    def _commit(self, request: StaffAction, new: ReferralState) -> None:
+    def _commit(self, request: StaffAction, new: ReferralState, surface: str | None = None) -> None:
+        """`surface`: who proved the actor of a staff action (its history entry keeps it)."""
+        new.history[-1].surface = surface
         previous = self._state
         if not self._features.protection_window:
             new.protected_until = None  # a referral from before protection never expires

@@ -165,7 +165,7 @@ def served_app(settings: Settings, host: str = "127.0.0.1") -> FastAPI:
     """The app as `referrals web` serves it on `host`, limited to 10 submissions a minute per
     client unless REFERRALS_RATE_LIMIT says otherwise. `/dev/mail` (REFERRALS_DEV_MAILDIR, set
     by `referrals dev`) is served on a loopback address only: it shows every email sent."""
-    settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET)
+    settings.require(Need.DATABASE, Need.ENCRYPTION, Need.SECRET, Need.ACTOR_SIGNING)
     if settings.dev_maildir is not None and not loopback(host):
         raise WebSettingError(
             f"REFERRALS_DEV_MAILDIR is for the dev stack: bound to {host}, /dev/mail would show "

@@ -433,7 +433,14 @@ async def referral_action(
     seconds = site.settings.cli_timeout_s
     try:
         client = await site.temporal()
-        await send_action(client, referral_id, staff_request, seconds, site.engine)
+        await send_action(
+            client,
+            referral_id,
+            staff_request,
+            seconds,
+            site.engine,
+            site.settings.actor_signing_key,
+        )
     except NotAnswered as late:
         text = (
             N_("A worker took the action but it was not recorded within {seconds} s.")
