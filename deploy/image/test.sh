@@ -65,11 +65,23 @@ $BIN/python -m starter.mail_sink --port "$SMTP" --maildir "$WORK/mail" >"$WORK/s
 SINK=$!
 KEY=$("${RUN[@]}" --rm --entrypoint python "referral-desk-web:$TAG" \
   -c 'from core.encryption import new_key_entry; print(new_key_entry())')
+# The web desk and the toolbox each sign staff actions with a key of their own; every process
+# may read the public entries the workers trust (docs/operations.md, "Who acted, proven").
+WEB_ACTOR=$($BIN/python -c 'from core.actor_assertions import SigningKey; print(SigningKey.new("web-1", "web").text())')
+TOOLBOX_ACTOR=$($BIN/python -c 'from core.actor_assertions import SigningKey; print(SigningKey.new("toolbox-1", "toolbox").text())')
+TRUSTED=$($BIN/python -c 'import sys; from core.actor_assertions import SigningKey
+print(",".join(SigningKey.parse(text).trusted_entry() for text in sys.argv[1:]))' "$WEB_ACTOR" "$TOOLBOX_ACTOR")
 ENVS=(-e "TEMPORAL_ADDRESS=127.0.0.1:$TEMPORAL" -e "REFERRALS_DATABASE_URL=sqlite:////data/referrals.db"
       -e "REFERRALS_ENCRYPTION_KEYS=$KEY" -e REFERRALS_SECRET_KEY=image-test-secret-0123456789abcdefghijklmnop
       -e REFERRALS_SMTP_HOST=127.0.0.1 -e "REFERRALS_SMTP_PORT=$SMTP"
-      -e "REFERRALS_PUBLIC_URL=http://127.0.0.1:$WEB" -v "$PWD/$WORK/data:/data")
-toolbox() { "${RUN[@]}" --rm "${ENVS[@]}" -e REFERRALS_ACTOR=image-test "referral-desk-toolbox:$TAG" "$@"; }
+      -e "REFERRALS_PUBLIC_URL=http://127.0.0.1:$WEB" -e "REFERRALS_ACTOR_KEYS=$TRUSTED"
+      -v "$PWD/$WORK/data:/data")
+# A toolbox acts as the member of staff it is given, and signs for them: it may move money.
+toolbox() {
+  "${RUN[@]}" --rm "${ENVS[@]}" -e "REFERRALS_ACTOR_SIGNING_KEY=$TOOLBOX_ACTOR" \
+    -e REFERRALS_STAFF_IDENTITY=referral-desk-manager@nuage-logiciel.example \
+    "referral-desk-toolbox:$TAG" "$@"
+}
 
 "${RUN[@]}" -d --name rd-test-temporal --entrypoint temporal "referral-desk-toolbox:$TAG" \
   server start-dev --ip 127.0.0.1 --port "$TEMPORAL" --ui-port "$UI" --headless >/dev/null
@@ -78,7 +90,8 @@ until "${RUN[@]}" --rm --entrypoint temporal "referral-desk-toolbox:$TAG" operat
 toolbox db upgrade
 toolbox temporal setup
 
-"${RUN[@]}" -d --name rd-test-web "${ENVS[@]}" "referral-desk-web:$TAG" \
+"${RUN[@]}" -d --name rd-test-web "${ENVS[@]}" -e "REFERRALS_ACTOR_SIGNING_KEY=$WEB_ACTOR" \
+  "referral-desk-web:$TAG" \
   web --host 127.0.0.1 --port "$WEB" >/dev/null
 "${RUN[@]}" -d --name rd-test-worker "${ENVS[@]}" -e "REFERRALS_HEALTH_PORT=$HEALTH" \
   "referral-desk-worker:$TAG" >/dev/null
@@ -151,6 +164,8 @@ REFERRALS_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/$DATABASE
 REFERRALS_ENCRYPTION_KEYS=$KEY
 REFERRALS_SECRET_KEY=compose-secret-0123456789abcdefghijklmnopqrstu
 REFERRALS_CODEC_TOKEN=compose-token
+REFERRALS_ACTOR_SIGNING_KEY=$WEB_ACTOR
+REFERRALS_ACTOR_KEYS=$TRUSTED
 REFERRALS_SMTP_HOST=127.0.0.1
 REFERRALS_SMTP_PORT=$SMTP
 REFERRALS_PUBLIC_URL=https://referrals.example.com
