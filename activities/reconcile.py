@@ -12,6 +12,10 @@ the authority on everything else. Repairs:
 - a prospect claim whose referral is closed or whose workflow is gone: released;
 - a running referral started before the system of record (no database row): sent the
   `upgrade` signal, which carries it over to a run that records itself;
+- a running referral started before the newest release (its runs hold no marker of it,
+  `TemporalChangeVersion`): sent `upgrade` too, which carries it over to a run with every
+  behaviour of the workers' release, at its next quiet point (so a security rule such as
+  0.8's signed actors does not wait months for it to close);
 - a referral started before the system of record and closed since (no database row):
   recorded from its workflow's result or, when it did not complete, its last state;
 - a webhook delivery still pending that no workflow delivers: its delivery started.
@@ -43,6 +47,7 @@ from activities.db import ProspectClaim, ReferralRow, as_utc
 from activities.ledger import release_claim, save_commission
 from activities.records import load_referral, save_referral
 from activities.webhooks import start_stalled_deliveries
+from workflows.features import RELEASES
 from workflows.models import (
     CommissionRecord,
     CommissionStatus,
@@ -57,6 +62,7 @@ from workflows.models import (
 GRACE = timedelta(minutes=2)
 QUERY_TIMEOUT = timedelta(seconds=10)
 RUNNING = "WorkflowType = 'ReferralWorkflow' AND ExecutionStatus = 'Running'"
+NEWEST_RELEASE = RELEASES[0][0]
 CLOSED = (
     "WorkflowType = 'ReferralWorkflow' AND ExecutionStatus != 'Running' "
     "AND ExecutionStatus != 'ContinuedAsNew'"
@@ -145,11 +151,23 @@ async def reconcile(client: Client, engine: Engine, task_queue: str) -> Reconcil
             run.done(domain)
     if (after := run.enter("upgrade")) is not None:
         recorded = await asyncio.to_thread(_known, engine, running)
-        for referral_id in sorted(rid for rid in running - recorded if rid > after):
+        # Not the youngest: a run's marker reaches visibility a moment after it starts.
+        started_before = (now - GRACE).isoformat()
+        behind = {
+            wf.id
+            async for wf in client.list_workflows(
+                f"{RUNNING} AND TemporalChangeVersion NOT IN ('{NEWEST_RELEASE}') "
+                f"AND StartTime < '{started_before}'",
+                rpc_timeout=QUERY_TIMEOUT,
+            )
+        }
+        unrecorded = running - recorded
+        for referral_id in sorted(rid for rid in unrecorded | behind if rid > after):
             await client.get_workflow_handle(referral_id).signal(
                 "upgrade", rpc_timeout=QUERY_TIMEOUT
             )
-            run.repaired(f"{referral_id}: started before the system of record; upgrade requested")
+            started = "the system of record" if referral_id in unrecorded else NEWEST_RELEASE
+            run.repaired(f"{referral_id}: started before {started}; upgrade requested")
             run.done(referral_id)
     if (after := run.enter("closed")) is not None:
         closed = {

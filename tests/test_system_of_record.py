@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlmodel import Session
 from temporalio import workflow
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.worker import Worker
+from temporalio.worker import PatchActivationInput, Worker
 
+import activities.reconcile
 from activities.db import CommissionRow, ProspectClaim
 from activities.reconcile import reconcile
 from activities.records import load_referral, save_referral
@@ -32,6 +34,7 @@ from tests.conftest import BIN, SETTINGS, Cli, Live, eventually, settings_with
 from tests.desk import act_by_id
 from tests.factories import referral_input, submission, submission_data
 from worker import build_worker
+from workflows.features import RELEASES
 from workflows.models import (
     Action,
     ProgramRules,
@@ -43,6 +46,8 @@ from workflows.models import (
 )
 from workflows.referral import ReferralWorkflow
 from workflows.transitions import initial_state
+
+NEWEST_RELEASE = RELEASES[0][0]
 
 KEY = "test-secret"
 # The dev server forgets a deleted closed workflow some 35 s after the request.
@@ -369,3 +374,72 @@ async def test_reconcile_closes_a_paid_referral_as_paid(
         commission = session.get(CommissionRow, referral_id)
         assert commission is not None and commission.status == "paid"
         assert session.get(ProspectClaim, registrable_domain(site)) is None
+
+
+async def test_reconcile_carries_a_referral_started_before_the_newest_release_over(
+    live: Live, rules: ProgramRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A referral started before release 0.8 (its run has no `release-0.8` marker) would take
+    money signals until it closed; after the deploy, reconcile sends it `upgrade`, and it
+    continues as new with every behaviour of the release, its state and history kept."""
+    deployed = False
+
+    def activation(patch: PatchActivationInput) -> bool:  # the deploy, on one worker
+        return deployed or patch.patch_id != NEWEST_RELEASE
+
+    queue = f"carry-{uuid.uuid4().hex[:6]}"
+    settings = settings_with(live.sink, task_queue=queue)
+    worker = build_worker(
+        live.client, live.engine, settings, queue=queue, patch_activation_callback=activation
+    )
+    website = f"https://carry-{uuid.uuid4().hex[:8]}.example"
+    async with worker:
+        rid = await submit_referral(
+            live.client, live.engine, rules, submission(**{"prospect.website": website}), settings
+        )
+        await act_by_id(live.client, rid, Action.CONTACTED)
+        handle = live.client.get_workflow_handle(rid)
+        first_run = (await handle.describe()).run_id
+
+        async def listed_as_behind() -> bool:
+            query = f"WorkflowId = '{rid}' AND TemporalChangeVersion = '{RELEASES[1][0]}'"
+            return [wf.id async for wf in live.client.list_workflows(query)] == [rid]
+
+        await eventually(listed_as_behind, 30)
+        deployed = True
+        monkeypatch.setattr(activities.reconcile, "GRACE", timedelta(0))
+        report = await reconcile(live.client, live.engine, queue)
+        assert f"{rid}: started before {NEWEST_RELEASE}; upgrade requested" in report.fixed
+
+        async def carried_over() -> bool:
+            return (await handle.describe()).run_id != first_run
+
+        await eventually(carried_over, 30)
+        won = StaffAction(action=Action.WON, actor="crm", amount=Decimal("5000"), currency="EUR")
+        await handle.signal("action", won)
+
+        async def refused() -> bool:
+            state = await handle.query("state", result_type=ReferralState)
+            return state.history[-1].outcome == "refused"
+
+        await eventually(refused)
+        state = await handle.query("state", result_type=ReferralState)
+        assert state.stage is Stage.CONTACTED and state.commission is None
+        assert [h.action for h in state.history] == ["submitted", "contacted", "won"]
+        markers = {
+            run: [
+                json.loads(
+                    event.marker_recorded_event_attributes.details["patch-data"].payloads[0].data
+                )["id"]
+                for event in (
+                    await live.client.get_workflow_handle(rid, run_id=run).fetch_history()
+                ).events
+                if event.marker_recorded_event_attributes.marker_name == "core_patch"
+            ]
+            for run in (first_run, (await handle.describe()).run_id)
+        }
+        assert markers == {
+            first_run: [RELEASES[1][0], "carry-over"],
+            (await handle.describe()).run_id: [NEWEST_RELEASE],
+        }
+        await handle.terminate(reason="test over")

@@ -259,7 +259,7 @@ async def test_a_new_run_records_one_marker_and_patches_names_what_can_retire(
         expected = {patch_id: ["0", "0", "retire it"] for patch_id in patch_markers()}
         expected["slim-payloads"] = ["1", "0", "in use"]  # like_0_5, running
         # Neither like_0_5 nor like_0_6 (closed) has a release's behaviours.
-        for patch_id in RELEASE_IDS:
+        for patch_id in (*RELEASE_IDS, "carry-over"):
             expected[patch_id] = ["1", "1", "in use"]
 
         async def reported() -> bool:

@@ -22,6 +22,10 @@ RELEASES: Releases = (
     ("release-0.8", ("signed_actors",)),
     ("release-0.7", ("batched_refusals", "bounded_history")),
 )
+# The patch id of `upgrade` carrying a run recorded since the system of record over to a new
+# run with every behaviour (from 0.8; before, the signal did nothing to such a run). Asked for
+# when the signal arrives, not as a run starts (docs/rollout.md).
+CARRY_OVER = "carry-over"
 
 
 @dataclass(frozen=True)
@@ -108,4 +112,6 @@ def patch_markers() -> dict[str, tuple[str, ...]]:
     }
     for position, release in enumerate(releases):
         markers[release] = tuple(releases[position:])
+    # A run has no use for carrying over once it has the newest release's behaviours.
+    markers[CARRY_OVER] = (CARRY_OVER, releases[-1])
     return markers

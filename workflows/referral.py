@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from core import actor_assertions
     from core.actor_assertions import UNAUTHENTICATED, AssertionRefused, signed_surface
-    from workflows.features import RELEASES, Features, Releases
+    from workflows.features import CARRY_OVER, RELEASES, Features, Releases
     from workflows.models import (
         MONEY_ACTIONS,
         Action,
@@ -120,6 +121,7 @@ class ReferralWorkflow:
         self._signals = 0  # `action` signals this run has received
         self._write_trouble: str | None = None
         self._upgrade_requested = False
+        self._carry_over_requested = False
         if input.resume is not None and input.recorded_seq is not None:
             self._state = input.resume.model_copy(deep=True)  # recorded already: no write
             self._queued_seq = input.recorded_seq
@@ -218,7 +220,7 @@ class ReferralWorkflow:
         with nothing to redo; refused entries not yet written go along."""
         if self._mail or self._records or not workflow.all_handlers_finished():
             return False
-        return self._history_is_long()
+        return self._carry_over_requested or self._history_is_long()
 
     def _history_is_long(self) -> bool:
         """Temporal suggests a new run, or the run has reached our own limits."""
@@ -369,10 +371,16 @@ class ReferralWorkflow:
 
     @workflow.signal(name="upgrade")
     def upgrade(self) -> None:
-        """Carry a referral started before the system of record over to a new run that has
-        every feature (continue-as-new, with its state). Sent by `referrals reconcile`."""
+        """Carry a referral started before a release over to a new run that has every
+        behaviour of this worker's (continue-as-new, with its state). Sent by `referrals
+        reconcile`. A run started before the system of record records itself on the way;
+        a later one at its next quiet point, as a long history does (`CARRY_OVER`: until
+        0.8 this signal did nothing to such a run)."""
         if not self._features.system_of_record:
             self._upgrade_requested = True
+            self._version += 1
+        elif not all(asdict(self._features).values()) and workflow.patched(CARRY_OVER):
+            self._carry_over_requested = True
             self._version += 1
 
     @workflow.query(name="state")
