@@ -312,7 +312,7 @@ class ReferralWorkflow:
             workflow.logger.warning("%s refused (request %s): unsigned", action, request.request_id)
             raise ValueError(
                 f"{action} moves money: it needs an actor signed by the surface that authenticated "
-                "them (the staff web desk, or the CLI with REFERRALS_ACTOR_SIGNING_KEY)"
+                "them (the staff web desk, or a toolbox's CLI with REFERRALS_STAFF_IDENTITY)"
             )
         elif request.action not in self._rules.unauthenticated_actions:
             raise ValueError(
