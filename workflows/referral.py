@@ -314,11 +314,8 @@ class ReferralWorkflow:
                 f"{action} moves money: it needs an actor signed by the surface that authenticated "
                 "them (the staff web desk, or a toolbox's CLI with REFERRALS_STAFF_IDENTITY)"
             )
-        elif request.action not in self._rules.unauthenticated_actions:
-            raise ValueError(
-                f"{action} needs a signed actor: the program allows no unauthenticated {action} "
-                "(unauthenticated_actions)"
-            )
+        elif (not_allowed := self._not_allowed_unauthenticated(request)) is not None:
+            raise ValueError(not_allowed)
 
     @workflow.signal(name="action")
     def action(self, request: StaffAction) -> None:
@@ -362,12 +359,18 @@ class ReferralWorkflow:
                 reason=f"{action} moves money: a signal cannot prove who sent it; staff "
                 "record it from the desk or the CLI, signed"
             )
-        if request.action not in self._rules.unauthenticated_actions:
-            return Refusal(
-                reason=f"{action} needs a signed actor: the program allows no unauthenticated "
-                f"{action} (unauthenticated_actions)"
-            )
-        return None
+        not_allowed = self._not_allowed_unauthenticated(request)
+        return None if not_allowed is None else Refusal(reason=not_allowed)
+
+    def _not_allowed_unauthenticated(self, request: StaffAction) -> str | None:
+        """Why the program refuses `request` from an unproven sender (update or signal)."""
+        if request.action in self._rules.unauthenticated_actions:
+            return None
+        action = request.action.value
+        return (
+            f"{action} needs a signed actor: the program allows no unauthenticated {action} "
+            "(unauthenticated_actions)"
+        )
 
     @workflow.signal(name="upgrade")
     def upgrade(self) -> None:
