@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from html import unescape
+from typing import Any
 
 import httpx
 import pytest
@@ -42,10 +43,13 @@ def staff_address(role: str) -> str:
     return f"{role}-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"
 
 
-def desk_app(live: Live, rules: ProgramRules, sales: str, finance: str) -> FastAPI:
-    staff = StaffRules(roles=StaffRoles(sales=[sales], finance=[finance]))
+def desk_app(
+    live: Live, rules: ProgramRules, sales: str, finance: str | None = None, **settings: Any
+) -> FastAPI:
+    """The app, its staff `sales` and `finance`, with `settings` changed (a signing key…)."""
+    staff = StaffRules(roles=StaffRoles(sales=[sales], finance=[finance] if finance else []))
     return create_app(
-        settings_with(live.sink, cli_timeout_s=TIMEOUT_SECONDS),
+        settings_with(live.sink, cli_timeout_s=TIMEOUT_SECONDS, **settings),
         rules=rules.model_copy(update={"staff": staff}),
         engine=live.engine,
         client=live.client,
@@ -194,15 +198,7 @@ async def test_a_desk_without_its_signing_key_moves_no_money(
 ) -> None:
     """Fail closed: the workflow refuses an unsigned `won`, and the page says why."""
     sales = staff_address("sales")
-    staff = StaffRules(roles=StaffRoles(sales=[sales]))
-    app = create_app(
-        settings_with(live.sink, actor_signing_key=None),
-        rules=rules.model_copy(update={"staff": staff}),
-        engine=live.engine,
-        client=live.client,
-        key=KEY,
-        rate_limit="off",
-    )
+    app = desk_app(live, rules, sales, actor_signing_key=None)
     rid = await new_referral(live, rules)
     async with browser(app) as client:
         await sign_in(client, live, sales)
