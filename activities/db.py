@@ -248,6 +248,79 @@ class WebhookAttemptRow(SQLModel, table=True):
     duration_ms: int
 
 
+class PayeeRow(SQLModel, table=True):
+    """A referrer as a payee (core/payees.py): `profile` is the whole PayeeProfile as JSON;
+    the columns beside it are what payout runs look up. Personal data: erased with the
+    referrer's referrals."""
+
+    __tablename__ = "payee"
+
+    email: str = Field(primary_key=True)
+    iban: str = Field(index=True)
+    profile: str = Field(sa_column=Column(Text, nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class PayeeEventRow(SQLModel, table=True):
+    """Every change to a payee profile, with who and what (bank details masked)."""
+
+    __tablename__ = "payee_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(index=True)
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    actor: str
+    change: str
+    detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class PayoutRunRow(SQLModel, table=True):
+    """A payout run's current facts, written by its workflow after each change; `state` is
+    the whole RunState as JSON (workflows/payouts.py)."""
+
+    __tablename__ = "payout_run"
+
+    run_id: str = Field(primary_key=True)
+    currency: str
+    cutoff: str  # ISO date
+    status: str = Field(index=True)
+    total: Decimal = Field(sa_column=_money_column())
+    revision: int
+    state: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class PayoutItemRow(SQLModel, table=True):
+    """One payee's item of a run, as the run's state has it: what the portal and the
+    dashboard read (held, and why; paid in which run)."""
+
+    __tablename__ = "payout_item"
+    __table_args__ = (UniqueConstraint("run_id", "payee_email", name="uq_payout_item_payee"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    payee_email: str = Field(index=True)
+    currency: str
+    gross: Decimal = Field(sa_column=_money_column())
+    recovered: Decimal = Field(sa_column=_money_column())
+    net: Decimal = Field(sa_column=_money_column())
+    # included, held, excluded (and later: paid, failed)
+    status: str
+    holds: str  # comma-separated HoldReason values
+    referral_ids: str = Field(sa_column=Column(Text, nullable=False))  # JSON list
+
+
+class PayoutClaimRow(SQLModel, table=True):
+    """A payable referral taken by a live run: the primary key keeps it in one run at a time,
+    however many are prepared at once. Released when its run is cancelled."""
+
+    __tablename__ = "payout_claim"
+
+    referral_id: str = Field(primary_key=True)
+    run_id: str = Field(index=True)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

@@ -39,6 +39,7 @@ from activities.db import (
     WebhookDeliveryRow,
     as_utc,
 )
+from activities.payees import erase_payee
 from activities.records import load_referral, write_referral
 from activities.webhooks import pending_deliveries, start_deliveries, workflow_id
 from workflows.models import (
@@ -174,6 +175,14 @@ def _pseudonymize(engine: Engine, state: ReferralState, erasure: Erasure) -> His
             line.referrer_email = str(erased.referrer.email)
             line.reason = None
             session.add(line)
+        referrer = str(state.referrer.email).lower()
+        others = select(ReferralRow.referral_id).where(
+            ReferralRow.referrer_email == referrer,
+            ReferralRow.referral_id != state.referral_id,
+            col(ReferralRow.erased_at).is_(None),
+        )
+        if session.exec(others).first() is None:  # their last referral: the payee goes too
+            erase_payee(session, referrer)
         deliveries = select(WebhookDeliveryRow.id).where(
             WebhookDeliveryRow.referral_id == state.referral_id
         )

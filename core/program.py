@@ -10,6 +10,7 @@ import holidays
 import yaml
 from pydantic import ValidationError
 
+from core.payees import check_bic, check_iban
 from core.settings import loopback
 from workflows.models import ProgramRules
 
@@ -64,4 +65,14 @@ def load_program(path: str | Path) -> ProgramRules:
                 f"{file}: webhooks.{number}.url: an endpoint with include_personal_data must "
                 "use https (plain http only to this machine)"
             )
+    company = rules.payouts.company
+    if company is not None:
+        for field, check, value in (
+            ("iban", check_iban, company.iban),
+            ("bic", check_bic, company.bic),
+        ):
+            try:
+                check(value)
+            except ValueError as error:
+                raise ProgramError(f"{file}: payouts.company.{field}: {error}") from error
     return rules

@@ -18,6 +18,9 @@ class Task(StrEnum):
     ERASE = "erase"
     # The program's figures: the dashboard (`GET /staff`).
     FIGURES = "figures"
+    # Payee profiles and payout runs (docs/payouts.md).
+    PAYEES = "payees"
+    PAYOUT_RUNS = "payout-runs"
 
 
 Permission = Action | Task
@@ -41,6 +44,8 @@ ROLES_FOR: Mapping[Permission, frozenset[Role]] = {
     Action.REFUND: frozenset({FINANCE, MANAGER}),
     Task.ERASE: frozenset({MANAGER}),
     Task.FIGURES: frozenset({MANAGER}),
+    Task.PAYEES: frozenset({FINANCE, MANAGER}),
+    Task.PAYOUT_RUNS: frozenset({FINANCE, MANAGER}),
 }
 
 

@@ -252,6 +252,52 @@ class StaffRules(Strict):
     roles: StaffRoles = StaffRoles()
 
 
+class PayingCompany(Strict):
+    """Who pays the commissions: the issuer's side of every bank file and statement. Its
+    IBAN and BIC are checked when program.yaml is loaded (core/program.py)."""
+
+    name: Text
+    address: Text  # street, postcode and town, as the statements print it
+    country: Country = "FR"
+    iban: Text
+    bic: Text
+    siret: Text | None = None
+    vat_id: Text | None = None
+
+
+class PayoutRules(Strict):
+    """How referrers are paid (docs/payouts.md): in runs, after a holding period, above a
+    minimum, once approved."""
+
+    # `manual`: finance runs `referrals payouts prepare` (a monthly Schedule is to come).
+    schedule: Literal["manual"] = "manual"
+    # A commission joins a run this many days after it became payable (refunds come early).
+    holding_days: int = Field(default=30, ge=0, le=365)
+    # Per currency: below this, an item waits for the next run (a payee may have their own).
+    minimum: dict[Currency, Annotated[Decimal, Field(ge=0)]] = {"EUR": Decimal("50.00")}
+    # An item held below the minimum this long is paid anyway; None: never.
+    pay_below_minimum_after_days: int | None = Field(default=180, ge=1, le=3650)
+    # Distinct members of staff who approve a run before it is exported.
+    approvals_required: Literal[1, 2] = 2
+    # After a change of bank details, a payee's items wait this long (a hijacked account).
+    iban_change_cooldown_days: int = Field(default=7, ge=0, le=90)
+    # Self-billed statements and credit notes: numbered per series and year, without gaps.
+    statement_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Z]{1,6}$")] = "AF"
+    credit_note_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Z]{1,6}$")] = "AV"
+    sepa_schema: Literal["pain.001.001.03", "pain.001.001.09"] = "pain.001.001.09"
+    # Needed to export a run (its bank file and statements); not to prepare or approve one.
+    company: PayingCompany | None = None
+
+    @model_validator(mode="after")
+    def _distinct_series(self) -> PayoutRules:
+        if self.statement_prefix == self.credit_note_prefix:
+            raise ValueError("statement_prefix and credit_note_prefix must differ")
+        return self
+
+    def minimum_for(self, currency: str) -> Decimal:
+        return self.minimum.get(currency.upper(), Decimal(0))
+
+
 # What a webhook endpoint may subscribe to (docs/webhooks.md).
 WebhookEvent = Literal[
     "referral.submitted",
@@ -380,6 +426,7 @@ class ProgramRules(Strict):
     webhooks: Annotated[list[WebhookEndpoint], AfterValidator(_distinct_urls)] = Field(
         default=[], exclude=True
     )
+    payouts: PayoutRules = Field(default=PayoutRules(), exclude=True)
 
     def product(self, product_id: str) -> Product | None:
         return next((p for p in self.products if p.id == product_id), None)
@@ -669,6 +716,9 @@ class LineKind(StrEnum):
     PAID = "paid"  # paid out (with the payout reference)
     CLAWBACK = "clawback"  # negative: a customer refund takes its share back
     VOID = "void"  # negative: the referral was cancelled before payout
+    # Negative: a clawback owed after payout, deducted from a later payout (on the referral
+    # that owed it, the statement's number as reference). Counted with what was paid.
+    RECOVERED = "recovered"
 
 
 # The kinds that change what the referrer is owed; payable and paid lines move money.
