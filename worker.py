@@ -8,6 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
@@ -19,6 +20,7 @@ from activities.email import EmailActivities
 from activities.erasure import RetentionActivities
 from activities.ledger import LedgerActivities
 from activities.metrics import ActivityMetrics, refresh_gauges
+from activities.payouts import PayoutActivities
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
@@ -34,6 +36,7 @@ from core.provisioning import ProvisioningError, check_namespace
 from core.settings import Need, Settings, SettingsError
 from core.temporal import connect
 from workflows.models import ProgramRules
+from workflows.payout_run import PayoutRunWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.referral import ReferralWorkflow
 from workflows.retention import RetentionWorkflow
@@ -102,23 +105,33 @@ def build_worker(
     records = RecordActivities(engine, client)
     webhooks = WebhookActivities(engine)
     reconcile = ReconcileActivities(client, engine, settings.task_queue)
+    rules = rules or load_program(settings.program_path)
     retention = RetentionActivities(
         client,
         engine,
-        (rules or load_program(settings.program_path)).retention.personal_data_days,
+        rules.retention.personal_data_days,
         settings.task_queue,
         settings.dev_maildir,
     )
+    payouts = PayoutActivities(engine, rules.payouts, ZoneInfo(rules.calendar.timezone))
     return Worker(
         client,
         task_queue=queue or settings.task_queue,
-        workflows=[ReferralWorkflow, ReconcileWorkflow, RetentionWorkflow, WebhookDeliveryWorkflow],
+        workflows=[
+            ReferralWorkflow,
+            PayoutRunWorkflow,
+            ReconcileWorkflow,
+            RetentionWorkflow,
+            WebhookDeliveryWorkflow,
+        ],
         workflow_runner=workflow_runner(),
         activities=[
             email.send_email,
             ledger.record_commission,
             ledger.release_prospect,
             records.record_referral,
+            payouts.collect_payout_items,
+            payouts.record_payout_run,
             reconcile.reconcile,
             retention.erase_expired,
             webhooks.deliver_webhook,

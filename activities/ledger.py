@@ -77,7 +77,8 @@ class Balance:
     """One referrer's standing in one currency (or on one referral), from the ledger's lines.
 
     earned: commissions won, less those voided; clawed_back: taken back by refunds;
-    paid: paid out; payable: the customer has paid in full and the commission awaits payout
+    paid: paid out, less what a payout recovered of an earlier clawback; payable: the
+    customer has paid in full and the commission awaits payout
     (the payable lines, less the clawbacks that lowered them, of referrals not paid out yet).
     balance = earned - clawed_back - paid: positive, still owed to the referrer; negative,
     owed to us (a clawback after payout), to net on the next payout."""
@@ -101,7 +102,7 @@ class Balance:
 _LINE: Any = CommissionLineRow.__table__.c  # type: ignore[attr-defined]
 
 
-def _sums(*group: Any) -> Select[Any]:
+def ledger_sums(*group: Any) -> Select[Any]:
     """The sums of `Balance`, per `group` (the grouping columns come first in each row)."""
 
     def total(*kinds: LineKind, unpaid_only: bool = False) -> ColumnElement[Decimal]:
@@ -116,7 +117,7 @@ def _sums(*group: Any) -> Select[Any]:
             *group,
             total(LineKind.ACCRUAL, LineKind.VOID),
             total(LineKind.CLAWBACK),
-            total(LineKind.PAID),
+            total(LineKind.PAID, LineKind.RECOVERED),
             total(LineKind.PAYABLE, LineKind.CLAWBACK, unpaid_only=True),
         )
         .group_by(*group)
@@ -133,7 +134,7 @@ def balances(
     engine: Engine, referrer_email: str | None = None, exclude_referral: str | None = None
 ) -> list[Balance]:
     """Per referrer and currency, summed by the database."""
-    query = _sums(_LINE.referrer_email, _LINE.currency)
+    query = ledger_sums(_LINE.referrer_email, _LINE.currency)
     if referrer_email is not None:
         query = query.where(_LINE.referrer_email == referrer_email.lower())
     if exclude_referral is not None:
@@ -147,7 +148,7 @@ def referral_balances(engine: Engine, referrer_email: str) -> dict[str, Balance]
     """The same sums per referral of one referrer (a referral has one currency): each row of
     a statement, whose totals `balances` gives."""
     email = referrer_email.lower()
-    query = _sums(_LINE.referral_id, _LINE.currency).where(_LINE.referrer_email == email)
+    query = ledger_sums(_LINE.referral_id, _LINE.currency).where(_LINE.referrer_email == email)
     with engine.connect() as connection:
         rows = connection.execute(query).all()
     return {referral: _balance(email, currency, sums) for referral, currency, *sums in rows}

@@ -24,13 +24,14 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from workflows.models import StaffAction
+from workflows.payouts import RunRequest
 
 SIGNING_KEY_ENV = "REFERRALS_ACTOR_SIGNING_KEY"
 TRUSTED_KEYS_ENV = "REFERRALS_ACTOR_KEYS"
@@ -44,6 +45,11 @@ UNAUTHENTICATED = "unauthenticated"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
+# What a surface signs: a staff action on a referral, or an update to a payout run; the
+# audience is the workflow id either way.
+Request = TypeVar("Request", StaffAction, RunRequest)
+
+
 class ActorKeyError(Exception):
     """A signing or trusted key is malformed; the message names the setting."""
 
@@ -52,7 +58,7 @@ class AssertionRefused(Exception):
     """The assertion does not prove who acted; the message is one line saying why."""
 
 
-def request_digest(referral_id: str, request: StaffAction) -> str:
+def request_digest(referral_id: str, request: StaffAction | RunRequest) -> str:
     """SHA-256 of the request as sent, without its assertion: every value the action takes."""
     body = request.model_dump(mode="json", exclude={"assertion"})
     text = json.dumps({"referral": referral_id, **body}, sort_keys=True, separators=(",", ":"))
@@ -67,9 +73,7 @@ class SigningKey:
     surface: str
     private: Ed25519PrivateKey
 
-    def sign(
-        self, referral_id: str, request: StaffAction, now: datetime | None = None
-    ) -> StaffAction:
+    def sign(self, referral_id: str, request: Request, now: datetime | None = None) -> Request:
         """`request` with an assertion that its actor, as authenticated here, sends it."""
         if not request.request_id:
             raise ValueError("a signed action needs its request id")
@@ -139,7 +143,7 @@ class TrustedKeys:
             raise ActorKeyError(f"{where}: no key")
         return cls(keys)
 
-    def verify(self, referral_id: str, request: StaffAction) -> str:
+    def verify(self, referral_id: str, request: StaffAction | RunRequest) -> str:
         """The surface that signed `request`'s assertion; AssertionRefused says why not."""
         token = request.assertion or ""
         try:
@@ -174,7 +178,7 @@ class TrustedKeys:
         return surface
 
 
-def signed_surface(request: StaffAction) -> str:
+def signed_surface(request: StaffAction | RunRequest) -> str:
     """Who a request's assertion says signed it, read without checking: only for a request
     the `act` validator has accepted (a replay must not depend on the keys of the day)."""
     if not request.assertion:

@@ -942,6 +942,9 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8081)
+    from starter.cli_payouts import add_commands  # it uses this module's helpers
+
+    add_commands(add)
     return parser
 
 
