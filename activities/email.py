@@ -116,6 +116,21 @@ def render_email(
     return RenderedEmail(subject=subject, text=text, html=html)
 
 
+def render_payee_email(template: str, language: str, facts: dict[str, Any]) -> RenderedEmail:
+    """An email to a payee about a payout run (no referral of its own): `facts` are what the
+    template prints."""
+    context = {"lang": language, "facts": facts, "r": None}
+    source = _ENVIRONMENT.get_template(f"{template}.txt").render(context)
+    first, _, body = source.strip().partition("\n")
+    subject = first.removeprefix("Subject:").strip()
+    text = body.strip() + "\n"
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    html = _ENVIRONMENT.get_template("_layout.html").render(
+        subject=subject, paragraphs=paragraphs, r=None, lang=language
+    )
+    return RenderedEmail(subject=subject, text=text, html=html)
+
+
 def message_id(key: str, sender: str) -> str:
     domain = sender.rpartition("@")[2] or "referral-desk.invalid"
     return f"<{hashlib.sha256(key.encode()).hexdigest()[:40]}@{domain}>"
@@ -351,7 +366,41 @@ class EmailActivities:
         if self._status_link is not None and request.template.startswith("referrer_"):
             link = self._status_link(request.referral.referral_id)
         rendered = render_email(request, link, self._facts(request))
-        message = build_message(request, rendered)
+        return self._send_once(request.key, request.to, build_message(request, rendered))
+
+    def send_to_payee(
+        self,
+        key: str,
+        to: str,
+        sender: str,
+        language: str,
+        template: str,
+        facts: dict[str, Any],
+        attachments: list[tuple[str, str, bytes]],
+    ) -> str:
+        """A payout run's email to one payee, once per key, with `attachments` (file name,
+        media type, content): their statement or credit note."""
+        with Session(self._engine) as session:
+            sent = session.get(SentEmail, key)
+            if sent is not None:
+                return sent.message_id
+        rendered = render_payee_email(template, language, facts)
+        message = EmailMessage()
+        message["Subject"] = rendered.subject
+        message["From"] = sender
+        message["To"] = to
+        message["Date"] = formatdate(localtime=False)
+        message["Message-ID"] = message_id(key, sender)
+        message["X-Idempotency-Key"] = key
+        message.set_content(rendered.text)
+        message.add_alternative(rendered.html, subtype="html")
+        for filename, media_type, content in attachments:
+            main, _, sub = media_type.partition("/")
+            message.add_attachment(content, maintype=main, subtype=sub, filename=filename)
+        message["Content-Language"] = language
+        return self._send_once(key, [to], message)
+
+    def _send_once(self, key: str, to: list[str], message: EmailMessage) -> str:
         try:
             self._connection.deliver(message)
         except smtplib.SMTPException as error:
@@ -364,17 +413,17 @@ class EmailActivities:
             with Session(self._engine) as session:
                 session.merge(
                     SentEmail(
-                        key=request.key,
+                        key=key,
                         message_id=sent_id,
-                        recipients=", ".join(request.to),
-                        subject=rendered.subject,
+                        recipients=", ".join(to),
+                        subject=str(message["Subject"]),
                     )
                 )
                 session.commit()
         except SQLAlchemyError as error:
             # Sent already: failing now would have Temporal send it again. The activity's
             # completion records the send; the row only spares a resend if that is lost too.
-            activity.logger.warning("email %s sent but not recorded: %s", request.key, error)
+            activity.logger.warning("email %s sent but not recorded: %s", key, error)
         else:
-            activity.logger.info("email %s sent", request.key)  # the key names no one
+            activity.logger.info("email %s sent", key)  # the key names no one
         return sent_id

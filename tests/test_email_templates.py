@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from activities.email import TEMPLATES, RenderedEmail, render_email
+from activities.email import TEMPLATES, RenderedEmail, render_email, render_payee_email
 from activities.i18n import format_date
 from workflows.models import (
     Commission,
@@ -109,8 +109,12 @@ TEMPLATE_EXTRA = {
 
 
 def template_names() -> set[str]:
-    """The message templates (partials and the layout start with `_`)."""
-    return {p.stem for p in EMAIL_DIR.glob("*.txt") if not p.name.startswith("_")}
+    """The messages about one referral (partials and the layout start with `_`; a payout
+    run's emails to payees, `payee_`, are tested below)."""
+    return {p.stem for p in EMAIL_DIR.glob("*.txt") if not p.name.startswith(("_", PAYEE_PREFIX))}
+
+
+PAYEE_PREFIX = "payee_"
 
 
 def _window() -> ContactWindow:
@@ -538,3 +542,41 @@ def test_staff_emails_carry_the_numbers(language: Language) -> None:
 
 def test_templates_directory_is_the_one_rendered() -> None:
     assert EMAIL_DIR == Path(__file__).resolve().parent.parent / "core" / "templates" / "email"
+
+
+# --- a payout run's emails to payees ------------------------------------------------------------
+
+PAYEE_FACTS = {
+    "name": "Conseil Durand SARL",
+    "number": "AF-2027-000042",
+    "credit_note": "AV-2027-000003",
+    "net": Decimal("1380.00"),
+    "currency": "EUR",
+    "recovered": Decimal("120.00"),
+    "execution_date": date(2027, 3, 2),
+    "account": "FR76 •••• 0185",
+    "reason": "AC04: account closed",
+}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("template", ["payee_remittance", "payee_payment_failed"])
+def test_payee_emails_say_what_was_paid_or_returned_in_the_payees_language(
+    template: str, language: Language
+) -> None:
+    assert {p.stem for p in EMAIL_DIR.glob(f"{PAYEE_PREFIX}*.txt")} == {
+        "payee_remittance",
+        "payee_payment_failed",
+    }
+    email = render_payee_email(template, language, PAYEE_FACTS)
+    assert "AF-2027-000042" in email.subject and "FR76 •••• 0185" in email.text
+    assert "Conseil Durand SARL" in email.text and "<html" in email.html
+    french = language == "fr"
+    if template == "payee_remittance":
+        assert ("1\u202f380,00" if french else "1,380.00") in email.text
+        assert ("120,00" if french else "120.00") in email.text  # the clawback deducted
+        assert ("Paiement de commissions" if french else "Commission payment") in email.subject
+    else:
+        assert "AV-2027-000003" in email.text and "AC04: account closed" in email.text
+        assert ("rejeté" if french else "returned") in email.subject
+    assert ("Cordialement" if french else "Kind regards") in email.text
