@@ -8,7 +8,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
@@ -113,7 +112,7 @@ def build_worker(
         settings.task_queue,
         settings.dev_maildir,
     )
-    payouts = PayoutActivities(engine, rules.payouts, ZoneInfo(rules.calendar.timezone))
+    payouts = PayoutActivities(engine, rules, client, email)
     return Worker(
         client,
         task_queue=queue or settings.task_queue,
@@ -132,6 +131,10 @@ def build_worker(
             records.record_referral,
             payouts.collect_payout_items,
             payouts.record_payout_run,
+            payouts.export_payout_run,
+            payouts.fail_payout_item,
+            payouts.confirm_payout_run,
+            payouts.notify_payees,
             reconcile.reconcile,
             retention.erase_expired,
             webhooks.deliver_webhook,

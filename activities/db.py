@@ -12,7 +12,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, Numeric, Text, UniqueConstraint, event
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    LargeBinary,
+    Numeric,
+    Text,
+    UniqueConstraint,
+    event,
+)
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel, create_engine
 
@@ -319,6 +328,35 @@ class PayoutClaimRow(SQLModel, table=True):
 
     referral_id: str = Field(primary_key=True)
     run_id: str = Field(index=True)
+
+
+class PayoutDocumentRow(SQLModel, table=True):
+    """What a run issued: its bank file, each payee's statement, a credit note. Never
+    deleted (invoices are kept ten years); `number` is a statement's or credit note's."""
+
+    __tablename__ = "payout_document"
+
+    id: str = Field(primary_key=True)  # <run id>/<kind>[/<payee email>]
+    run_id: str = Field(index=True)
+    kind: str  # sepa, csv, statement, credit_note
+    number: str | None = Field(default=None, unique=True)
+    payee_email: str | None = Field(default=None, index=True)
+    filename: str
+    media_type: str
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    sha256: str
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class StatementCounterRow(SQLModel, table=True):
+    """The last number given in each series (statement, credit note) and year: numbers are
+    taken in the transaction that writes their documents, so a number is never skipped."""
+
+    __tablename__ = "statement_counter"
+
+    series: str = Field(primary_key=True)
+    year: int = Field(primary_key=True)
+    last: int
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -101,18 +101,23 @@ def accept_mandate(
     return profile
 
 
-def reject_bank_details(engine: Engine, email: str, why: str, at: datetime) -> None:
-    """The bank refused a payment to this payee's account: hold them until it changes."""
-    with Session(engine) as session:
-        row = session.get(PayeeRow, email.strip().lower())
-        if row is None:
-            return
-        profile = PayeeProfile.model_validate_json(row.profile)
-        _write(session, profile.model_copy(update={"bank_rejection": why}), at)
-        session.add(
-            PayeeEventRow(email=profile.email, at=at, actor="bank", change="rejected", detail=why)
+def reject_bank_details(session: Session, email: str, why: str, at: datetime) -> None:
+    """In the caller's transaction: the bank refused a payment to this payee's account, so
+    their items are held until it changes."""
+    row = session.get(PayeeRow, email.strip().lower())
+    if row is None:
+        return
+    profile = PayeeProfile.model_validate_json(row.profile)
+    _write(session, profile.model_copy(update={"bank_rejection": why}), at)
+    session.add(
+        PayeeEventRow(
+            email=profile.email,
+            at=at,
+            actor="bank",
+            change="rejected",
+            detail=f"{mask_iban(profile.iban)}: {why}",
         )
-        session.commit()
+    )
 
 
 def payee_events(engine: Engine, email: str) -> list[PayeeEventRow]:

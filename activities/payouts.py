@@ -3,9 +3,11 @@ its holds) and the run's current facts, written after each change (docs/payouts.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -16,13 +18,42 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, delete, select
 from temporalio import activity
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
-from activities.db import CommissionLineRow, PayoutClaimRow, PayoutItemRow, PayoutRunRow, as_utc
+from activities.bank_files import BankFileError, Transfer, sepa_transfer, transfer_csv
+from activities.db import (
+    CommissionLineRow,
+    CommissionRow,
+    PayeeRow,
+    PayoutClaimRow,
+    PayoutDocumentRow,
+    PayoutItemRow,
+    PayoutRunRow,
+    ReferralRow,
+    StatementCounterRow,
+    as_utc,
+)
+from activities.email import EmailActivities
 from activities.ledger import ledger_sums
-from activities.payees import all_payees, iban_owners
-from core.payees import PayeeProfile
-from workflows.models import LineKind, PayoutRules, round_money
-from workflows.payout_run import COLLECT, RECORD
+from activities.payees import all_payees, iban_owners, load_payee, reject_bank_details
+from activities.statements import Statement, StatementLine, StatementRecovery, render_statement
+from core.payees import PayeeProfile, VatRegime, mask_iban
+from workflows.models import LineKind, PayoutRules, ProgramRules, round_money
+from workflows.payout_run import (
+    COLLECT,
+    CONFIRM,
+    EXPORT,
+    FAIL,
+    NOTIFY,
+    RECORD,
+    ConfirmRequest,
+    ExportRequest,
+    ExportResult,
+    FailRequest,
+    Notice,
+)
 from workflows.payouts import (
     LIVE,
     HoldReason,
@@ -30,7 +61,9 @@ from workflows.payouts import (
     PayoutItem,
     Recovery,
     RunState,
+    payout_referral,
 )
+from workflows.referral import ReferralWorkflow
 
 _LINE: Any = CommissionLineRow.__table__.c  # type: ignore[attr-defined]
 
@@ -91,7 +124,10 @@ def collect_items(
                 gross=sum((r.amount for r in referrals), Decimal(0)),
                 recoveries=owed.get(email, []),
             )
-            item.holds = holds(item, payees.get(email), accounts, rules, now)
+            payee = payees.get(email)
+            if isinstance(payee, PayeeProfile) and payee.vat_regime is VatRegime.FR_VAT:
+                item.vat_rate = payee.vat_rate
+            item.holds = holds(item, payee, accounts, rules, now)
             items.append(item)
         session.exec(delete(PayoutClaimRow).where(col(PayoutClaimRow.run_id) == run.run_id))
         for item in items:
@@ -211,16 +247,383 @@ def list_runs(engine: Engine, status: str | None = None) -> list[PayoutRunRow]:
         return list(session.exec(query))
 
 
+# --- export, failure, confirmation ---------------------------------------------------------
+
+
+def _refuse(message: str) -> ApplicationError:
+    """What staff must fix before trying again: the update's one-line refusal."""
+    return ApplicationError(message, type="PayoutRefused", non_retryable=True)
+
+
+def take_numbers(session: Session, series: str, year: int, count: int) -> list[str]:
+    """The next `count` numbers of `series` in `year`, in the caller's transaction (rows
+    locked on PostgreSQL): committed with the documents they number, or not at all."""
+    query = select(StatementCounterRow).where(
+        StatementCounterRow.series == series, StatementCounterRow.year == year
+    )
+    counter = session.exec(query.with_for_update()).first()
+    if counter is None:
+        counter = StatementCounterRow(series=series, year=year, last=0)
+    first = counter.last + 1
+    counter.last += count
+    session.add(counter)
+    return [f"{series}-{year}-{n:06d}" for n in range(first, first + count)]
+
+
+def _document(
+    run_id: str,
+    kind: str,
+    filename: str,
+    media_type: str,
+    content: bytes,
+    at: datetime,
+    number: str | None = None,
+    payee_email: str | None = None,
+) -> PayoutDocumentRow:
+    suffix = f"/{payee_email}" if payee_email else ""
+    return PayoutDocumentRow(
+        id=f"{run_id}/{kind}{suffix}",
+        run_id=run_id,
+        kind=kind,
+        number=number,
+        payee_email=payee_email,
+        filename=filename,
+        media_type=media_type,
+        content=content,
+        sha256=hashlib.sha256(content).hexdigest(),
+        created_at=at,
+    )
+
+
+def _statement(
+    session: Session,
+    program: ProgramRules,
+    item: PayoutItem,
+    payee: PayeeProfile,
+    kind: str,
+    number: str,
+    issued_on: date,
+    execution_date: date | None = None,
+    original: str | None = None,
+    reason: str | None = None,
+) -> Statement:
+    """What the statement (or its credit note) of `item` prints, from the system of record."""
+    company = program.payouts.company
+    assert company is not None and payee.mandate is not None
+    lines = []
+    for referral in item.referrals:
+        row = session.get(ReferralRow, referral.referral_id)
+        ledger = session.get(CommissionRow, referral.referral_id)
+        product = program.product(row.product) if row else None
+        lines.append(
+            StatementLine(
+                referral_id=referral.referral_id,
+                prospect_company=row.prospect_company if row else "",
+                product=product.name if product else (row.product if row else ""),
+                basis=round_money(ledger.basis_amount, item.currency) if ledger else Decimal(0),
+                rate=ledger.rate if ledger else Decimal(0),
+                commission=referral.amount,
+            )
+        )
+    return Statement(
+        kind="credit_note" if kind == "credit_note" else "statement",
+        number=number,
+        issued_on=issued_on,
+        currency=item.currency,
+        company=company,
+        payee=payee,
+        mandate_reference=payee.mandate.reference,
+        lines=lines,
+        recoveries=[
+            StatementRecovery(referral_id=r.referral_id, amount=r.amount) for r in item.recoveries
+        ],
+        base=item.base,
+        vat_rate=item.vat_rate,
+        vat=item.vat,
+        total=item.net,
+        execution_date=execution_date,
+        original=original,
+        reason=reason,
+    )
+
+
+def _payee_for_export(session: Session, email: str) -> PayeeProfile:
+    row = session.get(PayeeRow, email)
+    try:
+        payee = PayeeProfile.model_validate_json(row.profile) if row else None
+    except ValidationError:
+        payee = None
+    if payee is None or not payee.mandate_in_force or payee.bank_rejection:
+        raise _refuse(
+            f"{email}'s payee profile or mandate changed since the run was prepared: exclude "
+            "them, or cancel the run and prepare another"
+        )
+    return payee
+
+
+def export_run(
+    engine: Engine, program: ProgramRules, request: ExportRequest, at: datetime
+) -> ExportResult:
+    """The run's bank file and one numbered statement per paid item, in one transaction: a
+    retry after a crash finds them written and numbers nothing again."""
+    state = request.state
+    company = program.payouts.company
+    if company is None:
+        raise _refuse("program.yaml sets no payouts.company: who pays is on every file")
+    day = date.fromisoformat(request.execution_date)
+    issued_on = at.astimezone(ZoneInfo(program.calendar.timezone)).date()
+    with Session(engine) as session:
+        written = session.exec(
+            select(PayoutDocumentRow).where(PayoutDocumentRow.run_id == state.run_id)
+        ).all()
+        bank = [d for d in written if d.kind in ("sepa", "csv")]
+        if bank:
+            numbers = {
+                d.payee_email or "": d.number or "" for d in written if d.kind == "statement"
+            }
+            return ExportResult(numbers=numbers, bank_file=bank[0].id)
+        items = [item for item in state.items if item.paid]
+        payees = {item.payee_email: _payee_for_export(session, item.payee_email) for item in items}
+        numbers = dict(
+            zip(
+                [item.payee_email for item in items],
+                take_numbers(session, program.payouts.statement_prefix, issued_on.year, len(items)),
+                strict=True,
+            )
+        )
+        transfers = []
+        for item in items:
+            payee, number = payees[item.payee_email], numbers[item.payee_email]
+            statement = _statement(
+                session, program, item, payee, "statement", number, issued_on, day
+            )
+            session.add(
+                _document(
+                    state.run_id,
+                    "statement",
+                    f"{number}.pdf",
+                    "application/pdf",
+                    render_statement(statement),
+                    at,
+                    number,
+                    item.payee_email,
+                )
+            )
+            transfers.append(
+                Transfer(
+                    name=payee.legal_name,
+                    iban=payee.iban,
+                    bic=payee.bic,
+                    amount=item.net,
+                    currency=item.currency,
+                    statement_number=number,
+                    description=f"{program.name[:60]} {number}",
+                )
+            )
+        try:
+            if state.currency == "EUR":
+                content = sepa_transfer(
+                    company, transfers, day, program.payouts.sepa_schema, state.run_id
+                )
+                document = _document(
+                    state.run_id, "sepa", f"{state.run_id}.xml", "application/xml", content, at
+                )
+            else:
+                content = transfer_csv(transfers, day)
+                document = _document(
+                    state.run_id, "csv", f"{state.run_id}.csv", "text/csv", content, at
+                )
+        except BankFileError as error:
+            raise _refuse(str(error)) from error
+        session.add(document)
+        bank_file = document.id
+        session.commit()
+    return ExportResult(numbers=numbers, bank_file=bank_file)
+
+
+def fail_item(engine: Engine, program: ProgramRules, request: FailRequest, at: datetime) -> str:
+    """The credit note cancelling one item's statement, and its payee held until their bank
+    details change, in one transaction; the credit note's number (the same on a retry)."""
+    state = request.state
+    item = state.item(request.payee_email)
+    assert item is not None and item.statement_number is not None
+    with Session(engine) as session:
+        written = session.get(PayoutDocumentRow, f"{state.run_id}/credit_note/{item.payee_email}")
+        if written is not None:
+            return written.number or ""
+        row = session.get(PayeeRow, item.payee_email)
+        if row is None:
+            raise _refuse(f"{item.payee_email} has no payee profile any more")
+        payee = PayeeProfile.model_validate_json(row.profile)
+        issued_on = at.astimezone(ZoneInfo(program.calendar.timezone)).date()
+        (number,) = take_numbers(session, program.payouts.credit_note_prefix, issued_on.year, 1)
+        why = f"{request.code}: {request.reason}"
+        note = _statement(
+            session,
+            program,
+            item,
+            payee,
+            "credit_note",
+            number,
+            issued_on,
+            original=item.statement_number,
+            reason=why,
+        )
+        session.add(
+            _document(
+                state.run_id,
+                "credit_note",
+                f"{number}.pdf",
+                "application/pdf",
+                render_statement(note),
+                at,
+                number,
+                item.payee_email,
+            )
+        )
+        reject_bank_details(session, item.payee_email, f"{why} (run {state.run_id})", at)
+        session.commit()
+    return number
+
+
+def recover(engine: Engine, state: RunState, actor: str, at: datetime) -> int:
+    """The `recovered` ledger lines of a confirmed run: each clawback deducted, on the referral
+    that owed it, the statement's number as reference. Written once (by line key)."""
+    written = 0
+    with Session(engine) as session:
+        for item in state.items:
+            if not item.settled:
+                continue
+            for recovery in item.recoveries:
+                key = f"payout-run-{state.run_id}/{recovery.referral_id}/recovered"
+                if session.exec(
+                    select(CommissionLineRow).where(CommissionLineRow.line_key == key)
+                ).first():
+                    continue
+                session.add(
+                    CommissionLineRow(
+                        line_key=key,
+                        referral_id=recovery.referral_id,
+                        referrer_email=item.payee_email,
+                        kind=LineKind.RECOVERED.value,
+                        amount=-recovery.amount,
+                        currency=item.currency,
+                        reference=item.statement_number,
+                        at=at,
+                        actor=actor,
+                    )
+                )
+                written += 1
+        session.commit()
+    return written
+
+
+def documents(engine: Engine, run_id: str) -> list[PayoutDocumentRow]:
+    with Session(engine) as session:
+        query = select(PayoutDocumentRow).where(PayoutDocumentRow.run_id == run_id)
+        return list(session.exec(query.order_by(col(PayoutDocumentRow.id))))
+
+
+def document(engine: Engine, document_id: str) -> PayoutDocumentRow | None:
+    with Session(engine) as session:
+        return session.get(PayoutDocumentRow, document_id)
+
+
 class PayoutActivities:
-    def __init__(self, engine: Engine, rules: PayoutRules, zone: ZoneInfo) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        program: ProgramRules,
+        client: Client | None = None,
+        mailer: EmailActivities | None = None,
+    ) -> None:
+        """`client`: to pay each referral of a confirmed run; `mailer`: to tell payees."""
         self._engine = engine
-        self._rules = rules
-        self._zone = zone
+        self._program = program
+        self._zone = ZoneInfo(program.calendar.timezone)
+        self._client = client
+        self._mailer = mailer
 
     @activity.defn(name=COLLECT)
     def collect_payout_items(self, run: RunState) -> list[PayoutItem]:
-        return collect_items(self._engine, self._rules, self._zone, run, datetime.now(UTC))
+        return collect_items(
+            self._engine, self._program.payouts, self._zone, run, datetime.now(UTC)
+        )
 
     @activity.defn(name=RECORD)
     def record_payout_run(self, state: RunState) -> bool:
         return save_run(self._engine, state, datetime.now(UTC))
+
+    @activity.defn(name=EXPORT)
+    def export_payout_run(self, request: ExportRequest) -> ExportResult:
+        return export_run(self._engine, self._program, request, datetime.now(UTC))
+
+    @activity.defn(name=FAIL)
+    def fail_payout_item(self, request: FailRequest) -> str:
+        return fail_item(self._engine, self._program, request, datetime.now(UTC))
+
+    @activity.defn(name=CONFIRM)
+    async def confirm_payout_run(self, request: ConfirmRequest) -> list[str]:
+        """Pay each referral (its `payout`, signed by whoever confirmed), then write the
+        recovered lines. A referral that refuses (paid outside the run) is reported back."""
+        assert self._client is not None
+        problems = []
+        for payout in request.payouts:
+            referral_id = payout_referral(payout)
+            handle = self._client.get_workflow_handle(referral_id)
+            try:
+                _ = await handle.execute_update(
+                    ReferralWorkflow.act,
+                    payout,
+                    id=payout.request_id,
+                    rpc_timeout=timedelta(seconds=30),
+                )
+            except WorkflowUpdateFailedError as error:
+                problems.append(f"{referral_id}: {getattr(error.cause, 'message', error)}")
+            except RPCError as error:
+                if error.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                problems.append(f"{referral_id}: no such referral in Temporal")
+            activity.heartbeat(referral_id)
+        actor = request.payouts[0].actor if request.payouts else "system"
+        await asyncio.to_thread(recover, self._engine, request.state, actor, datetime.now(UTC))
+        return problems
+
+    @activity.defn(name=NOTIFY)
+    def notify_payees(self, notice: Notice) -> int:
+        """Remittance to each payee a confirmed run paid, with their statement; or, for one
+        whose payment failed, why and the credit note. Once each (by key)."""
+        assert self._mailer is not None
+        state, sent = notice.state, 0
+        for item in state.items:
+            if notice.kind == "confirmed" and not item.settled:
+                continue
+            if notice.kind == "failed" and item.payee_email != notice.payee_email:
+                continue
+            payee = load_payee(self._engine, item.payee_email)
+            if payee is None:
+                continue  # erased meanwhile: nobody to tell
+            kind = "statement" if notice.kind == "confirmed" else "credit_note"
+            attached = document(self._engine, f"{state.run_id}/{kind}/{item.payee_email}")
+            facts = {
+                "name": payee.legal_name,
+                "number": item.statement_number,
+                "credit_note": item.credit_note_number,
+                "net": item.net,
+                "currency": item.currency,
+                "recovered": item.recovered,
+                "execution_date": state.execution_date,
+                "account": mask_iban(payee.iban),
+                "reason": item.failed,
+            }
+            self._mailer.send_to_payee(
+                f"payout-run-{state.run_id}/{item.payee_email}/{notice.kind}",
+                payee.email,
+                self._program.sender,
+                payee.language,
+                "payee_remittance" if notice.kind == "confirmed" else "payee_payment_failed",
+                facts,
+                [(attached.filename, attached.media_type, attached.content)] if attached else [],
+            )
+            sent += 1
+        return sent

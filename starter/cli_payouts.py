@@ -6,12 +6,14 @@ import argparse
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.engine import Engine
 
 from activities.payees import accept_mandate, load_payee, payee_events, save_payee
-from activities.payouts import item_status, list_runs, load_run
+from activities.payouts import documents, item_status, list_runs, load_run
 from activities.schema import open_database
 from core.payees import (
     MANDATE_VERSION,
@@ -31,7 +33,14 @@ from core.temporal import connect
 from starter.actions import Refused
 from starter.cli import acting_as, cli_signer, iso_date, print_json, timeout_seconds
 from starter.payouts import act_on_run, local_today, new_request_id, prepare_run
-from workflows.payouts import RunAction, RunRequest, RunState, RunStatus
+from workflows.payouts import (
+    RunAction,
+    RunRequest,
+    RunState,
+    RunStatus,
+    payout_referral,
+    payout_requests,
+)
 
 DB = Need.DATABASE
 TEMPORAL = (Need.DATABASE, Need.ENCRYPTION)
@@ -230,28 +239,62 @@ def cmd_payouts_list(args: argparse.Namespace) -> int:
 
 
 def cmd_payouts_show(args: argparse.Namespace) -> int:
-    state = load_run(open_database(args.settings.database()), args.run)
+    engine = open_database(args.settings.database())
+    state = load_run(engine, args.run)
     if state is None:
         raise Refused(f"no payout run {args.run}")
     _print_run(args, state)
+    if args.out:
+        for path in write_documents(engine, state.run_id, Path(args.out)):
+            print(f"wrote {path}")
     return 0
+
+
+def write_documents(engine: Engine, run_id: str, folder: Path) -> list[Path]:
+    """The run's bank file, statements and credit notes, as files in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for row in documents(engine, run_id):
+        path = folder / row.filename
+        path.write_bytes(row.content)
+        written.append(path)
+    return written
 
 
 def run_command(action: RunAction) -> Callable[[argparse.Namespace], Any]:
     async def command(args: argparse.Namespace) -> int:
         settings: Settings = args.settings
+        actor = acting_as(args, Task.PAYOUT_RUNS)
+        signer = cli_signer(settings)
+        payouts = []
+        if action is RunAction.CONFIRM:
+            # Each referral's payout is signed for that referral: the proof of who confirmed
+            # reaches every referral the run pays.
+            state = load_run(open_database(settings.database()), args.run)
+            if state is None:
+                raise Refused(f"no payout run {args.run}")
+            payouts = [
+                signer.sign(payout_referral(payout), payout) if signer else payout
+                for payout in payout_requests(state, actor)
+            ]
         request = RunRequest(
             action=action,
-            actor=acting_as(args, Task.PAYOUT_RUNS),
+            actor=actor,
             request_id=new_request_id(args.request_id),
             payee_email=getattr(args, "email", None),
             reason=getattr(args, "reason", None),
+            code=getattr(args, "code", None),
+            execution_date=getattr(args, "execution_date", None),
+            payouts=payouts,
         )
         client = await connect(settings)
-        state = await act_on_run(
-            client, args.run, request, timeout_seconds(args), cli_signer(settings)
-        )
+        engine = open_database(settings.database())
+        state = await act_on_run(client, args.run, request, timeout_seconds(args), signer, engine)
         _print_run(args, state)
+        if action is RunAction.EXPORT:
+            folder = Path(args.out or f"payout-run-{state.run_id}")
+            for path in write_documents(engine, state.run_id, folder):
+                print(f"wrote {path}")
         return 0
 
     return command
@@ -303,6 +346,7 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sub.set_defaults(handler=cmd_payouts_show, needs=(DB,))
     sub.add_argument("run")
     sub.add_argument("--json", action="store_true")
+    sub.add_argument("--out", metavar="DIR", help="also write its files (bank file, statements)")
     for action, help, fields in (
         (
             RunAction.APPROVE,
@@ -311,9 +355,17 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         ),
         (RunAction.EXCLUDE, "leave one payee's item out of a draft run", ("email", "--reason")),
         (RunAction.INCLUDE, "pay a held or excluded item in a draft run", ("email", "--reason")),
+        (RunAction.EXPORT, "write an approved run's bank file and numbered statements", ()),
+        (RunAction.MARK_SENT, "record that the bank file was sent to the bank", ()),
+        (
+            RunAction.FAIL,
+            "record a payment the bank rejected: credit note, payee held until their IBAN changes",
+            ("email", "--code", "--reason"),
+        ),
+        (RunAction.CONFIRM, "the bank paid: mark every referral of the run paid, tell payees", ()),
         (RunAction.CANCEL, "cancel a draft or approved run", ("--reason",)),
     ):
-        sub = commands.add_parser(action.value, help=help)
+        sub = commands.add_parser(action.value, help=help, description=help)
         sub.set_defaults(handler=run_command(action), needs=TEMPORAL)
         sub.add_argument("run")
         for field in fields:
@@ -322,3 +374,11 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
             else:
                 sub.add_argument(field)
         sub.add_argument("--json", action="store_true")
+        if action is RunAction.EXPORT:
+            sub.add_argument(
+                "--execution-date", type=iso_date, metavar="DATE",
+                help="when the bank is to pay (default today)",
+            )  # fmt: skip
+            sub.add_argument(
+                "--out", metavar="DIR", help="where to write the files (default payout-run-RUN)"
+            )

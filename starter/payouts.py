@@ -8,10 +8,12 @@ import uuid
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from sqlalchemy.engine import Engine
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.payouts import load_run
 from core.actor_assertions import SigningKey
 from starter.actions import Refused
 from workflows.models import ProgramRules
@@ -70,9 +72,11 @@ async def act_on_run(
     request: RunRequest,
     timeout: float,
     signer: SigningKey | None,
+    engine: Engine | None = None,
 ) -> RunState:
     """One update to a run, its request id as the update id (a repeat applies once), signed
-    when this surface knows who acts."""
+    when this surface knows who acts. `engine`: where to read why a run Temporal no longer
+    runs is closed."""
     workflow_id = run_workflow_id(run_id)
     if signer is not None:
         request = signer.sign(workflow_id, request)
@@ -94,9 +98,12 @@ async def act_on_run(
             f"{request.request_id} to retry it safely"
         ) from None
     except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        closed = load_run(engine, run_id) if engine is not None else None
+        if closed is None:
             raise Refused(f"no payout run {run_id} is open") from None
-        raise
+        raise Refused(f"run {run_id} is {closed.status}: it takes no more actions") from None
 
 
 def new_request_id(given: str | None) -> str:

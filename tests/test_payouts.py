@@ -1,31 +1,52 @@
-"""Paying referrers, part one: payee profiles, what a payout run collects and holds, and the
-run's approvals (docs/payouts.md). A real database (SQLite, and PostgreSQL when given) and a
-real Temporal server."""
+"""Paying referrers: payee profiles, what a payout run collects and holds, its approvals, its
+bank file and statements, failures and confirmation (docs/payouts.md). A real database
+(SQLite, and PostgreSQL when given) and a real Temporal server."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
 from zoneinfo import ZoneInfo
 
 import pytest
-import pytest_asyncio
+import sepaxml
+import xmlschema
 from pydantic import ValidationError
+from pypdf import PdfReader
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio import activity
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.db import CommissionLineRow, PayeeEventRow, PayoutClaimRow, PayoutItemRow
+from activities.db import (
+    CommissionLineRow,
+    PayeeEventRow,
+    PayoutClaimRow,
+    PayoutItemRow,
+    StatementCounterRow,
+)
 from activities.ledger import balances
 from activities.payees import accept_mandate, load_payee, save_payee
-from activities.payouts import PayoutActivities, collect_items, load_run
+from activities.payouts import (
+    PayoutActivities,
+    collect_items,
+    document,
+    documents,
+    export_run,
+    load_run,
+)
 from core.payees import (
     MANDATE_VERSION,
     MandateAcceptance,
@@ -36,8 +57,16 @@ from core.payees import (
     problems,
 )
 from tests.conftest import SETTINGS, Cli, Live
-from workflows.models import LineKind, PayingCompany, PayoutRules
-from workflows.payout_run import PayoutRunWorkflow, run_workflow_id
+from workflows.models import LineKind, PayingCompany, PayoutRules, ProgramRules
+from workflows.payout_run import (
+    CONFIRM,
+    NOTIFY,
+    ConfirmRequest,
+    ExportRequest,
+    Notice,
+    PayoutRunWorkflow,
+    run_workflow_id,
+)
 from workflows.payouts import (
     HoldReason,
     RunAction,
@@ -45,6 +74,8 @@ from workflows.payouts import (
     RunRequest,
     RunState,
     RunStatus,
+    payout_referral,
+    payout_requests,
 )
 
 NOW = datetime(2027, 3, 1, 9, 0, tzinfo=UTC)
@@ -218,8 +249,9 @@ def six_payees(engine: Engine) -> None:
     payable(engine, "ref-d", "d@partners.example", "250.00", 40)
     payable(engine, "ref-e", "e@partners.example", "300.00", 40)
     payable(engine, "ref-f", "f@partners.example", "150.00", 10)
-    for letter in "abcef":
-        save_payee(engine, profile(letter), "finance-1", NOW - timedelta(days=90))
+    for letter in "abcef":  # under the franchise: no VAT, so the nets are the issue's
+        franchise = profile(letter, vat_regime="franchise", vat_id=None)
+        save_payee(engine, franchise, "finance-1", NOW - timedelta(days=90))
         assert RULES.company is not None
         text = mandate_text("fr", RULES.company, f"Partner {letter.upper()} SARL")
         accept_mandate(
@@ -327,57 +359,91 @@ def test_recovered_lines_count_with_what_was_paid(engine: Engine) -> None:
 # --- the run's workflow ---------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture
+def payout_program(rules: ProgramRules) -> ProgramRules:
+    return rules.model_copy(update={"payouts": RULES})
+
+
+@asynccontextmanager
 async def payout_worker(
-    time_env: WorkflowEnvironment, engine: Engine
-) -> AsyncIterator[WorkflowEnvironment]:
+    env: WorkflowEnvironment,
+    engine: Engine,
+    program: ProgramRules,
+    stand_ins: list[Callable[..., Any]] | None = None,
+) -> AsyncIterator[None]:
+    """The run's workflow and its database activities, on a worker that can be stopped;
+    `stand_ins`: activities registered under the names of those that reach Temporal or SMTP."""
     from worker import workflow_runner
 
-    activities = PayoutActivities(engine, RULES, ZONE)
+    activities = PayoutActivities(engine, program)
     async with Worker(
-        time_env.client,
+        env.client,
         task_queue="payouts",
         workflows=[PayoutRunWorkflow],
-        activities=[activities.collect_payout_items, activities.record_payout_run],
+        activities=[
+            activities.collect_payout_items,
+            activities.record_payout_run,
+            activities.export_payout_run,
+            activities.fail_payout_item,
+            *(stand_ins or []),
+        ],
         activity_executor=ThreadPoolExecutor(max_workers=2),
         workflow_runner=workflow_runner(),
+        # The test server does not hand a stopped worker's sticky tasks to the next one.
+        max_cached_workflows=0,
     ):
-        yield time_env
+        yield
 
 
-def signed(run_id: str, action: RunAction, actor: str, **fields: str) -> RunRequest:
+async def start_run(env: WorkflowEnvironment, run_id: str = "eur-1") -> WorkflowHandle[Any, Any]:
+    handle = await env.client.start_workflow(
+        PayoutRunWorkflow.run,
+        RunInput(
+            run_id=run_id, currency="EUR", cutoff=date(2027, 3, 1), approvals_required=2,
+            prepared_by="finance-1",
+        ),
+        id=run_workflow_id(run_id),
+        task_queue="payouts",
+    )  # fmt: skip
+    for _ in range(200):
+        if (await handle.query(PayoutRunWorkflow.state)).revision:
+            return handle
+        await asyncio.sleep(0.05)
+    raise AssertionError("the run collected nothing in 10 s")
+
+
+def run_act(handle: WorkflowHandle[Any, Any]) -> Callable[[RunRequest], Awaitable[RunState]]:
+    async def act(request: RunRequest) -> RunState:
+        return await handle.execute_update(PayoutRunWorkflow.act, request, id=request.request_id)
+
+    return act
+
+
+async def refused_by(handle: WorkflowHandle[Any, Any], request: RunRequest) -> str:
+    with pytest.raises(WorkflowUpdateFailedError) as failed:
+        await run_act(handle)(request)
+    return str(failed.value.cause)
+
+
+def signed(run_id: str, action: RunAction, actor: str, **fields: Any) -> RunRequest:
     assert SETTINGS.actor_signing_key is not None
     request = RunRequest(action=action, actor=actor, request_id=uuid.uuid4().hex, **fields)
     return SETTINGS.actor_signing_key.sign(run_workflow_id(run_id), request)
 
 
 async def test_two_distinct_members_of_staff_approve_a_run_and_a_cancel_frees_its_referrals(
-    payout_worker: WorkflowEnvironment, engine: Engine
+    time_env: WorkflowEnvironment, engine: Engine, rules: ProgramRules
 ) -> None:
     six_payees(engine)
-    client = payout_worker.client
-    handle = await client.start_workflow(
-        PayoutRunWorkflow.run,
-        RunInput(
-            run_id="eur-1", currency="EUR", cutoff=date(2027, 3, 1), approvals_required=2,
-            prepared_by="finance-1",
-        ),
-        id=run_workflow_id("eur-1"),
-        task_queue="payouts",
-    )  # fmt: skip
+    async with payout_worker(time_env, engine, payout_program(rules)):
+        await approve_and_cancel(await start_run(time_env), engine)
 
-    async def act(request: RunRequest) -> RunState:
-        return await handle.execute_update(PayoutRunWorkflow.act, request, id=request.request_id)
+
+async def approve_and_cancel(handle: WorkflowHandle[Any, Any], engine: Engine) -> None:
+    act = run_act(handle)
 
     async def refused(request: RunRequest) -> str:
-        with pytest.raises(WorkflowUpdateFailedError) as failed:
-            await act(request)
-        return str(failed.value.cause)
+        return await refused_by(handle, request)
 
-    for _ in range(100):
-        if (await handle.query(PayoutRunWorkflow.state)).revision:
-            break
-        await asyncio.sleep(0.05)
     unsigned = RunRequest(action=RunAction.APPROVE, actor="cfo", request_id="r-1")
     assert "moves money" in await refused(unsigned)
     exclude = signed("eur-1", RunAction.EXCLUDE, "finance-1", payee_email="a@partners.example")
@@ -405,7 +471,7 @@ async def test_two_distinct_members_of_staff_approve_a_run_and_a_cancel_frees_it
     assert [a.surface for a in state.approvals] == ["tests", "tests"]
     late = signed("eur-1", RunAction.EXCLUDE, "finance-1", payee_email="a@partners.example",
                   reason="late")  # fmt: skip
-    assert "for a draft run" in await refused(late)
+    assert "for a run that is draft; run eur-1 is approved" in await refused(late)
     recorded = load_run(engine, "eur-1")
     assert recorded is not None and recorded.status is RunStatus.APPROVED
     with Session(engine) as session:
@@ -424,7 +490,9 @@ async def test_two_distinct_members_of_staff_approve_a_run_and_a_cancel_frees_it
 # --- the CLI --------------------------------------------------------------------------------
 
 
-async def test_finance_sets_a_payee_and_runs_a_payout_from_the_cli(cli: Cli, live: Live) -> None:
+async def test_finance_sets_a_payee_and_runs_a_payout_from_the_cli(
+    cli: Cli, live: Live, tmp_path: Path
+) -> None:
     email = f"chf-{uuid.uuid4().hex[:8]}@partners.example"
     wrong = await cli(
         "payee", "set", email, "--legal-name", "Partner CH", "--kind", "company",
@@ -467,8 +535,184 @@ async def test_finance_sets_a_payee_and_runs_a_payout_from_the_cli(cli: Cli, liv
     assert second.code == 0 and f"run {run_id}: approved" in second.out, second
     listed = await cli("payouts", "list", "--status", "approved")
     assert run_id in listed.out
-    cancelled = await cli("payouts", "cancel", run_id, "--reason", "a test")
+    out = tmp_path / "files"
+    exported = await cli("payouts", "export", run_id, "--out", str(out))
+    assert exported.code == 0 and f"run {run_id}: exported" in exported.out, exported
+    files = sorted(path.name for path in out.iterdir())
+    assert len(files) == 2 and files[1] == f"{run_id}.csv", files  # CHF: no SEPA file
+    rows = (out / files[1]).read_text().splitlines()
+    assert rows[1].startswith(files[0].removesuffix(".pdf")) and ",400.00,CHF," in rows[1]
+    statement = pdf_text((out / files[0]).read_bytes())
+    assert "Self-billed invoice" in statement and "art. 283-2 du CGI" in statement
+    assert "Reverse charge: VAT due by the customer" in statement
+    assert (await cli("payouts", "mark-sent", run_id)).code == 0
+    confirmed = await cli("payouts", "confirm", run_id, "--json")
+    assert confirmed.code == 0, confirmed
+    history = json.loads(confirmed.out)["history"]
+    # Its ledger lines were written by hand: no workflow pays it, and the run says so.
+    assert history[-1]["note"].endswith(": no such referral in Temporal"), history[-1]
+    again = await cli("payouts", "confirm", run_id)
+    assert (
+        again.code == 1
+        and again.err == f"referrals: run {run_id} is confirmed: it takes no more actions\n"
+    )
+
+    # Still payable: the next run takes it, and is cancelled.
+    second = await cli("payouts", "prepare", "--currency", "chf", "--cutoff", "2027-03-01")
+    second_id = second.out.split()[1].rstrip(":")
+    assert second.code == 0 and second_id != run_id and email in second.out, second
+    cancelled = await cli("payouts", "cancel", second_id, "--reason", "a test")
     assert cancelled.code == 0 and "cancelled" in cancelled.out, cancelled
-    shown = await cli("payouts", "show", run_id, "--json")
+    shown = await cli("payouts", "show", second_id, "--json")
     assert shown.code == 0, shown
     assert json.loads(shown.out)["status"] == "cancelled"
+
+
+SEPA_SCHEMAS = Path(sepaxml.__file__).parent / "schemas"
+
+
+def pdf_text(content: bytes) -> str:
+    return " ".join(page.extract_text() for page in PdfReader(io.BytesIO(content)).pages)
+
+
+async def test_an_approved_run_survives_its_worker_then_exports_a_valid_file_and_statements(
+    time_env: WorkflowEnvironment, engine: Engine, rules: ProgramRules
+) -> None:
+    six_payees(engine)
+    program = payout_program(rules)
+    notices: list[Notice] = []
+    confirmations: list[ConfirmRequest] = []
+
+    @activity.defn(name=NOTIFY)
+    async def notify_payees(notice: Notice) -> int:
+        notices.append(notice)
+        return 1
+
+    @activity.defn(name=CONFIRM)
+    async def confirm_payout_run(request: ConfirmRequest) -> list[str]:
+        confirmations.append(request)
+        return []
+
+    async with payout_worker(time_env, engine, program):
+        handle = await start_run(time_env)
+        act = run_act(handle)
+        await act(signed("eur-1", RunAction.APPROVE, "finance-1"))
+        approved = await act(signed("eur-1", RunAction.APPROVE, "finance-2"))
+        assert approved.status is RunStatus.APPROVED
+    # The worker is gone between approval and export; another takes the run over.
+    async with payout_worker(time_env, engine, program, [notify_payees, confirm_payout_run]):
+        export = signed("eur-1", RunAction.EXPORT, "finance-1")
+        export.execution_date = None
+        state = await act(export)
+        assert state.status is RunStatus.EXPORTED
+        year = datetime.now(ZONE).year
+        numbers = {i.payee_email[0]: i.statement_number for i in state.items}
+        assert numbers == {"a": f"AF-{year}-000001", "b": None, "c": f"AF-{year}-000002", "d": None}
+        again = signed("eur-1", RunAction.EXPORT, "finance-1")
+        assert "run eur-1 is exported" in await refused_by(handle, again)
+        # A retried export (the activity after a crash) numbers nothing again.
+        retried = export_run(
+            engine, program, ExportRequest(state=approved, execution_date="2027-03-02"), NOW
+        )
+        assert retried.numbers == {
+            "a@partners.example": numbers["a"],
+            "c@partners.example": numbers["c"],
+        }
+        with Session(engine) as session:
+            (counter,) = session.exec(select(StatementCounterRow)).all()
+            assert (counter.series, counter.last) == ("AF", 2)
+
+        files = {d.kind + (d.payee_email or "")[:1]: d for d in documents(engine, "eur-1")}
+        assert sorted(files) == ["sepa", "statementa", "statementc"]
+        xml = files["sepa"].content
+        xmlschema.XMLSchema(SEPA_SCHEMAS / "pain.001.001.09.xsd").validate(xml.decode())
+        tree = ElementTree.fromstring(xml)
+        ns = {"p": "urn:iso:std:iso:20022:tech:xsd:pain.001.001.09"}
+        assert tree.findtext("p:CstmrCdtTrfInitn/p:GrpHdr/p:NbOfTxs", namespaces=ns) == "2"
+        assert tree.findtext("p:CstmrCdtTrfInitn/p:GrpHdr/p:CtrlSum", namespaces=ns) == "980.00"
+        paid = {
+            tx.findtext("p:PmtId/p:EndToEndId", namespaces=ns): tx.findtext(
+                "p:Amt/p:InstdAmt", namespaces=ns
+            )
+            for tx in tree.iterfind(".//p:CdtTrfTxInf", ns)
+        }
+        assert paid == {numbers["a"]: "600.00", numbers["c"]: "380.00"}
+
+        a_text, c_text = (
+            pdf_text(files["statementa"].content),
+            pdf_text(files["statementc"].content),
+        )
+        for text, number in ((a_text, numbers["a"]), (c_text, numbers["c"])):
+            assert number is not None and number in text and "Autofacturation" in text
+            assert "TVA non applicable, art. 293 B du CGI" in text
+            assert "Nuage Logiciel SAS" in text and f"MANDAT-{MANDATE_VERSION}-" in text
+            assert "FR76 " not in text or "*" in text  # the IBAN masked
+        assert "600.00 EUR" in a_text and "100.00 EUR" in a_text
+        assert "500.00 EUR" in c_text and "-120.00 EUR" in c_text and "380.00 EUR" in c_text
+        assert "ref-c-old" in c_text
+
+        sent = await act(signed("eur-1", RunAction.MARK_SENT, "finance-1"))
+        assert sent.status is RunStatus.SENT
+        failed = await act(
+            signed("eur-1", RunAction.FAIL, "finance-2", payee_email="c@partners.example",
+                   code="AC04", reason="account closed")
+        )  # fmt: skip
+        item = failed.item("c@partners.example")
+        assert item is not None and item.failed == "AC04: account closed"
+        assert item.credit_note_number == f"AV-{year}-000001"
+        assert [(n.kind, n.payee_email) for n in notices] == [("failed", "c@partners.example")]
+        note = document(engine, "eur-1/credit_note/c@partners.example")
+        assert note is not None and str(numbers["c"]) in pdf_text(note.content)
+        c_payee = load_payee(engine, "c@partners.example")
+        assert c_payee is not None and c_payee.bank_rejection is not None
+
+        unsigned = RunRequest(action=RunAction.CONFIRM, actor="finance-1", request_id="c-0")
+        assert "moves money" in await refused_by(handle, unsigned)
+        partial = signed("eur-1", RunAction.CONFIRM, "finance-1")
+        assert "carry the payout of each referral" in await refused_by(handle, partial)
+        confirm = signed_confirm(failed, "finance-1")
+        done = await act(confirm)
+        assert done.status is RunStatus.CONFIRMED and done.settled_total == Decimal("600.00")
+        (request,) = confirmations
+        assert [(p.request_id, p.reference) for p in request.payouts] == [
+            (f"payout-run-eur-1/ref-a{n}", numbers["a"]) for n in range(3)
+        ]
+        assert notices[-1].kind == "confirmed"
+        assert (await handle.result()).status is RunStatus.CONFIRMED
+
+        # C's commission is still due, held until the bank details change, then for the
+        # cooldown.
+        later = {
+            i.payee_email[0]: i for i in collect_items(engine, RULES, ZONE, run_state("eur-2"), NOW)
+        }
+        assert HoldReason.BANK_REJECTED in later["c"].holds
+        assert [r.referral_id for r in later["c"].referrals] == ["ref-c"]
+        changed = profile("c", vat_regime="franchise", vat_id=None, iban=NEW_IBAN)
+        save_payee(engine, changed, "c@partners.example", datetime.now(UTC))
+        cancel_claims(engine, "eur-2")
+        after = {
+            i.payee_email[0]: i
+            for i in collect_items(engine, RULES, ZONE, run_state("eur-3"), datetime.now(UTC))
+        }
+        assert after["c"].holds == [HoldReason.IBAN_COOLDOWN]
+
+
+NEW_IBAN = "FR7630004000031234567890143"
+
+
+def signed_confirm(state: RunState, actor: str) -> RunRequest:
+    """What the CLI sends: every referral's payout signed for that referral."""
+    assert SETTINGS.actor_signing_key is not None
+    key = SETTINGS.actor_signing_key
+    payouts = [key.sign(payout_referral(p), p) for p in payout_requests(state, actor)]
+    request = RunRequest(
+        action=RunAction.CONFIRM, actor=actor, request_id=uuid.uuid4().hex, payouts=payouts
+    )
+    return key.sign(run_workflow_id(state.run_id), request)
+
+
+def cancel_claims(engine: Engine, run_id: str) -> None:
+    with Session(engine) as session:
+        for claim in session.exec(select(PayoutClaimRow).where(PayoutClaimRow.run_id == run_id)):
+            session.delete(claim)
+        session.commit()

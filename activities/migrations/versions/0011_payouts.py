@@ -1,5 +1,6 @@
-"""Paying referrers: payee profiles and their changes, payout runs, their items, and the
-claim that keeps a payable referral in one live run at a time (docs/payouts.md).
+"""Paying referrers: payee profiles and their changes, payout runs, their items, the claim
+that keeps a payable referral in one live run at a time, the documents runs issue and the
+counters that number them (docs/payouts.md).
 
 Revision ID: 0011
 Revises: 0010
@@ -69,8 +70,28 @@ def upgrade() -> None:
         sa.Column("referral_id", sa.String(), primary_key=True),
         sa.Column("run_id", sa.String(), nullable=False, index=True),
     )
+    op.create_table(
+        "payout_document",
+        sa.Column("id", sa.String(), primary_key=True),
+        sa.Column("run_id", sa.String(), nullable=False, index=True),
+        sa.Column("kind", sa.String(), nullable=False),
+        sa.Column("number", sa.String(), nullable=True, unique=True),
+        sa.Column("payee_email", sa.String(), nullable=True, index=True),
+        sa.Column("filename", sa.String(), nullable=False),
+        sa.Column("media_type", sa.String(), nullable=False),
+        sa.Column("content", sa.LargeBinary(), nullable=False),
+        sa.Column("sha256", sa.String(), nullable=False),
+        sa.Column("created_at", MOMENT, nullable=False),
+    )
+    op.create_table(
+        "statement_counter",
+        sa.Column("series", sa.String(), primary_key=True),
+        sa.Column("year", sa.Integer(), primary_key=True),
+        sa.Column("last", sa.Integer(), nullable=False),
+    )
 
 
 def downgrade() -> None:
-    for table in ("payout_claim", "payout_item", "payout_run", "payee_event", "payee"):
+    tables = ("statement_counter", "payout_document", "payout_claim", "payout_item")
+    for table in (*tables, "payout_run", "payee_event", "payee"):
         op.drop_table(table)

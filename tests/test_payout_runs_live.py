@@ -1,0 +1,197 @@
+"""A month's commissions paid as one run, end to end: real referrals carried to
+`commission_payable` by their workflows, a real worker, database and SMTP relay. The issue's
+six payees but E and F (the USD run and the holding period are in tests/test_payouts.py)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, select
+from temporalio.testing import WorkflowEnvironment
+
+from activities.db import CommissionLineRow, make_engine
+from activities.ledger import balances
+from activities.payees import accept_mandate, save_payee
+from activities.payouts import documents
+from activities.records import load_referral
+from activities.schema import upgrade
+from core.payees import MANDATE_VERSION, MandateAcceptance, mandate_hash, mandate_text
+from starter.actions import Refused
+from starter.intake import submit_referral
+from starter.payouts import act_on_run, prepare_run
+from tests.conftest import SETTINGS, MailSink, settings_with
+from tests.desk import act_by_id
+from tests.factories import submission
+from tests.test_payouts import RULES, pdf_text, profile
+from worker import build_worker
+from workflows.models import Action, Language, ProgramRules, Stage
+from workflows.payouts import (
+    HoldReason,
+    RunAction,
+    RunRequest,
+    RunState,
+    RunStatus,
+    payout_referral,
+    payout_requests,
+)
+
+TIMEOUT = 30.0
+
+
+async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
+    dev_env: WorkflowEnvironment, mail_sink: MailSink, tmp_path: Path, shipped_rules: ProgramRules
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'referrals.db'}")
+    upgrade(engine)
+    program = shipped_rules.model_copy(
+        update={"payouts": RULES.model_copy(update={"holding_days": 0})}
+    )
+    tag = uuid.uuid4().hex[:6]
+    queue = f"payouts-{tag}"
+    settings = settings_with(mail_sink, task_queue=queue)
+    client = dev_env.client
+    key = SETTINGS.actor_signing_key
+    assert key is not None
+
+    def email(letter: str) -> str:
+        return f"{letter}-{tag}@partners.example"
+
+    async def payable(letter: str, basis: str, language: str = "fr") -> str:
+        data = {
+            "referrer.email": email(letter),
+            "referrer.language": language,
+            "prospect.website": f"https://{letter}{basis}-{tag}.example",
+        }
+        referral_id = await submit_referral(client, engine, program, submission(**data), settings)
+        for action, values in (
+            (Action.CONTACTED, {}),
+            (Action.ACCEPT, {}),
+            (Action.APPROVE, {}),
+            (Action.WON, {"amount": Decimal(basis), "currency": "EUR"}),
+            (Action.PAYMENT, {"amount": Decimal(basis), "reference": f"INV-{basis}"}),
+        ):
+            await act_by_id(client, referral_id, action, **values)
+        return referral_id
+
+    def payee(letter: str, language: Language = "fr") -> None:
+        franchise = profile(letter, vat_regime="franchise", vat_id=None, language=language)
+        saved = save_payee(
+            engine, franchise.model_copy(update={"email": email(letter)}), "fin", datetime.now(UTC)
+        )
+        assert program.payouts.company is not None
+        text = mandate_text(language, program.payouts.company, saved.profile.legal_name)
+        accepted = MandateAcceptance(
+            version=MANDATE_VERSION,
+            language=language,
+            text_sha256=mandate_hash(text),
+            accepted_at=datetime.now(UTC),
+            accepted_by=email(letter),
+            channel="portal",
+        )
+        accept_mandate(engine, email(letter), accepted, datetime.now(UTC))
+
+    async with build_worker(client, engine, settings, queue=queue, rules=program):
+        a_referrals = [await payable("a", basis) for basis in ("1000", "2000", "3000")]
+        b_referral = await payable("b", "400")
+        # C was paid 1 200.00 on an earlier deal, then its customer was refunded: 120 owed.
+        c_old = await payable("c", "12000", "en")
+        await act_by_id(client, c_old, Action.PAYOUT, reference="VIR-OLD")
+        await act_by_id(
+            client, c_old, Action.REFUND, amount=Decimal("1200"), reference="AV-1", reason="refund"
+        )
+        c_new = await payable("c", "5000", "en")
+        await payable("d", "2500")
+        payee("a")
+        payee("b")
+        payee("c", "en")
+
+        state = await prepare_run(
+            client, program, queue, "EUR", datetime.now(UTC).date(), "finance-1", TIMEOUT
+        )
+        items = {item.payee_email[0]: item for item in state.items}
+        assert (items["a"].net, items["c"].gross, items["c"].recovered, items["c"].net) == (
+            Decimal("600.00"), Decimal("500.00"), Decimal("120.00"), Decimal("380.00")
+        )  # fmt: skip
+        assert items["b"].holds == [HoldReason.BELOW_MINIMUM]
+        assert items["d"].holds == [HoldReason.NO_PROFILE]
+        assert state.total == Decimal("980.00")
+
+        run_id = state.run_id
+
+        async def act(action: RunAction, actor: str = "finance-1", **values: Any) -> RunState:
+            request = RunRequest(action=action, actor=actor, request_id=uuid.uuid4().hex, **values)
+            return await act_on_run(client, run_id, request, TIMEOUT, key, engine)
+
+        await act(RunAction.APPROVE)
+        try:
+            await act(RunAction.APPROVE)
+            raise AssertionError("the same actor approved twice")
+        except Refused as refused:
+            assert "has already approved" in str(refused)
+        assert (await act(RunAction.APPROVE, "finance-2")).status is RunStatus.APPROVED
+        exported = await act(RunAction.EXPORT)
+        numbers = {i.payee_email[0]: i.statement_number for i in exported.items if i.paid}
+        statement_c = next(d for d in documents(engine, run_id) if d.number == numbers["c"])
+        text = pdf_text(statement_c.content)
+        assert "Self-billed invoice" in text and c_new in text and c_old in text
+        assert "TVA non applicable, art. 293 B du CGI" in text and "380.00 EUR" in text
+        await act(RunAction.MARK_SENT)
+        before = len(mail_sink.messages())
+
+        payouts = [key.sign(payout_referral(p), p) for p in payout_requests(exported, "finance-1")]
+        confirm = RunRequest(
+            action=RunAction.CONFIRM,
+            actor="finance-1",
+            request_id=f"confirm-{tag}",
+            payouts=payouts,
+        )
+        done = await act_on_run(client, run_id, confirm, TIMEOUT, key)
+        assert done.status is RunStatus.CONFIRMED and done.history[-1].note == (
+            "4 referrals paid, 980.00 EUR"
+        )
+
+        for referral_id in [*a_referrals, c_new]:
+            referral = load_referral(engine, referral_id)
+            assert referral is not None and referral.stage is Stage.COMMISSION_PAID
+            assert referral.commission is not None
+            assert referral.commission.payout_reference in numbers.values()
+        standing = {b.referrer_email[0]: b for b in balances(engine) if tag in b.referrer_email}
+        assert standing["a"].balance == 0 and standing["c"].balance == 0
+        assert standing["b"].payable == Decimal("40.00")
+        with Session(engine) as session:
+            (recovered,) = session.exec(
+                select(CommissionLineRow).where(CommissionLineRow.kind == "recovered")
+            ).all()
+        assert (recovered.referral_id, recovered.amount, recovered.reference) == (
+            c_old, Decimal("-120.0000"), numbers["c"]
+        )  # fmt: skip
+        loaded = load_referral(engine, b_referral)
+        assert loaded is not None and loaded.stage is Stage.COMMISSION_PAYABLE
+
+        remittances = [
+            m
+            for m in mail_sink.messages()[before:]
+            if m.get("X-Idempotency-Key", "").endswith("/confirmed")
+        ]
+        by_payee = {str(m["To"])[0]: m for m in remittances}
+        assert sorted(by_payee) == ["a", "c"] and len(remittances) == 2
+        assert "Paiement de commissions" in str(by_payee["a"]["Subject"])
+        assert "Commission payment" in str(by_payee["c"]["Subject"])
+        (attached,) = list(by_payee["c"].iter_attachments())
+        assert attached.get_filename() == f"{numbers['c']}.pdf"
+        assert attached.get_content() == statement_c.content
+
+        # Confirming again changes nothing and sends nothing.
+        sent = len(mail_sink.messages())
+        again = await act_on_run(client, run_id, confirm, TIMEOUT, key)
+        assert again.revision == done.revision
+        try:
+            await act(RunAction.CONFIRM, payouts=payouts)
+            raise AssertionError("a confirmed run was confirmed again")
+        except Refused as refused:
+            assert "is confirmed" in str(refused)
+        assert len(mail_sink.messages()) == sent
