@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -172,6 +173,85 @@ def holds(
         if item.net < minimum and not long_enough:
             found.append(HoldReason.BELOW_MINIMUM)
     return found
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """When a payable commission may be paid, as its referrer is told: in which run, from
+    which day, or why it waits."""
+
+    expected_on: date | None
+    run_id: str | None
+    holds: tuple[HoldReason, ...]
+
+
+def payout_outlook(
+    engine: Engine, rules: PayoutRules, zone: ZoneInfo, email: str, now: datetime
+) -> dict[str, Outlook]:
+    """For each payable commission of `email`: the live run that has it (and that run's view
+    of it), or the first day a run may take it and what would hold it then."""
+    email = email.strip().lower()
+    today = now.astimezone(zone).date()
+    outlook: dict[str, Outlook] = {}
+    with Session(engine) as session:
+        sums = session.execute(
+            ledger_sums(_LINE.referral_id, _LINE.currency).where(_LINE.referrer_email == email)
+        ).all()
+        since = dict(
+            session.execute(
+                sa_select(_LINE.referral_id, func.min(_LINE.at))
+                .where(_LINE.kind == LineKind.PAYABLE.value, _LINE.referrer_email == email)
+                .group_by(_LINE.referral_id)
+            ).all()
+        )
+        due: dict[str, list[ItemReferral]] = defaultdict(list)
+        owed: dict[str, list[Recovery]] = defaultdict(list)
+        for referral_id, currency, earned, clawed, paid, payable in sums:
+            balance = round_money(Decimal(earned) + Decimal(clawed) - Decimal(paid), currency)
+            amount = round_money(Decimal(payable), currency)
+            if amount > 0 and referral_id in since:
+                due[currency].append(
+                    ItemReferral(
+                        referral_id=referral_id,
+                        amount=amount,
+                        payable_at=as_utc(since[referral_id]),
+                    )
+                )
+            elif balance < 0:
+                owed[currency].append(Recovery(referral_id=referral_id, amount=-balance))
+        payable_ids = [r.referral_id for referrals in due.values() for r in referrals]
+        claims = dict(
+            session.exec(
+                select(PayoutClaimRow.referral_id, PayoutClaimRow.run_id).where(
+                    col(PayoutClaimRow.referral_id).in_(payable_ids)
+                )
+            ).all()
+        )
+    runs = {run_id: load_run(engine, run_id) for run_id in set(claims.values())}
+    payee = all_payees(engine).get(email)
+    accounts = iban_owners(engine)
+    for currency, referrals in due.items():
+        item = PayoutItem(
+            payee_email=email,
+            currency=currency,
+            referrals=referrals,
+            gross=sum((r.amount for r in referrals), Decimal(0)),
+            recoveries=owed.get(currency, []),
+        )
+        if isinstance(payee, PayeeProfile) and payee.vat_regime is VatRegime.FR_VAT:
+            item.vat_rate = payee.vat_rate
+        waiting = tuple(holds(item, payee, accounts, rules, now))
+        for referral in referrals:
+            run = runs.get(claims.get(referral.referral_id, ""))
+            in_run = run.item(email) if run is not None else None
+            if run is not None and in_run is not None:
+                outlook[referral.referral_id] = Outlook(
+                    run.execution_date, run.run_id, () if in_run.paid else tuple(in_run.holds)
+                )
+                continue
+            first = referral.payable_at.astimezone(zone).date() + timedelta(days=rules.holding_days)
+            outlook[referral.referral_id] = Outlook(max(first, today), None, waiting)
+    return outlook
 
 
 def item_status(item: PayoutItem) -> str:
@@ -522,6 +602,25 @@ def documents(engine: Engine, run_id: str) -> list[PayoutDocumentRow]:
     with Session(engine) as session:
         query = select(PayoutDocumentRow).where(PayoutDocumentRow.run_id == run_id)
         return list(session.exec(query.order_by(col(PayoutDocumentRow.id))))
+
+
+def issued_to(engine: Engine, email: str) -> list[PayoutDocumentRow]:
+    """The statements and credit notes issued to a payee, newest first."""
+    with Session(engine) as session:
+        query = select(PayoutDocumentRow).where(
+            PayoutDocumentRow.payee_email == email.strip().lower()
+        )
+        return list(session.exec(query.order_by(col(PayoutDocumentRow.created_at).desc())))
+
+
+def issued_document(engine: Engine, email: str, number: str) -> PayoutDocumentRow | None:
+    """A payee's own statement or credit note by its number (another's is not found)."""
+    with Session(engine) as session:
+        query = select(PayoutDocumentRow).where(
+            PayoutDocumentRow.number == number,
+            PayoutDocumentRow.payee_email == email.strip().lower(),
+        )
+        return session.exec(query).first()
 
 
 def document(engine: Engine, document_id: str) -> PayoutDocumentRow | None:

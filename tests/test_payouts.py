@@ -46,6 +46,7 @@ from activities.payouts import (
     documents,
     export_run,
     load_run,
+    save_run,
 )
 from core.payees import (
     MANDATE_VERSION,
@@ -56,8 +57,10 @@ from core.payees import (
     mask_iban,
     problems,
 )
-from tests.conftest import SETTINGS, Cli, Live
-from workflows.models import LineKind, PayingCompany, PayoutRules, ProgramRules
+from tests.conftest import SETTINGS, Cli, Live, MailSink
+from tests.test_staff_dashboard import staff_app
+from tests.test_staff_desk import signed_in
+from workflows.models import LineKind, PayingCompany, PayoutRules, ProgramRules, StaffRoles
 from workflows.payout_run import (
     CONFIRM,
     NOTIFY,
@@ -716,3 +719,33 @@ def cancel_claims(engine: Engine, run_id: str) -> None:
         for claim in session.exec(select(PayoutClaimRow).where(PayoutClaimRow.run_id == run_id)):
             session.delete(claim)
         session.commit()
+
+
+# --- the staff area -------------------------------------------------------------------------
+
+
+async def test_finance_sees_each_run_with_its_total_and_what_it_holds_by_reason(
+    engine: Engine, shipped_rules: ProgramRules, mail_sink: MailSink
+) -> None:
+    six_payees(engine)
+    items = collect_items(engine, RULES, ZONE, run_state(), NOW)
+    save_run(engine, run_state().model_copy(update={"items": items, "revision": 1}), NOW)
+    finance = f"finance-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"
+    app = staff_app(engine, shipped_rules, mail_sink, f"m-{uuid.uuid4().hex[:8]}@example.com")
+    site = app.state.site
+    roles = StaffRoles(finance=[finance], sales=["sales@nuage-logiciel.example"])
+    site.rules = site.rules.model_copy(
+        update={"staff": site.rules.staff.model_copy(update={"roles": roles})}
+    )
+    async with signed_in(app, mail_sink, finance) as browser:
+        page = (await browser.get("/staff/payouts?lang=en")).text
+        assert 'id="run-eur-1" data-status="draft"' in page
+        assert 'data-total="980.00"' in page and "€980.00" in page
+        assert 'data-hold="below_minimum">below the minimum: €40.00' in page
+        assert 'data-hold="no_profile">no payee profile: €250.00' in page
+        french = (await browser.get("/staff/payouts?lang=fr")).text
+        assert "<h1>Virements groupés</h1>" in french
+        assert 'data-hold="below_minimum">sous le minimum: 40,00\xa0€' in french
+    async with signed_in(app, mail_sink, "sales@nuage-logiciel.example") as browser:
+        refused = await browser.get("/staff/payouts?lang=en")
+        assert refused.status_code == 403 and "finance or manager" in refused.text

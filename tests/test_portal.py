@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
 from types import SimpleNamespace
@@ -26,13 +26,17 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
+from activities.db import PayoutDocumentRow
 from activities.ledger import Balance, balances, save_commission
+from activities.payees import accept_mandate, save_payee
 from activities.records import save_referral
 from core.links import status_token
+from core.payees import MANDATE_VERSION, MandateAcceptance, PayeeProfile
 from starter.spreadsheet import FORMULA_STARTS, spreadsheet_text
 from starter.web import create_app, signin
-from starter.web.signin import REFERRER
+from starter.web.signin import PRIVATE, REFERRER
 from tests.conftest import MailSink, csrf_of, use_sign_in_link
 from tests.factories import referral_input
 from workflows.models import (
@@ -549,3 +553,76 @@ def test_every_formula_start_is_neutralised(start: str) -> None:
 def test_a_signed_amount_stays_a_number(amount: str) -> None:
     assert spreadsheet_text(amount) == amount
     assert spreadsheet_text(f"{amount}+cmd|' /C calc'!A0") == f"'{amount}+cmd|' /C calc'!A0"
+
+
+# --- how the referrer is paid ------------------------------------------------------------------
+
+
+def row_of(page: str, referral_id: str) -> str:
+    return page.split(f'id="referral-{referral_id}"', 1)[1].split("</tr>", 1)[0]
+
+
+def payout_of(page: str, referral_id: str) -> str:
+    row = row_of(page, referral_id)
+    found = re.search(r'data-payout="(\w+)">(.*?)</span>', row, re.S)
+    assert found is not None, row
+    return f"{found[1]}: {' '.join(found[2].split())}"
+
+
+async def test_the_portal_says_when_a_commission_is_paid_or_why_it_waits_and_its_statements(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers, engine: Engine
+) -> None:
+    await sign_in(web, mail_sink, who.claire)
+    page = (await web.get("/me?lang=en")).text
+    assert payout_of(page, "R-PORTAL0002") == "held: Waiting: we need your payment details"
+    assert 'id="no-payee"' in page and "data-payout" not in row_of(page, "R-PORTAL0001")  # paid
+
+    claire = who.claire.lower()
+    details = profile_for(claire)
+    save_payee(engine, details, "finance", utc("2026-11-01T09:00:00"))
+    french = (await web.get("/me?lang=fr")).text
+    assert payout_of(french, "R-PORTAL0002") == (
+        "held: En attente : nous avons besoin de votre mandat d'autofacturation"
+    )
+    mandate = MandateAcceptance(
+        version=MANDATE_VERSION, language="en", text_sha256="ab" * 32,
+        accepted_at=utc("2026-11-03T09:00:00"), accepted_by=claire, channel="portal",
+    )  # fmt: skip
+    accept_mandate(engine, claire, mandate, utc("2026-11-03T09:00:00"))
+    page = (await web.get("/me?lang=en")).text
+    # Payable on 10 November, held 30 days: from 10 December (or today, if later).
+    first = max(date(2026, 12, 10), datetime.now(ZONE).date())
+    assert payout_of(page, "R-PORTAL0002") == (
+        f"expected: To be paid in the first payment run from {first:%B} {first.day}, {first.year}"
+    )
+    assert "Accepted on November 3, 2026 (MANDAT-" in page
+    assert "DE89 •••• 3000" in page and details.iban not in page
+
+    with Session(engine) as session:
+        for number, owner in (("AF-2026-000009", claire), ("AF-2026-000010", who.bob.lower())):
+            session.add(
+                PayoutDocumentRow(
+                    id=f"run-x/statement/{owner}", run_id="run-x", kind="statement",
+                    number=number, payee_email=owner, filename=f"{number}.pdf",
+                    media_type="application/pdf", content=b"%PDF-1.4 " + number.encode(),
+                    sha256="0" * 64, created_at=utc("2026-12-01T09:00:00"),
+                )
+            )  # fmt: skip
+        session.commit()
+    page = (await web.get("/me?lang=en")).text
+    assert 'data-number="AF-2026-000009"' in page and "AF-2026-000010" not in page
+    mine = await web.get("/me/documents/AF-2026-000009.pdf")
+    assert mine.status_code == 200 and mine.content == b"%PDF-1.4 AF-2026-000009"
+    assert mine.headers["cache-control"] == PRIVATE["Cache-Control"]
+    assert (await web.get("/me/documents/AF-2026-000010.pdf")).status_code == 404  # Bob's
+
+
+def profile_for(email: str) -> PayeeProfile:
+    return PayeeProfile.model_validate(
+        {
+            "email": email, "legal_name": "Conseil Martin GmbH", "kind": "company",
+            "country": "DE", "address": "Unter den Linden 1, 10117 Berlin",
+            "vat_id": "DE136695976", "vat_regime": "eu_reverse_charge",
+            "iban": "DE89370400440532013000", "language": "en",
+        }
+    )  # fmt: skip

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -25,8 +25,11 @@ from sqlalchemy.engine import Engine
 
 from activities.db import ReferralEventRow, ReferralRow, as_utc
 from activities.ledger import Balance, balances, referral_balances
+from activities.payees import load_payee
+from activities.payouts import Outlook, issued_document, issued_to, payout_outlook
 from activities.records import list_referrals
 from core.links import Keys, status_token
+from core.payees import PayeeProfile
 from starter.spreadsheet import spreadsheet_text
 from starter.web.deps import Language, SiteDep
 from starter.web.intake import STAGE_NAMES
@@ -39,7 +42,7 @@ from starter.web.signin import (
     signed_in_page,
 )
 from starter.web.site import Site
-from workflows.models import ReferralState, round_money
+from workflows.models import PayoutRules, ReferralState, round_money
 
 # The history actions whose (applied) date the portal shows beside the submission date.
 DATED_ACTIONS = ("contacted", "won")
@@ -79,16 +82,29 @@ class StatementRow:
     commission_status: str | None
     paid: Decimal
     clawed_back: Decimal
+    # A payable commission: when a payout run may pay it, or why it waits.
+    payout: Outlook | None = None
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A statement or credit note issued to the referrer, to download."""
+
+    number: str
+    kind: str
+    issued_on: date
 
 
 @dataclass(frozen=True)
 class Statement:
     """Every referral of one referrer, newest first, and their ledger totals per currency
-    (`Balance`: earned, payable, paid, clawed back)."""
+    (`Balance`: earned, payable, paid, clawed back); how they are paid."""
 
     email: str
     rows: list[StatementRow]
     totals: list[Balance]
+    payee: PayeeProfile | None = None
+    issued: list[Issued] = field(default_factory=list)
 
 
 def _event_dates(engine: Engine, email: str) -> dict[tuple[str, str], datetime]:
@@ -110,11 +126,16 @@ def _event_dates(engine: Engine, email: str) -> dict[tuple[str, str], datetime]:
     return {(referral_id, action): as_utc(at) for referral_id, action, at in rows}
 
 
-def referrer_statement(engine: Engine, key: Keys, zone: ZoneInfo, email: str) -> Statement:
-    """`key` signs each referral's status link; `zone` (the program's) dates the days."""
+def referrer_statement(
+    engine: Engine, key: Keys, zone: ZoneInfo, email: str, payouts: PayoutRules | None = None
+) -> Statement:
+    """`key` signs each referral's status link; `zone` (the program's) dates the days;
+    `payouts`: the program's rules, to tell when a payable commission may be paid."""
     email = email.strip().lower()
     dates = _event_dates(engine, email)
     amounts = referral_balances(engine, email)
+    now = datetime.now(UTC)
+    outlook = payout_outlook(engine, payouts, zone, email, now) if payouts else {}
 
     def day(moment: datetime) -> date:
         return as_utc(moment).astimezone(zone).date()
@@ -145,9 +166,15 @@ def referrer_statement(engine: Engine, key: Keys, zone: ZoneInfo, email: str) ->
                 commission_status=row.commission_status,
                 paid=ledger.paid if ledger else Decimal(0),
                 clawed_back=ledger.clawed_back if ledger else Decimal(0),
+                payout=outlook.get(row.referral_id),
             )
         )
-    return Statement(email, rows, balances(engine, referrer_email=email))
+    issued = [
+        Issued(doc.number or "", doc.kind, day(doc.created_at)) for doc in issued_to(engine, email)
+    ]
+    return Statement(
+        email, rows, balances(engine, referrer_email=email), load_payee(engine, email), issued
+    )
 
 
 def _amount(amount: Decimal | None, currency: str | None) -> str:
@@ -209,7 +236,9 @@ router = APIRouter()
 
 async def statement_of(site: Site, email: str) -> Statement:
     zone = ZoneInfo(site.rules.calendar.timezone)
-    return await asyncio.to_thread(referrer_statement, site.engine, site.key, zone, email)
+    return await asyncio.to_thread(
+        referrer_statement, site.engine, site.key, zone, email, site.rules.payouts
+    )
 
 
 @router.get(REFERRER.home, response_class=HTMLResponse, include_in_schema=False)
@@ -241,4 +270,21 @@ async def statement_download(site: SiteDep, lang: Language, email: ReferrerEmail
             "Content-Disposition": f'attachment; filename="referrals-statement-{today}.csv"',
             **PRIVATE,
         },
+    )
+
+
+@router.get(f"{REFERRER.home}/documents/{{number}}.pdf", include_in_schema=False)
+async def issued_download(
+    number: str, site: SiteDep, lang: Language, email: ReferrerEmail
+) -> Response:
+    """One of the referrer's own statements or credit notes, as issued."""
+    if email is None:
+        return RedirectResponse(f"{REFERRER.home}?lang={lang}", status_code=303)
+    found = await asyncio.to_thread(issued_document, site.engine, email, number)
+    if found is None:
+        return Response(status_code=404, headers=PRIVATE)
+    return Response(
+        found.content,
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="{found.filename}"', **PRIVATE},
     )

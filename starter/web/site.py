@@ -23,6 +23,7 @@ import core
 from activities import i18n
 from activities.i18n import LANGUAGES
 from core.links import CSRF_MAX_AGE_SECONDS, Keys, csrf_token
+from core.payees import mask_iban
 from core.settings import Settings, SmtpSettings
 from core.temporal import connect
 from starter.web.security import Network, RateLimiter, client_address
@@ -76,7 +77,7 @@ class Site:
         css = (STATIC / "site.css").read_bytes()
         self.templates.env.globals["asset_version"] = hashlib.sha256(css).hexdigest()[:12]
         self.templates.env.filters.update(
-            local_date=self.local_date, deadline_day=self.deadline_day
+            local_date=self.local_date, deadline_day=self.deadline_day, masked_iban=mask_iban
         )
 
     @property

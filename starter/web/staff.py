@@ -29,7 +29,7 @@ from activities.i18n import format_percent, translations
 from core.roles import Task, may, roles_of
 from starter.desk import figure_filters
 from starter.figures import ProgramFigures, change_stamp, program_figures
-from starter.web import desk
+from starter.web import desk, payouts
 from starter.web.deps import Language, SiteDep
 from starter.web.desk import STAGE_LABELS, list_url, temporal_ui_links
 from starter.web.signin import (
@@ -277,6 +277,7 @@ def add_staff_routes(
     app.state.staff_clock = clock
     app.include_router(router)
     app.include_router(desk.router)
+    app.include_router(payouts.router)
 
 
 def staff_figures(request: Request) -> FiguresCache:
