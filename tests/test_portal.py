@@ -26,11 +26,11 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
-from activities.db import PayoutDocumentRow
+from activities.db import PayoutDocumentRow, SignInLinkRow
 from activities.ledger import Balance, balances, save_commission
-from activities.payees import accept_mandate, save_payee
+from activities.payees import accept_mandate, load_payee, save_payee
 from activities.records import save_referral
 from core.links import status_token
 from core.payees import MANDATE_VERSION, MandateAcceptance, PayeeProfile
@@ -626,3 +626,78 @@ def profile_for(email: str) -> PayeeProfile:
             "iban": "DE89370400440532013000", "language": "en",
         }
     )  # fmt: skip
+
+
+async def test_the_referrer_gives_payment_details_and_accepts_the_mandate_in_the_portal(
+    web: httpx.AsyncClient, mail_sink: MailSink, who: Referrers, engine: Engine
+) -> None:
+    await sign_in(web, mail_sink, who.claire)
+    claire = who.claire.lower()
+    page = await web.get("/me/payee?lang=en")
+    assert page.status_code == 200 and 'id="payee-form"' in page.text
+    form = {
+        "csrf": csrf_of(page.text), "lang": "en", "legal_name": "Conseil Martin GmbH",
+        "kind": "company", "country": "DE", "address": "Unter den Linden 1, 10117 Berlin",
+        "vat_regime": "eu_reverse_charge", "vat_id": "DE136695976",
+        "iban": "DE89 3704 0044 0532 0130 01", "language": "en",
+    }  # fmt: skip
+    wrong = await web.post("/me/payee", data=form)
+    assert wrong.status_code == 422 and 'id="iban-error"' in wrong.text
+    assert 'value="Conseil Martin GmbH"' in wrong.text  # what was typed stays
+    assert load_payee(engine, claire) is None
+    saved = await web.post("/me/payee", data={**form, "iban": "DE89 3704 0044 0532 0130 00"})
+    assert saved.status_code == 303, saved.text
+    profile = load_payee(engine, claire)
+    assert profile is not None and profile.iban == "DE89370400440532013000"
+    assert profile.bic == "COBADEFFXXX" and not profile.mandate_in_force
+
+    page = await web.get("/me/payee?lang=en")
+    assert "Paid to DE89 •••• 3000" in page.text and "Self-billing mandate (version" in page.text
+    mandate = re.search(r'name="mandate_sha256" value="(\w+)"', page.text)
+    assert mandate is not None
+    unticked = {"csrf": csrf_of(page.text), "lang": "en", "mandate_sha256": mandate[1]}
+    assert (await web.post("/me/payee/mandate", data=unticked)).status_code == 422
+    stale = {**unticked, "accept": "yes", "mandate_sha256": "0" * 64}
+    assert (
+        "has changed since you opened it" in (await web.post("/me/payee/mandate", data=stale)).text
+    )
+    accepted = await web.post("/me/payee/mandate", data={**unticked, "accept": "yes"})
+    assert accepted.status_code == 303
+    profile = load_payee(engine, claire)
+    assert profile is not None and profile.mandate is not None and profile.mandate_in_force
+    assert (profile.mandate.channel, profile.mandate.accepted_by) == ("portal", claire)
+    assert profile.mandate.text_sha256 == mandate[1]
+
+    # Just signed in: the bank details may change, and the address on file is told.
+    page = await web.get("/me/payee?lang=en")
+    new_account = {**form, "csrf": csrf_of(page.text), "iban": "FR7630004000031234567890143",
+                   "bic": ""}  # fmt: skip
+    before = len(mail_sink.messages())
+    assert (await web.post("/me/payee", data=new_account)).status_code == 303
+    changed = load_payee(engine, claire)
+    assert changed is not None and changed.iban == "FR7630004000031234567890143"
+    assert changed.iban_changed_at is not None and changed.mandate == profile.mandate
+    await eventually_mail(mail_sink, before, claire)
+    notice = [m for m in mail_sink.messages()[before:] if str(m["To"]).lower() == claire][-1]
+    body = notice.get_body(("plain",))
+    assert body is not None and "DE89 •••• 3000" in body.get_content()
+
+    # An hour later, a change of account needs a new sign-in link.
+    with Session(engine) as session:
+        for link in session.exec(select(SignInLinkRow)):
+            link.used_at = link.used_at - timedelta(hours=1)
+            session.add(link)
+        session.commit()
+    page = await web.get("/me/payee?lang=fr")
+    late = {**form, "csrf": csrf_of(page.text), "iban": "DE89370400440532013000", "lang": "fr"}
+    refused = await web.post("/me/payee", data=late)
+    assert refused.status_code == 403 and "reconnectez-vous avec un nouveau lien" in refused.text
+    still = load_payee(engine, claire)
+    assert still is not None and still.iban == "FR7630004000031234567890143"
+
+
+async def eventually_mail(sink: MailSink, before: int, to: str) -> None:
+    deadline = time.monotonic() + 10
+    while not any(str(m["To"]).lower() == to for m in sink.messages()[before:]):
+        assert time.monotonic() < deadline, f"no email reached {to}"
+        await asyncio.sleep(0.05)

@@ -31,6 +31,7 @@ from activities.records import list_referrals
 from core.links import Keys, status_token
 from core.payees import PayeeProfile
 from starter.spreadsheet import spreadsheet_text
+from starter.web import payee
 from starter.web.deps import Language, SiteDep
 from starter.web.intake import STAGE_NAMES
 from starter.web.signin import (
@@ -229,6 +230,7 @@ def statement_csv(statement: Statement) -> str:
 def add_portal_routes(app: FastAPI, site: Site) -> None:
     add_sign_in_routes(app, site, REFERRER)
     app.include_router(router)
+    app.include_router(payee.router)
 
 
 router = APIRouter()

@@ -41,7 +41,7 @@ from pydantic import EmailStr, TypeAdapter, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from activities.db import ReferralRow, SignInLinkRow
+from activities.db import ReferralRow, SignInLinkRow, as_utc
 from activities.email import deliver
 from core.links import Keys, signer_keys
 from core.roles import staff_addresses
@@ -194,6 +194,17 @@ def _still_open(site: Site, audience: Audience, session: SignedIn) -> bool:
     return may_sign_in(site, audience, session.email)
 
 
+def signed_in_at(request: Request, site: Site, audience: Audience) -> datetime | None:
+    """When this session's link was used: how recently its holder proved they read the
+    address's mail (a change of bank details asks for a recent proof)."""
+    session = _session(request, site, audience)
+    if session is None:
+        return None
+    with Session(site.engine) as db:
+        link = db.get(SignInLinkRow, session.nonce)
+    return as_utc(link.used_at) if link is not None else None
+
+
 async def signed_in(request: Request, site: Site, audience: Audience) -> str | None:
     """The address of this audience's session, or None: no cookie, or one not ours, too old,
     of a session signed out since, or of an address that may no longer sign in."""
@@ -294,10 +305,10 @@ async def _send_if_allowed(
     if sent_to.hit(f"{audience.name}:{email}") is not None:
         log.warning("sign-in link not sent: %d already sent to this address", sent_to.limit)
         return
-    await _send(site, _link_message(site, audience, email, lang))
+    await send_message(site, _link_message(site, audience, email, lang))
 
 
-async def _send(site: Site, message: EmailMessage) -> None:
+async def send_message(site: Site, message: EmailMessage) -> None:
     """A few tries over some seconds: the link is only good for 30 minutes, and the visitor
     can ask again. A refusal for good (5xx) is not retried."""
     for attempt in range(SEND_ATTEMPTS):
