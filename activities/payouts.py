@@ -69,6 +69,72 @@ from workflows.referral import ReferralWorkflow
 _LINE: Any = CommissionLineRow.__table__.c  # type: ignore[attr-defined]
 
 
+def payable_items(
+    session: Session,
+    engine: Engine,
+    rules: PayoutRules,
+    now: datetime,
+    *,
+    zone: ZoneInfo | None = None,
+    currency: str | None = None,
+    email: str | None = None,
+    last_day: date | None = None,
+    taken: frozenset[str] = frozenset(),
+) -> list[PayoutItem]:
+    """What would be paid, per payee and currency, with what would hold it: every payable
+    commission (of `currency`, of `email`; payable on or before `last_day` in `zone`; not in
+    `taken`), less what the payee owes from clawbacks after earlier payouts."""
+    where = []
+    if currency is not None:
+        where.append(_LINE.currency == currency)
+    if email is not None:
+        where.append(_LINE.referrer_email == email)
+    payable_since = dict(
+        session.execute(
+            sa_select(_LINE.referral_id, func.min(_LINE.at))
+            .where(_LINE.kind == LineKind.PAYABLE.value, *where)
+            .group_by(_LINE.referral_id)
+        ).all()
+    )
+    sums = session.execute(
+        ledger_sums(_LINE.referrer_email, _LINE.currency, _LINE.referral_id).where(*where)
+    ).all()
+    due: dict[tuple[str, str], list[ItemReferral]] = defaultdict(list)
+    owed: dict[tuple[str, str], list[Recovery]] = defaultdict(list)
+    for payee_email, code, referral_id, earned, clawed, paid, payable in sums:
+        if referral_id in taken:
+            continue
+        # Sums as the database keeps money (4 places), in the currency's minor unit.
+        balance = round_money(Decimal(earned) + Decimal(clawed) - Decimal(paid), code)
+        amount = round_money(Decimal(payable), code)
+        if amount > 0 and referral_id in payable_since:
+            since = as_utc(payable_since[referral_id])
+            if last_day is None or zone is None or since.astimezone(zone).date() <= last_day:
+                due[payee_email, code].append(
+                    ItemReferral(referral_id=referral_id, amount=amount, payable_at=since)
+                )
+        elif balance < 0:
+            owed[payee_email, code].append(Recovery(referral_id=referral_id, amount=-balance))
+    payees = all_payees(engine)
+    accounts = iban_owners(engine)
+    items = []
+    for payee_email, code in sorted(due):
+        referrals = sorted(due[payee_email, code], key=lambda r: (r.payable_at, r.referral_id))
+        item = PayoutItem(
+            payee_email=payee_email,
+            currency=code,
+            referrals=referrals,
+            gross=sum((r.amount for r in referrals), Decimal(0)),
+            recoveries=owed.get((payee_email, code), []),
+        )
+        payee = payees.get(payee_email)
+        if isinstance(payee, PayeeProfile) and payee.vat_regime is VatRegime.FR_VAT:
+            item.vat_rate = payee.vat_rate
+        item.holds = holds(item, payee, accounts, rules, now)
+        items.append(item)
+    return items
+
+
 def collect_items(
     engine: Engine, rules: PayoutRules, zone: ZoneInfo, run: RunState, now: datetime
 ) -> list[PayoutItem]:
@@ -76,60 +142,23 @@ def collect_items(
     before the cutoff less the holding period and in no other live run, less what the payee
     owes from clawbacks after earlier payouts. Claims what it takes, in one transaction;
     repeated (a retried activity), it collects the same."""
-    currency = run.currency
-    last_day = run.cutoff - timedelta(days=rules.holding_days)
     with Session(engine) as session:
-        taken = {
+        taken = frozenset(
             claim.referral_id
             for claim in session.exec(
                 select(PayoutClaimRow).where(PayoutClaimRow.run_id != run.run_id)
             )
-        }
-        payable_since = dict(
-            session.execute(
-                sa_select(_LINE.referral_id, func.min(_LINE.at))
-                .where(_LINE.kind == LineKind.PAYABLE.value, _LINE.currency == currency)
-                .group_by(_LINE.referral_id)
-            ).all()
         )
-        sums = session.execute(
-            ledger_sums(_LINE.referrer_email, _LINE.referral_id, _LINE.currency).where(
-                _LINE.currency == currency
-            )
-        ).all()
-        due: dict[str, list[ItemReferral]] = defaultdict(list)
-        owed: dict[str, list[Recovery]] = defaultdict(list)
-        for email, referral_id, _, earned, clawed, paid, payable in sums:
-            if referral_id in taken:
-                continue
-            # Sums as the database keeps money (4 places), in the currency's minor unit.
-            balance = round_money(Decimal(earned) + Decimal(clawed) - Decimal(paid), currency)
-            payable = round_money(Decimal(payable), currency)
-            if payable > 0 and referral_id in payable_since:
-                since = as_utc(payable_since[referral_id])
-                if since.astimezone(zone).date() <= last_day:
-                    due[email].append(
-                        ItemReferral(referral_id=referral_id, amount=payable, payable_at=since)
-                    )
-            elif balance < 0:
-                owed[email].append(Recovery(referral_id=referral_id, amount=-balance))
-        payees = all_payees(engine)
-        accounts = iban_owners(engine)
-        items = []
-        for email in sorted(due):
-            referrals = sorted(due[email], key=lambda r: (r.payable_at, r.referral_id))
-            item = PayoutItem(
-                payee_email=email,
-                currency=currency,
-                referrals=referrals,
-                gross=sum((r.amount for r in referrals), Decimal(0)),
-                recoveries=owed.get(email, []),
-            )
-            payee = payees.get(email)
-            if isinstance(payee, PayeeProfile) and payee.vat_regime is VatRegime.FR_VAT:
-                item.vat_rate = payee.vat_rate
-            item.holds = holds(item, payee, accounts, rules, now)
-            items.append(item)
+        items = payable_items(
+            session,
+            engine,
+            rules,
+            now,
+            zone=zone,
+            currency=run.currency,
+            last_day=run.cutoff - timedelta(days=rules.holding_days),
+            taken=taken,
+        )
         session.exec(delete(PayoutClaimRow).where(col(PayoutClaimRow.run_id) == run.run_id))
         for item in items:
             for referral_id in [r.referral_id for r in item.referrals] + [
@@ -138,6 +167,18 @@ def collect_items(
                 session.add(PayoutClaimRow(referral_id=referral_id, run_id=run.run_id))
         session.commit()
     return items
+
+
+def held_now(engine: Engine, rules: PayoutRules, now: datetime) -> dict[tuple[str, str], Decimal]:
+    """Payable but held, by currency and reason, were a run prepared now (an item held for
+    several reasons counts under each): what the dashboard shows finance."""
+    with Session(engine) as session:
+        items = payable_items(session, engine, rules, now)
+    held: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for item in items:
+        for reason in item.holds:
+            held[item.currency, reason.value] += item.gross
+    return dict(held)
 
 
 def holds(
@@ -192,34 +233,9 @@ def payout_outlook(
     of it), or the first day a run may take it and what would hold it then."""
     email = email.strip().lower()
     today = now.astimezone(zone).date()
-    outlook: dict[str, Outlook] = {}
     with Session(engine) as session:
-        sums = session.execute(
-            ledger_sums(_LINE.referral_id, _LINE.currency).where(_LINE.referrer_email == email)
-        ).all()
-        since = dict(
-            session.execute(
-                sa_select(_LINE.referral_id, func.min(_LINE.at))
-                .where(_LINE.kind == LineKind.PAYABLE.value, _LINE.referrer_email == email)
-                .group_by(_LINE.referral_id)
-            ).all()
-        )
-        due: dict[str, list[ItemReferral]] = defaultdict(list)
-        owed: dict[str, list[Recovery]] = defaultdict(list)
-        for referral_id, currency, earned, clawed, paid, payable in sums:
-            balance = round_money(Decimal(earned) + Decimal(clawed) - Decimal(paid), currency)
-            amount = round_money(Decimal(payable), currency)
-            if amount > 0 and referral_id in since:
-                due[currency].append(
-                    ItemReferral(
-                        referral_id=referral_id,
-                        amount=amount,
-                        payable_at=as_utc(since[referral_id]),
-                    )
-                )
-            elif balance < 0:
-                owed[currency].append(Recovery(referral_id=referral_id, amount=-balance))
-        payable_ids = [r.referral_id for referrals in due.values() for r in referrals]
+        items = payable_items(session, engine, rules, now, email=email)
+        payable_ids = [r.referral_id for item in items for r in item.referrals]
         claims = dict(
             session.exec(
                 select(PayoutClaimRow.referral_id, PayoutClaimRow.run_id).where(
@@ -228,20 +244,9 @@ def payout_outlook(
             ).all()
         )
     runs = {run_id: load_run(engine, run_id) for run_id in set(claims.values())}
-    payee = all_payees(engine).get(email)
-    accounts = iban_owners(engine)
-    for currency, referrals in due.items():
-        item = PayoutItem(
-            payee_email=email,
-            currency=currency,
-            referrals=referrals,
-            gross=sum((r.amount for r in referrals), Decimal(0)),
-            recoveries=owed.get(currency, []),
-        )
-        if isinstance(payee, PayeeProfile) and payee.vat_regime is VatRegime.FR_VAT:
-            item.vat_rate = payee.vat_rate
-        waiting = tuple(holds(item, payee, accounts, rules, now))
-        for referral in referrals:
+    outlook: dict[str, Outlook] = {}
+    for item in items:
+        for referral in item.referrals:
             run = runs.get(claims.get(referral.referral_id, ""))
             in_run = run.item(email) if run is not None else None
             if run is not None and in_run is not None:
@@ -250,7 +255,7 @@ def payout_outlook(
                 )
                 continue
             first = referral.payable_at.astimezone(zone).date() + timedelta(days=rules.holding_days)
-            outlook[referral.referral_id] = Outlook(max(first, today), None, waiting)
+            outlook[referral.referral_id] = Outlook(max(first, today), None, tuple(item.holds))
     return outlook
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -724,14 +725,15 @@ def cancel_claims(engine: Engine, run_id: str) -> None:
 # --- the staff area -------------------------------------------------------------------------
 
 
-async def test_finance_sees_each_run_with_its_total_and_what_it_holds_by_reason(
+async def test_finance_sees_each_run_and_the_dashboard_what_is_held_by_reason(
     engine: Engine, shipped_rules: ProgramRules, mail_sink: MailSink
 ) -> None:
     six_payees(engine)
     items = collect_items(engine, RULES, ZONE, run_state(), NOW)
     save_run(engine, run_state().model_copy(update={"items": items, "revision": 1}), NOW)
     finance = f"finance-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"
-    app = staff_app(engine, shipped_rules, mail_sink, f"m-{uuid.uuid4().hex[:8]}@example.com")
+    manager = f"m-{uuid.uuid4().hex[:8]}@example.com"
+    app = staff_app(engine, shipped_rules, mail_sink, manager)
     site = app.state.site
     roles = StaffRoles(finance=[finance], sales=["sales@nuage-logiciel.example"])
     site.rules = site.rules.model_copy(
@@ -746,6 +748,14 @@ async def test_finance_sees_each_run_with_its_total_and_what_it_holds_by_reason(
         french = (await browser.get("/staff/payouts?lang=fr")).text
         assert "<h1>Virements groupés</h1>" in french
         assert 'data-hold="below_minimum">sous le minimum: 40,00\xa0€' in french
+    async with signed_in(app, mail_sink, manager) as browser:
+        dashboard = (await browser.get("/staff?lang=en")).text
+        held = dashboard.split('id="held"', 1)[1].split("</table>", 1)[0]
+        assert re.findall(r'data-hold="(\w+)" data-currency="(\w+)"><th scope="row">([^<]+)</th>'
+                          r'<td class="num">([^<]+)</td>', held) == [
+            ("below_minimum", "EUR", "below the minimum", "€40.00"),
+            ("no_profile", "EUR", "no payee profile", "€250.00"),
+        ]  # fmt: skip
     async with signed_in(app, mail_sink, "sales@nuage-logiciel.example") as browser:
         refused = await browser.get("/staff/payouts?lang=en")
         assert refused.status_code == 403 and "finance or manager" in refused.text

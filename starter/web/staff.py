@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pygal.style import Style
 
 from activities.i18n import format_percent, translations
+from activities.payouts import held_now
 from core.roles import Task, may, roles_of
 from starter.desk import figure_filters
 from starter.figures import ProgramFigures, change_stamp, program_figures
@@ -310,6 +311,8 @@ async def dashboard(
     if not may(roles_of(site.rules.staff, email), Task.FIGURES):
         return RedirectResponse(f"{STAFF.home}/referrals?lang={lang}", status_code=303)
     figures = await figures_cache.get(chosen)
+    now = request.app.state.staff_clock()
+    held = await asyncio.to_thread(held_now, site.engine, site.rules.payouts, now)
     links = figure_filters(figures)
     gettext: Callable[[str], str] = translations(lang).gettext
     currencies = sorted({m.currency for m in figures.commission_by_month})
@@ -321,6 +324,7 @@ async def dashboard(
         email=email,
         choice=chosen,
         figures=figures,
+        held=dict(sorted(held.items())),
         currencies=currencies,
         stage_label=lambda s: gettext(STAGE_LABELS[Stage(s)]),
         number=lambda value: _number(value, lang),
