@@ -36,6 +36,7 @@ from core.settings import Need, Settings, SettingsError
 from core.temporal import connect
 from workflows.models import ProgramRules
 from workflows.payout_run import PayoutRunWorkflow
+from workflows.payout_schedule import MonthlyPayoutsWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.referral import ReferralWorkflow
 from workflows.retention import RetentionWorkflow
@@ -119,6 +120,7 @@ def build_worker(
         workflows=[
             ReferralWorkflow,
             PayoutRunWorkflow,
+            MonthlyPayoutsWorkflow,
             ReconcileWorkflow,
             RetentionWorkflow,
             WebhookDeliveryWorkflow,
@@ -135,6 +137,7 @@ def build_worker(
             payouts.fail_payout_item,
             payouts.confirm_payout_run,
             payouts.notify_payees,
+            payouts.prepare_scheduled_runs,
             reconcile.reconcile,
             retention.erase_expired,
             webhooks.deliver_webhook,

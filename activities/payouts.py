@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import holidays
 from pydantic import ValidationError
 from sqlalchemy import func
 from sqlalchemy import select as sa_select
@@ -20,7 +21,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, delete, select
 from temporalio import activity
 from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.bank_files import BankFileError, Transfer, sepa_transfer, transfer_csv
@@ -54,13 +56,17 @@ from workflows.payout_run import (
     ExportResult,
     FailRequest,
     Notice,
+    PayoutRunWorkflow,
+    run_workflow_id,
 )
+from workflows.payout_schedule import PREPARE_SCHEDULED
 from workflows.payouts import (
     LIVE,
     HoldReason,
     ItemReferral,
     PayoutItem,
     Recovery,
+    RunInput,
     RunState,
     payout_referral,
 )
@@ -633,6 +639,25 @@ def document(engine: Engine, document_id: str) -> PayoutDocumentRow | None:
         return session.get(PayoutDocumentRow, document_id)
 
 
+def payable_currencies(engine: Engine, rules: PayoutRules, now: datetime) -> list[str]:
+    with Session(engine) as session:
+        return sorted({item.currency for item in payable_items(session, engine, rules, now)})
+
+
+def first_business_day(year: int, month: int, country: str) -> date:
+    """The month's first day that is neither a weekend nor a public holiday of `country`."""
+    off = holidays.country_holidays(country, years=year)
+    day = date(year, month, 1)
+    while day.weekday() >= 5 or day in off:
+        day += timedelta(days=1)
+    return day
+
+
+def scheduled_run_id(currency: str, day: date) -> str:
+    """One monthly run per currency and day, whoever starts it and however often."""
+    return f"{currency.lower()}-{day.isoformat()}-monthly"
+
+
 class PayoutActivities:
     def __init__(
         self,
@@ -692,6 +717,44 @@ class PayoutActivities:
         actor = request.payouts[0].actor if request.payouts else "system"
         await asyncio.to_thread(recover, self._engine, request.state, actor, datetime.now(UTC))
         return problems
+
+    @activity.defn(name=PREPARE_SCHEDULED)
+    async def prepare_scheduled_runs(self) -> list[str]:
+        """On the first business day of the month, with monthly payouts: a run per currency
+        that has payable commissions, cut off today. Started under a fixed id, so a second
+        start the same day (a retry, the Schedule catching up) starts nothing."""
+        assert self._client is not None
+        rules = self._program.payouts
+        today = datetime.now(self._zone).date()
+        first = first_business_day(today.year, today.month, self._program.calendar.country)
+        if rules.schedule != "monthly" or today != first:
+            return []
+        currencies = await asyncio.to_thread(
+            payable_currencies, self._engine, rules, datetime.now(UTC)
+        )
+        started = []
+        for currency in currencies:
+            run_id = scheduled_run_id(currency, today)
+            run = RunInput(
+                run_id=run_id,
+                currency=currency,
+                cutoff=today,
+                approvals_required=rules.approvals_required,
+                prepared_by="schedule",
+            )
+            try:
+                await self._client.start_workflow(
+                    PayoutRunWorkflow.run,
+                    run,
+                    id=run_workflow_id(run_id),
+                    task_queue=activity.info().task_queue,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    static_summary=f"Payout run {run_id}",
+                )
+            except WorkflowAlreadyStartedError:
+                pass
+            started.append(run_id)
+        return started
 
     @activity.defn(name=NOTIFY)
     def notify_payees(self, notice: Notice) -> int:

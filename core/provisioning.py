@@ -45,12 +45,14 @@ from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.models import ProgramRules
+from workflows.payout_schedule import MonthlyPayoutsWorkflow
 from workflows.policies import SEARCH_ATTRIBUTES
 from workflows.reconcile import ReconcileWorkflow
 from workflows.retention import RetentionWorkflow
 
 RECONCILE_SCHEDULE = "referrals-reconcile"
 RETENTION_SCHEDULE = "referrals-retention"
+PAYOUTS_SCHEDULE = "referrals-monthly-payouts"
 # A nightly run missed while the cluster was down still runs if it is back within this long.
 CATCH_UP = timedelta(hours=6)
 RPC_TIMEOUT = timedelta(seconds=10)
@@ -83,10 +85,12 @@ class Nightly:
         )
 
 
-# Reconcile first, then erase what retention expired.
+# Reconcile first, then erase what retention expired. The monthly payout runs are looked at
+# each morning of the month's first week: the first business day prepares them.
 NIGHTLY = (
     Nightly(RECONCILE_SCHEDULE, ReconcileWorkflow.run, "30 3 * * *"),
     Nightly(RETENTION_SCHEDULE, RetentionWorkflow.run, "30 4 * * *"),
+    Nightly(PAYOUTS_SCHEDULE, MonthlyPayoutsWorkflow.run, "0 6 1-7 * *"),
 )
 
 

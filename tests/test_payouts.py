@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import sepaxml
+import time_machine
 import xmlschema
 from pydantic import ValidationError
 from pypdf import PdfReader
@@ -28,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.db import (
@@ -46,6 +47,7 @@ from activities.payouts import (
     document,
     documents,
     export_run,
+    first_business_day,
     load_run,
     save_run,
 )
@@ -759,3 +761,41 @@ async def test_finance_sees_each_run_and_the_dashboard_what_is_held_by_reason(
     async with signed_in(app, mail_sink, "sales@nuage-logiciel.example") as browser:
         refused = await browser.get("/staff/payouts?lang=en")
         assert refused.status_code == 403 and "finance or manager" in refused.text
+
+
+# --- the monthly Schedule -------------------------------------------------------------------
+
+
+def test_the_first_business_day_skips_weekends_and_public_holidays() -> None:
+    assert first_business_day(2027, 1, "FR") == date(2027, 1, 4)  # 1 January, then a weekend
+    assert first_business_day(2026, 11, "FR") == date(2026, 11, 2)  # All Saints' is a Sunday
+    assert first_business_day(2027, 5, "FR") == date(2027, 5, 3)  # 1 May is a Saturday
+    assert first_business_day(2027, 3, "FR") == date(2027, 3, 1)
+
+
+async def test_monthly_payouts_prepare_one_run_per_currency_on_the_first_business_day_only(
+    time_env: WorkflowEnvironment, engine: Engine, rules: ProgramRules
+) -> None:
+    six_payees(engine)
+    program = payout_program(rules)  # RULES: monthly, the default
+    activities = PayoutActivities(engine, program, time_env.client)
+    environment = ActivityEnvironment()
+    paris = ZoneInfo("Europe/Paris")
+    with time_machine.travel(datetime(2027, 3, 1, 6, 0, tzinfo=paris), tick=True):
+        started = await environment.run(activities.prepare_scheduled_runs)
+        assert started == ["eur-2027-03-01-monthly", "usd-2027-03-01-monthly"]
+        # The Schedule catching up, or a retry: the same runs, nothing started twice.
+        assert await environment.run(activities.prepare_scheduled_runs) == started
+    for run_id in started:
+        handle = time_env.client.get_workflow_handle(run_workflow_id(run_id))
+        assert (await handle.describe()).status is not None
+    with time_machine.travel(datetime(2027, 3, 2, 6, 0, tzinfo=paris), tick=True):
+        assert await environment.run(activities.prepare_scheduled_runs) == []
+    by_hand = RULES.model_copy(update={"schedule": "manual"})
+    manual = PayoutActivities(
+        engine, program.model_copy(update={"payouts": by_hand}), time_env.client
+    )
+    with time_machine.travel(datetime(2027, 3, 1, 6, 0, tzinfo=paris), tick=True):
+        assert await environment.run(manual.prepare_scheduled_runs) == []
+    for run_id in started:
+        await time_env.client.get_workflow_handle(run_workflow_id(run_id)).terminate("test")

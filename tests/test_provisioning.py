@@ -19,7 +19,7 @@ from activities.db import make_engine
 from activities.schema import upgrade
 from tests.conftest import REFERRALS, ROOT, dev_server
 
-SETUP_LINES = 1 + 6 + 2  # the namespace, six search attributes, two Schedules
+SETUP_LINES = 1 + 6 + 3  # the namespace, six search attributes, three Schedules
 
 
 @pytest_asyncio.fixture

@@ -269,8 +269,9 @@ class PayoutRules(Strict):
     """How referrers are paid (docs/payouts.md): in runs, after a holding period, above a
     minimum, once approved."""
 
-    # `manual`: finance runs `referrals payouts prepare` (a monthly Schedule is to come).
-    schedule: Literal["manual"] = "manual"
+    # `monthly`: a run per currency is prepared on the first business day of each month (the
+    # Schedule `referrals-monthly-payouts`); `manual`: finance runs `referrals payouts prepare`.
+    schedule: Literal["monthly", "manual"] = "monthly"
     # A commission joins a run this many days after it became payable (refunds come early).
     holding_days: int = Field(default=30, ge=0, le=365)
     # Per currency: below this, an item waits for the next run (a payee may have their own).
