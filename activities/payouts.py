@@ -36,12 +36,14 @@ from activities.db import (
     PayoutRunRow,
     ReferralRow,
     StatementCounterRow,
+    WebhookDeliveryRow,
     as_utc,
 )
 from activities.email import EmailActivities
 from activities.ledger import ledger_sums
 from activities.payees import all_payees, iban_owners, load_payee, reject_bank_details
 from activities.statements import Statement, StatementLine, StatementRecovery, render_statement
+from activities.webhooks import PENDING, enqueue_payout_deliveries, start_deliveries
 from core.payees import PayeeProfile, VatRegime, mask_iban
 from workflows.models import LineKind, PayoutRules, ProgramRules, round_money
 from workflows.payout_run import (
@@ -577,10 +579,11 @@ def fail_item(engine: Engine, program: ProgramRules, request: FailRequest, at: d
     return number
 
 
-def recover(engine: Engine, state: RunState, actor: str, at: datetime) -> int:
-    """The `recovered` ledger lines of a confirmed run: each clawback deducted, on the referral
-    that owed it, the statement's number as reference. Written once (by line key)."""
-    written = 0
+def recover(engine: Engine, state: RunState, actor: str, at: datetime) -> list[WebhookDeliveryRow]:
+    """In one transaction, the `recovered` ledger lines of a confirmed run (each clawback
+    deducted, on the referral that owed it, the statement's number as reference) and its
+    `payout.confirmed` webhook messages; each written once (by key). The messages not yet
+    delivered, to start."""
     with Session(engine) as session:
         for item in state.items:
             if not item.settled:
@@ -604,9 +607,12 @@ def recover(engine: Engine, state: RunState, actor: str, at: datetime) -> int:
                         actor=actor,
                     )
                 )
-                written += 1
+        ids = enqueue_payout_deliveries(session, state, at)
         session.commit()
-    return written
+        query = select(WebhookDeliveryRow).where(
+            col(WebhookDeliveryRow.id).in_(ids), WebhookDeliveryRow.status == PENDING
+        )
+        return list(session.exec(query))
 
 
 def documents(engine: Engine, run_id: str) -> list[PayoutDocumentRow]:
@@ -715,7 +721,10 @@ class PayoutActivities:
                 problems.append(f"{referral_id}: no such referral in Temporal")
             activity.heartbeat(referral_id)
         actor = request.payouts[0].actor if request.payouts else "system"
-        await asyncio.to_thread(recover, self._engine, request.state, actor, datetime.now(UTC))
+        deliveries = await asyncio.to_thread(
+            recover, self._engine, request.state, actor, datetime.now(UTC)
+        )
+        await start_deliveries(self._client, deliveries, activity.info().task_queue)
         return problems
 
     @activity.defn(name=PREPARE_SCHEDULED)

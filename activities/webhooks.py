@@ -39,6 +39,9 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import (
+    PayeeRow,
+    PayoutDocumentRow,
+    PayoutRunRow,
     ReferralRow,
     WebhookAttemptRow,
     WebhookDeliveryRow,
@@ -48,6 +51,7 @@ from activities.db import (
 from core.program import ProgramError, load_program
 from core.settings import SettingsError, WebhookRetry, environment_secret
 from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
+from workflows.payouts import PayoutItem, RunState
 from workflows.webhook_delivery import WebhookDeliveryInput, WebhookDeliveryWorkflow
 
 log = logging.getLogger(__name__)
@@ -293,6 +297,80 @@ def enqueue_deliveries(
                 )
 
 
+# What a payout run's deliveries have for a referral id: the run's workflow id.
+RUN_PREFIX = "payout-run-"
+PAYOUT_CONFIRMED = "payout.confirmed"
+
+
+def payout_message(state: RunState, item: PayoutItem, at: datetime) -> dict[str, Any]:
+    """One payee's payment in a confirmed run, without personal data: the statement, the
+    amounts and the referrals it paid."""
+    currency = item.currency
+    return {
+        "type": PAYOUT_CONFIRMED,
+        "timestamp": _when(at),
+        "data": {
+            "run_id": state.run_id,
+            "statement_number": item.statement_number,
+            "currency": currency,
+            "gross": _money(item.gross, currency),
+            "recovered": _money(item.recovered, currency),
+            "vat": _money(item.vat, currency),
+            "net": _money(item.net, currency),
+            "execution_date": state.execution_date.isoformat() if state.execution_date else None,
+            "referral_ids": [r.referral_id for r in item.referrals],
+        },
+    }
+
+
+def enqueue_payout_deliveries(session: Session, state: RunState, at: datetime) -> list[str]:
+    """In the caller's transaction: `payout.confirmed` for each payee a confirmed run paid,
+    to each endpoint subscribed; the ids of the deliveries (written once: by event key)."""
+    endpoints = [e for e in configured_endpoints() if PAYOUT_CONFIRMED in e.events]
+    ids = []
+    for item in state.items:
+        if not item.settled:
+            continue
+        key = f"{RUN_PREFIX}{state.run_id}/{item.statement_number}"
+        payload = json.dumps(payout_message(state, item, at), ensure_ascii=False)
+        for endpoint in endpoints:
+            found = delivery_id(key, endpoint.url)
+            ids.append(found)
+            if session.get(WebhookDeliveryRow, found) is not None:
+                continue
+            session.add(
+                WebhookDeliveryRow(
+                    id=found,
+                    event_key=key,
+                    event_type=PAYOUT_CONFIRMED,
+                    referral_id=f"{RUN_PREFIX}{state.run_id}",
+                    endpoint_url=endpoint.url,
+                    payload=payload,
+                    status=PENDING,
+                    created_at=at,
+                    updated_at=at,
+                )
+            )
+    return ids
+
+
+def payee_data(session: Session, delivery: WebhookDeliveryRow) -> dict[str, Any] | None:
+    """A payout message's personal data (the payee), or None once the payee is erased."""
+    number = delivery.event_key.rpartition("/")[2]
+    statement = session.exec(
+        select(PayoutDocumentRow).where(PayoutDocumentRow.number == number)
+    ).first()
+    payee = (
+        session.get(PayeeRow, statement.payee_email)
+        if statement and statement.payee_email
+        else None
+    )
+    if payee is None:
+        return None
+    profile = json.loads(payee.profile)
+    return {"payee": {"email": payee.email, "legal_name": profile.get("legal_name")}}
+
+
 def pending_deliveries(
     engine: Engine, referral_id: str, seqs: Iterable[int | None]
 ) -> list[WebhookDeliveryRow]:
@@ -413,7 +491,10 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 def _body(session: Session, delivery: WebhookDeliveryRow, endpoint: WebhookEndpoint) -> bytes:
     content = json.loads(delivery.payload)
-    if endpoint.include_personal_data:
+    if delivery.event_type == PAYOUT_CONFIRMED:
+        payee = payee_data(session, delivery) if endpoint.include_personal_data else None
+        content["data"].update(payee or {})
+    elif endpoint.include_personal_data:
         row = session.get(ReferralRow, delivery.referral_id)
         assert row is not None  # checked by the caller
         content["data"].update(personal_data(ReferralState.model_validate_json(row.state)))
@@ -548,7 +629,11 @@ def deliver(engine: Engine, delivery_id: str) -> None:
         endpoint = _endpoint(delivery.endpoint_url)
         if endpoint is None:
             raise _refuse(engine, delivery_id, "endpoint no longer in program.yaml: not sent")
-        if session.get(ReferralRow, delivery.referral_id) is None:
+        run_id = delivery.referral_id.removeprefix(RUN_PREFIX)
+        if run_id != delivery.referral_id:
+            if session.get(PayoutRunRow, run_id) is None:
+                raise _refuse(engine, delivery_id, "payout run no longer recorded: not sent")
+        elif session.get(ReferralRow, delivery.referral_id) is None:
             raise _refuse(engine, delivery_id, "referral no longer recorded: not sent")
         body = _body(session, delivery, endpoint)
         url = delivery.endpoint_url

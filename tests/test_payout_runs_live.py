@@ -23,11 +23,20 @@ from core.payees import MANDATE_VERSION, MandateAcceptance, mandate_hash, mandat
 from starter.actions import Refused
 from starter.intake import submit_referral
 from starter.payouts import act_on_run, prepare_run
-from tests.conftest import SETTINGS, MailSink, settings_with
+from tests.conftest import ROOT, SETTINGS, MailSink, eventually, settings_with
 from tests.desk import act_by_id
 from tests.factories import submission
 from tests.test_payouts import RULES, pdf_text, profile
-from worker import build_worker
+from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtures
+    Endpoint,
+    Receiver,
+    WebhooksFrom,
+    new_secret,
+    receiver,
+    webhooks_from,
+    write_program,
+)
+from worker import build_webhook_worker, build_worker
 from workflows.models import Action, Language, ProgramRules, Stage
 from workflows.payouts import (
     HoldReason,
@@ -43,7 +52,12 @@ TIMEOUT = 30.0
 
 
 async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
-    dev_env: WorkflowEnvironment, mail_sink: MailSink, tmp_path: Path, shipped_rules: ProgramRules
+    dev_env: WorkflowEnvironment,
+    mail_sink: MailSink,
+    tmp_path: Path,
+    shipped_rules: ProgramRules,
+    receiver: Receiver,  # noqa: F811 - the fixture of tests/test_webhooks.py
+    webhooks_from: WebhooksFrom,  # noqa: F811 - the fixture of tests/test_webhooks.py
 ) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'referrals.db'}")
     upgrade(engine)
@@ -52,7 +66,17 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
     )
     tag = uuid.uuid4().hex[:6]
     queue = f"payouts-{tag}"
-    settings = settings_with(mail_sink, task_queue=queue)
+    secret = new_secret()
+    receiver.endpoints = {"/finance": Endpoint(secret)}
+    endpoint = {
+        "url": receiver.url("/finance"),
+        "secret": secret,
+        "events": ["payout.confirmed"],
+        "include_personal_data": True,
+    }
+    program_path = write_program(tmp_path / "program.yaml", [endpoint], ROOT / "program.yaml")
+    webhooks_from(program_path)
+    settings = settings_with(mail_sink, task_queue=queue, program_path=program_path)
     client = dev_env.client
     key = SETTINGS.actor_signing_key
     assert key is not None
@@ -94,7 +118,8 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
         )
         accept_mandate(engine, email(letter), accepted, datetime.now(UTC))
 
-    async with build_worker(client, engine, settings, queue=queue, rules=program):
+    webhooks = build_webhook_worker(client, engine, settings, queue=queue)
+    async with build_worker(client, engine, settings, queue=queue, rules=program), webhooks:
         a_referrals = [await payable("a", basis) for basis in ("1000", "2000", "3000")]
         b_referral = await payable("b", "400")
         # C was paid 1 200.00 on an earlier deal, then its customer was refunded: 120 owed.
@@ -185,6 +210,22 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
         assert attached.get_filename() == f"{numbers['c']}.pdf"
         assert attached.get_content() == statement_c.content
 
+        # Finance's tools hear of each payment: one signed message per payee, with the payee
+        # (this endpoint asked for personal data).
+        async def both_received() -> bool:
+            return len(receiver.received) >= 2
+
+        await eventually(both_received)
+        paid_out = sorted((r.message["data"] for r in receiver.received), key=lambda d: d["net"])
+        assert [(d["statement_number"], d["net"], d["recovered"]) for d in paid_out] == [
+            (numbers["c"], "380.00", "120.00"), (numbers["a"], "600.00", "0.00")
+        ]  # fmt: skip
+        assert paid_out[1]["referral_ids"] == a_referrals
+        assert paid_out[1]["payee"]["email"] == email("a")
+        assert all(
+            r.verified and r.message["type"] == "payout.confirmed" for r in receiver.received
+        )
+
         # Confirming again changes nothing and sends nothing.
         sent = len(mail_sink.messages())
         again = await act_on_run(client, run_id, confirm, TIMEOUT, key)
@@ -194,4 +235,4 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
             raise AssertionError("a confirmed run was confirmed again")
         except Refused as refused:
             assert "is confirmed" in str(refused)
-        assert len(mail_sink.messages()) == sent
+        assert len(mail_sink.messages()) == sent and len(receiver.received) == 2

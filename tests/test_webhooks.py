@@ -40,6 +40,7 @@ from activities.webhooks import (
     BREAKER_FAILURES,
     EVENT_TYPES,
     PAYABLE,
+    PAYOUT_CONFIRMED,
     delivery_id,
     list_attempts,
     pending_deliveries,
@@ -115,7 +116,7 @@ def test_signature_matches_the_standard_webhooks_example() -> None:
 
 
 def test_every_event_type_is_emitted_and_subscribable() -> None:
-    assert sorted([*EVENT_TYPES.values(), PAYABLE]) == sorted(ALL_EVENTS)
+    assert sorted([*EVENT_TYPES.values(), PAYABLE, PAYOUT_CONFIRMED]) == sorted(ALL_EVENTS)
 
 
 # --- program.yaml -------------------------------------------------------------------------

@@ -316,6 +316,7 @@ WebhookEvent = Literal[
     "commission.paid",
     "commission.clawback",
     "referral.erased",
+    "payout.confirmed",
 ]
 
 
