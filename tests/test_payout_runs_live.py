@@ -16,17 +16,19 @@ from temporalio.testing import WorkflowEnvironment
 from activities.db import CommissionLineRow, make_engine
 from activities.ledger import balances
 from activities.payees import accept_mandate, save_payee
-from activities.payouts import documents
+from activities.payouts import documents, load_run
 from activities.records import load_referral
 from activities.schema import upgrade
 from core.payees import MANDATE_VERSION, MandateAcceptance, mandate_hash, mandate_text
 from starter.actions import Refused
 from starter.intake import submit_referral
 from starter.payouts import act_on_run, prepare_run
-from tests.conftest import ROOT, SETTINGS, MailSink, eventually, settings_with
+from starter.web import create_app
+from tests.conftest import ROOT, SETTINGS, MailSink, csrf_of, eventually, settings_with
 from tests.desk import act_by_id
 from tests.factories import submission
 from tests.test_payouts import RULES, pdf_text, profile
+from tests.test_staff_desk import signed_in
 from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtures
     Endpoint,
     Receiver,
@@ -37,7 +39,7 @@ from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtu
     write_program,
 )
 from worker import build_webhook_worker, build_worker
-from workflows.models import Action, Language, ProgramRules, Stage
+from workflows.models import Action, Language, ProgramRules, StaffRoles, StaffRules, Stage
 from workflows.payouts import (
     HoldReason,
     RunAction,
@@ -49,6 +51,10 @@ from workflows.payouts import (
 )
 
 TIMEOUT = 30.0
+
+
+def request_id_of(form: str) -> str:
+    return form.split('name="request_id" value="')[1].split('"')[0]
 
 
 async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
@@ -157,7 +163,29 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
             raise AssertionError("the same actor approved twice")
         except Refused as refused:
             assert "has already approved" in str(refused)
-        assert (await act(RunAction.APPROVE, "finance-2")).status is RunStatus.APPROVED
+        # The second approval from the staff area, as its signed-in member of staff.
+        finance = f"finance-{tag}@nuage-logiciel.example"
+        staff = StaffRules(roles=StaffRoles(finance=[finance]))
+        app = create_app(
+            settings, rules=program.model_copy(update={"staff": staff}), engine=engine,
+            client=client, key="payouts-test-key", rate_limit="off",
+        )  # fmt: skip
+        async with signed_in(app, mail_sink, finance) as browser:
+            page = (await browser.get(f"/staff/payouts/{run_id}?lang=en")).text
+            assert 'id="step-approve"' in page and 'id="step-export"' not in page
+            form = page.split('id="step-approve"', 1)[1]
+            posted = await browser.post(
+                f"/staff/payouts/{run_id}/actions/approve",
+                data={"csrf": csrf_of(form), "lang": "en", "request_id": request_id_of(form)},
+            )
+            assert posted.status_code == 303, posted.text
+            page = (await browser.get(f"/staff/payouts/{run_id}?lang=en")).text
+            assert 'data-run="status">approved' in page and finance in page
+            assert 'id="step-export"' in page and 'id="step-approve"' not in page
+        approved = load_run(engine, run_id)
+        assert approved is not None and approved.status is RunStatus.APPROVED
+        assert [a.actor for a in approved.approvals] == ["finance-1", finance]
+        assert approved.approvals[1].surface == "tests"  # signed by the web desk's key
         exported = await act(RunAction.EXPORT)
         numbers = {i.payee_email[0]: i.statement_number for i in exported.items if i.paid}
         statement_c = next(d for d in documents(engine, run_id) if d.number == numbers["c"])
