@@ -42,25 +42,31 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.db import WebhookDeliveryRow, make_engine
+from activities.payees import accept_mandate, save_payee
 from activities.schema import upgrade
 from activities.webhooks import configure as configure_webhooks
 from activities.webhooks import redeliver
 from core.encryption import KEYS_ENV, new_key_entry
+from core.payees import MANDATE_VERSION, MandateAcceptance, PayeeProfile, mandate_hash, mandate_text
 from core.program import load_program
 from core.settings import Settings, SmtpSettings
 from core.temporal import data_converter, payload_codec
 from starter.intake import submit_referral
 from starter.mail_sink import MaildirHandler
+from starter.payouts import act_on_run, prepare_run
 from tests.conftest import (
     BIN,
     ROOT,
     SEARCH_ATTRIBUTES,
+    SETTINGS,
     free_port,
 )
 from tests.desk import signed
 from tests.factories import referral_input, submission
 from worker import build_webhook_worker, build_worker
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
+from workflows.payout_run import run_workflow_id
+from workflows.payouts import RunAction, RunRequest, RunState, payout_referral, payout_requests
 from workflows.referral import ReferralWorkflow
 
 HISTORIES = ROOT / "tests" / "histories"
@@ -430,6 +436,81 @@ async def _started(handle: WorkflowHandle[Any, Any]) -> None:
 
 
 Runs = WorkflowHandle[Any, Any] | list[WorkflowHandle[Any, Any]]
+
+
+async def payout_runs(desk: Desk) -> dict[str, WorkflowHandle[Any, Any]]:
+    """Payout runs to their end: paid and confirmed, a payment the bank returned, cancelled.
+    Each in a currency of its own, so that it pays only its own referral."""
+    key = SETTINGS.actor_signing_key
+    assert key is not None and desk.rules.payouts.company is not None
+    # The program's cap is in euros: without it, a deal may be won in another currency.
+    uncapped = desk.rules.commission.model_copy(update={"cap": None})
+    desk = dataclasses.replace(desk, rules=desk.rules.model_copy(update={"commission": uncapped}))
+    handles = {}
+    for name, currency, iban in (
+        ("payout_run_confirmed", "CHF", "FR7630001007941234567890185"),
+        ("payout_run_failed_item", "SEK", "FR1420041010050500013M02606"),
+        ("payout_run_cancelled", "NOK", "FR7630004000031234567890143"),
+    ):
+        email = f"payee-{currency.lower()}-{uuid.uuid4().hex[:6]}@partner.example"
+        referral = await desk.submit(referrer_email=email)
+        for action, values in (
+            (Action.CONTACTED, {}),
+            (Action.ACCEPT, {}),
+            (Action.APPROVE, {}),
+            (Action.WON, {"amount": Decimal("180000"), "currency": currency}),
+            (Action.PAYMENT, {"amount": Decimal("180000"), "reference": "INV-1"}),
+        ):
+            await desk.act(referral, action, **values)
+        now = datetime.now(UTC)
+        payee = PayeeProfile.model_validate(
+            {
+                "email": email, "legal_name": f"Partner {currency}", "kind": "company",
+                "country": "FR", "address": "1 place du Marché, 69001 Lyon",
+                "siret": "73282932000074", "vat_regime": "franchise",
+                "iban": iban,
+            }
+        )  # fmt: skip
+        save_payee(desk.engine, payee, "desk-anna", now)
+        text = mandate_text("fr", desk.rules.payouts.company, payee.legal_name)
+        mandate = MandateAcceptance(
+            version=MANDATE_VERSION, language="fr", text_sha256=mandate_hash(text),
+            accepted_at=now, accepted_by="desk-anna", channel="paper", reason="signed copy",
+        )  # fmt: skip
+        accept_mandate(desk.engine, email, mandate, now)
+        cutoff = now.date() + timedelta(days=desk.rules.payouts.holding_days + 1)
+        state = await prepare_run(desk.client, desk.rules, QUEUE, currency, cutoff, "desk-anna", 60)
+
+        async def act(
+            action: RunAction, actor: str = "desk-anna", run_id: str = state.run_id, **values: Any
+        ) -> RunState:
+            request = RunRequest(action=action, actor=actor, request_id=uuid.uuid4().hex, **values)
+            return await act_on_run(desk.client, run_id, request, 60, key)
+
+        if name == "payout_run_cancelled":
+            await act(RunAction.EXCLUDE, payee_email=email, reason="asked to wait")
+            await act(RunAction.INCLUDE, payee_email=email, reason="changed their mind")
+            await act(RunAction.APPROVE)
+            await act(RunAction.CANCEL, reason="wrong cutoff")
+        else:
+            await act(RunAction.APPROVE)
+            await act(RunAction.APPROVE, "desk-bob")
+            exported = await act(RunAction.EXPORT)
+            await act(RunAction.MARK_SENT)
+            if name == "payout_run_failed_item":
+                exported = await act(
+                    RunAction.FAIL, payee_email=email, code="AC04", reason="account closed"
+                )
+            payouts = [
+                key.sign(payout_referral(p), p) for p in payout_requests(exported, "desk-anna")
+            ]
+            await act(RunAction.CONFIRM, payouts=payouts)
+        handle = desk.client.get_workflow_handle(run_workflow_id(state.run_id))
+        await handle.result()
+        handles[name] = handle
+    return handles
+
+
 PATHS: list[Callable[[Desk], Awaitable[Runs]]] = [
     full_lifecycle,
     contact_sla_breach,
@@ -558,6 +639,7 @@ async def record(target: Path) -> None:
             }
             await asyncio.gather(*(settle(handle) for handle in runs.values()))
             runs.update(await webhooks(desk, program))
+            runs.update(await payout_runs(desk))
             histories = {name: await handle.fetch_history() for name, handle in runs.items()}
         for timed in TIMED_PATHS:
             histories[timed.__name__] = await record_timed(timed, engine, settings, rules)

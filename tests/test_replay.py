@@ -16,6 +16,7 @@ from temporalio.worker import Replayer
 from core.encryption import EncryptionCodec, KeyRing, new_key_entry
 from core.temporal import data_converter
 from worker import workflow_runner
+from workflows.payout_run import PayoutRunWorkflow
 from workflows.referral import ReferralWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
@@ -44,6 +45,7 @@ PATHS_SINCE: dict[str, set[str]] = {
         "clawback_window_closed",
     },
     "0.5.0": {"webhook_delivered", "webhook_retried", "webhook_failed", "webhook_redelivered"},
+    "0.9.0": {"payout_run_confirmed", "payout_run_failed_item", "payout_run_cancelled"},
 }
 
 
@@ -63,7 +65,7 @@ def recording_codec(folder: Path) -> EncryptionCodec:
 @pytest.mark.parametrize("path", STORED, ids=[f"{p.parent.name}/{p.stem}" for p in STORED])
 async def test_stored_history_replays(path: Path) -> None:
     replayer = Replayer(
-        workflows=[ReferralWorkflow, WebhookDeliveryWorkflow],
+        workflows=[ReferralWorkflow, WebhookDeliveryWorkflow, PayoutRunWorkflow],
         workflow_runner=workflow_runner(),
         data_converter=data_converter(recording_codec(path.parent)),
     )
