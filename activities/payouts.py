@@ -44,7 +44,7 @@ from activities.ledger import ledger_sums
 from activities.payees import all_payees, iban_owners, load_payee, reject_bank_details
 from activities.statements import Statement, StatementLine, StatementRecovery, render_statement
 from activities.webhooks import PENDING, enqueue_payout_deliveries, start_deliveries
-from core.payees import PayeeProfile, VatRegime, mask_iban
+from core.payees import PayeeProfile, VatRegime, in_sepa_zone, mask_iban
 from workflows.models import LineKind, PayoutRules, ProgramRules, round_money
 from workflows.payout_run import (
     COLLECT,
@@ -469,12 +469,13 @@ def export_run(
         written = session.exec(
             select(PayoutDocumentRow).where(PayoutDocumentRow.run_id == state.run_id)
         ).all()
-        bank = [d for d in written if d.kind in ("sepa", "csv")]
+        # The SEPA file first, then the CSV, as the export wrote them.
+        bank = sorted((d for d in written if d.kind in ("sepa", "csv")), key=lambda d: d.kind)
         if bank:
             numbers = {
                 d.payee_email or "": d.number or "" for d in written if d.kind == "statement"
             }
-            return ExportResult(numbers=numbers, bank_file=bank[0].id)
+            return ExportResult(numbers=numbers, bank_file=", ".join(d.id for d in bank[::-1]))
         items = [item for item in state.items if item.paid]
         payees = {item.payee_email: _payee_for_export(session, item.payee_email) for item in items}
         numbers = dict(
@@ -513,23 +514,31 @@ def export_run(
                     description=f"{program.name[:60]} {number}",
                 )
             )
+        # SEPA carries euros to accounts in the SEPA zone; the rest goes in the CSV.
+        sepa = [t for t in transfers if t.currency == "EUR" and in_sepa_zone(t.iban)]
+        other = [t for t in transfers if t not in sepa]
+        files = []
         try:
-            if state.currency == "EUR":
+            if sepa:
                 content = sepa_transfer(
-                    company, transfers, day, program.payouts.sepa_schema, state.run_id
+                    company, sepa, day, program.payouts.sepa_schema, state.run_id
                 )
-                document = _document(
-                    state.run_id, "sepa", f"{state.run_id}.xml", "application/xml", content, at
-                )
-            else:
-                content = transfer_csv(transfers, day)
-                document = _document(
-                    state.run_id, "csv", f"{state.run_id}.csv", "text/csv", content, at
+                files.append(
+                    _document(
+                        state.run_id, "sepa", f"{state.run_id}.xml", "application/xml",
+                        content, at,
+                    )
+                )  # fmt: skip
+            if other:
+                content = transfer_csv(other, day)
+                files.append(
+                    _document(state.run_id, "csv", f"{state.run_id}.csv", "text/csv", content, at)
                 )
         except BankFileError as error:
             raise _refuse(str(error)) from error
-        session.add(document)
-        bank_file = document.id
+        for file in files:
+            session.add(file)
+        bank_file = ", ".join(file.id for file in files)
         session.commit()
     return ExportResult(numbers=numbers, bank_file=bank_file)
 

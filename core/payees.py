@@ -98,6 +98,14 @@ def bic_of(iban: str) -> str | None:
     return str(found.compact) if found is not None else None
 
 
+def in_sepa_zone(iban: str) -> bool:
+    """Whether a SEPA credit transfer reaches this account (schwifty's list of countries)."""
+    try:
+        return bool(IBAN(iban).in_sepa_zone)
+    except SchwiftyException:
+        return False
+
+
 def mask_iban(iban: str) -> str:
     """What statements, emails and screens show of an account: its country and last four."""
     compact = iban.replace(" ", "")

@@ -441,8 +441,8 @@ Runs = WorkflowHandle[Any, Any] | list[WorkflowHandle[Any, Any]]
 async def payout_runs(desk: Desk) -> dict[str, WorkflowHandle[Any, Any]]:
     """Payout runs to their end: paid and confirmed, a payment the bank returned, cancelled.
     Each in a currency of its own, so that it pays only its own referral."""
-    key = SETTINGS.actor_signing_key
-    assert key is not None and desk.rules.payouts.company is not None
+    key, company = SETTINGS.actor_signing_key, desk.rules.payouts.company
+    assert key is not None and company is not None
     # The program's cap is in euros: without it, a deal may be won in another currency.
     uncapped = desk.rules.commission.model_copy(update={"cap": None})
     desk = dataclasses.replace(desk, rules=desk.rules.model_copy(update={"commission": uncapped}))
@@ -472,7 +472,7 @@ async def payout_runs(desk: Desk) -> dict[str, WorkflowHandle[Any, Any]]:
             }
         )  # fmt: skip
         save_payee(desk.engine, payee, "desk-anna", now)
-        text = mandate_text("fr", desk.rules.payouts.company, payee.legal_name)
+        text = mandate_text("fr", company, payee.legal_name)
         mandate = MandateAcceptance(
             version=MANDATE_VERSION, language="fr", text_sha256=mandate_hash(text),
             accepted_at=now, accepted_by="desk-anna", channel="paper", reason="signed copy",

@@ -799,3 +799,42 @@ async def test_monthly_payouts_prepare_one_run_per_currency_on_the_first_busines
         assert await environment.run(manual.prepare_scheduled_runs) == []
     for run_id in started:
         await time_env.client.get_workflow_handle(run_workflow_id(run_id)).terminate("test")
+
+
+def test_euros_to_an_account_outside_the_sepa_zone_go_in_the_csv(
+    engine: Engine, rules: ProgramRules
+) -> None:
+    six_payees(engine)
+    payable(engine, "ref-g", "g@partners.example", "300.00", 40)
+    turkish = profile(
+        "g", country="TR", siret=None, vat_id=None, vat_regime="outside_eu",
+        iban="TR330006100519786457841326", bic="ISBKTRISXXX", language="en",
+    )  # fmt: skip
+    save_payee(engine, turkish, "finance-1", NOW - timedelta(days=90))
+    assert RULES.company is not None
+    text = mandate_text("en", RULES.company, turkish.legal_name)
+    mandate = MandateAcceptance(
+        version=MANDATE_VERSION, language="en", text_sha256=mandate_hash(text),
+        accepted_at=NOW, accepted_by="g@partners.example", channel="portal",
+    )  # fmt: skip
+    accept_mandate(engine, "g@partners.example", mandate, NOW)
+    items = collect_items(engine, RULES, ZONE, run_state(), NOW)
+    approved = run_state().model_copy(update={"items": items, "status": RunStatus.APPROVED})
+    result = export_run(
+        engine,
+        payout_program(rules),
+        ExportRequest(state=approved, execution_date="2027-03-02"),
+        NOW,
+    )
+    assert result.bank_file == "eur-1/sepa, eur-1/csv"
+    files = {d.kind: d.content for d in documents(engine, "eur-1") if d.kind in ("sepa", "csv")}
+    assert files["sepa"].count(b"<CdtTrfTxInf>") == 2 and b"TR33" not in files["sepa"]
+    rows = files["csv"].decode().splitlines()
+    assert len(rows) == 2 and ",TR330006100519786457841326,ISBKTRISXXX,300.00,EUR," in rows[1]
+    again = export_run(
+        engine,
+        payout_program(rules),
+        ExportRequest(state=approved, execution_date="2027-03-02"),
+        NOW,
+    )
+    assert again == result

@@ -186,7 +186,8 @@ class RunState(BaseModel):
     history: list[RunEvent] = []
     revision: int = 0
     execution_date: date | None = None
-    bank_file: str | None = None  # the document id of the SEPA file or CSV, once exported
+    # The bank files' document ids once exported: the SEPA file, the CSV, or both.
+    bank_file: str | None = None
 
     @property
     def total(self) -> Decimal:
