@@ -165,7 +165,8 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
             assert "has already approved" in str(refused)
         # The second approval from the staff area, as its signed-in member of staff.
         finance = f"finance-{tag}@nuage-logiciel.example"
-        staff = StaffRules(roles=StaffRoles(finance=[finance]))
+        second = f"finance-b-{tag}@nuage-logiciel.example"  # a sign-in link each
+        staff = StaffRules(roles=StaffRoles(finance=[finance, second]))
         app = create_app(
             settings, rules=program.model_copy(update={"staff": staff}), engine=engine,
             client=client, key="payouts-test-key", rate_limit="off",
@@ -192,6 +193,20 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
         text = pdf_text(statement_c.content)
         assert "Self-billed invoice" in text and c_new in text and c_old in text
         assert "TVA non applicable, art. 293 B du CGI" in text and "380.00 EUR" in text
+        # A step refused in the staff area: the page says why and keeps what was typed.
+        async with signed_in(app, mail_sink, second) as browser:
+            page = (await browser.get(f"/staff/payouts/{run_id}?lang=en")).text
+            form = page.split('id="step-fail"', 1)[1]
+            refused_step = await browser.post(
+                f"/staff/payouts/{run_id}/actions/fail",
+                data={
+                    "csrf": csrf_of(form), "lang": "en", "request_id": request_id_of(form),
+                    "payee_email": email("a"), "code": "AC04", "reason": "",
+                },
+            )  # fmt: skip
+            assert refused_step.status_code == 409 and "fail needs a reason" in refused_step.text
+            kept = refused_step.text.split('id="step-fail"', 1)[1].split("</form>", 1)[0]
+            assert 'value="AC04"' in kept and f"<option selected>{email('a')}" in kept
         await act(RunAction.MARK_SENT)
         before = len(mail_sink.messages())
 

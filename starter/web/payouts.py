@@ -133,7 +133,9 @@ def run_page(
     state: RunState,
     status: int = 200,
     problem: str | None = None,
+    typed: tuple[str, dict[str, str]] | None = None,
 ) -> Response:
+    """`typed`: the step whose form was refused and what was typed in it, shown again."""
     steps = [action for action in RunAction if state.status in NEEDS[action]]
     response = site.render_with_csrf(
         request,
@@ -148,6 +150,8 @@ def run_page(
         steps=steps,
         request_id=f"web-{uuid.uuid4().hex}",
         problem=problem,
+        typed_step=typed[0] if typed else None,
+        typed=typed[1] if typed else {},
         switch_url=f"{PAGE}/{quote(state.run_id)}?lang={'en' if lang == 'fr' else 'fr'}",
     )
     response.headers.update(PRIVATE)
@@ -212,11 +216,12 @@ async def payout_step(
     if state is None or step not in set(RunAction):
         return site.render(request, "not_found.html", lang, 404)
     gettext = translations(lang).gettext
-    if not csrf_ok:
-        return run_page(request, site, lang, email, state, 403,
-                        gettext("This form had expired: check it and send it again."))  # fmt: skip
     action = RunAction(step)
     values = {name: (form.get(name) or "").strip() or None for name in STEP_FIELDS[action]}
+    typed = (step, {name: value or "" for name, value in values.items()})
+    if not csrf_ok:
+        expired = gettext("This form had expired: check it and send it again.")
+        return run_page(request, site, lang, email, state, 403, expired, typed)
     signer = site.settings.actor_signing_key
     payouts = []
     if action is RunAction.CONFIRM and signer is not None:
@@ -240,12 +245,14 @@ async def payout_step(
             client, run_id, run_request, site.settings.cli_timeout_s, signer, site.engine
         )
     except ValueError:
-        return run_page(request, site, lang, email, state, 422,
-                        gettext("Check the value marked below: nothing was done."))  # fmt: skip
+        wrong = gettext("Check the value marked below: nothing was done.")
+        return run_page(request, site, lang, email, state, 422, wrong, typed)
     except Refused as refused_step:
         now = await asyncio.to_thread(load_run, site.engine, run_id) or state
-        return run_page(request, site, lang, email, now, 409, str(refused_step))
+        return run_page(request, site, lang, email, now, 409, str(refused_step), typed)
     except RuntimeError:
-        return run_page(request, site, lang, email, state, 503,
-                        gettext("Temporal cannot be reached just now."))  # fmt: skip
+        # Not sent, or sent and not answered: the same request again applies it once.
+        away = gettext("Temporal cannot be reached just now.")
+        kept = (step, {**typed[1], "request_id": request_id})
+        return run_page(request, site, lang, email, state, 503, away, kept)
     return RedirectResponse(f"{PAGE}/{quote(run_id)}?lang={lang}", status_code=303)
