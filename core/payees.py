@@ -255,3 +255,28 @@ def mandate_text(language: Language, company: PayingCompany, legal_name: str) ->
 
 def mandate_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def mandate_of(profile: PayeeProfile, company: PayingCompany) -> str:
+    """The text in force of `profile`'s mandate, in the payee's language."""
+    return mandate_text(profile.language, company, profile.legal_name)
+
+
+def mandate_accepted(
+    profile: PayeeProfile,
+    company: PayingCompany,
+    by: str,
+    channel: Literal["portal", "paper"],
+    at: datetime,
+    reason: str | None = None,
+) -> MandateAcceptance:
+    """The acceptance of the text in force, by `by` (the payee, or staff for paper)."""
+    return MandateAcceptance(
+        version=MANDATE_VERSION,
+        language=profile.language,
+        text_sha256=mandate_hash(mandate_of(profile, company)),
+        accepted_at=at,
+        accepted_by=by,
+        channel=channel,
+        reason=reason,
+    )

@@ -17,12 +17,10 @@ from activities.payouts import documents, item_status, list_runs, load_run
 from activities.schema import open_database
 from core.payees import (
     MANDATE_VERSION,
-    MandateAcceptance,
     PayeeKind,
     PayeeProfile,
     VatRegime,
-    mandate_hash,
-    mandate_text,
+    mandate_accepted,
     mask_iban,
     one_line,
 )
@@ -157,22 +155,9 @@ def cmd_payee_mandate(args: argparse.Namespace) -> int:
     company = load_program(settings.program_path).payouts.company
     if company is None:
         raise Refused("program.yaml sets no payouts.company: the mandate names who bills")
-    text = mandate_text(profile.language, company, profile.legal_name)
     now = datetime.now(UTC)
-    accepted = accept_mandate(
-        engine,
-        profile.email,
-        MandateAcceptance(
-            version=MANDATE_VERSION,
-            language=profile.language,
-            text_sha256=mandate_hash(text),
-            accepted_at=now,
-            accepted_by=actor,
-            channel="paper",
-            reason=args.reason.strip(),
-        ),
-        now,
-    )
+    signed = mandate_accepted(profile, company, actor, "paper", now, args.reason.strip())
+    accepted = accept_mandate(engine, profile.email, signed, now)
     print("\n".join(_profile_lines(accepted)))
     return 0
 

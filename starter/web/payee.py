@@ -18,13 +18,12 @@ from pydantic import ValidationError
 from activities.i18n import translations
 from activities.payees import accept_mandate, load_payee, save_payee
 from core.payees import (
-    MANDATE_VERSION,
-    MandateAcceptance,
     PayeeKind,
     PayeeProfile,
     VatRegime,
+    mandate_accepted,
     mandate_hash,
-    mandate_text,
+    mandate_of,
     mask_iban,
     problems,
 )
@@ -64,7 +63,7 @@ def _page(
     company = site.rules.payouts.company
     mandate = None
     if profile is not None and company is not None:
-        mandate = mandate_text(profile.language, company, profile.legal_name)
+        mandate = mandate_of(profile, company)
     shown = typed
     if shown is None:
         shown = {name: "" for name in FIELDS}
@@ -194,24 +193,16 @@ async def accept_mandate_page(
     company = site.rules.payouts.company
     if profile is None or company is None:
         return RedirectResponse(f"{PAGE}?lang={lang}", status_code=303)
-    text = mandate_text(profile.language, company, profile.legal_name)
+    now = datetime.now(UTC)
+    accepted = mandate_accepted(profile, company, email, "portal", now)
     problem = None
     if not csrf_ok:
         problem = gettext("This form has expired: please send it again.")
     elif form.get("accept") != "yes":
         problem = gettext("Tick the box to accept the mandate.")
-    elif form.get("mandate_sha256") != mandate_hash(text):
+    elif form.get("mandate_sha256") != accepted.text_sha256:
         problem = gettext("The mandate's text has changed since you opened it: read it again.")
     if problem is not None:
         return _page(request, site, lang, email, profile, errors={"mandate": problem}, status=422)
-    now = datetime.now(UTC)
-    accepted = MandateAcceptance(
-        version=MANDATE_VERSION,
-        language=profile.language,
-        text_sha256=mandate_hash(text),
-        accepted_at=now,
-        accepted_by=email,
-        channel="portal",
-    )
     await asyncio.to_thread(accept_mandate, site.engine, email, accepted, now)
     return RedirectResponse(f"{PAGE}?lang={lang}&done=accepted", status_code=303)
