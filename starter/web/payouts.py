@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -21,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from activities.db import PayoutItemRow, PayoutRunRow
-from activities.i18n import translations
+from activities.i18n import N_, translations
 from activities.payouts import documents, load_run
 from core.roles import Task, may, refusal, roles_of
 from starter.actions import Refused
@@ -32,6 +33,7 @@ from starter.web.site import Site
 from workflows.models import round_money
 from workflows.payouts import (
     NEEDS,
+    HoldReason,
     RunAction,
     RunRequest,
     RunState,
@@ -53,7 +55,23 @@ STEP_FIELDS: dict[RunAction, tuple[str, ...]] = {
     RunAction.CONFIRM: (),
     RunAction.CANCEL: ("reason",),
 }
+# What staff pages call each hold (the portal words them for the referrer).
+HOLD_LABELS = {
+    HoldReason.NO_PROFILE: N_("no payee profile"),
+    HoldReason.NO_MANDATE: N_("no self-billing mandate"),
+    HoldReason.INVALID_BANK_DETAILS: N_("invalid bank details"),
+    HoldReason.BANK_REJECTED: N_("rejected by the bank"),
+    HoldReason.SHARED_IBAN: N_("IBAN shared with another payee"),
+    HoldReason.IBAN_COOLDOWN: N_("IBAN changed recently"),
+    HoldReason.NEGATIVE_BALANCE: N_("negative balance"),
+    HoldReason.BELOW_MINIMUM: N_("below the minimum"),
+}
 router = APIRouter()
+
+
+def hold_label(lang: str) -> Callable[[HoldReason | str], str]:
+    gettext = translations(lang).gettext
+    return lambda reason: gettext(HOLD_LABELS[HoldReason(reason)])
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,7 @@ async def payout_runs(
         **signed_in_page(request, site, STAFF),
         email=email,
         lines=await asyncio.to_thread(run_lines, site.engine),
+        hold_label=hold_label(lang),
         switch_url=f"{PAGE}?lang={'en' if lang == 'fr' else 'fr'}",
     )
     response.headers.update(PRIVATE)
@@ -148,6 +167,7 @@ def run_page(
         run=state,
         files=documents(site.engine, state.run_id),
         steps=steps,
+        hold_label=hold_label(lang),
         request_id=f"web-{uuid.uuid4().hex}",
         problem=problem,
         typed_step=typed[0] if typed else None,

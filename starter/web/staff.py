@@ -325,6 +325,7 @@ async def dashboard(
         choice=chosen,
         figures=figures,
         held=dict(sorted(held.items())),
+        hold_label=payouts.hold_label(lang),
         currencies=currencies,
         stage_label=lambda s: gettext(STAGE_LABELS[Stage(s)]),
         number=lambda value: _number(value, lang),
