@@ -20,7 +20,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, delete, select
 from temporalio import activity
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -630,13 +630,16 @@ def documents(engine: Engine, run_id: str) -> list[PayoutDocumentRow]:
         return list(session.exec(query.order_by(col(PayoutDocumentRow.id))))
 
 
-def issued_to(engine: Engine, email: str) -> list[PayoutDocumentRow]:
-    """The statements and credit notes issued to a payee, newest first."""
+def issued_to(engine: Engine, email: str) -> list[tuple[str, str, datetime]]:
+    """The statements and credit notes issued to a payee, newest first: number, kind and
+    when (their contents are read only when downloaded)."""
     with Session(engine) as session:
-        query = select(PayoutDocumentRow).where(
-            PayoutDocumentRow.payee_email == email.strip().lower()
+        query = (
+            select(PayoutDocumentRow.number, PayoutDocumentRow.kind, PayoutDocumentRow.created_at)
+            .where(PayoutDocumentRow.payee_email == email.strip().lower())
+            .order_by(col(PayoutDocumentRow.created_at).desc())
         )
-        return list(session.exec(query.order_by(col(PayoutDocumentRow.created_at).desc())))
+        return [(number or "", kind, at) for number, kind, at in session.exec(query)]
 
 
 def issued_document(engine: Engine, email: str, number: str) -> PayoutDocumentRow | None:
@@ -652,6 +655,32 @@ def issued_document(engine: Engine, email: str, number: str) -> PayoutDocumentRo
 def document(engine: Engine, document_id: str) -> PayoutDocumentRow | None:
     with Session(engine) as session:
         return session.get(PayoutDocumentRow, document_id)
+
+
+async def start_run(
+    client: Client,
+    rules: PayoutRules,
+    queue: str,
+    run_id: str,
+    currency: str,
+    cutoff: date,
+    prepared_by: str,
+) -> WorkflowHandle[Any, Any]:
+    """Start the run's workflow; WorkflowAlreadyStartedError if `run_id` was ever started."""
+    return await client.start_workflow(
+        PayoutRunWorkflow.run,
+        RunInput(
+            run_id=run_id,
+            currency=currency,
+            cutoff=cutoff,
+            approvals_required=rules.approvals_required,
+            prepared_by=prepared_by,
+        ),
+        id=run_workflow_id(run_id),
+        task_queue=queue,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        static_summary=f"Payout run {run_id}",
+    )
 
 
 def payable_currencies(engine: Engine, rules: PayoutRules, now: datetime) -> list[str]:
@@ -753,22 +782,11 @@ class PayoutActivities:
         started = []
         for currency in currencies:
             run_id = scheduled_run_id(currency, today)
-            run = RunInput(
-                run_id=run_id,
-                currency=currency,
-                cutoff=today,
-                approvals_required=rules.approvals_required,
-                prepared_by="schedule",
-            )
             try:
-                await self._client.start_workflow(
-                    PayoutRunWorkflow.run,
-                    run,
-                    id=run_workflow_id(run_id),
-                    task_queue=activity.info().task_queue,
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    static_summary=f"Payout run {run_id}",
-                )
+                await start_run(
+                    self._client, rules, activity.info().task_queue, run_id, currency, today,
+                    "schedule",
+                )  # fmt: skip
             except WorkflowAlreadyStartedError:
                 pass
             started.append(run_id)

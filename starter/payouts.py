@@ -10,15 +10,14 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.payouts import load_run
+from activities.payouts import load_run, start_run
 from core.actor_assertions import SigningKey
 from starter.actions import Refused
 from workflows.models import ProgramRules
 from workflows.payout_run import PayoutRunWorkflow, run_workflow_id
-from workflows.payouts import RunInput, RunRequest, RunState
+from workflows.payouts import RunRequest, RunState
 
 
 def new_run_id(currency: str, cutoff: date) -> str:
@@ -38,20 +37,7 @@ async def prepare_run(
     """Start a run and wait (at most `timeout` seconds) until it has collected its items."""
     code = currency.strip().upper()
     run_id = new_run_id(code, cutoff)
-    handle = await client.start_workflow(
-        PayoutRunWorkflow.run,
-        RunInput(
-            run_id=run_id,
-            currency=code,
-            cutoff=cutoff,
-            approvals_required=rules.payouts.approvals_required,
-            prepared_by=actor,
-        ),
-        id=run_workflow_id(run_id),
-        task_queue=queue,
-        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        static_summary=f"Payout run {run_id}",
-    )
+    handle = await start_run(client, rules.payouts, queue, run_id, code, cutoff, actor)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

@@ -170,9 +170,7 @@ def referrer_statement(
                 payout=outlook.get(row.referral_id),
             )
         )
-    issued = [
-        Issued(doc.number or "", doc.kind, day(doc.created_at)) for doc in issued_to(engine, email)
-    ]
+    issued = [Issued(number, kind, day(at)) for number, kind, at in issued_to(engine, email)]
     return Statement(
         email, rows, balances(engine, referrer_email=email), load_payee(engine, email), issued
     )
