@@ -359,6 +359,59 @@ class StatementCounterRow(SQLModel, table=True):
     last: int
 
 
+class ReceiptRow(SQLModel, table=True):
+    """One receipt of the append-only log (core/receipts.py), `body` exactly as signed. Never
+    updated or deleted: erasure removes the disclosure, not the receipt."""
+
+    __tablename__ = "receipt"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    kind: str
+    referral_id: str | None = Field(default=None, index=True)
+    # What appended it (`R-…/registered`, `R-…/accept/4`…): a retried write appends once.
+    source: str = Field(unique=True)
+    body: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class ReceiptHeadRow(SQLModel, table=True):
+    """The log's last receipt (one row, id 1): an append updates it first, so appends queue
+    on its lock and the chain never forks."""
+
+    __tablename__ = "receipt_head"
+
+    id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    seq: int
+    entry_hash: str
+    at: str | None = None
+
+
+class ReceiptKeyRow(SQLModel, table=True):
+    """A receipt signing key. The public half is kept for ever (old receipts verify); the
+    private half is sealed with the payload key ring, and wiped when a rotation retires it."""
+
+    __tablename__ = "receipt_key"
+
+    key_id: str = Field(primary_key=True)
+    public_key: str
+    sealed_private: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    sealed_with: str | None = None  # the payload key's id
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    retired_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class ReceiptDisclosureRow(SQLModel, table=True):
+    """A registered referral's committed values and their salts, to give the referrer their
+    copy; erasing the referral deletes the row, after which nobody can link the commitments
+    back to a domain or an address."""
+
+    __tablename__ = "receipt_disclosure"
+
+    referral_id: str = Field(primary_key=True)
+    disclosures: str = Field(sa_column=Column(Text, nullable=False))  # JSON
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
