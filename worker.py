@@ -20,6 +20,7 @@ from activities.erasure import RetentionActivities
 from activities.ledger import LedgerActivities
 from activities.metrics import ActivityMetrics, refresh_gauges
 from activities.payouts import PayoutActivities
+from activities.receipts import configure as configure_receipts
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
@@ -92,6 +93,7 @@ def build_worker(
     retries; `queue` (default the settings'); `rules`: the program in force, for its retention
     period (default: the settings' program file)."""
     configure_webhooks(settings.program_path, settings.webhook_retry)
+    configure_receipts(settings.key_ring())  # the receipts of acceptances and releases
     if settings.actor_trusted_keys is not None:
         trust(settings.actor_trusted_keys)  # what the `act` validator checks assertions with
     email = EmailActivities(
@@ -100,6 +102,7 @@ def build_worker(
         status_link=lambda referral_id: status_url(
             settings.public_url, referral_id, settings.secret_keys
         ),
+        verify_url=f"{settings.public_url}/receipts/verify",
     )
     ledger = LedgerActivities(engine)
     records = RecordActivities(engine, client)

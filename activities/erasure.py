@@ -40,6 +40,7 @@ from activities.db import (
     as_utc,
 )
 from activities.payees import erase_payee
+from activities.receipts import forget_disclosures
 from activities.records import load_referral, write_referral
 from activities.webhooks import pending_deliveries, start_deliveries, workflow_id
 from workflows.models import (
@@ -198,6 +199,8 @@ def _pseudonymize(engine: Engine, state: ReferralState, erasure: Erasure) -> His
             if delivery.last_outcome:
                 delivery.last_outcome = delivery.last_outcome.partition(":")[0]
                 session.add(delivery)
+        # Its receipts stay, chained and signed; what opens their commitments goes.
+        forget_disclosures(session, state.referral_id)
         session.commit()
     if engine.dialect.name == "sqlite":
         with engine.connect() as connection:

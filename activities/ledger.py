@@ -14,6 +14,7 @@ from sqlmodel import Session, col, delete, select
 from temporalio import activity
 
 from activities.db import CommissionEvent, CommissionLineRow, CommissionRow, ProspectClaim
+from activities.receipts import release
 from workflows.models import CommissionRecord, LineKind, ProspectRelease
 
 
@@ -163,14 +164,17 @@ def ledger_lines(engine: Engine) -> list[CommissionLineRow]:
 
 
 def release_claim(engine: Engine, domain: str, referral_id: str) -> None:
-    """A closed referral frees its prospect for a new referral (only its own claim)."""
+    """A closed referral frees its prospect for a new referral (only its own claim), with
+    the `released` receipt that says so, in one transaction."""
     with Session(engine) as session:
-        session.exec(
+        freed = session.exec(
             delete(ProspectClaim).where(
                 ProspectClaim.domain == domain,  # type: ignore[arg-type]
                 ProspectClaim.referral_id == referral_id,  # type: ignore[arg-type]
             )
         )
+        if freed.rowcount:
+            release(session, referral_id)
         session.commit()
 
 

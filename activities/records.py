@@ -17,8 +17,16 @@ from sqlmodel import Session, col, delete, func, select
 from temporalio import activity
 from temporalio.client import Client
 
-from activities.db import ReferralEventRow, ReferralRow, WebhookDeliveryRow, as_utc
+from activities.db import (
+    ReceiptDisclosureRow,
+    ReferralEventRow,
+    ReferralRow,
+    WebhookDeliveryRow,
+    as_utc,
+)
+from activities.receipts import follow_up, instant
 from activities.webhooks import enqueue_deliveries, pending_deliveries, start_deliveries
+from core import receipts
 from workflows.models import HistoryEntry, ReferralRecord, ReferralState, Stage
 
 
@@ -57,6 +65,26 @@ def write_referral(session: Session, record: ReferralRecord) -> None:
                 )
             )
     enqueue_deliveries(session, state, added)
+    for entry in added:
+        _receipt_for(session, state, entry)
+
+
+# The events that change a registration's standing, and the receipt each one gets.
+RECEIPT_KINDS = {
+    "accept": receipts.ACCEPTED,
+    "extend": receipts.EXTENDED,
+    "expire": receipts.EXPIRED,
+}
+
+
+def _receipt_for(session: Session, state: ReferralState, entry: HistoryEntry) -> None:
+    kind = RECEIPT_KINDS.get(entry.action)
+    if kind is None or entry.outcome == "refused":
+        return
+    decision: dict[str, Any] = {"status": kind, "protected_until": instant(state.protected_until)}
+    if kind == receipts.EXTENDED:
+        decision["extensions"] = state.protection_extensions
+    follow_up(session, state.referral_id, kind, f"{state.referral_id}/{kind}/{entry.seq}", decision)
 
 
 def _facts(state: ReferralState) -> dict[str, Any]:
@@ -99,6 +127,9 @@ def discard_referral(engine: Engine, referral_id: str) -> None:
         session.exec(delete(ReferralRow).where(col(ReferralRow.referral_id) == referral_id))
         session.exec(
             delete(WebhookDeliveryRow).where(col(WebhookDeliveryRow.referral_id) == referral_id)
+        )
+        session.exec(
+            delete(ReceiptDisclosureRow).where(col(ReceiptDisclosureRow.referral_id) == referral_id)
         )
         session.commit()
 

@@ -514,9 +514,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 async def cmd_reconcile(args: argparse.Namespace) -> int:
+    from activities.receipts import configure as configure_receipts
     from activities.reconcile import reconcile
 
     settings: Settings = args.settings
+    configure_receipts(settings.key_ring())  # a release it repairs gets its receipt
     report = await reconcile(
         await connect(settings), open_database(settings.database()), settings.task_queue
     )
@@ -703,6 +705,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from core.settings import DEV_KEY_FILE
 
     settings: Settings = args.settings
+    if args.receipts:
+        return rotate_receipt_key(settings)
     if KEYS_ENV in settings.from_dev_files or not settings.encryption_keys:
         key_id = rotate_key_file(DEV_KEY_FILE)
         print(
@@ -717,6 +721,17 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         f"{KEYS_ENV} of every process and restart them (it decrypts, nothing encrypts with it "
         f"yet): {entry}  2. Then set {CURRENT_ENV}={key_id} everywhere and restart them again."
     )
+    return 0
+
+
+def rotate_receipt_key(settings: Settings) -> int:
+    from activities.receipts import configure, rotate_key
+
+    settings.require(DB, KEYS)
+    configure(settings.key_ring())  # seals the new key
+    key_id, retired = rotate_key(open_database(settings.database()))
+    before = f"; {retired} is retired, its public key still published" if retired else ""
+    print(f"receipts are signed with key {key_id} from now on{before}")
     return 0
 
 
@@ -926,7 +941,14 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         dest="keys_command", required=True, metavar="KEYS_COMMAND"
     )
     rotate_help = "add a key to the key file: it encrypts from now on, older keys still decrypt"
-    keys.add_parser("rotate", help=rotate_help).set_defaults(handler=cmd_keys_rotate)
+    sub = keys.add_parser("rotate", help=rotate_help)
+    sub.set_defaults(handler=cmd_keys_rotate)
+    sub.add_argument(
+        "--receipts",
+        action="store_true",
+        help="rotate the receipt signing key instead: new receipts carry the new key id, the "
+        "old one is retired (its public key stays published, so old receipts verify)",
+    )
     actor_help = (
         "print a new key a surface (the web desk, a toolbox) signs its staff's actions with"
     )
@@ -942,9 +964,10 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8081)
-    from starter.cli_payouts import add_commands  # it uses this module's helpers
+    from starter import cli_payouts, cli_receipts  # they use this module's helpers
 
-    add_commands(add)
+    cli_payouts.add_commands(add)
+    cli_receipts.add_commands(add)
     return parser
 
 

@@ -25,6 +25,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim
 from activities.ledger import release_claim
+from activities.receipts import Registration, refuse_duplicate, register, release
+from activities.receipts import configure as configure_receipts
 from activities.records import discard_referral, load_referral, save_referral
 from core.links import referrer_key
 from core.settings import Settings
@@ -82,7 +84,13 @@ class DuplicateReferral(Exception):
     """The prospect is already referred. The public message never names the other referral
     or its referrer: only until when the prospect is protected, or that it is under review."""
 
-    def __init__(self, domain: str, referral_id: str, protected_until: datetime | None) -> None:
+    def __init__(
+        self,
+        domain: str,
+        referral_id: str,
+        protected_until: datetime | None,
+        receipt: dict[str, Any] | None = None,
+    ) -> None:
         standing = (
             f"protected until {protected_until:%Y-%m-%d}" if protected_until else "being reviewed"
         )
@@ -90,6 +98,8 @@ class DuplicateReferral(Exception):
         self.domain = domain
         self.referral_id = referral_id
         self.protected_until = protected_until
+        # The refused referrer's copy of the `refused_duplicate` receipt (activities.receipts).
+        self.receipt = receipt
 
 
 # Fields that may hold several lines; every other text is one line.
@@ -254,10 +264,16 @@ def new_referral_id() -> str:
     return "R-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
 
 
-def _insert_claim(engine: Engine, domain: str, referral_id: str) -> bool:
+def _insert_claim(
+    engine: Engine, domain: str, referral_id: str, registration: Registration
+) -> bool:
+    """The claim and the `registered` receipt, in one transaction: a registration that loses
+    the race leaves no receipt, and a later refusal always finds the winner's."""
     try:
         with Session(engine) as session:
             session.add(ProspectClaim(domain=domain, referral_id=referral_id))
+            session.flush()
+            register(session, referral_id, registration)
             session.commit()
         return True
     except IntegrityError:
@@ -269,7 +285,11 @@ def _current_claim(engine: Engine, domain: str) -> ProspectClaim | None:
         return session.get(ProspectClaim, domain)
 
 
-def _take_over_claim(engine: Engine, domain: str, stale_id: str, referral_id: str) -> bool:
+def _take_over_claim(
+    engine: Engine, domain: str, stale_id: str, referral_id: str, registration: Registration
+) -> bool:
+    """A stale claim passes to `referral_id`: the stale one's registration is released and
+    the new one registered, in the transaction that moves the claim."""
     with Session(engine) as session:
         taken = session.exec(
             update(ProspectClaim)
@@ -277,29 +297,43 @@ def _take_over_claim(engine: Engine, domain: str, stale_id: str, referral_id: st
             .where(ProspectClaim.referral_id == stale_id)  # type: ignore[arg-type]
             .values(referral_id=referral_id, claimed_at=datetime.now(UTC))
         )
+        if taken.rowcount != 1:
+            session.rollback()
+            return False
+        release(session, stale_id)
+        register(session, referral_id, registration)
         session.commit()
-        return bool(taken.rowcount == 1)
+        return True
 
 
-async def _claim_prospect(client: Client, engine: Engine, domain: str, referral_id: str) -> None:
-    """Record `referral_id` as the prospect's open referral; the primary key decides races.
-    Database calls run in threads so concurrent submissions really do race."""
+async def _claim_prospect(
+    client: Client, engine: Engine, domain: str, referral_id: str, registration: Registration
+) -> None:
+    """Record `referral_id` as the prospect's open referral, with its `registered` receipt;
+    the primary key decides races. A refusal appends a `refused_duplicate` receipt, which
+    the DuplicateReferral carries. Database calls run in threads so concurrent submissions
+    really do race."""
+    existing = None
     for _ in range(3):
-        if await asyncio.to_thread(_insert_claim, engine, domain, referral_id):
+        if await asyncio.to_thread(_insert_claim, engine, domain, referral_id, registration):
             return
         existing = await asyncio.to_thread(_current_claim, engine, domain)
         if existing is None:  # released meanwhile: try again
             continue
         if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
-            other = await asyncio.to_thread(load_referral, engine, existing.referral_id)
-            protected = other.protection_end if other is not None else None
-            raise DuplicateReferral(domain, existing.referral_id, protected)
+            break
         if await asyncio.to_thread(
-            _take_over_claim, engine, domain, existing.referral_id, referral_id
+            _take_over_claim, engine, domain, existing.referral_id, referral_id, registration
         ):
             return
-    claim = await asyncio.to_thread(_current_claim, engine, domain)
-    raise DuplicateReferral(domain, claim.referral_id if claim else "unknown", None)
+        existing = None
+    if existing is None:
+        existing = await asyncio.to_thread(_current_claim, engine, domain)
+    earlier = existing.referral_id if existing else "unknown"
+    other = await asyncio.to_thread(load_referral, engine, earlier)
+    protected = other.protection_end if other is not None else None
+    receipt = await asyncio.to_thread(refuse_duplicate, engine, registration, earlier, protected)
+    raise DuplicateReferral(domain, earlier, protected, receipt)
 
 
 async def _referral_is_open(client: Client, referral_id: str, claimed_at: datetime) -> bool:
@@ -335,11 +369,20 @@ async def submit_referral(
         raise SubmissionRefused(errors)
     domain = registrable_domain(submission.prospect.website)
     referral_id = new_referral_id()
-    await _claim_prospect(client, engine, domain, referral_id)
-    product = rules.product(submission.opportunity.product)
-    assert product is not None
     received_at = received_at or datetime.now(UTC)
     window = contact_window(received_at, rules.calendar, rules.contact)
+    if settings.encryption_keys is not None:  # else the process configured receipts already
+        configure_receipts(settings.key_ring())
+    registration = Registration.new(
+        rules.name,
+        rules.model_dump(mode="json"),
+        window.deadline,
+        domain,
+        str(submission.referrer.email),
+    )
+    await _claim_prospect(client, engine, domain, referral_id, registration)
+    product = rules.product(submission.opportunity.product)
+    assert product is not None
     statement, _ = consent_statement(consent_language or submission.referrer.language)
     given = ReferralInput(
         referral_id=referral_id,
