@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import smtplib
 import ssl
 import threading
@@ -37,7 +38,8 @@ from temporalio.exceptions import ApplicationError
 from activities import i18n
 from activities.db import ReferralEventRow, SentEmail
 from activities.ledger import balances
-from core import TEMPLATES
+from activities.receipts import referrer_copy
+from core import TEMPLATES, receipts
 from core.settings import SmtpSettings
 from workflows.models import Action, EmailRequest
 
@@ -310,15 +312,20 @@ class EmailActivities:
         engine: Engine,
         smtp: SmtpSettings,
         status_link: Callable[[str], str] | None = None,
+        verify_url: str | None = None,
     ) -> None:
-        """`status_link(referral_id)`: the referrer's status page link, for their emails."""
+        """`status_link(referral_id)`: the referrer's status page link, for their emails;
+        `verify_url`: the public page that checks a receipt."""
         self._engine = engine
         self._connection = SmtpConnection(smtp)
         self._status_link = status_link
+        self._verify_url = verify_url
 
     def _facts(self, request: EmailRequest) -> dict[str, Any]:
         """Whether a referrer's address is known to be theirs; finance's payout email states
         what the referrer owes us from earlier clawbacks."""
+        if request.template == "referrer_submitted":
+            return {"referrer_verified": False, "receipt": self._receipt(request)}
         if request.template.startswith("referrer_"):
             return {"referrer_verified": self._referrer_verified(request)}
         commission = request.referral.commission
@@ -337,6 +344,20 @@ class EmailActivities:
             Decimal(0),
         )
         return {"owed_by_referrer": owed} if owed else {}
+
+    def _receipt(self, request: EmailRequest) -> dict[str, Any] | None:
+        """The acknowledgement's receipt (the referrer's copy), what the email says of it and
+        its attachment; None for a referral registered before receipts."""
+        copy = referrer_copy(self._engine, request.referral.referral_id)
+        if copy is None:
+            return None
+        return {
+            "seq": copy["seq"],
+            "at": copy["at"].replace("T", " ")[:19] + " UTC",
+            "fingerprint": receipts.fingerprint(copy),
+            "verify_url": self._verify_url,
+            "json": json.dumps(copy, indent=2, ensure_ascii=False) + "\n",
+        }
 
     def _referrer_verified(self, request: EmailRequest) -> bool:
         """The referrer's address is theirs once our team has been in touch with them (the
@@ -365,8 +386,19 @@ class EmailActivities:
         link = None
         if self._status_link is not None and request.template.startswith("referrer_"):
             link = self._status_link(request.referral.referral_id)
-        rendered = render_email(request, link, self._facts(request))
-        return self._send_once(request.key, request.to, build_message(request, rendered))
+        facts = self._facts(request)
+        message = build_message(request, render_email(request, link, facts))
+        receipt = facts.get("receipt")
+        if receipt is not None:
+            message.add_attachment(
+                receipt["json"].encode(),
+                maintype="application",
+                subtype="json",
+                filename=f"receipt-{receipt['seq']}.json",
+            )
+            del message["Content-Language"]  # moved into the text part: back on top
+            message["Content-Language"] = request.language
+        return self._send_once(request.key, request.to, message)
 
     def send_to_payee(
         self,

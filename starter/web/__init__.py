@@ -31,6 +31,7 @@ from starter.web import devmail, probes
 from starter.web.intake import add_intake_routes
 from starter.web.metrics import RequestMetrics, WebMetrics
 from starter.web.portal import add_portal_routes
+from starter.web.receipts import add_receipt_routes
 from starter.web.security import (
     DEFAULT_RATE_LIMIT,
     MAX_BODY_BYTES,
@@ -129,6 +130,7 @@ def create_app(
 
     add_intake_routes(app, site)
     add_portal_routes(app, site)
+    add_receipt_routes(app, site)
     add_staff_routes(app, site, clock=clock)
     app.include_router(probes.router)
     if maildir is not None:

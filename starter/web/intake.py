@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Callable
 from datetime import datetime
@@ -15,8 +16,10 @@ from pydantic import BaseModel
 from temporalio.service import RPCError
 
 from activities.i18n import N_, countries, format_date, translations
+from activities.receipts import referrer_copy
 from activities.records import load_referral
 from core.links import referral_from_token, status_token
+from core.receipts import fingerprint
 from starter.consent import consent_statement
 from starter.intake import (
     DuplicateReferral,
@@ -44,7 +47,7 @@ HONEYPOT = "subject"
 # Referrals (so acknowledgements) for one referrer address per hour, whoever sends them (per
 # web process, with the per-connection limit): that one alone lets many connections flood
 # one mailbox.
-RECEIPTS_PER_ADDRESS = (10, 3600)
+ACKNOWLEDGEMENTS_PER_ADDRESS = (10, 3600)
 
 
 class ReferralCreated(BaseModel):
@@ -190,7 +193,7 @@ def status_words(state: ReferralState, lang: str) -> dict[str, Any]:
 
 
 class TooManyForAddress(Exception):
-    """The referrer's address got RECEIPTS_PER_ADDRESS acknowledgements lately."""
+    """The referrer's address got ACKNOWLEDGEMENTS_PER_ADDRESS acknowledgements lately."""
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"retry after {retry_after} s")
@@ -200,17 +203,19 @@ class TooManyForAddress(Exception):
 def add_intake_routes(app: FastAPI, site: Site) -> None:
     install(app, site)
     # With the per-connection limit, or not at all (REFERRALS_RATE_LIMIT=off: a load test).
-    app.state.receipts = RateLimiter(*RECEIPTS_PER_ADDRESS) if site.limiter is not None else None
+    app.state.acknowledgements = (
+        RateLimiter(*ACKNOWLEDGEMENTS_PER_ADDRESS) if site.limiter is not None else None
+    )
     app.include_router(router)
 
 
-def receipts_limit(request: Request) -> RateLimiter | None:
-    """Acknowledgements per referrer address (RECEIPTS_PER_ADDRESS), one limiter per app."""
-    limiter: RateLimiter | None = request.app.state.receipts
+def acknowledgements_limit(request: Request) -> RateLimiter | None:
+    """Acknowledgements per referrer address (ACKNOWLEDGEMENTS_PER_ADDRESS), one limiter per app."""
+    limiter: RateLimiter | None = request.app.state.acknowledgements
     return limiter
 
 
-Receipts = Annotated[RateLimiter | None, Depends(receipts_limit)]
+Acknowledgements = Annotated[RateLimiter | None, Depends(acknowledgements_limit)]
 FormCsrf = Annotated[bool, Depends(csrf_checked(CSRF_COOKIE))]
 router = APIRouter()
 
@@ -223,6 +228,7 @@ def render_form(
     errors: dict[str, str] | None = None,
     problem: str | None = None,
     status: int = 200,
+    refusal: dict[str, Any] | None = None,
 ) -> HTMLResponse:
     return site.render_with_csrf(
         request,
@@ -242,19 +248,42 @@ def render_form(
         currencies=CURRENCIES,
         consent_statement=consent_statement(lang)[1],
         honeypot=HONEYPOT,
+        refusal=refusal,
     )
+
+
+def receipt_shown(receipt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a page says of a receipt (a registration's, a refused duplicate's), and the
+    referrer's copy to download."""
+    if receipt is None:
+        return None
+    decision = receipt["decision"]
+    return {
+        "seq": receipt["seq"],
+        "at": _utc(receipt["at"]),
+        "earlier_seq": decision.get("earlier_seq"),
+        "earlier_at": _utc(decision.get("earlier_at")),
+        "fingerprint": fingerprint(receipt),
+        "json": json.dumps(receipt, indent=2, ensure_ascii=False),
+    }
+
+
+def _utc(at: str | None) -> str | None:
+    return None if at is None else at.replace("T", " ")[:19] + " UTC"
 
 
 async def start(
     site: Site,
-    receipts: RateLimiter | None,
+    acknowledgements: RateLimiter | None,
     submission: Submission,
     consent_language: str | None = None,
 ) -> str:
     """`consent_language`: the language the consent statement was shown in (the form's
     page); the API's callers accept it in the referrer's language. Raises
-    TooManyForAddress past RECEIPTS_PER_ADDRESS."""
-    wait = receipts.hit(str(submission.referrer.email).lower()) if receipts else None
+    TooManyForAddress past ACKNOWLEDGEMENTS_PER_ADDRESS."""
+    wait = (
+        acknowledgements.hit(str(submission.referrer.email).lower()) if acknowledgements else None
+    )
     if wait is not None:
         raise TooManyForAddress(max(1, math.ceil(wait)))
     return await submit_referral(
@@ -280,7 +309,7 @@ async def form_post(
     form: PostedForm,
     lang: FormLanguage,
     csrf_ok: FormCsrf,
-    receipts: Receipts,
+    acknowledgements: Acknowledgements,
 ) -> Response:
     """The form post. A filled honeypot (a field hidden from people, see form.html) gets
     the form back with a generic "could not be sent" and no reason, and nothing starts: a
@@ -313,13 +342,14 @@ async def form_post(
     fix = _("Please correct the fields marked below; what you typed is kept.")
     try:
         submission = parse_submission(form_to_submission(form), site.rules)
-        referral_id = await start(site, receipts, submission, consent_language=lang)
+        referral_id = await start(site, acknowledgements, submission, consent_language=lang)
     except SubmissionRefused as refused:
         errors = localized_errors(refused.errors, lang)
         return render_form(site, request, lang, values, errors, fix, 422)
     except DuplicateReferral as duplicate:
         errors = {"prospect.website": duplicate_message(duplicate, lang)}
-        return render_form(site, request, lang, values, errors, fix, 409)
+        refusal = receipt_shown(duplicate.receipt)
+        return render_form(site, request, lang, values, errors, fix, 409, refusal=refusal)
     except TooManyForAddress as limited:
         problem = _(
             "Too many referrals were sent for this email address in a short time. What "
@@ -362,9 +392,20 @@ async def referral_page(
 
 @router.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
 async def confirmation(request: Request, site: SiteDep, token: str) -> Response:
+    """With the referrer's copy of the registration's receipt, to download at once."""
     link = f"{site.settings.public_url}/status/{token}"
+    referral_id = referral_from_token(token, site.key)
+    copy = (
+        None
+        if referral_id is None
+        else await asyncio.to_thread(referrer_copy, site.engine, referral_id)
+    )
     return await referral_page(
-        site, request, token, "confirmation.html", lambda state, lang: {"status_link": link}
+        site,
+        request,
+        token,
+        "confirmation.html",
+        lambda state, lang: {"status_link": link, "receipt": receipt_shown(copy)},
     )
 
 
@@ -404,15 +445,21 @@ async def status_page(request: Request, site: SiteDep, token: str) -> Response:
     },
     summary="Submit a referral",
 )
-async def api_submit(request: Request, site: SiteDep, receipts: Receipts) -> Any:
+async def api_submit(request: Request, site: SiteDep, acknowledgements: Acknowledgements) -> Any:
     """Body: the submission of DESIGN.md section 4 (the `Submission` schema)."""
 
-    def refused(status: int, detail: str, errors: list[FieldError]) -> JSONResponse:
+    def refused(
+        status: int,
+        detail: str,
+        errors: list[FieldError],
+        receipt: dict[str, Any] | None = None,
+    ) -> JSONResponse:
         body = ApiRefusal(
             detail=detail,
             errors=[ApiError(field=e.field, code=e.code, message=e.message) for e in errors],
+            receipt=receipt,
         )
-        return JSONResponse(body.model_dump(), status_code=status)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
     retry = site.over_limit(request)
     if retry is not None:
@@ -441,7 +488,7 @@ async def api_submit(request: Request, site: SiteDep, receipts: Receipts) -> Any
     if not isinstance(data, dict):
         return refused(422, "the body must be a JSON object", [not_an_object])
     try:
-        referral_id = await start(site, receipts, parse_submission(data, site.rules))
+        referral_id = await start(site, acknowledgements, parse_submission(data, site.rules))
     except SubmissionRefused as error:
         return refused(422, "invalid submission", error.errors)
     except TooManyForAddress as limited:
@@ -459,6 +506,7 @@ async def api_submit(request: Request, site: SiteDep, receipts: Receipts) -> Any
             409,
             f"prospect {duplicate.domain} already has an open referral",
             [FieldError("prospect.website", message, "duplicate")],
+            duplicate.receipt,
         )
     except (RuntimeError, RPCError, OSError):
         return refused(503, "the referral service is unavailable; try again shortly", [])

@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 from starlette.datastructures import MutableHeaders
@@ -32,6 +33,9 @@ class ApiRefusal(BaseModel):
 
     detail: str
     errors: list[ApiError] = []
+    # A refused duplicate: the referrer's copy of its signed `refused_duplicate` receipt
+    # (docs/receipts.md), which cites the registration that came first.
+    receipt: dict[str, Any] | None = None
 
 
 class BodyLimit:
