@@ -55,7 +55,11 @@ CHECKS = [
 
 def assert_documented_refusal(response: httpx.Response) -> None:
     body = response.json()
-    assert set(body) == {"detail", "errors"}, body
+    # A refused duplicate adds the signed receipt of its refusal (docs/receipts.md).
+    expected = {"detail", "errors", "receipt"} if response.status_code == 409 else set()
+    assert set(body) in ({"detail", "errors"}, expected), body
+    if "receipt" in body:
+        assert body["receipt"]["kind"] == "refused_duplicate"
     assert isinstance(body["detail"], str) and body["detail"]
     assert isinstance(body["errors"], list)
     for error in body["errors"]:

@@ -4,6 +4,7 @@ that starts referrals on the dev server where the session's real worker runs the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -19,9 +20,13 @@ import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from activities.i18n import format_date, translations
+from activities.receipts import referrer_copy
+from starter.intake import submit_referral
 from starter.web.intake import ERROR_MESSAGES, FIELD_MESSAGES, STAGE_NAMES, STEP_NAMES
-from tests.conftest import ROOT, Live, referrals_web
-from workflows.models import ReferralState, Stage
+from tests.conftest import ROOT, SETTINGS, Live, referrals_web
+from tests.desk import act_by_id
+from tests.factories import submission
+from workflows.models import Action, ProgramRules, ReferralState, Stage
 
 REFERRALS = Path(sys.executable).parent / "referrals"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -266,3 +271,53 @@ async def test_every_error_is_reported_in_one_round_trip(web: str, page: Page) -
     await submit_invalid(page, web)
     await expect(field(page, "referrer.email-error")).to_be_visible()
     await expect(page.locator("#consent-error")).to_be_visible(timeout=1_000)
+
+
+@pytest.mark.parametrize(("lang", "locale"), [("fr", "fr-FR"), ("en", "en-GB")])
+async def test_the_verify_page_tells_a_valid_receipt_from_an_altered_one(
+    web: str,
+    live: Live,
+    rules: ProgramRules,
+    browser: Browser,
+    tmp_path: Path,
+    lang: str,
+    locale: str,
+) -> None:
+    """A referrer uploads the receipt their acknowledgement carried: valid, with its time;
+    the same receipt backdated and pasted: altered, naming the time."""
+    _ = translations(lang).gettext
+    website = f"https://www.{uuid.uuid4().hex[:8]}-verif.example/"
+    referral_id = await submit_referral(
+        live.client, live.engine, rules, submission(**{"prospect.website": website}),
+        SETTINGS,
+    )  # fmt: skip
+    copy = referrer_copy(live.engine, referral_id)
+    assert copy is not None
+    path = tmp_path / f"receipt-{copy['seq']}.json"
+    path.write_text(json.dumps(copy, indent=2), encoding="utf-8")
+    context = await browser.new_context(locale=locale)
+    context.set_default_timeout(10_000)
+    page = await context.new_page()
+    try:
+        await page.goto(f"{web}/receipts/verify")
+        await expect(page.locator("h1")).to_have_text(_("Check a receipt"))
+        await page.locator("#file").set_input_files(str(path))
+        await page.locator("form button[type=submit]").click()
+        verdict = page.locator("#verdict")
+        await expect(verdict).to_have_attribute("data-valid", "true")
+        await expect(verdict).to_contain_text(_("Valid receipt"))
+        await expect(verdict).to_contain_text(copy["at"])
+        await expect(verdict).to_contain_text(referral_id)
+        await screenshot(page, f"receipt-valid-{lang}.png")
+
+        backdated = {**copy, "at": "2026-01-02T09:00:00.000000Z"}
+        await page.locator("#receipt").fill(json.dumps(backdated))
+        await page.locator("#file").set_input_files([])
+        await page.locator("form button[type=submit]").click()
+        await expect(verdict).to_have_attribute("data-valid", "false")
+        await expect(verdict).to_contain_text(_("Not a valid receipt"))
+        await expect(page.locator("#verdict-problem")).to_contain_text(_("the time"))
+        await screenshot(page, f"receipt-altered-{lang}.png")
+    finally:
+        await context.close()
+    await act_by_id(live.client, referral_id, Action.CANCEL, reason="test over")

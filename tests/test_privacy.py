@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from activities.receipts import referrer_copy
 from tests.conftest import BIN, Cli, Live, eventually, free_port
 from tests.factories import submission_data
 
@@ -98,6 +99,15 @@ async def test_the_raw_history_holds_no_personal_data(cli: Cli, live: Live, tmp_
     assert "binary/encrypted" in readable
     leaks = [secret for secret in SECRETS if secret in readable]
     assert leaks == [], f"readable in the raw history: {leaks}"
+    # Nor does its receipt enter Temporal: no salt, commitment or signature, even decoded.
+    copy = referrer_copy(live.engine, rid)
+    assert copy is not None
+    receipt_secrets = [
+        *(shown["salt"] for shown in copy["disclosures"].values()),
+        *copy["commitments"].values(),
+        copy["sig"],
+    ]
+    assert not [secret for secret in receipt_secrets if secret in readable]
     description = await live.client.get_workflow_handle(rid).describe()
     summary = await description.static_summary() or ""
     assert PERSONAL["referrer"]["name"] not in summary and "CloudSuite" in summary
@@ -133,6 +143,7 @@ async def test_the_raw_history_holds_no_personal_data(cli: Cli, live: Live, tmp_
         codec.terminate()
         await codec.wait()
     assert PERSONAL["contact"]["name"] in everything_readable(decoded)
+    assert not [secret for secret in receipt_secrets if secret in everything_readable(decoded)]
 
     # Operations find a referrer's referrals by the keyed hash `referrals list` computes.
     listed = await cli("list", "--referrer", PERSONAL["referrer"]["email"])

@@ -341,7 +341,7 @@ async def test_one_referrer_address_gets_few_acknowledgements_whoever_sends(
 ) -> None:
     """Each referral emails its referrer: past a few an hour for one address, from however
     many connections, the form refuses rather than flood that mailbox."""
-    monkeypatch.setattr(intake, "RECEIPTS_PER_ADDRESS", (3, 3600))
+    monkeypatch.setattr(intake, "ACKNOWLEDGEMENTS_PER_ADDRESS", (3, 3600))
     app = make_app(live, rules, rate_limit="1000/minute")
     target = f"victim-{uuid.uuid4().hex[:6]}@example.com"
 

@@ -20,7 +20,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -32,6 +32,7 @@ from sqlmodel import Session
 
 from activities.db import ProspectClaim
 from activities.i18n import format_date, translations
+from activities.receipts import receipts_of
 from core.links import csrf_token, status_token
 from core.settings import Settings
 from starter.mail_sink import start_sink
@@ -364,6 +365,14 @@ async def test_form_post_confirms_starts_workflow_and_emails(
     path, _ = token_path(status_link)
     status = await web.get(path)
     assert status.status_code == 200 and referral_id in status.text
+    # The receipt of the registration, to download at once: the one the email attaches.
+    [registered] = receipts_of(live.engine, referral_id)
+    download = re.search(r'<a id="receipt-download" download="receipt-(\d+).json"\s+href="'
+                         r'data:application/json;charset=utf-8,([^"]+)"', html)  # fmt: skip
+    assert download and int(download.group(1)) == registered["seq"], html
+    copy = json.loads(unquote(download.group(2)))
+    assert copy["entry_hash"] == registered["entry_hash"]
+    assert copy["disclosures"]["referrer_email"]["value"] == REFERRER_EMAIL
 
     # The acknowledgement reaches the referrer, with the same status link.
     async def acknowledged() -> bool:
@@ -526,6 +535,12 @@ async def test_form_duplicate_is_409(web: httpx.AsyncClient, live: Live, lang: s
     assert_kept(page.text, second)
     again = claim_of(live, first["prospect.website"])
     assert again is not None and again.referral_id == claim.referral_id
+    # The refusal's receipt, explained, cites the first registration and not its referrer.
+    [registered] = receipts_of(live.engine, claim.referral_id)
+    refusal = page.text.split('id="refusal"', 1)[1].split("</div>", 1)[0]
+    assert f"{registered['seq']}" in refusal and registered["at"][:10] in refusal
+    copy = unquote(refusal.split("charset=utf-8,", 1)[1].split('"', 1)[0])
+    assert '"refused_duplicate"' in copy and first["referrer.email"] not in copy
 
 
 # --- CSRF ------------------------------------------------------------------------------------
