@@ -11,6 +11,7 @@ is the database's, read under that lock, and never earlier than the receipt befo
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,16 +33,19 @@ from activities.db import (
     ReferralRow,
 )
 from core import receipts
-from core.encryption import EncryptionKeyError, KeyRing
+from core.encryption import KeyRing
 
 # The payload key ring that seals receipt signing keys: configured once per process by
 # whatever appends (the worker, the web app, the CLI); see `configure`.
 _ring: KeyRing | None = None
 _unsealed: dict[str, Ed25519PrivateKey] = {}
+log = logging.getLogger(__name__)
 
 
-class ReceiptsNotConfigured(Exception):
-    """This process appends receipts but was given no key ring to unseal the signing key."""
+class ReceiptKeyUnavailable(RuntimeError):
+    """This process cannot sign: no key ring was configured, or the current receipt key is
+    sealed with a payload key its ring lacks (a misconfiguration, logged; the intake answers
+    503 and keeps what was typed, an activity retries)."""
 
 
 def configure(ring: KeyRing) -> None:
@@ -52,10 +56,13 @@ def configure(ring: KeyRing) -> None:
 
 def _the_ring() -> KeyRing:
     if _ring is None:
-        raise ReceiptsNotConfigured(
-            "receipts: no payload key ring configured to unseal the signing key"
-        )
+        raise _unavailable("receipts: no payload key ring configured to unseal the signing key")
     return _ring
+
+
+def _unavailable(message: str) -> ReceiptKeyUnavailable:
+    log.error("%s", message)
+    return ReceiptKeyUnavailable(message)
 
 
 @dataclass(frozen=True)
@@ -288,12 +295,13 @@ def _unseal(row: ReceiptKeyRow) -> Ed25519PrivateKey:
     if cached is not None:
         return cached
     if row.sealed_private is None or row.sealed_with is None:
-        raise EncryptionKeyError(f"receipt key {row.key_id} is retired: it signs no more")
+        raise _unavailable(f"receipt key {row.key_id} is retired: it signs no more")
     ring_key = _the_ring().key(row.sealed_with)
     if ring_key is None:
-        raise EncryptionKeyError(
+        raise _unavailable(
             f"receipt key {row.key_id} is sealed with payload key {row.sealed_with!r}, not in "
-            "the key ring"
+            "this process's key ring (REFERRALS_ENCRYPTION_KEYS): keep that key in the ring "
+            "until `referrals keys rotate --receipts` has replaced the receipt key"
         )
     sealed = row.sealed_private
     seed = AESGCM(ring_key).decrypt(sealed[:12], sealed[12:], f"receipt:{row.key_id}".encode())

@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 from temporalio.api.enums.v1 import EventType
 
+from activities.db import make_engine
 from activities.records import load_referral
+from activities.schema import upgrade
 from core.encryption import CURRENT_ENV, KEYS_ENV, new_key_entry
 from core.settings import REFERRER_SECRET_ENV
 from tests.conftest import REFERRALS, Live
@@ -46,9 +48,13 @@ async def test_a_rolling_rotation_never_fails_a_decode_or_a_link(
         CURRENT_ENV: new_id,
         "REFERRALS_SECRET_KEY": f"{TWO},{ONE}",
     }
+    # A deployment of its own: its database holds a receipt key sealed with its payload keys.
+    database_url = f"sqlite:///{tmp_path / 'referrals.db'}"
+    engine = make_engine(database_url)
+    upgrade(engine)
     shared = {
         "TEMPORAL_ADDRESS": live.address,
-        "REFERRALS_DATABASE_URL": live.database_url,
+        "REFERRALS_DATABASE_URL": database_url,
         "REFERRALS_PROGRAM": str(program_file),
         "REFERRALS_SMTP_HOST": live.sink.host,
         "REFERRALS_SMTP_PORT": str(live.sink.port),
@@ -101,7 +107,7 @@ async def test_a_rolling_rotation_never_fails_a_decode_or_a_link(
     finally:
         await asyncio.gather(web.stop(), worker.stop())
 
-    state = load_referral(live.engine, referrals[0])
+    state = load_referral(engine, referrals[0])
     assert state is not None and state.stage is Stage.CONTACTED
     keys = set()
     for referral_id in referrals:

@@ -17,10 +17,11 @@ from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import formatdate, parsedate_to_datetime
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -367,10 +368,13 @@ async def test_form_post_confirms_starts_workflow_and_emails(
     assert status.status_code == 200 and referral_id in status.text
     # The receipt of the registration, to download at once: the one the email attaches.
     [registered] = receipts_of(live.engine, referral_id)
-    download = re.search(r'<a id="receipt-download" download="receipt-(\d+).json"\s+href="'
-                         r'data:application/json;charset=utf-8,([^"]+)"', html)  # fmt: skip
-    assert download and int(download.group(1)) == registered["seq"], html
-    copy = json.loads(unquote(download.group(2)))
+    download = re.search(r'<a id="receipt-download" href="([^"]+)">', html)
+    assert download, html
+    got = await web.get(download.group(1))
+    assert got.headers["content-disposition"] == (
+        f'attachment; filename="receipt-{registered["seq"]}.json"'
+    )
+    copy = got.json()
     assert copy["entry_hash"] == registered["entry_hash"]
     assert copy["disclosures"]["referrer_email"]["value"] == REFERRER_EMAIL
 
@@ -539,8 +543,9 @@ async def test_form_duplicate_is_409(web: httpx.AsyncClient, live: Live, lang: s
     [registered] = receipts_of(live.engine, claim.referral_id)
     refusal = page.text.split('id="refusal"', 1)[1].split("</div>", 1)[0]
     assert f"{registered['seq']}" in refusal and registered["at"][:10] in refusal
-    copy = unquote(refusal.split("charset=utf-8,", 1)[1].split('"', 1)[0])
-    assert '"refused_duplicate"' in copy and first["referrer.email"] not in copy
+    shown = refusal.split('<textarea id="refusal-receipt"', 1)[1].split(">", 1)[1]
+    copy = json.loads(unescape(shown.split("</textarea>", 1)[0]))
+    assert copy["kind"] == "refused_duplicate" and first["referrer.email"] not in str(copy)
 
 
 # --- CSRF ------------------------------------------------------------------------------------

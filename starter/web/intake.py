@@ -392,21 +392,41 @@ async def referral_page(
 
 @router.get("/confirmation/{token}", response_class=HTMLResponse, include_in_schema=False)
 async def confirmation(request: Request, site: SiteDep, token: str) -> Response:
-    """With the referrer's copy of the registration's receipt, to download at once."""
+    """With the registration's receipt, to download at once."""
     link = f"{site.settings.public_url}/status/{token}"
-    referral_id = referral_from_token(token, site.key)
-    copy = (
-        None
-        if referral_id is None
-        else await asyncio.to_thread(referrer_copy, site.engine, referral_id)
-    )
+    shown = receipt_shown(await _referrer_copy(site, token))
+    if shown is not None:
+        shown["download"] = f"/status/{token}/receipt"
     return await referral_page(
         site,
         request,
         token,
         "confirmation.html",
-        lambda state, lang: {"status_link": link, "receipt": receipt_shown(copy)},
+        lambda state, lang: {"status_link": link, "receipt": shown},
     )
+
+
+@router.get("/status/{token}/receipt", include_in_schema=False)
+async def receipt_download(site: SiteDep, token: str) -> Response:
+    """The referrer's copy of the registration's receipt, the file the email attaches."""
+    copy = await _referrer_copy(site, token)
+    if copy is None:
+        return JSONResponse({"detail": "no receipt"}, status_code=404)
+    return Response(
+        json.dumps(copy, indent=2, ensure_ascii=False) + "\n",
+        media_type="application/json",
+        headers={
+            "Content-Disposition": f'attachment; filename="receipt-{copy["seq"]}.json"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+async def _referrer_copy(site: Site, token: str) -> dict[str, Any] | None:
+    referral_id = referral_from_token(token, site.key)
+    if referral_id is None:
+        return None
+    return await asyncio.to_thread(referrer_copy, site.engine, referral_id)
 
 
 @router.get("/status/{token}", response_class=HTMLResponse, include_in_schema=False)
