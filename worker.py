@@ -21,6 +21,7 @@ from activities.ledger import LedgerActivities
 from activities.metrics import ActivityMetrics, refresh_gauges
 from activities.payouts import PayoutActivities
 from activities.receipts import configure as configure_receipts
+from activities.receipts import signing_answers
 from activities.reconcile import ReconcileActivities
 from activities.records import RecordActivities
 from activities.schema import SchemaOutOfDate, open_database
@@ -203,13 +204,14 @@ async def run_worker(settings: Settings) -> None:
     polling = False
 
     async def ready() -> dict[str, str]:
-        temporal, database = await asyncio.gather(
-            temporal_answers(client), database_answers(engine)
+        temporal, database, receipts = await asyncio.gather(
+            temporal_answers(client), database_answers(engine), signing_answers(engine)
         )
         return {
             "polling": "ok" if polling else "not polling",
             "temporal": temporal,
             "database": database,
+            "receipts": receipts,
         }
 
     health = HealthServer(ready)

@@ -10,6 +10,7 @@ is the database's, read under that lock, and never earlier than the receipt befo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -335,6 +336,34 @@ def _signing_key(session: Session, at: datetime) -> tuple[str, Ed25519PrivateKey
     if row is None:
         return _new_key(session, at)
     return row.key_id, _unseal(row)
+
+
+def signing_problem(engine: Engine) -> str | None:
+    """Why this process could not sign a receipt now, or None: what readiness checks, so a
+    process deployed with a payload key ring that lacks the receipt key's takes no traffic."""
+    if _ring is None:
+        return "no payload key ring configured"
+    with Session(engine) as session:
+        row = session.exec(
+            select(ReceiptKeyRow).where(col(ReceiptKeyRow.retired_at).is_(None))
+        ).first()
+    if row is None or row.key_id in _unsealed:
+        return None  # the first receipt creates the key; an unsealed one signs
+    if row.sealed_with is None or _ring.key(row.sealed_with) is None:
+        return (
+            f"receipt key {row.key_id} is sealed with payload key {row.sealed_with!r}, not in "
+            "the key ring"
+        )
+    return None
+
+
+async def signing_answers(engine: Engine, seconds: float = 3.0) -> str:
+    """ "ok" when this process can sign receipts, else why not (a probe's answer)."""
+    try:
+        problem = await asyncio.wait_for(asyncio.to_thread(signing_problem, engine), seconds)
+    except Exception as error:  # noqa: BLE001 - any failure is "unavailable"
+        return f"unavailable: {type(error).__name__}"
+    return "ok" if problem is None else f"cannot sign: {problem}"
 
 
 def rotate_key(engine: Engine) -> tuple[str, str | None]:

@@ -47,7 +47,12 @@ async def test_liveness_holds_while_readiness_says_what_is_down(
         assert (await web.get("/livez")).json() == {"status": "ok"}
         ready = await web.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ok", "database": "ok", "temporal": "ok"}
+        assert ready.json() == {
+            "status": "ok",
+            "database": "ok",
+            "temporal": "ok",
+            "receipts": "ok",
+        }
     async with asgi(down) as web:
         assert (await web.get("/livez")).status_code == 200  # no restart for a Temporal blip
         unready = await web.get("/readyz")

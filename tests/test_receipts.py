@@ -4,6 +4,7 @@ registered and why a later registration lost; nobody can alter or backdate one u
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -24,6 +26,7 @@ from activities.erasure import erase_referral
 from activities.records import save_referral
 from activities.schema import upgrade
 from core import receipts
+from core.encryption import new_key_entry
 from starter.intake import DuplicateReferral, submit_referral
 from starter.web import create_app
 from tests.conftest import SETTINGS, Cli, Live, eventually
@@ -445,3 +448,23 @@ def test_an_expiry_is_receipted_once_however_often_it_is_written(
         "protected_until": "2027-06-01T00:00:00.000000Z",
     }
     assert log.chain_check(engine).problem is None
+
+
+async def test_a_web_app_that_cannot_sign_is_not_ready(
+    engine: Engine, live: Live, rules: ProgramRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deployed with a payload key ring that lacks the one sealing the receipt key: every
+    registration would fail, so it takes no traffic."""
+    fill(engine, 1)
+    monkeypatch.setattr(log, "_unsealed", {})  # a process that has not signed yet
+    foreign = dataclasses.replace(SETTINGS, encryption_keys=new_key_entry())
+    try:
+        app = create_app(foreign, rules=rules, engine=engine, client=live.client, key="k")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as web:
+            ready = await web.get("/readyz")
+    finally:
+        log.configure(SETTINGS.key_ring())
+    assert ready.status_code == 503
+    assert ready.json()["receipts"].startswith("cannot sign: receipt key rk-")
+    assert log.signing_problem(engine) is None  # with the deployment's own ring

@@ -85,7 +85,13 @@ async def test_sigterm_drains_the_activity_in_flight(live: Live, rules: ProgramR
 
         await until(b"worker polling")
         assert await probe(health, "/livez") == (200, {"status": "ok"})
-        ready = {"status": "ok", "polling": "ok", "temporal": "ok", "database": "ok"}
+        ready = {
+            "status": "ok",
+            "polling": "ok",
+            "temporal": "ok",
+            "database": "ok",
+            "receipts": "ok",
+        }
         assert await probe(health, "/readyz") == (200, ready)
         site = f"https://drain-{uuid.uuid4().hex[:8]}.example/"
         referral_id = await submit_referral(

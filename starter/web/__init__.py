@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.client import Client
 
+from activities.receipts import configure as configure_receipts
 from activities.schema import open_database
 from core.links import Keys
 from core.logs import configure_logging
@@ -75,6 +76,8 @@ def create_app(
     month (tests pin it).
     """
     settings = settings or Settings()
+    if settings.encryption_keys is not None:  # the intake signs receipts (readiness checks)
+        configure_receipts(settings.key_ring())
     if rate_limit is None:
         rate_limit = settings.rate_limit or "off"
     limiter = RateLimiter.from_setting(rate_limit) if isinstance(rate_limit, str) else rate_limit
