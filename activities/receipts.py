@@ -416,6 +416,20 @@ def receipts_of(engine: Engine, referral_id: str) -> list[dict[str, Any]]:
     return [json.loads(row.body) for row in rows]
 
 
+def registered_among(engine: Engine, referral_ids: list[str]) -> set[str]:
+    """Which of `referral_ids` have a registration receipt (none from before receipts)."""
+    if not referral_ids:
+        return set()
+    with Session(engine) as session:
+        found = session.exec(
+            select(ReceiptRow.referral_id).where(
+                ReceiptRow.kind == receipts.REGISTERED,
+                col(ReceiptRow.referral_id).in_(referral_ids),
+            )
+        ).all()
+    return {referral_id for referral_id in found if referral_id is not None}
+
+
 def referrer_copy(engine: Engine, referral_id: str) -> dict[str, Any] | None:
     """The referrer's copy of their registration: the receipt and the disclosures that open
     its commitments; without the disclosures once the referral is erased."""

@@ -28,16 +28,18 @@ from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from activities import receipts as receipts_log
 from activities.db import PayoutDocumentRow, SignInLinkRow
 from activities.ledger import Balance, balances, save_commission
 from activities.payees import accept_mandate, load_payee, save_payee
 from activities.records import save_referral
 from core.links import status_token
 from core.payees import MANDATE_VERSION, MandateAcceptance, PayeeProfile
+from core.receipts import disclosed
 from starter.spreadsheet import FORMULA_STARTS, spreadsheet_text
 from starter.web import create_app, signin
 from starter.web.signin import PRIVATE, REFERRER
-from tests.conftest import MailSink, csrf_of, use_sign_in_link
+from tests.conftest import SETTINGS, MailSink, csrf_of, use_sign_in_link
 from tests.factories import referral_input
 from workflows.models import (
     Action,
@@ -701,3 +703,28 @@ async def eventually_mail(sink: MailSink, before: int, to: str) -> None:
     while not any(str(m["To"]).lower() == to for m in sink.messages()[before:]):
         assert time.monotonic() < deadline, f"no email reached {to}"
         await asyncio.sleep(0.05)
+
+
+async def test_the_portal_links_each_registration_receipt(
+    web: httpx.AsyncClient, engine: Engine, mail_sink: MailSink, who: Referrers
+) -> None:
+    """A referral registered with a receipt links to the referrer's copy; one registered
+    before receipts links to none."""
+    registration = receipts_log.Registration.new(
+        "Test program", {}, datetime(2026, 11, 9, tzinfo=UTC), "portal3.example", who.claire
+    )
+    receipts_log.configure(SETTINGS.key_ring())
+    with Session(engine) as session:
+        registered = receipts_log.register(session, "R-PORTAL0003", registration)
+        session.commit()
+    await sign_in(web, mail_sink, who.claire)
+    portal = (await web.get("/me?lang=en")).text
+    row = portal.split('id="referral-R-PORTAL0003"', 1)[1].split("</tr>", 1)[0]
+    link = row.split('<a class="receipt" href="', 1)[1].split('"', 1)[0]
+    got = await web.get(link)
+    assert got.status_code == 200 and got.json() == {
+        **registered,
+        "disclosures": disclosed(registration.values, registration.salts),
+    }
+    other = portal.split('id="referral-R-PORTAL0001"', 1)[1].split("</tr>", 1)[0]
+    assert 'class="receipt"' not in other

@@ -27,6 +27,7 @@ from activities.db import ReferralEventRow, ReferralRow, as_utc
 from activities.ledger import Balance, balances, referral_balances
 from activities.payees import load_payee
 from activities.payouts import Outlook, issued_document, issued_to, payout_outlook
+from activities.receipts import registered_among
 from activities.records import list_referrals
 from core.links import Keys, status_token
 from core.payees import PayeeProfile
@@ -246,13 +247,16 @@ async def portal(request: Request, site: SiteDep, lang: Language, email: Referre
     """The sign-in form, or the signed-in referrer's referrals and totals."""
     if email is None:
         return sign_in_page(request, site, REFERRER, lang)
+    statement = await statement_of(site, email)
+    ids = [row.referral_id for row in statement.rows]
     response = site.render(
         request,
         "portal.html",
         lang,
         **signed_in_page(request, site, REFERRER),
-        statement=await statement_of(site, email),
+        statement=statement,
         stage_names=STAGE_NAMES,  # as the status page names them
+        receipted=await asyncio.to_thread(registered_among, site.engine, ids),
     )
     response.headers.update(PRIVATE)
     return response
