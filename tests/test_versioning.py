@@ -124,9 +124,10 @@ async def make_current(env: WorkflowEnvironment, settings: Settings, *queues: st
 
     async def made() -> bool:
         done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
-        # Refused until its workers have polled: the version unknown, or some of the
-        # current version's task queues not polled by it yet.
-        waiting = ("not found", "missing active task queues")
+        # Refused until its workers have polled: the version or the deployment unknown (the
+        # CLI says "no Worker Deployment found" for the latter), or some of the current
+        # version's task queues not polled by it yet.
+        waiting = ("not found", "no Worker Deployment found", "missing active task queues")
         assert done.returncode == 0 or any(w in done.stderr for w in waiting), done.stderr
         return done.returncode == 0
 
