@@ -117,8 +117,9 @@ status_link() {  # the status link of referral $1 in its acknowledgement email, 
     link=$($BIN/python - "$1" "$WORK/mail" <<'PY'
 import mailbox, re, sys
 for message in mailbox.Maildir(sys.argv[2], create=False):
-    body = message.get_payload(0) if message.is_multipart() else message
-    text = body.get_payload(decode=True).decode()
+    # The plain text part, wherever it is (an acknowledgement also attaches its receipt).
+    plain = [p for p in message.walk() if p.get_content_type() == "text/plain"]
+    text = plain[0].get_payload(decode=True).decode() if plain else ""
     found = re.search(r"https?://\S+/status/\S+", text)
     if message["X-Referral-Id"] == sys.argv[1] and found:
         print(found.group(0)); break
