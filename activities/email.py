@@ -353,7 +353,7 @@ class EmailActivities:
             return None
         return {
             "seq": copy["seq"],
-            "at": copy["at"].replace("T", " ")[:19] + " UTC",
+            "at": receipts.readable(copy["at"]),
             "fingerprint": receipts.fingerprint(copy),
             "verify_url": self._verify_url,
             "json": json.dumps(copy, indent=2, ensure_ascii=False) + "\n",

@@ -93,6 +93,10 @@ class Registration:
     def commitments(self) -> dict[str, str]:
         return receipts.commitments_of(self.values, self.salts)
 
+    @property
+    def disclosures(self) -> dict[str, dict[str, str]]:
+        return receipts.disclosed(self.values, self.salts)
+
 
 def instant(moment: datetime | None) -> str | None:
     """A receipt's time: UTC, microseconds, `Z`."""
@@ -184,13 +188,13 @@ def register(session: Session, referral_id: str, registration: Registration) -> 
     session.merge(
         ReceiptDisclosureRow(
             referral_id=referral_id,
-            disclosures=json.dumps(receipts.disclosed(registration.values, registration.salts)),
+            disclosures=json.dumps(registration.disclosures),
         )
     )
     return append(
         session,
         receipts.REGISTERED,
-        source=f"{referral_id}/{receipts.REGISTERED}",
+        source=_registered(referral_id),
         referral_id=referral_id,
         program=registration.program,
         rules_sha256=registration.rules_sha256,
@@ -228,12 +232,17 @@ def refuse_duplicate(
             },
         )
         session.commit()
-    return {**receipt, "disclosures": receipts.disclosed(registration.values, registration.salts)}
+    return {**receipt, "disclosures": registration.disclosures}
+
+
+def _registered(referral_id: str) -> str:
+    """The source of a referral's `registered` receipt: at most one each."""
+    return f"{referral_id}/{receipts.REGISTERED}"
 
 
 def registered_receipt(session: Session, referral_id: str) -> dict[str, Any] | None:
     row = session.exec(
-        select(ReceiptRow).where(ReceiptRow.source == f"{referral_id}/{receipts.REGISTERED}")
+        select(ReceiptRow).where(ReceiptRow.source == _registered(referral_id))
     ).first()
     return None if row is None else json.loads(row.body)
 
@@ -330,9 +339,16 @@ def _new_key(session: Session, at: datetime) -> tuple[str, Ed25519PrivateKey]:
     return key_id, key
 
 
+def _current_key(session: Session) -> ReceiptKeyRow | None:
+    """The key that signs: the one not retired."""
+    return session.exec(
+        select(ReceiptKeyRow).where(col(ReceiptKeyRow.retired_at).is_(None))
+    ).first()
+
+
 def _signing_key(session: Session, at: datetime) -> tuple[str, Ed25519PrivateKey]:
     """The key that signs now (the head is held); the log's first receipt creates it."""
-    row = session.exec(select(ReceiptKeyRow).where(col(ReceiptKeyRow.retired_at).is_(None))).first()
+    row = _current_key(session)
     if row is None:
         return _new_key(session, at)
     return row.key_id, _unseal(row)
@@ -344,9 +360,7 @@ def signing_problem(engine: Engine) -> str | None:
     if _ring is None:
         return "no payload key ring configured"
     with Session(engine) as session:
-        row = session.exec(
-            select(ReceiptKeyRow).where(col(ReceiptKeyRow.retired_at).is_(None))
-        ).first()
+        row = _current_key(session)
     if row is None or row.key_id in _unsealed:
         return None  # the first receipt creates the key; an unsealed one signs
     if row.sealed_with is None or _ring.key(row.sealed_with) is None:
@@ -372,9 +386,7 @@ def rotate_key(engine: Engine) -> tuple[str, str | None]:
     with Session(engine) as session:
         _hold_head(session, 0)
         now = datetime.now(UTC)
-        current = session.exec(
-            select(ReceiptKeyRow).where(col(ReceiptKeyRow.retired_at).is_(None))
-        ).first()
+        current = _current_key(session)
         retired = None
         if current is not None:
             current.retired_at = now
@@ -404,6 +416,14 @@ def receipt(engine: Engine, seq: int) -> dict[str, Any] | None:
     with Session(engine) as session:
         row = session.get(ReceiptRow, seq)
     return None if row is None else json.loads(row.body)
+
+
+def verify_with_log(engine: Engine, document: dict[str, Any]) -> receipts.Verdict:
+    """`document` checked with every key we published, and against the receipt of the same
+    number in our log, so an alteration is named field by field."""
+    seq = document.get("seq")
+    logged = receipt(engine, seq) if isinstance(seq, int) and seq > 0 else None
+    return receipts.verify(document, verifying_keys(engine), logged)
 
 
 def receipts_of(engine: Engine, referral_id: str) -> list[dict[str, Any]]:

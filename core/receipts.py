@@ -122,6 +122,11 @@ def seal(receipt: dict[str, Any], key_id: str, key: Ed25519PrivateKey) -> dict[s
     return sealed
 
 
+def readable(at: str) -> str:
+    """A receipt's instant as people read it: `2026-12-14 23:00:00 UTC`."""
+    return f"{at.replace('T', ' ')[:19]} UTC"
+
+
 def fingerprint(receipt: dict[str, Any]) -> str:
     """A short fingerprint to read aloud or compare at a glance: the hash's first 16 digits."""
     digest = str(receipt.get("entry_hash", ""))[:16].upper()

@@ -59,10 +59,7 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
         verdict = receipts.verify(document, _keys_from(Path(args.keys)))
     else:
         args.settings.require(DB)
-        engine = open_database(args.settings.database())
-        seq = document.get("seq")
-        logged = log.receipt(engine, seq) if isinstance(seq, int) else None
-        verdict = receipts.verify(document, log.verifying_keys(engine), logged)
+        verdict = log.verify_with_log(open_database(args.settings.database()), document)
     if not verdict.valid:
         raise Refused(f"{args.file}: {verdict.problem}")
     opened = ", ".join(

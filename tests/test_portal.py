@@ -35,7 +35,6 @@ from activities.payees import accept_mandate, load_payee, save_payee
 from activities.records import save_referral
 from core.links import status_token
 from core.payees import MANDATE_VERSION, MandateAcceptance, PayeeProfile
-from core.receipts import disclosed
 from starter.spreadsheet import FORMULA_STARTS, spreadsheet_text
 from starter.web import create_app, signin
 from starter.web.signin import PRIVATE, REFERRER
@@ -724,7 +723,7 @@ async def test_the_portal_links_each_registration_receipt(
     got = await web.get(link)
     assert got.status_code == 200 and got.json() == {
         **registered,
-        "disclosures": disclosed(registration.values, registration.salts),
+        "disclosures": registration.disclosures,
     }
     other = portal.split('id="referral-R-PORTAL0001"', 1)[1].split("</tr>", 1)[0]
     assert 'class="receipt"' not in other

@@ -19,7 +19,7 @@ from activities.i18n import N_, countries, format_date, translations
 from activities.receipts import referrer_copy
 from activities.records import load_referral
 from core.links import referral_from_token, status_token
-from core.receipts import fingerprint
+from core.receipts import fingerprint, readable
 from starter.consent import consent_statement
 from starter.intake import (
     DuplicateReferral,
@@ -258,18 +258,15 @@ def receipt_shown(receipt: dict[str, Any] | None) -> dict[str, Any] | None:
     if receipt is None:
         return None
     decision = receipt["decision"]
+    earlier_at = decision.get("earlier_at")
     return {
         "seq": receipt["seq"],
-        "at": _utc(receipt["at"]),
+        "at": readable(receipt["at"]),
         "earlier_seq": decision.get("earlier_seq"),
-        "earlier_at": _utc(decision.get("earlier_at")),
+        "earlier_at": readable(earlier_at) if earlier_at else None,
         "fingerprint": fingerprint(receipt),
         "json": json.dumps(receipt, indent=2, ensure_ascii=False),
     }
-
-
-def _utc(at: str | None) -> str | None:
-    return None if at is None else at.replace("T", " ")[:19] + " UTC"
 
 
 async def start(

@@ -145,9 +145,7 @@ def check(site: Site, text: str, lang: str) -> dict[str, Any]:
         document = receipts.parse(text)
     except receipts.ReceiptError:
         return {"valid": False, "problem": _("This is not a receipt: it is not JSON.")}
-    seq = document.get("seq")
-    logged = log.receipt(site.engine, seq) if isinstance(seq, int) and seq > 0 else None
-    verdict = receipts.verify(document, log.verifying_keys(site.engine), logged)
+    verdict = log.verify_with_log(site.engine, document)
     shown: dict[str, Any] = {
         "valid": verdict.valid,
         "seq": verdict.seq,
@@ -195,11 +193,6 @@ def _local(at: Any, zone: str) -> str | None:
     return moment.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
-def _utc(at: Any) -> str:
-    """An instant of a receipt as people read it: `2026-12-14 23:00:00 UTC`."""
-    return f"{str(at).replace('T', ' ')[:19]} UTC"
-
-
 def _facts(document: dict[str, Any], lang: str) -> list[tuple[str, str]]:
     """What a valid receipt states, line by line, in the visitor's language."""
     _ = translations(lang).gettext
@@ -208,7 +201,7 @@ def _facts(document: dict[str, Any], lang: str) -> list[tuple[str, str]]:
         facts.append((_("Referral reference"), str(document["referral_id"])))
     decision = document.get("decision") or {}
     if document.get("contact_by"):
-        facts.append((_("We contact the referrer by"), _utc(document["contact_by"])))
+        facts.append((_("We contact the referrer by"), receipts.readable(document["contact_by"])))
     if decision.get("earlier_seq") is not None:
         facts.append(
             (
@@ -216,14 +209,14 @@ def _facts(document: dict[str, Any], lang: str) -> list[tuple[str, str]]:
                 _("receipt no. %(seq)s, at %(at)s")
                 % {
                     "seq": decision["earlier_seq"],
-                    "at": _utc(decision.get("earlier_at")),
+                    "at": receipts.readable(decision["earlier_at"]),
                 },
             )
         )
     if decision.get("rule") == receipts.FIRST_REGISTRATION_WINS:
         facts.append((_("Rule"), _("the first registration of a company wins")))
     if decision.get("protected_until"):
-        facts.append((_("Protected until"), _utc(decision["protected_until"])))
+        facts.append((_("Protected until"), receipts.readable(decision["protected_until"])))
     if decision.get("reason"):
         facts.append((_("Reason"), str(decision["reason"])))
     for name, shown in (document.get("disclosures") or {}).items():
