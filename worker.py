@@ -55,8 +55,12 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=75)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
-    """Pydantic's email validation is loaded once, outside the sandbox, like the models."""
-    restrictions = SandboxRestrictions.default.with_passthrough_modules("email_validator", "idna")
+    """Pydantic's email validation is loaded once, outside the sandbox, like the models; so
+    are PyJWT and cryptography, which the `act` validator loads when it first checks an
+    assertion (a native module cannot be imported again inside a sandbox)."""
+    restrictions = SandboxRestrictions.default.with_passthrough_modules(
+        "email_validator", "idna", "jwt", "cryptography"
+    )
     return SandboxedWorkflowRunner(restrictions=restrictions)
 
 

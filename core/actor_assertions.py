@@ -24,14 +24,16 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from workflows.models import StaffAction
-from workflows.payouts import RunRequest
+from core.errors import Refused
+
+if TYPE_CHECKING:  # the CLI reads keys without loading the models or PyJWT
+    from workflows.models import StaffAction
+    from workflows.payouts import RunRequest
 
 SIGNING_KEY_ENV = "REFERRALS_ACTOR_SIGNING_KEY"
 TRUSTED_KEYS_ENV = "REFERRALS_ACTOR_KEYS"
@@ -47,15 +49,11 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 # What a surface signs: a staff action on a referral, or an update to a payout run; the
 # audience is the workflow id either way.
-Request = TypeVar("Request", StaffAction, RunRequest)
+Request = TypeVar("Request", "StaffAction", "RunRequest")
 
 
 class ActorKeyError(Exception):
     """A signing or trusted key is malformed; the message names the setting."""
-
-
-class AssertionRefused(Exception):
-    """The assertion does not prove who acted; the message is one line saying why."""
 
 
 def request_digest(referral_id: str, request: StaffAction | RunRequest) -> str:
@@ -77,6 +75,8 @@ class SigningKey:
         """`request` with an assertion that its actor, as authenticated here, sends it."""
         if not request.request_id:
             raise ValueError("a signed action needs its request id")
+        import jwt  # here: reading keys (every CLI command) does not load PyJWT
+
         issued = now or datetime.now(UTC)
         claims = {
             "iss": self.surface,
@@ -144,14 +144,16 @@ class TrustedKeys:
         return cls(keys)
 
     def verify(self, referral_id: str, request: StaffAction | RunRequest) -> str:
-        """The surface that signed `request`'s assertion; AssertionRefused says why not."""
+        """The surface that signed `request`'s assertion; Refused says why not."""
+        import jwt
+
         token = request.assertion or ""
         try:
             key_id = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError:
-            raise AssertionRefused("the actor assertion is not a signed token") from None
+            raise Refused("the actor assertion is not a signed token") from None
         if key_id not in self.keys:
-            raise AssertionRefused(f"the actor assertion's key {key_id!r} is not trusted")
+            raise Refused(f"the actor assertion's key {key_id!r} is not trusted")
         surface, public = self.keys[key_id]
         try:
             claims = jwt.decode(
@@ -164,17 +166,17 @@ class TrustedKeys:
                 options={"require": ["iss", "sub", "aud", "jti", "req", "iat", "exp"]},
             )
         except jwt.ExpiredSignatureError:
-            raise AssertionRefused("the actor assertion has expired: send it again") from None
+            raise Refused("the actor assertion has expired: send it again") from None
         except jwt.InvalidAudienceError:
-            raise AssertionRefused("the actor assertion is for another referral") from None
+            raise Refused("the actor assertion is for another referral") from None
         except jwt.PyJWTError as error:
-            raise AssertionRefused(f"the actor assertion is invalid ({error})") from None
+            raise Refused(f"the actor assertion is invalid ({error})") from None
         if claims["sub"] != request.actor:
-            raise AssertionRefused(f"the actor assertion names {claims['sub']!r}, not the actor")
+            raise Refused(f"the actor assertion names {claims['sub']!r}, not the actor")
         if claims["jti"] != request.request_id or claims["req"] != request_digest(
             referral_id, request
         ):
-            raise AssertionRefused("the actor assertion was signed for another request")
+            raise Refused("the actor assertion was signed for another request")
         return surface
 
 
@@ -183,6 +185,8 @@ def signed_surface(request: StaffAction | RunRequest) -> str:
     the `act` validator has accepted (a replay must not depend on the keys of the day)."""
     if not request.assertion:
         return UNAUTHENTICATED
+    import jwt
+
     claims: dict[str, Any] = jwt.decode(request.assertion, options={"verify_signature": False})
     return str(claims.get("iss") or UNAUTHENTICATED)
 

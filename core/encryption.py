@@ -1,8 +1,8 @@
 """Encrypted payloads: what Temporal stores about a referral is unreadable without a key.
 
 Every payload (workflow input, activity arguments, results, signals, updates, failure
-messages and stack traces) is encrypted with AES-GCM by one payload codec before it
-leaves the process, the key id in the payload's metadata. One key of the ring encrypts
+messages and stack traces) is encrypted with AES-GCM by one payload codec before it leaves
+the process (core/temporal.py), the key id in the payload's metadata. One key of the ring encrypts
 (REFERRALS_ENCRYPTION_CURRENT_KEY, else the last); every key of the ring decrypts, so keys
 can be rotated in two rolling steps while old histories stay readable: add the new key to
 every process, then make it current.
@@ -17,24 +17,21 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from temporalio.api.common.v1 import Payload
-from temporalio.converter import PayloadCodec
+from core.errors import SettingsError
 
 KEYS_ENV = "REFERRALS_ENCRYPTION_KEYS"
 CURRENT_ENV = "REFERRALS_ENCRYPTION_CURRENT_KEY"
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"
-_NONCE_BYTES = 12
+NONCE_BYTES = 12
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class EncryptionKeyError(Exception):
+class EncryptionKeyError(SettingsError):
     """The key ring is misconfigured, or a payload's key is not in it."""
 
 
@@ -101,52 +98,3 @@ def rotate_key_file(path: Path) -> str:
     with path.open("a", encoding="utf-8") as file:
         file.write(entry + "\n")
     return entry.partition(":")[0]
-
-
-class EncryptionCodec(PayloadCodec):
-    """AES-GCM over each serialized payload. A payload that is not encrypted (a history
-    recorded before encryption) decodes as it is. `reload` (the dev stack's key file) gives
-    the ring again when a payload names a key added since this process started."""
-
-    def __init__(self, ring: KeyRing, reload: Callable[[], KeyRing] | None = None) -> None:
-        self._ring = ring
-        self._reload = reload
-
-    def ring(self) -> KeyRing:
-        return self._ring
-
-    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        key_id, key = self.ring().current
-        cipher = AESGCM(key)
-        encoded = []
-        for payload in payloads:
-            nonce = secrets.token_bytes(_NONCE_BYTES)
-            sealed = cipher.encrypt(nonce, payload.SerializeToString(), key_id.encode())
-            encoded.append(
-                Payload(
-                    metadata={"encoding": ENCODING, KEY_ID: key_id.encode()},
-                    data=nonce + sealed,
-                )
-            )
-        return encoded
-
-    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        decoded = []
-        for payload in payloads:
-            if payload.metadata.get("encoding") != ENCODING:
-                decoded.append(payload)
-                continue
-            key_id = payload.metadata[KEY_ID].decode()
-            key = self._ring.key(key_id)
-            if key is None and self._reload is not None:  # rotated since: look again
-                self._ring = self._reload()
-                key = self._ring.key(key_id)
-            if key is None:
-                raise EncryptionKeyError(
-                    f"payload encrypted with key {key_id!r}, not in the key ring"
-                )
-            nonce, sealed = payload.data[:_NONCE_BYTES], payload.data[_NONCE_BYTES:]
-            plain = Payload()
-            plain.ParseFromString(AESGCM(key).decrypt(nonce, sealed, key_id.encode()))
-            decoded.append(plain)
-        return decoded

@@ -9,8 +9,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+if TYPE_CHECKING:
+    from temporalio.runtime import Runtime
 
 PORT_ENV = "REFERRALS_METRICS_PORT"
 HOST_ENV = "REFERRALS_METRICS_HOST"
@@ -51,6 +53,9 @@ def worker_runtime(endpoint: MetricsEndpoint) -> Runtime:
     process lives. The SDK's metrics keep their default names (`temporal_…`, durations in
     milliseconds, counters without `_total`); the program's own are `referrals_…`. Clients
     connected with it, and their workers, report through it."""
+    # Imported here: settings (every CLI command) name the endpoint without loading the SDK.
+    from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
     config = PrometheusConfig(bind_address=endpoint.bind_address)
     try:
         return Runtime(telemetry=TelemetryConfig(metrics=config))

@@ -25,9 +25,9 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, Describe
 from temporalio.client import Client
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
-from core.encryption import KEYS_ENV, EncryptionCodec, KeyRing
+from core.encryption import KEYS_ENV, KeyRing
 from core.provisioning import type_name
-from core.temporal import data_converter
+from core.temporal import EncryptionCodec, data_converter
 from workflows.policies import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,6 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from temporalio.api.common.v1 import Payloads
 
-from core.encryption import EncryptionCodec
 from core.logs import configure_logging
 from core.settings import (
     CODEC_AUDIENCE_ENV,
@@ -33,7 +32,7 @@ from core.settings import (
     Settings,
     loopback,
 )
-from core.temporal import payload_codec
+from core.temporal import EncryptionCodec, payload_codec
 
 TOKEN_ENV = "REFERRALS_CODEC_TOKEN"
 ALLOWED_HEADERS = "Content-Type, X-Namespace, Authorization"

@@ -20,7 +20,6 @@ from core.encryption import (
     ENCODING,
     KEY_ID,
     KEYS_ENV,
-    EncryptionCodec,
     EncryptionKeyError,
     KeyRing,
     new_key_entry,
@@ -34,7 +33,7 @@ from core.settings import (
     SettingsError,
     create_dev_files,
 )
-from core.temporal import payload_codec
+from core.temporal import EncryptionCodec, payload_codec
 from starter.codec_server import CodecServerError, codec_app_from_settings, create_codec_app
 from tests.conftest import REFERRALS
 

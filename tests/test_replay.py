@@ -13,8 +13,8 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
-from core.encryption import EncryptionCodec, KeyRing, new_key_entry
-from core.temporal import data_converter
+from core.encryption import KeyRing, new_key_entry
+from core.temporal import EncryptionCodec, data_converter
 from worker import workflow_runner
 from workflows.payout_run import PayoutRunWorkflow
 from workflows.referral import ReferralWorkflow
