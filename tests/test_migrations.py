@@ -19,6 +19,7 @@ from sqlmodel import SQLModel
 
 from activities.schema import (
     BASELINE,
+    MIGRATIONS,
     SchemaOutOfDate,
     check_schema,
     current_revision,
@@ -119,6 +120,17 @@ def db_upgrade(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [REFERRALS, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=60
     )
+
+
+def test_the_head_read_from_file_names_is_alembics() -> None:
+    """Opening the database compares its revision with the newest migration's file name, not
+    with Alembic's graph (too slow to load on every CLI command): the two must agree."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(MIGRATIONS))
+    assert head_revision() == scripts.get_current_head()
+    for script in scripts.walk_revisions():
+        assert Path(script.path).name.startswith(f"{script.revision}_")
 
 
 def test_migrations_build_exactly_the_declared_tables(engine: Engine) -> None:
