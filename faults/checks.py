@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 
 from activities.db import CommissionEvent, CommissionRow, WebhookDeliveryRow
 from activities.email import message_id
-from activities.records import load_referral
+from activities.queries import load_referral
 from faults.driver import CURRENCY, DEAL_AMOUNT, FINAL_STAGE, Batch, lifecycle
 from faults.smtp import RecordingSmtpServer
 from faults.webhooks import BACKLOG_KEY, LIFECYCLE_EVENTS

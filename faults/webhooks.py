@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from activities.db import WebhookDeliveryRow
-from activities.records import load_referral
+from activities.queries import load_referral
 from activities.webhooks import PENDING, delivery_id, message
 
 # The events the suite's lifecycle records (docs/webhooks.md's table): one message each.

@@ -37,7 +37,7 @@ from activities.db import (
     WebhookDeliveryRow,
     as_utc,
 )
-from activities.records import load_referral
+from activities.queries import load_referral
 from core.actor_assertions import UNAUTHENTICATED
 from starter.domains import registrable_domain
 from starter.figures import (

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
-from activities.records import load_referral
+from activities.queries import load_referral
 from starter.intake import submit_referral
 from starter.web import create_app
 from tests.conftest import SETTINGS, Live, MailSink, serve_app, settings_with

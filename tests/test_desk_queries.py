@@ -30,7 +30,8 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.email import EmailActivities
 from activities.erasure import erase_referral
-from activities.records import load_referral, save_referral
+from activities.queries import load_referral
+from activities.records import save_referral
 from activities.webhooks import WebhookRetry, deliver
 from activities.webhooks import configure as configure_webhooks
 from starter.desk import (

@@ -24,7 +24,7 @@ from temporalio.client import (
 
 from activities.db import WebhookAttemptRow, make_engine
 from activities.erasure import erase_referral
-from activities.records import load_referral
+from activities.queries import load_referral
 from activities.schema import upgrade
 from core.links import status_token
 from starter.consent import consent_statement

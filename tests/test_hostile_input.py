@@ -31,7 +31,7 @@ from starlette.routing import Mount
 
 from activities.db import ReferralRow
 from activities.email import build_message, render_email
-from activities.records import load_referral
+from activities.queries import load_referral
 from core.program import load_program
 from starter.intake import DIRECTION_CONTROLS, SubmissionRefused, parse_submission
 from starter.web import create_app

@@ -20,7 +20,7 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import CommissionRow, ProspectClaim
-from activities.records import load_referral
+from activities.queries import load_referral
 from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, submit_referral
 from tests.conftest import SETTINGS, Live, eventually

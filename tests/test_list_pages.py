@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from activities.records import list_referrals, save_referral
+from activities.queries import list_referrals
+from activities.records import save_referral
 from starter.cli import DEFAULT_LIST_LIMIT, run
 from tests.factories import referral_input
 from workflows.models import ProgramRules, ReferralRecord

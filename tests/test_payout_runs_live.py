@@ -17,7 +17,7 @@ from activities.db import CommissionLineRow, make_engine
 from activities.ledger import balances
 from activities.payees import accept_mandate, save_payee
 from activities.payouts import documents, load_run
-from activities.records import load_referral
+from activities.queries import load_referral
 from activities.schema import upgrade
 from core.payees import MANDATE_VERSION, MandateAcceptance, mandate_hash, mandate_text
 from starter.actions import Refused

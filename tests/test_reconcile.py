@@ -27,8 +27,9 @@ from temporalio.worker import (
 
 import activities.reconcile
 from activities.db import ProspectClaim
+from activities.queries import load_referral
 from activities.reconcile import ReconcileActivities, reconcile
-from activities.records import load_referral, save_referral
+from activities.records import save_referral
 from tests.conftest import dev_server
 from tests.factories import referral_input
 from worker import workflow_runner

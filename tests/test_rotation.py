@@ -17,7 +17,7 @@ import httpx
 from temporalio.api.enums.v1 import EventType
 
 from activities.db import make_engine
-from activities.records import load_referral
+from activities.queries import load_referral
 from activities.schema import upgrade
 from core.encryption import CURRENT_ENV, KEYS_ENV, new_key_entry
 from core.settings import REFERRER_SECRET_ENV

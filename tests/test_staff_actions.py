@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from activities.records import load_referral
+from activities.queries import load_referral
 from core.roles import refusal
 from starter.intake import submit_referral
 from starter.web import create_app

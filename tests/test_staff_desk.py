@@ -18,7 +18,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
-from activities.records import load_referral
+from activities.queries import load_referral
 from starter.web.signin import STAFF
 from tests.conftest import MailSink, use_sign_in_link
 from tests.test_sign_in import ask, settle

@@ -24,8 +24,9 @@ from temporalio.worker import PatchActivationInput, Worker
 
 import activities.reconcile
 from activities.db import CommissionRow, ProspectClaim
+from activities.queries import load_referral
 from activities.reconcile import reconcile
-from activities.records import load_referral, save_referral
+from activities.records import save_referral
 from core.links import status_token
 from starter.domains import registrable_domain
 from starter.intake import submit_referral

@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from activities.db import make_engine
-from activities.records import load_referral
+from activities.queries import load_referral
 from core.actor_assertions import SigningKey
 from core.encryption import KEYS_ENV, new_key_entry
 from tests.conftest import POSTGRES_URL_ENV, REFERRALS, ROOT, Live, use_sign_in_link

@@ -34,7 +34,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import PatchActivationInput
 
 from activities.db import make_engine
-from activities.records import load_referral
+from activities.queries import load_referral
 from activities.schema import upgrade
 from activities.webhooks import configure as configure_webhooks
 from core.settings import Settings, WebhookRetry

@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from temporalio.service import RPCError
 
 from activities.i18n import N_, countries, format_date, translations
+from activities.queries import load_referral
 from activities.receipts import referrer_copy
-from activities.records import load_referral
 from core.links import referral_from_token, status_token
 from core.receipts import fingerprint, readable
 from starter.consent import consent_statement

@@ -27,8 +27,8 @@ from activities.db import ReferralEventRow, ReferralRow, as_utc
 from activities.ledger import Balance, balances, referral_balances
 from activities.payees import load_payee
 from activities.payouts import Outlook, issued_document, issued_to, payout_outlook
+from activities.queries import list_referrals
 from activities.receipts import registered_among
-from activities.records import list_referrals
 from core.links import Keys, status_token
 from core.payees import PayeeProfile
 from starter.spreadsheet import spreadsheet_text
