@@ -40,9 +40,11 @@ from activities.db import (
     as_utc,
 )
 from activities.payees import erase_payee
+from activities.queries import load_referral
 from activities.receipts import forget_disclosures
-from activities.records import load_referral, write_referral
+from activities.records import write_referral
 from activities.webhooks import pending_deliveries, start_deliveries, workflow_id
+from core.errors import Refused
 from workflows.models import (
     Contact,
     Erasure,
@@ -56,10 +58,6 @@ from workflows.models import (
 ERASED = "erased"
 
 RPC_TIMEOUT = timedelta(seconds=10)  # every call to Temporal here has a deadline
-
-
-class ErasureRefused(Exception):
-    """The referral cannot be erased (unknown, or still open); the message says why."""
 
 
 def pseudonym(referral_id: str) -> str:
@@ -238,21 +236,19 @@ async def erase_referral(
     where the `referral.erased` webhook messages are delivered from; `maildir`: the dev
     stack's email files."""
     if not reason.strip():
-        raise ErasureRefused("erasing needs a reason (--reason)")
+        raise Refused("erasing needs a reason (--reason)")
     state = await asyncio.to_thread(load_referral, engine, referral_id)
     if state is None:
-        raise ErasureRefused(f"unknown referral {referral_id}")
+        raise Refused(f"unknown referral {referral_id}")
     if state.erased is not None:
         return f"{referral_id}: already erased on {state.erased.at:%Y-%m-%d} by {state.erased.by}"
     if state.in_clawback_window and state.clawback_until is not None:
-        raise ErasureRefused(
+        raise Refused(
             f"{referral_id} is open to clawback until {state.clawback_until:%Y-%m-%d}: "
             "it can be erased once that window has ended"
         )
     if not state.is_terminal:
-        raise ErasureRefused(
-            f"{referral_id} is open ({state.stage.value}): cancel it before erasing it"
-        )
+        raise Refused(f"{referral_id} is open ({state.stage.value}): cancel it before erasing it")
     deleted = await delete_executions(client, referral_id)
     for delivery in await asyncio.to_thread(_delivery_workflows, engine, referral_id):
         deleted += await delete_executions(client, delivery)

@@ -11,11 +11,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, delete, select
 
 from activities.db import PayeeEventRow, PayeeRow
+from core.errors import Refused
 from core.payees import MandateAcceptance, PayeeProfile, mask_iban
-
-
-class PayeeRefused(Exception):
-    """A profile change that cannot be saved; the message is one line saying why."""
 
 
 def load_payee(engine: Engine, email: str) -> PayeeProfile | None:
@@ -81,7 +78,7 @@ def accept_mandate(
     with Session(engine) as session:
         row = session.get(PayeeRow, email.strip().lower())
         if row is None:
-            raise PayeeRefused(f"{email} has no payee profile: set one first")
+            raise Refused(f"{email} has no payee profile: set one first")
         profile = PayeeProfile.model_validate_json(row.profile)
         profile = profile.model_copy(update={"mandate": acceptance})
         _write(session, profile, at)

@@ -48,6 +48,7 @@ from activities.db import (
     WebhookEndpointRow,
     as_utc,
 )
+from core.errors import Refused
 from core.program import ProgramError, load_program
 from core.settings import SettingsError, WebhookRetry, environment_secret
 from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
@@ -97,10 +98,6 @@ BREAKER_OPEN_LONGEST = timedelta(hours=1)
 PROBE_LEASE = timedelta(seconds=45)
 # Statuses that say the endpoint is down, not that it refused this message.
 ENDPOINT_DOWN = frozenset({429, 500, 502, 503, 504})
-
-
-class RedeliveryRefused(Exception):
-    """The message cannot be redelivered now; the message says why."""
 
 
 # --- the endpoints --------------------------------------------------------------------------
@@ -768,9 +765,9 @@ async def redeliver(client: Client, engine: Engine, delivery_id: str, task_queue
     with Session(engine) as session:
         delivery = session.get(WebhookDeliveryRow, delivery_id)
     if delivery is None:
-        raise RedeliveryRefused(f"unknown webhook delivery {delivery_id}")
+        raise Refused(f"unknown webhook delivery {delivery_id}")
     if await _running(client, workflow_id(delivery)):
-        raise RedeliveryRefused(
+        raise Refused(
             f"{delivery_id} is still being attempted ({workflow_id(delivery)}); "
             "redeliver it once it is delivered or failed"
         )

@@ -10,12 +10,13 @@ import holidays
 import yaml
 from pydantic import ValidationError
 
+from core.errors import SettingsError
 from core.payees import check_bic, check_iban
 from core.settings import loopback
 from workflows.models import ProgramRules
 
 
-class ProgramError(Exception):
+class ProgramError(SettingsError):
     """program.yaml is missing or invalid; the message names the file and the field."""
 
 

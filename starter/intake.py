@@ -25,9 +25,11 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim
 from activities.ledger import release_claim
+from activities.queries import load_referral
 from activities.receipts import Registration, refuse_duplicate, register, release
 from activities.receipts import configure as configure_receipts
-from activities.records import discard_referral, load_referral, save_referral
+from activities.records import discard_referral, save_referral
+from core.errors import Refused
 from core.links import referrer_key
 from core.settings import Settings
 from starter.consent import consent_statement
@@ -74,13 +76,13 @@ class FieldError:
         return f"{self.field}: {self.message}"
 
 
-class SubmissionRefused(Exception):
+class SubmissionRefused(Refused):
     def __init__(self, errors: list[FieldError]) -> None:
         super().__init__("; ".join(str(e) for e in errors))
         self.errors = errors
 
 
-class DuplicateReferral(Exception):
+class DuplicateReferral(Refused):
     """The prospect is already referred. The public message never names the other referral
     or its referrer: only until when the prospect is protected, or that it is under review."""
 

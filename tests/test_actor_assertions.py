@@ -17,7 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 from core.actor_assertions import (
     UNAUTHENTICATED,
     ActorKeyError,
-    AssertionRefused,
+    Refused,
     SigningKey,
     TrustedKeys,
 )
@@ -70,14 +70,14 @@ def test_an_assertion_names_the_surface_whose_key_signed_it() -> None:
     ],
 )  # fmt: skip
 def test_an_assertion_proves_only_what_was_signed(forgery: Any, reason: str) -> None:
-    with pytest.raises(AssertionRefused, match=reason):
+    with pytest.raises(Refused, match=reason):
         TRUSTED.verify("R-1", forgery())
 
 
 def test_a_key_whose_surface_differs_from_the_trusted_one_is_refused() -> None:
     """A key trusted for the toolbox cannot speak for the web desk: the issuer is checked."""
     claims_web = SigningKey(TOOLBOX.key_id, "web", TOOLBOX.private)
-    with pytest.raises(AssertionRefused, match="invalid"):
+    with pytest.raises(Refused, match="invalid"):
         TRUSTED.verify("R-1", claims_web.sign("R-1", WON))
 
 

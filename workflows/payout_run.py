@@ -15,7 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from core import actor_assertions
-    from core.actor_assertions import AssertionRefused
+    from core.actor_assertions import Refused
     from workflows.models import StaffAction
     from workflows.payouts import (
         PayoutItem,
@@ -232,9 +232,9 @@ class PayoutRunWorkflow:
             try:
                 keys = actor_assertions.trusted()
                 if keys is None:
-                    raise AssertionRefused("the workers trust no signing key")
+                    raise Refused("the workers trust no signing key")
                 keys.verify(workflow.info().workflow_id, request)
-            except AssertionRefused as error:
+            except Refused as error:
                 workflow.logger.warning(
                     "%s refused (request %s): %s", request.action, request.request_id, error
                 )

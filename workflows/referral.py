@@ -31,7 +31,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from core import actor_assertions
-    from core.actor_assertions import UNAUTHENTICATED, AssertionRefused, signed_surface
+    from core.actor_assertions import UNAUTHENTICATED, Refused, signed_surface
     from workflows.features import CARRY_OVER, RELEASES, Features, Releases
     from workflows.models import (
         MONEY_ACTIONS,
@@ -297,12 +297,12 @@ class ReferralWorkflow:
             keys = actor_assertions.trusted()
             try:
                 if keys is None:
-                    raise AssertionRefused(
+                    raise Refused(
                         "the workers trust no signing key (REFERRALS_ACTOR_KEYS) to check the "
                         "actor assertion with"
                     )
                 keys.verify(workflow.info().workflow_id, request)
-            except AssertionRefused as error:
+            except Refused as error:
                 # Worth an operator's look: a forged or replayed assertion leaves no other trace.
                 workflow.logger.warning(
                     "%s refused (request %s): %s", action, request.request_id, error
