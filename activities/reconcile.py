@@ -45,7 +45,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import ProspectClaim, ReferralRow, as_utc
 from activities.ledger import release_claim, save_commission
-from activities.records import load_referral, save_referral
+from activities.queries import load_referral
+from activities.records import save_referral
 from activities.webhooks import start_stalled_deliveries
 from workflows.features import RELEASES
 from workflows.models import (
@@ -57,6 +58,7 @@ from workflows.models import (
     ReferralState,
     Stage,
 )
+from workflows.referral import ReferralWorkflow
 
 # A referral or claim younger than this may have a workflow that is only starting.
 GRACE = timedelta(minutes=2)
@@ -164,7 +166,7 @@ async def reconcile(client: Client, engine: Engine, task_queue: str) -> Reconcil
         unrecorded = running - recorded
         for referral_id in sorted(rid for rid in unrecorded | behind if rid > after):
             await client.get_workflow_handle(referral_id).signal(
-                "upgrade", rpc_timeout=QUERY_TIMEOUT
+                ReferralWorkflow.upgrade, rpc_timeout=QUERY_TIMEOUT
             )
             started = "the system of record" if referral_id in unrecorded else NEWEST_RELEASE
             run.repaired(f"{referral_id}: started before {started}; upgrade requested")
@@ -232,9 +234,7 @@ async def _record_closed(
         if status == WorkflowExecutionStatus.COMPLETED:
             final = await handle.result(rpc_timeout=QUERY_TIMEOUT)
         else:  # a query replays the closed run on a worker of its task queue
-            final = await handle.query(
-                "state", result_type=ReferralState, rpc_timeout=QUERY_TIMEOUT
-            )
+            final = await handle.query(ReferralWorkflow.state, rpc_timeout=QUERY_TIMEOUT)
     except (RPCError, WorkflowQueryFailedError, WorkflowFailureError) as error:
         return f"{referral_id}: closed before the system of record; not recorded ({error})"
     record = ReferralRecord(state=final.model_copy(update={"history": []}), events=final.history)

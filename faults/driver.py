@@ -1,6 +1,6 @@
 """Referrals submitted and driven through their lifecycle the way staff would drive them.
 
-Staff actions go through the CLI's own code path (`starter.actions.send_action`, the staff
+Staff actions go through the CLI's own code path (`starter.staff_client.send_action`, the staff
 desk's too) with a request id chosen here, and a timeout is retried with the same request
 id: the documented safe retry. So what the suite proves is what a staff member retrying a
 command would get.
@@ -31,8 +31,9 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from core.settings import Settings
-from starter.actions import Refused, send_action
+from starter.actions import Refused
 from starter.intake import parse_submission, submit_referral
+from starter.staff_client import send_action
 from workflows.models import (
     MONEY_ACTIONS,
     Action,
@@ -42,6 +43,7 @@ from workflows.models import (
     StaffAction,
     Stage,
 )
+from workflows.referral import ReferralWorkflow
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "referral.json"
 ACTOR = "fault-suite"
@@ -263,7 +265,9 @@ class Batch:
         handle = self.client.get_workflow_handle(referral.referral_id)
 
         async def attempt() -> None:
-            await handle.signal("action", request, rpc_timeout=timedelta(seconds=ATTEMPT_SECONDS))
+            await handle.signal(
+                ReferralWorkflow.action, request, rpc_timeout=timedelta(seconds=ATTEMPT_SECONDS)
+            )
 
         await self._retrying(referral, request, attempt, True, "signal action")
 
@@ -382,7 +386,7 @@ class Batch:
             details = ""
             if status == WorkflowExecutionStatus.RUNNING:
                 state = await self.client.get_workflow_handle(rid).query(
-                    "state", result_type=ReferralState, rpc_timeout=timedelta(seconds=5)
+                    ReferralWorkflow.state, rpc_timeout=timedelta(seconds=5)
                 )
                 details = f", stage {state.stage.value}"
         except Exception as error:  # only to explain a timeout: say what is known

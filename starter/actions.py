@@ -1,6 +1,6 @@
 """A staff action, however it arrives (the CLI, the staff web desk): the values each action
-takes, how they are read and checked before anything is sent, and `send_action`, which
-applies it through the referral workflow's `act` update.
+takes, and how they are read and checked before anything is sent. `send_action`
+(starter/staff_client.py) applies it through the referral workflow's `act` update.
 
 Both ways in build their `StaffAction` with `staff_action` from the table `ACTION_FIELDS`
 (the CLI's options are made from it), so a value the CLI refuses the desk refuses too, and
@@ -9,33 +9,16 @@ both send it with `send_action`, so a retried request (same request id) is appli
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 
-from sqlalchemy.engine import Engine
-from temporalio.client import (
-    Client,
-    WorkflowUpdateFailedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
-    WorkflowUpdateStage,
-)
-from temporalio.service import RPCError, RPCStatusCode
-
-from activities.records import load_referral
-from activities.schema import open_database
-from core.actor_assertions import SigningKey
-from workflows.models import Action, ActResult, StaffAction
+from core.errors import Refused
+from workflows.models import Action, StaffAction
 
 # How long a staff action may wait for a worker, unless REFERRALS_CLI_TIMEOUT says otherwise.
 DEFAULT_TIMEOUT_SECONDS = 30.0
-
-
-class Refused(Exception):
-    """The action (or command) could not be done; the message is the one line the user sees."""
 
 
 class Problem(StrEnum):
@@ -54,17 +37,6 @@ class InvalidValue(Refused):
         super().__init__(message)
         self.field = field
         self.problem = problem
-
-
-class NotAnswered(Refused):
-    """No answer within the timeout: the action may still apply when a worker takes it, and
-    sending the same request (same request id) again is safe. `accepted`: a worker took it,
-    but it was not recorded in time."""
-
-    def __init__(self, message: str, *, seconds: float, accepted: bool) -> None:
-        super().__init__(message)
-        self.seconds = seconds
-        self.accepted = accepted
 
 
 class Kind(StrEnum):
@@ -187,69 +159,3 @@ def staff_action(
         else:
             given[field.name] = value
     return StaffAction(action=action, actor=actor, request_id=request_id, **given)  # type: ignore[arg-type]
-
-
-async def send_action(
-    client: Client,
-    referral_id: str,
-    request: StaffAction,
-    timeout: float,
-    database_url: str | Engine,
-    signer: SigningKey | None,
-) -> ActResult:
-    """Apply one staff action through the `act` update, its request id as the update id, so
-    a retried request is applied once. Waits at most `timeout` seconds in all. A referral
-    Temporal does not know is looked up in the database at `database_url` (or that engine).
-    `signer`: this surface's key, which asserts that the request's actor is who it
-    authenticated; without one the action goes unsigned (money actions are then refused).
-
-    Refused: `Refused` with the workflow's one-line reason (or the referral unknown or
-    closed); `NotAnswered` when no worker answered, or one did but the action was not
-    recorded, within the timeout (its message speaks the CLI's words)."""
-    if signer is not None:  # signed at each attempt: a retry is a fresh assertion
-        request = signer.sign(referral_id, request)
-    handle = client.get_workflow_handle(referral_id)
-    retry = f"repeat the command with --request-id {request.request_id} to retry it safely"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    accepted = False
-    try:
-        # The deadline bounds the whole call: the server answers an update's long poll empty
-        # after about 20 s, and the SDK then polls again, past any RPC timeout.
-        async with asyncio.timeout_at(deadline):
-            update = await handle.start_update(
-                "act",
-                request,
-                id=request.request_id,
-                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                result_type=ActResult,
-                rpc_timeout=timedelta(seconds=timeout),
-            )
-            accepted = True
-            left = max(0.1, deadline - loop.time())
-            return await update.result(rpc_timeout=timedelta(seconds=left))
-    except WorkflowUpdateFailedError as error:
-        cause = error.cause
-        raise Refused(getattr(cause, "message", None) or str(cause or error)) from error
-    except (WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError):
-        if not accepted:
-            raise NotAnswered(
-                f"no worker answered within {timeout:g}s (is a worker running?); the action may "
-                f"still apply when one does: {retry}",
-                seconds=timeout,
-                accepted=False,
-            ) from None
-        raise NotAnswered(
-            f"{request.action.value} was accepted but not yet recorded after {timeout:g}s "
-            f"(is the database reachable?); {retry}",
-            seconds=timeout,
-            accepted=True,
-        ) from None
-    except RPCError as error:
-        if error.status != RPCStatusCode.NOT_FOUND:
-            raise
-        engine = open_database(database_url) if isinstance(database_url, str) else database_url
-        state = await asyncio.to_thread(load_referral, engine, referral_id)
-        if state is None:
-            raise Refused(f"unknown referral {referral_id}") from error
-        raise Refused(f"referral {referral_id} is closed ({state.stage.value})") from error

@@ -31,11 +31,9 @@ from starter.actions import (
     Field,
     InvalidValue,
     Kind,
-    NotAnswered,
     Problem,
     Refused,
     fields_of,
-    send_action,
     staff_action,
 )
 from starter.desk import (
@@ -47,6 +45,7 @@ from starter.desk import (
     referral_file,
     referrals_csv,
 )
+from starter.staff_client import NotAnswered, send_action
 from starter.web.deps import FormLanguage, Language, PostedForm, SiteDep, csrf_checked
 from starter.web.signin import PRIVATE, STAFF, StaffEmail, sign_in_page, signed_in_page
 from starter.web.site import Site
