@@ -33,6 +33,7 @@ from core.actor_assertions import (
     TrustedKeys,
 )
 from core.encryption import EncryptionKeyError, KeyRing, new_key_entry
+from core.errors import SettingsError
 from core.metrics import MetricsEndpoint
 
 DEV_DATA = Path(".data")
@@ -63,10 +64,6 @@ TlsMode = Literal["starttls", "implicit", "none"]
 TLS_MODES: tuple[TlsMode, ...] = ("starttls", "implicit", "none")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-class SettingsError(Exception):
-    """A setting is missing or malformed; the message is one line naming each."""
 
 
 class Need(Enum):
@@ -136,7 +133,9 @@ class Settings:
     program_path: Path = Path("program.yaml")
     public_url: str = "http://127.0.0.1:8000"
     temporal_ui_url: str = "http://127.0.0.1:8233"
-    temporal: Mapping[str, Any] = field(default_factory=dict)  # Client.connect's arguments
+    # Client.connect's arguments; None: read from `temporal_env` when first needed.
+    temporal: Mapping[str, Any] | None = None
+    temporal_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     smtp: SmtpSettings = SmtpSettings()
     rate_limit: str | None = None
     trusted_proxies: str | None = None
@@ -177,13 +176,23 @@ class Settings:
         `cwd` when they exist. Raises SettingsError naming every malformed setting."""
         return _Reader(os.environ if environ is None else environ, cwd or Path.cwd()).settings()
 
+    def temporal_client(self) -> Mapping[str, Any]:
+        """Client.connect's arguments: as given, else what Temporal's envconfig reads from the
+        environment (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, profiles, API keys, mTLS), read the
+        first time it is asked: a command that never reaches Temporal does not load its SDK.
+        A process that does cannot start on a bad profile or file (SettingsError)."""
+        if self.temporal is None:
+            object.__setattr__(self, "temporal", temporal_client_config(self.temporal_env))
+        assert self.temporal is not None
+        return self.temporal
+
     @property
     def namespace(self) -> str:
-        return str(self.temporal.get("namespace") or "default")
+        return str(self.temporal_client().get("namespace") or "default")
 
     @property
     def temporal_address(self) -> str:
-        return str(self.temporal.get("target_host") or "127.0.0.1:7233")
+        return str(self.temporal_client().get("target_host") or "127.0.0.1:7233")
 
     def require(self, *needs: Need) -> None:
         """Refuse, naming each of `needs` this process was not given."""
@@ -346,17 +355,6 @@ class _Reader:
             return None
         return AccessTokenIssuer(jwks_url=jwks_url, issuer=issuer, audience=audience)
 
-    def temporal(self) -> dict[str, Any]:
-        from temporalio.envconfig import ClientConfig
-
-        try:
-            config = dict(ClientConfig.load_client_connect_config(override_env_vars=dict(self.env)))
-        except Exception as error:  # noqa: BLE001 - a bad profile or TOML file
-            self.problems.append(f"Temporal client configuration: {error}")
-            return {}
-        config.setdefault("target_host", "127.0.0.1:7233")
-        return config
-
     def settings(self) -> Settings:
         keys = self.secret(Need.ENCRYPTION.value)
         keys_from = Need.ENCRYPTION.value
@@ -403,7 +401,7 @@ class _Reader:
             temporal_ui_url=(
                 self.text("REFERRALS_TEMPORAL_UI_URL") or "http://127.0.0.1:8233"
             ).rstrip("/"),
-            temporal=self.temporal(),
+            temporal_env=dict(self.env),
             smtp=self.smtp(),
             rate_limit=self.text("REFERRALS_RATE_LIMIT"),
             trusted_proxies=self.text("REFERRALS_TRUSTED_PROXIES"),
@@ -510,6 +508,17 @@ class _Reader:
         if self.text(name) is None:
             return None
         return self.number(name, 0.0)
+
+
+def temporal_client_config(environ: Mapping[str, str]) -> dict[str, Any]:
+    from temporalio.envconfig import ClientConfig
+
+    try:
+        config = dict(ClientConfig.load_client_connect_config(override_env_vars=dict(environ)))
+    except Exception as error:  # noqa: BLE001 - a bad profile or TOML file
+        raise SettingsError(f"Temporal client configuration: {error}") from error
+    config.setdefault("target_host", "127.0.0.1:7233")
+    return config
 
 
 def environment_secret(name: str, environ: Mapping[str, str] | None = None) -> str:

@@ -16,37 +16,23 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
-from sqlmodel import Session, col, select
-from temporalio.client import (
-    WorkflowExecutionStatus,
-)
-from temporalio.service import RPCError, RPCStatusCode
 
-from activities.db import CommissionRow, as_utc, make_engine
-from activities.records import count_referrals, list_referrals, load_referral
-from activities.schema import SchemaOutOfDate, open_database, upgrade
-from activities.webhooks import configure as configure_webhooks
 from core.actor_assertions import SIGNING_KEY_ENV, SigningKey
-from core.encryption import EncryptionKeyError
+from core.errors import Refused, SettingsError
 from core.links import referrer_key
-from core.program import ProgramError, load_program
 from core.roles import Permission, Task, held, may, refusal, roles_of
-from core.settings import STAFF_IDENTITY_ENV, Need, Settings, SettingsError
-from core.temporal import connect
+from core.settings import STAFF_IDENTITY_ENV, Need, Settings
 from starter.actions import (
     ACTION_FIELDS,
     DEFAULT_TIMEOUT_SECONDS,
     Kind,
-    Refused,
     fields_of,
-    send_action,
     staff_action,
 )
-from starter.intake import DuplicateReferral, SubmissionRefused, parse_submission, submit_referral
 from starter.spreadsheet import spreadsheet_row
 from workflows.models import (
     Action,
@@ -56,6 +42,12 @@ from workflows.models import (
     round_money,
 )
 from workflows.transitions import allowed_actions
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from temporalio.client import Client
+
+    from workflows.models import ProgramRules
 
 # Every call to Temporal has a deadline; a staff action's is its own --timeout.
 RPC_TIMEOUT = timedelta(seconds=10)
@@ -161,6 +153,30 @@ def describe(state: ReferralState, workflow: str | None = None) -> str:
     return "\n".join(lines)
 
 
+# --- what a command reaches --------------------------------------------------------------
+# Imported when a command needs them, not before: SQLAlchemy, the Temporal SDK and the
+# program's rules each cost a command that does not use them a noticeable part of a second.
+
+
+def database(settings: Settings) -> Engine:
+    """The system of record, its schema checked."""
+    from activities.schema import open_database
+
+    return open_database(settings.database())
+
+
+async def temporal(settings: Settings) -> Client:
+    from core.temporal import connect
+
+    return await connect(settings)
+
+
+def program(settings: Settings) -> ProgramRules:
+    from core.program import load_program
+
+    return load_program(settings.program_path)
+
+
 # --- Temporal calls -------------------------------------------------------------------------
 
 
@@ -170,8 +186,11 @@ def timeout_seconds(args: argparse.Namespace) -> float:
 
 async def workflow_status(settings: Settings, referral_id: str) -> str:
     """What Temporal says of an open referral's workflow: `running`, or what went wrong."""
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError, RPCStatusCode
+
     try:
-        client = await connect(settings)
+        client = await temporal(settings)
         description = await client.get_workflow_handle(referral_id).describe(
             rpc_timeout=RPC_TIMEOUT
         )
@@ -213,7 +232,7 @@ def acting_as(args: argparse.Namespace, permission: Permission | None = None) ->
             f"refused: this CLI acts as {identity} ({STAFF_IDENTITY_ENV}), not {claimed}: "
             "drop --actor (and REFERRALS_ACTOR)"
         )
-    roles = roles_of(load_program(settings.program_path).staff, identity)
+    roles = roles_of(program(settings).staff, identity)
     if permission is None and not roles:
         raise Refused(f"refused: {args.command} needs a staff role ({held(identity, roles)})")
     if permission is not None and not may(roles, permission):
@@ -234,17 +253,23 @@ def cli_signer(settings: Settings) -> SigningKey | None:
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
+    from activities.db import make_engine
+    from starter.intake import SubmissionRefused, parse_submission, submit_referral
+
     settings: Settings = args.settings
     actor = acting_as(args)
-    rules = load_program(settings.program_path)
+    rules = program(settings)
     try:
         data = json.loads(Path(args.file).read_text(encoding="utf-8"))
     except OSError as error:
         raise Refused(f"cannot read {args.file}: {error.strerror}") from error
     except json.JSONDecodeError as error:
         raise Refused(f"{args.file} is not valid JSON: {error}") from error
-    submission = parse_submission(data, rules)
-    client = await connect(settings)
+    try:
+        submission = parse_submission(data, rules)
+    except SubmissionRefused as error:  # each field that does not read, on one line
+        raise Refused(f"refused: {error}") from error
+    client = await temporal(settings)
     referral_id = await submit_referral(
         client, make_engine(settings.database()), rules, submission, settings,
         submitted_by=actor,
@@ -257,6 +282,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     """A page of referrals, newest first: `--limit` rows (50; 0 for all) of page `--page`.
     `--json` prints a plain list: every referral unless `--limit` or `--page` is given, as
     it always has for the scripts that read it."""
+    from activities.db import as_utc
+    from activities.queries import count_referrals, list_referrals
+
     if args.limit is not None and args.limit < 0:
         raise Usage("--limit must be 0 (all) or more")
     if args.page < 1:
@@ -266,7 +294,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     limit = args.limit
     if limit is None:
         limit = 0 if args.json and args.page == 1 else DEFAULT_LIST_LIMIT
-    engine = open_database(args.settings.database())
+    engine = database(args.settings)
     stage = Stage(args.stage) if args.stage else None
     offset = (args.page - 1) * limit
     rows: list[dict[str, Any]] = [
@@ -328,8 +356,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 async def cmd_show(args: argparse.Namespace) -> int:
     """From the system of record; for an open referral, also whether its workflow runs."""
+    from activities.queries import load_referral
+
     settings: Settings = args.settings
-    state = await asyncio.to_thread(load_referral, open_database(settings.database()), args.id)
+    state = await asyncio.to_thread(load_referral, database(settings), args.id)
     if state is None:
         raise Refused(f"unknown referral {args.id}")
     workflow = None if state.is_terminal else await workflow_status(settings, args.id)
@@ -343,6 +373,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
     async def command(args: argparse.Namespace) -> int:
+        from starter.staff_client import send_action
+
         actor = acting_as(args, action)  # before anything is sent: a refusal sends nothing
         request = staff_action(
             action,
@@ -351,7 +383,7 @@ def action_command(action: Action) -> Callable[[argparse.Namespace], Coroutine[A
             request_id=args.request_id or f"cli-{uuid.uuid4()}",
         )
         settings: Settings = args.settings
-        client = await connect(settings)
+        client = await temporal(settings)
         state = await send_action(
             client,
             args.id,
@@ -391,9 +423,12 @@ def emit(
 
 def cmd_commission_lines(args: argparse.Namespace) -> int:
     """The ledger's append-only lines; entitlement lines sum to each referral's commission."""
+    from sqlmodel import Session, select
+
+    from activities.db import CommissionRow, as_utc
     from activities.ledger import ledger_lines
 
-    engine = open_database(args.settings.database())
+    engine = database(args.settings)
     with Session(engine) as session:  # the rate each referral's commission was earned at
         rates = {
             c.referral_id: str(c.rate.normalize()) for c in session.exec(select(CommissionRow))
@@ -437,7 +472,7 @@ def cmd_commission_balances(args: argparse.Namespace) -> int:
             "balance": str(round_money(b.balance, b.currency)),
             "owed_to_us": str(round_money(b.owed_to_us, b.currency)),
         }
-        for b in balances(open_database(args.settings.database()))
+        for b in balances(database(args.settings))
     ]
     emit(
         rows,
@@ -451,11 +486,15 @@ def cmd_commission_balances(args: argparse.Namespace) -> int:
 
 
 def cmd_commissions(args: argparse.Namespace) -> int:
+    from sqlmodel import Session, col, select
+
+    from activities.db import CommissionRow
+
     if args.lines:
         return cmd_commission_lines(args)
     if args.by_referrer:
         return cmd_commission_balances(args)
-    with Session(open_database(args.settings.database())) as session:
+    with Session(database(args.settings)) as session:
         query = select(CommissionRow).order_by(col(CommissionRow.updated_at).desc())
         if args.status:
             query = query.where(CommissionRow.status == args.status)
@@ -499,12 +538,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     """The program's figures, as the staff dashboard shows them, from the system of record."""
     from starter.figures import as_text, program_figures
 
-    rules = load_program(args.settings.program_path)
+    rules = program(args.settings)
     if args.product is not None and rules.product(args.product) is None:
         known = ", ".join(p.id for p in rules.products)
         raise Refused(f"unknown product {args.product!r} (products: {known})")
     figures = program_figures(
-        open_database(args.settings.database()), rules, since=args.since, product=args.product
+        database(args.settings), rules, since=args.since, product=args.product
     )
     if args.json:
         print_json(figures.model_dump(mode="json"))
@@ -519,9 +558,7 @@ async def cmd_reconcile(args: argparse.Namespace) -> int:
 
     settings: Settings = args.settings
     configure_receipts(settings.key_ring())  # a release it repairs gets its receipt
-    report = await reconcile(
-        await connect(settings), open_database(settings.database()), settings.task_queue
-    )
+    report = await reconcile(await temporal(settings), database(settings), settings.task_queue)
     for line in report.fixed:
         print(line)
     print(f"reconcile: {report.checked} open referrals checked, {len(report.fixed)} repairs")
@@ -536,7 +573,7 @@ async def cmd_replay_check(args: argparse.Namespace) -> int:
     from worker import workflow_runner
     from workflows.referral import ReferralWorkflow
 
-    client = await connect(args.settings)
+    client = await temporal(args.settings)
     replayer = Replayer(
         workflows=[ReferralWorkflow],
         workflow_runner=workflow_runner(),
@@ -587,12 +624,12 @@ async def cmd_patches(args: argparse.Namespace) -> int:
 
 
 async def cmd_erase(args: argparse.Namespace) -> int:
-    from activities.erasure import ErasureRefused, erase_referral, referrals_of
+    from activities.erasure import Refused, erase_referral, referrals_of
 
     if (args.id is None) == (args.referrer is None):
         raise Usage("erase needs a referral id or --referrer EMAIL, not both")
     actor = acting_as(args, Task.ERASE)
-    engine = open_database(args.settings.database())
+    engine = database(args.settings)
     if args.id is not None:
         targets, still_open = [args.id], []
     else:
@@ -601,7 +638,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
         still_open = [rid for rid, is_open in found if is_open]
         if not found:
             raise Refused(f"no referral of {args.referrer} holds personal data")
-    client = await connect(args.settings)
+    client = await temporal(args.settings)
     for referral_id in targets:
         try:
             line = await erase_referral(
@@ -613,7 +650,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
                 task_queue=args.settings.task_queue,
                 maildir=args.settings.dev_maildir,
             )
-        except ErasureRefused as error:
+        except Refused as error:
             raise Refused(str(error)) from error
         print(line)
     if still_open:
@@ -624,6 +661,7 @@ async def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
+    from activities.db import as_utc
     from activities.webhooks import list_deliveries
 
     rows = [
@@ -639,7 +677,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
             "created_at": as_utc(row.created_at).isoformat(),
             "updated_at": as_utc(row.updated_at).isoformat(),
         }
-        for row in list_deliveries(open_database(args.settings.database()), failed_only=args.failed)
+        for row in list_deliveries(database(args.settings), failed_only=args.failed)
     ]
     if args.json:
         print_json(rows)
@@ -658,19 +696,22 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
 
 
 async def cmd_webhooks_redeliver(args: argparse.Namespace) -> int:
-    from activities.webhooks import RedeliveryRefused, redeliver
+    from activities.webhooks import Refused, redeliver
 
     try:
         settings: Settings = args.settings
-        engine = open_database(settings.database())
-        workflow = await redeliver(await connect(settings), engine, args.id, settings.task_queue)
-    except RedeliveryRefused as error:
+        engine = database(settings)
+        workflow = await redeliver(await temporal(settings), engine, args.id, settings.task_queue)
+    except Refused as error:
         raise Refused(str(error)) from error
     print(f"{args.id}: redelivery started ({workflow})")
     return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from activities.db import make_engine
+    from activities.schema import upgrade
+
     engine = make_engine(args.settings.database())
     before, after = upgrade(engine)
     where = engine.url.render_as_string(hide_password=True)
@@ -689,7 +730,7 @@ async def cmd_temporal_setup(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     if args.retention is not None and not 1 <= args.retention <= 3650:
         raise Usage("--retention must be between 1 and 3650 days")
-    rules = load_program(settings.program_path)
+    rules = program(settings)
     client = await connect_for_operations(settings)
     try:
         lines = await setup(client, rules, settings.task_queue, args.retention)
@@ -729,7 +770,7 @@ def rotate_receipt_key(settings: Settings) -> int:
 
     settings.require(DB, KEYS)
     configure(settings.key_ring())  # seals the new key
-    key_id, retired = rotate_key(open_database(settings.database()))
+    key_id, retired = rotate_key(database(settings))
     before = f"; {retired} is retired, its public key still published" if retired else ""
     print(f"receipts are signed with key {key_id} from now on{before}")
     return 0
@@ -768,6 +809,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     from core.metrics import MetricsSettingError
     from starter.web import WebSettingError, run_web
 
+    args.settings.temporal_client()  # fail closed: a bad Temporal profile stops the start
     try:
         run_web(args.settings, args.host, args.port)
     except (MetricsSettingError, WebSettingError) as error:  # unusable, or unsafe
@@ -778,6 +820,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import worker
 
+    args.settings.temporal_client()  # fail closed: a bad Temporal profile stops the start
     worker.main(args.settings)
     return 0
 
@@ -813,13 +856,19 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         help="seconds to wait for a worker to apply a staff action "
         f"(default $REFERRALS_CLI_TIMEOUT or {DEFAULT_TIMEOUT_SECONDS:g})",
     )
+    parser.set_defaults(reads_only=False)  # a command that only reads says so (`add`)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
-        name: str, handler: Callable[..., Any], help: str, needs: tuple[Need, ...] = ()
+        name: str,
+        handler: Callable[..., Any],
+        help: str,
+        needs: tuple[Need, ...] = (),
+        *,
+        reads_only: bool = False,
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler, needs=needs)
+        sub.set_defaults(handler=handler, needs=needs, reads_only=reads_only)
         return sub
 
     sub = add("dev", cmd_dev, "run the local stack: Temporal dev server and UI, worker, mail sink")
@@ -841,7 +890,9 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     add(
         "submit", cmd_submit, "submit a referral from a JSON file", (DB, KEYS, SECRET)
     ).add_argument("file")
-    sub = add("list", cmd_list, "list referrals, newest first, a page at a time", (DB,))
+    sub = add(
+        "list", cmd_list, "list referrals, newest first, a page at a time", (DB,), reads_only=True
+    )
     sub.add_argument("--stage", choices=[s.value for s in Stage])
     sub.add_argument("--referrer", metavar="EMAIL", help="only this referrer's referrals")
     sub.add_argument(
@@ -853,7 +904,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     sub.add_argument("--page", type=int, default=1, metavar="K", help="page K (default 1)")
     sub.add_argument("--json", action="store_true", help="a JSON list of the rows")
-    sub = add("show", cmd_show, "show one referral", TEMPORAL)
+    sub = add("show", cmd_show, "show one referral", TEMPORAL, reads_only=True)
     sub.add_argument("id")
     sub.add_argument("--json", action="store_true")
 
@@ -871,7 +922,13 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
                 type=int if field.kind is Kind.INTEGER else str,
                 help=field.help,
             )
-    sub = add("commissions", cmd_commissions, "finance's export of the commission ledger", (DB,))
+    sub = add(
+        "commissions",
+        cmd_commissions,
+        "finance's export of the commission ledger",
+        (DB,),
+        reads_only=True,
+    )
     sub.add_argument("--status", choices=[s.value for s in CommissionStatus])
     view = sub.add_mutually_exclusive_group()
     view.add_argument("--lines", action="store_true", help="the ledger's lines, oldest first")
@@ -981,22 +1038,16 @@ def run(argv: list[str] | None = None) -> int:
     args.settings = settings
     try:
         settings.require(*args.needs)
-        configure_webhooks(settings.program_path, settings.webhook_retry)
+        if not args.reads_only:  # what it writes may be an event the program's webhooks send
+            from activities.webhooks import configure as configure_webhooks
+
+            configure_webhooks(settings.program_path, settings.webhook_retry)
         result = args.handler(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result)
-    except (
-        Refused,
-        SettingsError,
-        ProgramError,
-        SubmissionRefused,
-        DuplicateReferral,
-        SchemaOutOfDate,
-        EncryptionKeyError,
-    ) as error:
-        prefix = "refused: " if isinstance(error, SubmissionRefused) else ""
-        print(f"referrals: {prefix}{error}", file=sys.stderr)
+    except (Refused, SettingsError) as error:
+        print(f"referrals: {error}", file=sys.stderr)
         return 1
     except Usage as error:
         print(f"referrals: {error}", file=sys.stderr)

@@ -7,14 +7,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from sqlalchemy.engine import Engine
 
-from activities.payees import accept_mandate, load_payee, payee_events, save_payee
-from activities.payouts import documents, item_status, list_runs, load_run
-from activities.schema import open_database
 from core.payees import (
     MANDATE_VERSION,
     PayeeKind,
@@ -24,13 +20,10 @@ from core.payees import (
     mask_iban,
     one_line,
 )
-from core.program import load_program
 from core.roles import Task
 from core.settings import Need, Settings
-from core.temporal import connect
 from starter.actions import Refused
 from starter.cli import acting_as, cli_signer, iso_date, print_json, timeout_seconds
-from starter.payouts import act_on_run, local_today, new_request_id, prepare_run
 from workflows.payouts import (
     RunAction,
     RunRequest,
@@ -39,6 +32,9 @@ from workflows.payouts import (
     payout_referral,
     payout_requests,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 DB = Need.DATABASE
 TEMPORAL = (Need.DATABASE, Need.ENCRYPTION)
@@ -87,6 +83,9 @@ def _profile_lines(profile: PayeeProfile) -> list[str]:
 
 
 def cmd_payee_show(args: argparse.Namespace) -> int:
+    from activities.payees import load_payee, payee_events
+    from activities.schema import open_database
+
     engine = open_database(args.settings.database())
     profile = load_payee(engine, args.email)
     if profile is None:
@@ -119,6 +118,9 @@ def _minimum(values: list[str]) -> dict[str, str]:
 
 
 def cmd_payee_set(args: argparse.Namespace) -> int:
+    from activities.payees import load_payee, save_payee
+    from activities.schema import open_database
+
     settings: Settings = args.settings
     actor = acting_as(args, Task.PAYEES)
     engine = open_database(settings.database())
@@ -146,6 +148,10 @@ def cmd_payee_set(args: argparse.Namespace) -> int:
 def cmd_payee_mandate(args: argparse.Namespace) -> int:
     """Staff record a mandate the payee signed on paper; the referrer accepts theirs in the
     portal."""
+    from activities.payees import accept_mandate, load_payee
+    from activities.schema import open_database
+    from core.program import load_program
+
     settings: Settings = args.settings
     actor = acting_as(args, Task.PAYEES)
     engine = open_database(settings.database())
@@ -163,6 +169,8 @@ def cmd_payee_mandate(args: argparse.Namespace) -> int:
 
 
 def _run_lines(state: RunState) -> list[str]:
+    from activities.payouts import item_status
+
     approvals = ", ".join(a.actor for a in state.approvals) or "none"
     lines = [
         f"run {state.run_id}: {state.status}, {state.currency}, cutoff {state.cutoff}, "
@@ -187,6 +195,10 @@ def _run_lines(state: RunState) -> list[str]:
 
 
 async def cmd_payouts_prepare(args: argparse.Namespace) -> int:
+    from core.program import load_program
+    from core.temporal import connect
+    from starter.payouts import local_today, prepare_run
+
     settings: Settings = args.settings
     actor = acting_as(args, Task.PAYOUT_RUNS)
     rules = load_program(settings.program_path)
@@ -213,6 +225,9 @@ def _print_run(args: argparse.Namespace, state: RunState) -> None:
 
 
 def cmd_payouts_list(args: argparse.Namespace) -> int:
+    from activities.payouts import list_runs
+    from activities.schema import open_database
+
     runs = list_runs(open_database(args.settings.database()), args.status)
     if not runs:
         print("no payout runs" + (f" {args.status}" if args.status else ""))
@@ -224,6 +239,9 @@ def cmd_payouts_list(args: argparse.Namespace) -> int:
 
 
 def cmd_payouts_show(args: argparse.Namespace) -> int:
+    from activities.payouts import load_run
+    from activities.schema import open_database
+
     engine = open_database(args.settings.database())
     state = load_run(engine, args.run)
     if state is None:
@@ -237,6 +255,8 @@ def cmd_payouts_show(args: argparse.Namespace) -> int:
 
 def write_documents(engine: Engine, run_id: str, folder: Path) -> list[Path]:
     """The run's bank file, statements and credit notes, as files in `folder`."""
+    from activities.payouts import documents
+
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for row in documents(engine, run_id):
@@ -248,6 +268,11 @@ def write_documents(engine: Engine, run_id: str, folder: Path) -> list[Path]:
 
 def run_command(action: RunAction) -> Callable[[argparse.Namespace], Any]:
     async def command(args: argparse.Namespace) -> int:
+        from activities.payouts import load_run
+        from activities.schema import open_database
+        from core.temporal import connect
+        from starter.payouts import act_on_run, new_request_id
+
         settings: Settings = args.settings
         actor = acting_as(args, Task.PAYOUT_RUNS)
         signer = cli_signer(settings)

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from activities import receipts as log
-from activities.schema import open_database
 from core import receipts
 from core.settings import Need
 from starter.actions import Refused
@@ -21,6 +19,9 @@ DB = Need.DATABASE
 
 def cmd_receipts_show(args: argparse.Namespace) -> int:
     """A referral's receipts (its id), or one receipt (its number), as signed."""
+    from activities import receipts as log
+    from activities.schema import open_database
+
     engine = open_database(args.settings.database())
     if args.id.isdigit():
         found = log.receipt(engine, int(args.id))
@@ -49,6 +50,9 @@ def _keys_from(path: Path) -> dict[str, Any]:
 
 def cmd_receipts_verify(args: argparse.Namespace) -> int:
     """Exit 0 and say what the receipt proves, or exit 1 naming what is wrong."""
+    from activities import receipts as log
+    from activities.schema import open_database
+
     try:
         document = receipts.parse(Path(args.file).read_bytes())
     except OSError as error:
@@ -73,6 +77,9 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_receipts_chain_check(args: argparse.Namespace) -> int:
+    from activities import receipts as log
+    from activities.schema import open_database
+
     report = log.chain_check(open_database(args.settings.database()), args.start)
     if report.problem is not None:
         raise Refused(f"chain broken: {report.problem} ({report.checked} receipts checked)")
