@@ -24,8 +24,17 @@ from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowHistory
 
+from bench.cli import RUNS as CLI_RUNS
+from bench.cli import cli_timings
 from bench.intake import post_referrals
-from bench.lifecycle import BARE_QUEUE, percentiles, shape_of, walk_bare, walk_referrals
+from bench.lifecycle import (
+    BARE_QUEUE,
+    percentiles,
+    shape_of,
+    submit_one,
+    walk_bare,
+    walk_referrals,
+)
 from bench.scale import measure_open_referrals
 from bench.stack import bench_stack
 from bench.storm import timer_storm
@@ -38,6 +47,7 @@ from bench.workers import (
 from tests.conftest import SETTINGS, referrals_web
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
+PROGRAM = Path(__file__).resolve().parent.parent / "program.yaml"
 
 
 @contextmanager
@@ -104,6 +114,10 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
                 history = await client.get_workflow_handle(project.last_id).fetch_history()
                 await post_referrals(base, 20)  # warm
                 intake = await post_referrals(base, posts)
+                waiting = [await submit_one(client, engine, rules) for _ in range(CLI_RUNS)]
+                cli = await cli_timings(
+                    address, client.namespace, database_url, PROGRAM, work, waiting
+                )
             # The intake's own path, with no worker sharing the machine's cores: the
             # referrals it starts wait on their task queue.
             intake_alone = await post_referrals(base, posts)
@@ -158,6 +172,8 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
         "memory_per_cached_referral_kib": timers["memory_per_cached_referral_kib"],
         "list_first_page_ms": scale["list_first_page_ms"],
         "list_cli_ms": scale["list_cli_ms"],
+        "cli_ms": {command: timing["p50"] for command, timing in cli.items()},
+        "cli_latency_ms": cli,
         "dashboard_ms": scale["dashboard_ms"],
         "dashboard_with_charts_ms": scale["dashboard_with_charts_ms"],
         "dashboard_after_change_ms": scale["dashboard_after_change_ms"],
@@ -213,6 +229,11 @@ def table(results: dict[str, Any]) -> str:
         f"{results['open_referrals']} open referrals: list first page "
         f"{results['list_first_page_ms']} ms, dashboard {results['dashboard_ms']} ms "
         f"({results['dashboard_after_change_ms']} ms after a change)"
+    )
+    cli = results["cli_ms"]
+    lines.append(
+        f"CLI end to end, p50 of {CLI_RUNS}: show {cli['show']} ms, list {cli['list']} ms, "
+        f"a staff action {cli['act']} ms"
     )
     return "\n".join(lines)
 

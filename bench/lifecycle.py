@@ -15,11 +15,13 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
 
 from bench.bare import BareLifecycle, BarePlan
+from core.settings import Settings
 from starter.intake import parse_submission, submit_referral
 from tests.conftest import SETTINGS
 from tests.desk import signed
 from tests.factories import submission_data
-from workflows.models import Action, ActResult, ProgramRules, ReferralState, StaffAction
+from workflows.models import Action, ProgramRules, ReferralState, StaffAction
+from workflows.referral import ReferralWorkflow
 
 STEPS = [
     StaffAction(action=Action.CONTACTED, actor="bench"),
@@ -57,6 +59,14 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99)}
 
 
+async def submit_one(
+    client: Client, engine: Engine, rules: ProgramRules, settings: Settings = SETTINGS
+) -> str:
+    """A referral for a prospect of its own, submitted as the intake does."""
+    data = submission_data(**{"prospect.website": f"b-{uuid.uuid4().hex[:10]}.example"})
+    return await submit_referral(client, engine, rules, parse_submission(data), settings)
+
+
 async def walk_referrals(
     client: Client, engine: Engine, rules: ProgramRules, count: int, queue: str | None = None
 ) -> Run:
@@ -66,15 +76,14 @@ async def walk_referrals(
     settings = dataclasses.replace(SETTINGS, task_queue=queue or SETTINGS.task_queue)
 
     async def one() -> None:
-        data = submission_data(**{"prospect.website": f"b-{uuid.uuid4().hex[:10]}.example"})
         started = time.perf_counter()
-        referral_id = await submit_referral(client, engine, rules, parse_submission(data), settings)
+        referral_id = await submit_one(client, engine, rules, settings)
         run.submit_ms.append((time.perf_counter() - started) * 1000)
         handle = client.get_workflow_handle(referral_id, result_type=ReferralState)
         for step in STEPS:
             started = time.perf_counter()
             # Signed as the desk signs each action: part of what an update costs.
-            await handle.execute_update("act", signed(referral_id, step), result_type=ActResult)
+            _ = await handle.execute_update(ReferralWorkflow.act, signed(referral_id, step))
             run.update_ms.append((time.perf_counter() - started) * 1000)
         await handle.result()
         run.last_id = referral_id

@@ -49,10 +49,8 @@ from sqlmodel import Session
 
 from activities.db import make_engine
 from activities.ledger import save_commission
+from activities.queries import count_referrals, list_referrals, load_referral
 from activities.records import (
-    count_referrals,
-    list_referrals,
-    load_referral,
     save_referral,
     write_referral,
 )
