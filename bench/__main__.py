@@ -44,7 +44,8 @@ from bench.workers import (
     throughput_by_workers,
     worker_processes,
 )
-from tests.conftest import SETTINGS, referrals_web
+from devstack.servers import referrals_web
+from devstack.settings import SETTINGS
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 PROGRAM = Path(__file__).resolve().parent.parent / "program.yaml"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tests.factories import submission_data
+from devstack.factories import submission_data
 
 
 @dataclass

@@ -16,10 +16,9 @@ from temporalio.client import Client, WorkflowHistory
 
 from bench.bare import BareLifecycle, BarePlan
 from core.settings import Settings
+from devstack.factories import submission_data
+from devstack.settings import SETTINGS, signed
 from starter.intake import parse_submission, submit_referral
-from tests.conftest import SETTINGS
-from tests.desk import signed
-from tests.factories import submission_data
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction
 from workflows.referral import ReferralWorkflow
 

@@ -56,11 +56,11 @@ from activities.records import (
 )
 from activities.schema import upgrade
 from core.program import load_program
+from devstack.factories import fire_contact_timers
+from devstack.web import csrf_of, use_sign_in_link
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
 from starter.mail_sink import start_sink
-from tests.conftest import csrf_of, use_sign_in_link
-from tests.factories import fire_contact_timers
 from workflows.models import (
     Action,
     CommissionRecord,
@@ -363,7 +363,8 @@ async def measure_open_referrals(work: Path, count: int = 10_000) -> dict[str, A
     """Fill a fresh database in `work` (made if missing) with `count` open referrals (and 20 %
     more closed), then time the staff's first page of `referrals list` and the dashboard."""
     work.mkdir(exist_ok=True)
-    from tests.conftest import MailSink, free_port, referrals_web
+    from devstack.ports import free_port
+    from devstack.servers import MailSink, referrals_web
 
     rules = load_program(PROGRAM)
     database_url = f"sqlite:///{work / 'scale.db'}"

@@ -21,7 +21,8 @@ from temporalio.testing import WorkflowEnvironment
 from activities.db import make_engine
 from activities.schema import upgrade
 from core.program import load_program
-from tests.conftest import SEARCH_ATTRIBUTES, converter, free_port
+from devstack.ports import free_port
+from devstack.settings import SEARCH_ATTRIBUTES, converter
 from workflows.models import ClawbackRules, ProgramRules
 
 

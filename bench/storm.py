@@ -48,10 +48,10 @@ from temporalio.client import Client
 
 from bench.stack import bench_stack
 from bench.workers import WorkerProcess, throughput_by_workers
+from devstack.factories import submission_data
+from devstack.settings import SETTINGS
 from starter.contact_window import contact_window
 from starter.intake import parse_submission, submit_referral
-from tests.conftest import SETTINGS
-from tests.factories import submission_data
 from workflows.models import (
     CalendarRules,
     ContactRules,

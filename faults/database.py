@@ -22,8 +22,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from activities.db import make_engine
 from activities.schema import upgrade
+from devstack.ports import free_port
 from faults.proxy import CuttableProxy
-from faults.stack import free_port, process_running
+from faults.stack import process_running
 
 POSTGRES_URL_ENV = "REFERRALS_TEST_POSTGRES_URL"
 PREFIX = "referral_faults_"

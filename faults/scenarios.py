@@ -32,6 +32,7 @@ from activities.webhooks import configure as configure_webhooks
 from activities.webhooks import start_deliveries, webhook_queue
 from core.program import load_program
 from core.settings import Settings
+from devstack.ports import free_port
 from faults.checks import Findings, verify, verify_outbox
 from faults.database import Backend, ScenarioDatabase
 from faults.driver import Batch
@@ -45,7 +46,6 @@ from faults.stack import (
     TemporalServer,
     Worker,
     connect,
-    free_port,
     wait_for,
 )
 from faults.webhooks import BlackholeEndpoint, enqueue_backlog, write_program

@@ -12,7 +12,6 @@ import asyncio
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from core.encryption import KEYS_ENV, KeyRing
 from core.provisioning import type_name
 from core.temporal import EncryptionCodec, data_converter
+from devstack.ports import free_port
 from workflows.policies import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,22 +46,6 @@ _PR_SET_PDEATHSIG = 1
 
 class StackError(RuntimeError):
     """A process did not start or stop as expected; the message says which and why."""
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on, never the same one twice: a port handed out is bound only
-    later, and meanwhile the system may offer it again (the SMTP server and the Temporal
-    server were once given one port, and the server could not start)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 # Looked up once here: between fork and exec the child must not load libraries (the other

@@ -26,9 +26,9 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from devstack.settings import signed
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
-from tests.conftest import SETTINGS
 from worker import workflow_runner
 from workflows.models import (
     Action,
@@ -223,14 +223,6 @@ async def act_by_id(
     """`act` on a referral known by its id, as alice (the integration tests' desk)."""
     handle = client.get_workflow_handle(referral_id)
     return await act_on(handle, StaffAction(action=action, actor="alice", **values))
-
-
-def signed(referral_id: str, request: StaffAction) -> StaffAction:
-    """`request` as the test run's surface sends it: with a request id, signed."""
-    if request.request_id is None:
-        request = request.model_copy(update={"request_id": f"test-{uuid.uuid4()}"})
-    assert SETTINGS.actor_signing_key is not None
-    return SETTINGS.actor_signing_key.sign(referral_id, request)
 
 
 async def act_on(handle: WorkflowHandle[Any, Any], request: StaffAction) -> ReferralState:

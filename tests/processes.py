@@ -14,7 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import REFERRALS, ROOT, free_port
+from devstack.ports import free_port
+from devstack.servers import REFERRALS
+from devstack.settings import ROOT
 
 
 @dataclass

@@ -51,18 +51,12 @@ from core.payees import MANDATE_VERSION, MandateAcceptance, PayeeProfile, mandat
 from core.program import load_program
 from core.settings import Settings, SmtpSettings
 from core.temporal import data_converter, payload_codec
+from devstack.factories import referral_input, submission
+from devstack.ports import free_port
+from devstack.settings import BIN, ROOT, SEARCH_ATTRIBUTES, SETTINGS, signed
 from starter.intake import submit_referral
 from starter.mail_sink import MaildirHandler
 from starter.payouts import act_on_run, prepare_run
-from tests.conftest import (
-    BIN,
-    ROOT,
-    SEARCH_ATTRIBUTES,
-    SETTINGS,
-    free_port,
-)
-from tests.desk import signed
-from tests.factories import referral_input, submission
 from worker import build_webhook_worker, build_worker
 from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
 from workflows.payout_run import run_workflow_id

@@ -21,16 +21,8 @@ from core.actor_assertions import (
     SigningKey,
     TrustedKeys,
 )
-from tests.conftest import SETTINGS
-from tests.desk import (
-    WON_180K,
-    act,
-    advance,
-    query_state,
-    referral_desk,
-    signed,
-    state_until,
-)
+from devstack.settings import SETTINGS, signed
+from tests.desk import WON_180K, act, advance, query_state, referral_desk, state_until
 from workflows.models import Action, ActResult, ProgramRules, StaffAction, Stage
 
 DESK = SigningKey.new("web-1", "web")

@@ -32,9 +32,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from devstack.factories import submission_data
+from devstack.settings import SETTINGS
 from starter.web import create_app
-from tests.conftest import SETTINGS, Live
-from tests.factories import submission_data
+from tests.conftest import Live
 from tests.test_web import asgi_client, claim_of
 from workflows.models import ProgramRules
 

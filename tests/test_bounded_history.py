@@ -19,7 +19,7 @@ import pytest_asyncio
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from tests.conftest import dev_server
+from devstack.servers import dev_server
 from tests.desk import (
     PROSPECT_DOMAIN,
     WON_180K,

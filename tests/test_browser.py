@@ -21,11 +21,13 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from activities.i18n import format_date, translations
 from activities.receipts import referrer_copy
+from devstack.factories import submission
+from devstack.servers import referrals_web
+from devstack.settings import ROOT, SETTINGS
 from starter.intake import submit_referral
 from starter.web.intake import ERROR_MESSAGES, FIELD_MESSAGES, STAGE_NAMES, STEP_NAMES
-from tests.conftest import ROOT, SETTINGS, Live, referrals_web
+from tests.conftest import Live
 from tests.desk import act_by_id
-from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState, Stage
 
 REFERRALS = Path(sys.executable).parent / "referrals"

@@ -16,10 +16,12 @@ import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from activities.queries import load_referral
+from devstack.factories import submission
+from devstack.servers import MailSink, serve_app
+from devstack.settings import SETTINGS, settings_with
 from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import SETTINGS, Live, MailSink, serve_app, settings_with
-from tests.factories import submission
+from tests.conftest import Live
 from tests.test_browser import SCREENSHOTS, browser, chromium  # noqa: F401
 from tests.test_system_of_record import KEY
 from workflows.models import ProgramRules, StaffRoles, StaffRules, Stage

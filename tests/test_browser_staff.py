@@ -17,8 +17,9 @@ from playwright.async_api import Browser, Page, expect
 from activities.db import make_engine
 from activities.schema import upgrade
 from core.program import load_program
+from devstack.servers import MailSink, serve_app
+from devstack.settings import ROOT
 from starter.web import create_app
-from tests.conftest import ROOT, MailSink, serve_app
 from tests.test_browser import SCREENSHOTS, browser, chromium  # noqa: F401
 from tests.test_figures import NOW, known_referrals, record
 

@@ -13,9 +13,10 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from devstack.factories import referral_input, submission_data
+from devstack.settings import SETTINGS
 from starter.cli import DEFAULT_TIMEOUT_SECONDS as DEFAULT_TIMEOUT
-from tests.conftest import SETTINGS, Cli, Live, Result
-from tests.factories import referral_input, submission_data
+from tests.conftest import Cli, Live, Result
 from workflows.models import ProgramRules
 from workflows.referral import ReferralWorkflow
 

@@ -30,9 +30,10 @@ from temporalio.api.common.v1 import Payload, Payloads
 from core.encryption import KEYS_ENV, new_key_entry
 from core.settings import Settings, SettingsError, create_dev_files
 from core.temporal import payload_codec
+from devstack.ports import free_port
+from devstack.servers import REFERRALS
 from starter import codec_server
 from starter.codec_server import CodecServerError, codec_app_from_settings
-from tests.conftest import REFERRALS, free_port
 
 UI = "https://temporal.example.com"
 ISSUER = "https://login.example.com/"

@@ -12,10 +12,10 @@ from decimal import Decimal
 from typing import Any
 
 from activities.i18n import format_money
+from devstack.factories import submission
+from devstack.settings import SETTINGS, signed
 from starter.intake import submit_referral
-from tests.conftest import SETTINGS, Cli, Live, eventually
-from tests.desk import signed
-from tests.factories import submission
+from tests.conftest import Cli, Live, eventually
 from workflows.models import Action, ActResult, ProgramRules, StaffAction
 
 

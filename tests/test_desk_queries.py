@@ -34,6 +34,8 @@ from activities.queries import load_referral
 from activities.records import save_referral
 from activities.webhooks import WebhookRetry, deliver
 from activities.webhooks import configure as configure_webhooks
+from devstack.factories import referral_input
+from devstack.servers import MailSink
 from starter.desk import (
     CSV_COLUMNS,
     FilterError,
@@ -45,8 +47,6 @@ from starter.desk import (
     referrals_csv,
 )
 from starter.figures import program_figures
-from tests.conftest import MailSink
-from tests.factories import referral_input
 from tests.test_figures import (
     ALICE,
     BOB,

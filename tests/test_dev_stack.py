@@ -12,8 +12,10 @@ from urllib.request import urlopen
 
 import yaml
 
+from devstack.ports import free_port
+from devstack.servers import REFERRALS
+from devstack.settings import BIN, ROOT
 from starter.dev import keep_private
-from tests.conftest import BIN, REFERRALS, ROOT, free_port
 
 
 def start_stack(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -146,3 +148,15 @@ def test_the_stack_makes_an_older_checkouts_data_private(tmp_path: Path) -> None
         "referrals.db-wal": 0o600,
         "created-after": 0o600,
     }
+
+
+def test_ports_are_never_handed_out_twice_nor_ones_the_system_picks() -> None:
+    """The system hands out ephemeral ports to whoever binds port 0 (a Temporal dev server's
+    own services, as it starts): a port reserved for a server not started yet is below them."""
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    assert all(port < int(ephemeral[0]) for port in ports)
+    for port in ports[:20]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))  # free when handed out

@@ -36,9 +36,10 @@ from activities.email import (
 from activities.records import save_referral
 from activities.schema import upgrade
 from core.settings import SmtpSettings
+from devstack.factories import state_at
+from devstack.ports import free_port
+from devstack.servers import MailSink
 from starter.mail_sink import MaildirHandler
-from tests.conftest import MailSink, free_port
-from tests.factories import state_at
 from workflows.models import EmailRequest, HistoryEntry, ProgramRules, ReferralRecord, Stage
 
 

@@ -34,8 +34,8 @@ from core.settings import (
     create_dev_files,
 )
 from core.temporal import EncryptionCodec, payload_codec
+from devstack.servers import REFERRALS
 from starter.codec_server import CodecServerError, codec_app_from_settings, create_codec_app
-from tests.conftest import REFERRALS
 
 UI = "http://127.0.0.1:8233"
 

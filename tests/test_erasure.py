@@ -27,12 +27,13 @@ from activities.erasure import erase_referral
 from activities.queries import load_referral
 from activities.schema import upgrade
 from core.links import status_token
+from devstack.factories import submission, submission_data
+from devstack.settings import SETTINGS, settings_with
 from starter.consent import consent_statement
 from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import SETTINGS, Cli, Live, eventually, settings_with
+from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
-from tests.factories import submission, submission_data
 from tests.test_cli import VIA
 from tests.test_system_of_record import DELETION_SECONDS, KEY, gone
 from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtures

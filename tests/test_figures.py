@@ -20,9 +20,9 @@ from sqlalchemy.engine import Engine
 
 from activities.ledger import save_commission
 from activities.records import save_referral
+from devstack.factories import fire_contact_timers, referral_input
 from starter.cli import run
 from starter.figures import ProgramFigures, percentile, program_figures
-from tests.factories import fire_contact_timers, referral_input
 from workflows.models import (
     Action,
     CommissionRecord,

@@ -33,12 +33,14 @@ from activities.db import ReferralRow
 from activities.email import build_message, render_email
 from activities.queries import load_referral
 from core.program import load_program
+from devstack.factories import ONE_LINE_FIELDS, submission_data
+from devstack.servers import serve_app
+from devstack.settings import ROOT, SECRET
 from starter.intake import DIRECTION_CONTROLS, SubmissionRefused, parse_submission
 from starter.web import create_app
 from starter.web.intake import CSRF_COOKIE, ERROR_MESSAGES, HONEYPOT
 from starter.web.security import MAX_BODY_BYTES
-from tests.conftest import ROOT, SECRET, Live, eventually, serve_app
-from tests.factories import ONE_LINE_FIELDS, submission_data
+from tests.conftest import Live, eventually
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_email_templates import TEMPLATE_EXTRA, TEMPLATE_STAGES, make_state
 from tests.test_web import (

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from core.program import ProgramError, load_program
+from devstack.factories import submission, submission_data
+from devstack.settings import ROOT
 from starter.intake import SubmissionRefused, eligibility_errors, parse_submission
-from tests.conftest import ROOT
-from tests.factories import submission, submission_data
 from workflows.models import ProgramRules, normalize_domain
 
 

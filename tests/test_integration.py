@@ -21,11 +21,12 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import CommissionRow, ProspectClaim
 from activities.queries import load_referral
+from devstack.factories import submission
+from devstack.settings import SETTINGS
 from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, submit_referral
-from tests.conftest import SETTINGS, Live, eventually
+from tests.conftest import Live, eventually
 from tests.desk import act_by_id
-from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState, Stage
 
 

@@ -15,8 +15,8 @@ from sqlalchemy.engine import Engine
 
 from activities.queries import list_referrals
 from activities.records import save_referral
+from devstack.factories import referral_input
 from starter.cli import DEFAULT_LIST_LIMIT, run
-from tests.factories import referral_input
 from workflows.models import ProgramRules, ReferralRecord
 from workflows.transitions import initial_state
 

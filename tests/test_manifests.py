@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import ROOT
+from devstack.settings import ROOT
 from worker import GRACEFUL_SHUTDOWN
 
 K8S = ROOT / "deploy" / "k8s"

@@ -31,10 +31,13 @@ from activities.metrics import ActivityMetrics
 from activities.schema import upgrade
 from core.metrics import MetricsEndpoint, MetricsSettingError, worker_runtime
 from core.settings import Settings, SettingsError
+from devstack.factories import submission
+from devstack.ports import free_port
+from devstack.servers import referrals_web
+from devstack.settings import ROOT, converter, settings_with
 from starter.dev import DevStack, MetricsSettings, metrics_ports
 from starter.intake import submit_referral
-from tests.conftest import ROOT, converter, eventually, free_port, referrals_web, settings_with
-from tests.factories import submission
+from tests.conftest import eventually
 from workflows.models import ProgramRules, Stage
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$", re.MULTILINE)

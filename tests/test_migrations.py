@@ -27,7 +27,9 @@ from activities.schema import (
     supported_code,
     upgrade,
 )
-from tests.conftest import POSTGRES_URL_ENV, REFERRALS, ROOT, empty_database
+from devstack.servers import REFERRALS
+from devstack.settings import ROOT
+from tests.conftest import POSTGRES_URL_ENV, empty_database
 
 # Rows as release 0.1.0 wrote them, table by table (its schema is the baseline revision).
 ROWS_0_1_0 = {

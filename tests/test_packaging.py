@@ -11,7 +11,7 @@ import zipfile
 from email.parser import Parser
 from pathlib import Path
 
-from tests.conftest import ROOT
+from devstack.settings import ROOT
 
 LEFT_OUT = shutil.ignore_patterns(
     ".venv", ".git", ".data", "test-output", "build", "*.egg-info", "__pycache__", "*.mo"

@@ -20,13 +20,16 @@ from activities.payouts import documents, load_run
 from activities.queries import load_referral
 from activities.schema import upgrade
 from core.payees import MANDATE_VERSION, MandateAcceptance, mandate_hash, mandate_text
+from devstack.factories import submission
+from devstack.servers import MailSink
+from devstack.settings import ROOT, SETTINGS, settings_with
+from devstack.web import csrf_of
 from starter.actions import Refused
 from starter.intake import submit_referral
 from starter.payouts import act_on_run, prepare_run
 from starter.web import create_app
-from tests.conftest import ROOT, SETTINGS, MailSink, csrf_of, eventually, settings_with
+from tests.conftest import eventually
 from tests.desk import act_by_id
-from tests.factories import submission
 from tests.test_payouts import RULES, pdf_text, profile
 from tests.test_staff_desk import signed_in
 from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtures

@@ -60,7 +60,9 @@ from core.payees import (
     mask_iban,
     problems,
 )
-from tests.conftest import SETTINGS, Cli, Live, MailSink
+from devstack.servers import MailSink
+from devstack.settings import SETTINGS
+from tests.conftest import Cli, Live
 from tests.test_staff_dashboard import staff_app
 from tests.test_staff_desk import signed_in
 from workflows.models import LineKind, PayingCompany, PayoutRules, ProgramRules, StaffRoles

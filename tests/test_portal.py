@@ -35,11 +35,13 @@ from activities.payees import accept_mandate, load_payee, save_payee
 from activities.records import save_referral
 from core.links import status_token
 from core.payees import MANDATE_VERSION, MandateAcceptance, PayeeProfile
+from devstack.factories import referral_input
+from devstack.servers import MailSink
+from devstack.settings import SETTINGS
+from devstack.web import csrf_of, use_sign_in_link
 from starter.spreadsheet import FORMULA_STARTS, spreadsheet_text
 from starter.web import create_app, signin
 from starter.web.signin import PRIVATE, REFERRER
-from tests.conftest import SETTINGS, MailSink, csrf_of, use_sign_in_link
-from tests.factories import referral_input
 from workflows.models import (
     Action,
     CommissionRecord,

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from activities.receipts import referrer_copy
-from tests.conftest import BIN, Cli, Live, eventually, free_port
-from tests.factories import submission_data
+from devstack.factories import submission_data
+from devstack.ports import free_port
+from devstack.settings import BIN
+from tests.conftest import Cli, Live, eventually
 
 PERSONAL = submission_data()
 SECRETS = [

@@ -17,19 +17,15 @@ from fastapi import FastAPI
 from core.links import status_token
 from core.settings import Settings
 from core.temporal import payload_codec
+from devstack.factories import submission
+from devstack.ports import free_port
+from devstack.servers import MailSink, referrals_web
+from devstack.settings import SECRET, SETTINGS
+from devstack.web import use_sign_in_link
 from starter.codec_server import create_codec_app
 from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import (
-    SECRET,
-    SETTINGS,
-    Live,
-    MailSink,
-    free_port,
-    referrals_web,
-    use_sign_in_link,
-)
-from tests.factories import submission
+from tests.conftest import Live
 from workflows.models import ProgramRules
 
 

@@ -26,8 +26,8 @@ from hypothesis.stateful import (
 )
 
 from core.program import load_program
+from devstack.factories import ONE_LINE_FIELDS, state_at, submission_data
 from starter.intake import SubmissionRefused, parse_submission
-from tests.factories import ONE_LINE_FIELDS, state_at, submission_data
 from workflows.models import (
     COUNTRY_CODES,
     ENTITLEMENT_KINDS,

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from devstack.factories import submission
+from devstack.settings import SETTINGS
 from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, SubmissionRefused, submit_referral
-from tests.conftest import SETTINGS, Live, eventually
+from tests.conftest import Live, eventually
 from tests.desk import act_by_id
-from tests.factories import submission
 from workflows.models import Action, ProgramRules, ReferralState
 from workflows.referral import PROTECTED_KEY
 

@@ -17,7 +17,8 @@ import yaml
 
 from activities.db import make_engine
 from activities.schema import upgrade
-from tests.conftest import REFERRALS, ROOT, dev_server
+from devstack.servers import REFERRALS, dev_server
+from devstack.settings import ROOT
 
 SETUP_LINES = 1 + 6 + 3  # the namespace, six search attributes, three Schedules
 

@@ -20,6 +20,8 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from core.settings import Settings
+from devstack.factories import submission_data
+from devstack.settings import SECRET
 from starter.web import create_app, intake, served_app
 from starter.web.security import (
     RATE_LIMIT_ENV,
@@ -29,8 +31,7 @@ from starter.web.security import (
     client_address,
     parse_networks,
 )
-from tests.conftest import SECRET, Live
-from tests.factories import submission_data
+from tests.conftest import Live
 from tests.test_web import (
     FormState,
     assert_kept,

@@ -27,11 +27,12 @@ from activities.records import save_referral
 from activities.schema import upgrade
 from core import receipts
 from core.encryption import new_key_entry
+from devstack.factories import state_at, submission, submission_data
+from devstack.settings import SETTINGS
 from starter.intake import DuplicateReferral, submit_referral
 from starter.web import create_app
-from tests.conftest import SETTINGS, Cli, Live, eventually
+from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
-from tests.factories import state_at, submission, submission_data
 from workflows.models import Action, ProgramRules, ReferralRecord, Stage
 from workflows.transitions import expire
 

@@ -30,8 +30,8 @@ from activities.db import ProspectClaim
 from activities.queries import load_referral
 from activities.reconcile import ReconcileActivities, reconcile
 from activities.records import save_referral
-from tests.conftest import dev_server
-from tests.factories import referral_input
+from devstack.factories import referral_input
+from devstack.servers import dev_server
 from worker import workflow_runner
 from workflows.models import ProgramRules, ReconcileReport, ReferralRecord, Stage
 from workflows.reconcile import ReconcileWorkflow

@@ -21,8 +21,9 @@ from activities.queries import load_referral
 from activities.schema import upgrade
 from core.encryption import CURRENT_ENV, KEYS_ENV, new_key_entry
 from core.settings import REFERRER_SECRET_ENV
-from tests.conftest import REFERRALS, Live
-from tests.factories import submission_data
+from devstack.factories import submission_data
+from devstack.servers import REFERRALS
+from tests.conftest import Live
 from tests.processes import Process
 from workflows.models import Stage
 

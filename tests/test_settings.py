@@ -21,7 +21,8 @@ from core.settings import (
     SettingsError,
     create_dev_files,
 )
-from tests.conftest import REFERRALS, ROOT
+from devstack.servers import REFERRALS
+from devstack.settings import ROOT
 from workflows.models import Action, StaffAction
 
 OLD, NEW = "old-" + "o" * 32, "new-" + "n" * 32

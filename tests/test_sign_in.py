@@ -23,6 +23,8 @@ from starlette.requests import Request
 
 from activities.db import ReferralRow, make_engine
 from activities.schema import upgrade
+from devstack.servers import MailSink
+from devstack.web import use_sign_in_link
 from starter.web import signin
 from starter.web.security import RateLimiter
 from starter.web.signin import (
@@ -39,7 +41,6 @@ from starter.web.signin import (
     signed_in,
 )
 from starter.web.site import Site
-from tests.conftest import MailSink, use_sign_in_link
 from workflows.models import ProgramRules, StaffRules
 
 KEY = "sign-in-test-key"

@@ -19,11 +19,12 @@ from fastapi import FastAPI
 
 from activities.queries import load_referral
 from core.roles import refusal
+from devstack.factories import submission
+from devstack.settings import SETTINGS, settings_with
 from starter.intake import submit_referral
 from starter.web import create_app
 from starter.web.signin import STAFF
-from tests.conftest import SETTINGS, Live, settings_with
-from tests.factories import submission
+from tests.conftest import Live
 from tests.test_sign_in import ask, settle
 from tests.test_system_of_record import KEY
 from workflows.models import Action, ProgramRules, StaffRoles, StaffRules, Stage

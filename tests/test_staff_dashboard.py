@@ -22,6 +22,8 @@ from sqlalchemy.engine import Engine
 from activities.db import make_engine
 from activities.schema import upgrade
 from core.settings import Settings
+from devstack.servers import MailSink
+from devstack.web import use_sign_in_link
 from starter.figures import ProgramFigures, program_figures
 from starter.web import staff as staff_module
 from starter.web.security import RateLimiter
@@ -35,7 +37,6 @@ from starter.web.staff import (
     add_staff_routes,
     temporal_ui_links,
 )
-from tests.conftest import MailSink, use_sign_in_link
 from tests.test_figures import NOW, Story, hours, known_referrals, record, step
 from tests.test_sign_in import ask, client_for, settle
 from workflows.models import ProgramRules, StaffRules

@@ -19,8 +19,9 @@ from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
 from activities.queries import load_referral
+from devstack.servers import MailSink
+from devstack.web import use_sign_in_link
 from starter.web.signin import STAFF
-from tests.conftest import MailSink, use_sign_in_link
 from tests.test_sign_in import ask, settle
 from tests.test_staff_dashboard import known_db, staff_app  # noqa: F401 - known_db: a fixture
 from workflows.models import ProgramRules, StaffRoles

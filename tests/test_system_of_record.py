@@ -28,12 +28,13 @@ from activities.queries import load_referral
 from activities.reconcile import reconcile
 from activities.records import save_referral
 from core.links import status_token
+from devstack.factories import referral_input, submission, submission_data
+from devstack.settings import BIN, SETTINGS, settings_with
 from starter.domains import registrable_domain
 from starter.intake import submit_referral
 from starter.web import create_app
-from tests.conftest import BIN, SETTINGS, Cli, Live, eventually, settings_with
+from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
-from tests.factories import referral_input, submission, submission_data
 from worker import build_worker
 from workflows.features import RELEASES
 from workflows.models import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from tests.conftest import ROOT
+from devstack.settings import ROOT
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
 from tests.test_dev_stack import referrals, stack_on_free_ports, start_stack, stop_stack
 

@@ -28,8 +28,11 @@ from activities.db import make_engine
 from activities.queries import load_referral
 from core.actor_assertions import SigningKey
 from core.encryption import KEYS_ENV, new_key_entry
-from tests.conftest import POSTGRES_URL_ENV, REFERRALS, ROOT, Live, use_sign_in_link
-from tests.factories import submission_data
+from devstack.factories import submission_data
+from devstack.servers import REFERRALS
+from devstack.settings import ROOT
+from devstack.web import use_sign_in_link
+from tests.conftest import POSTGRES_URL_ENV, Live
 from tests.processes import Process
 from workflows.models import ProgramRules, Stage
 

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.factories import state_at
+from devstack.factories import state_at
 from workflows.models import (
     Action,
     CommissionRules,

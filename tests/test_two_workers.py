@@ -26,12 +26,12 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from devstack.factories import submission
+from devstack.servers import MailSink
+from devstack.settings import settings_with, signed
 from faults.driver import lifecycle
 from faults.stack import Children, Worker
 from starter.intake import submit_referral
-from tests.conftest import MailSink, settings_with
-from tests.desk import signed
-from tests.factories import submission
 from workflows.models import ProgramRules, ReferralState, Stage
 
 REFERRALS = 8

@@ -38,18 +38,12 @@ from activities.queries import load_referral
 from activities.schema import upgrade
 from activities.webhooks import configure as configure_webhooks
 from core.settings import Settings, WebhookRetry
+from devstack.factories import referral_input
+from devstack.servers import REFERRALS, MailSink, dev_server
+from devstack.settings import BIN, ROOT, settings_with
 from faults import previous_release
-from tests.conftest import (
-    BIN,
-    REFERRALS,
-    ROOT,
-    MailSink,
-    dev_server,
-    eventually,
-    settings_with,
-)
+from tests.conftest import eventually
 from tests.desk import act_by_id
-from tests.factories import referral_input
 from tests.test_webhooks import (  # noqa: F401 - receiver: a fixture
     Endpoint,
     Receiver,

@@ -36,6 +36,10 @@ from activities.i18n import format_date, translations
 from activities.receipts import receipts_of
 from core.links import csrf_token, status_token
 from core.settings import Settings
+from devstack.factories import submission_data
+from devstack.ports import free_port
+from devstack.servers import MailSink
+from devstack.settings import SECRET, SETTINGS
 from starter.mail_sink import start_sink
 from starter.web import WebSettingError, create_app, served_app
 from starter.web.intake import (
@@ -46,9 +50,8 @@ from starter.web.intake import (
     STEP_NAMES,
 )
 from starter.web.security import MAX_BODY_BYTES
-from tests.conftest import SECRET, SETTINGS, Live, MailSink, eventually, free_port
+from tests.conftest import Live, eventually
 from tests.desk import act_on
-from tests.factories import submission_data
 from workflows.models import (
     Action,
     ActResult,

@@ -53,10 +53,11 @@ from activities.webhooks import (
 from activities.webhooks import configure as configure_webhooks
 from core.program import ProgramError, load_program
 from core.settings import SettingsError, WebhookRetry
+from devstack.factories import RECEIVED, referral_input, submission
+from devstack.settings import SETTINGS
 from starter.intake import new_referral_id, submit_referral
-from tests.conftest import SETTINGS, Cli, Live, eventually
+from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
-from tests.factories import RECEIVED, referral_input, submission
 from worker import ACTIVITY_THREADS, WEBHOOK_THREADS
 from workflows.models import (
     Action,

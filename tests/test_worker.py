@@ -17,9 +17,11 @@ from sqlmodel import Session as DbSession
 from sqlmodel import select
 
 from activities.db import SentEmail
+from devstack.factories import submission
+from devstack.ports import free_port
+from devstack.settings import ROOT, settings_with
 from starter.intake import submit_referral
-from tests.conftest import ROOT, Live, free_port, settings_with
-from tests.factories import submission
+from tests.conftest import Live
 from workflows.models import ProgramRules
 
 

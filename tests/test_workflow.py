@@ -12,6 +12,7 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
+from devstack.settings import signed
 from starter.contact_window import contact_window
 from tests.desk import (
     PROSPECT_DOMAIN,
@@ -23,7 +24,6 @@ from tests.desk import (
     assert_fired_at,
     query_state,
     referral_desk,
-    signed,
     state_until,
     system_entries,
 )

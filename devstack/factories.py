@@ -1,13 +1,14 @@
-"""Realistic test data built from the shipped example and program."""
+"""Realistic data built from the shipped example and program: submissions, inputs, and
+referrals as they stand at a stage."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
+from devstack.settings import ROOT
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
 from workflows.models import (
@@ -21,7 +22,6 @@ from workflows.models import (
     Submission,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 RECEIVED = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 # The submission's free-text fields that hold one line (the notes may hold several).
 ONE_LINE_FIELDS = [
