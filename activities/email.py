@@ -42,6 +42,7 @@ from activities.receipts import referrer_copy
 from core import TEMPLATES, receipts
 from core.settings import SmtpSettings
 from workflows.models import Action, EmailRequest
+from workflows.referral import SEND_EMAIL
 
 
 @dataclass(frozen=True)
@@ -375,7 +376,7 @@ class EmailActivities:
             ).first()
         return contacted is not None
 
-    @activity.defn(name="send_email")
+    @activity.defn(name=SEND_EMAIL)
     def send_email(self, request: EmailRequest) -> str:
         """Send once per key; returns the Message-ID. A transient failure raises (Temporal
         retries); a permanent refusal raises a non-retryable PermanentEmailFailure."""

@@ -54,6 +54,7 @@ from workflows.models import (
     Referrer,
     RetentionReport,
 )
+from workflows.retention import ERASE_EXPIRED
 
 ERASED = "erased"
 
@@ -305,7 +306,7 @@ class RetentionActivities:
         self._task_queue = task_queue
         self._maildir = maildir
 
-    @activity.defn(name="erase_expired")
+    @activity.defn(name=ERASE_EXPIRED)
     async def erase_expired(self) -> RetentionReport:
         """Erase every referral closed longer ago than the program's retention period."""
         due = await asyncio.to_thread(expired, self._engine, self._days, datetime.now(UTC))

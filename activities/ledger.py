@@ -16,6 +16,7 @@ from temporalio import activity
 from activities.db import CommissionEvent, CommissionLineRow, CommissionRow, ProspectClaim
 from activities.receipts import release
 from workflows.models import CommissionRecord, LineKind, ProspectRelease
+from workflows.referral import RECORD_COMMISSION, RELEASE_PROSPECT
 
 
 def save_commission(engine: Engine, record: CommissionRecord) -> bool:
@@ -182,11 +183,11 @@ class LedgerActivities:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    @activity.defn(name="record_commission")
+    @activity.defn(name=RECORD_COMMISSION)
     def record_commission(self, record: CommissionRecord) -> bool:
         """Bring the ledger row to `record`; False if this event was already recorded."""
         return save_commission(self._engine, record)
 
-    @activity.defn(name="release_prospect")
+    @activity.defn(name=RELEASE_PROSPECT)
     def release_prospect(self, release: ProspectRelease) -> None:
         release_claim(self._engine, release.domain, release.referral_id)

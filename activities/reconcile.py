@@ -58,6 +58,7 @@ from workflows.models import (
     ReferralState,
     Stage,
 )
+from workflows.reconcile import RECONCILE
 from workflows.referral import ReferralWorkflow
 
 # A referral or claim younger than this may have a workflow that is only starting.
@@ -368,7 +369,7 @@ class ReconcileActivities:
         self._engine = engine
         self._task_queue = task_queue
 
-    @activity.defn(name="reconcile")
+    @activity.defn(name=RECONCILE)
     async def reconcile(self) -> ReconcileReport:
         """The nightly reconciliation, as an activity of the worker: it logs each repair as
         it makes it, and a retry resumes after the last heartbeat."""

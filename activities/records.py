@@ -27,6 +27,7 @@ from activities.receipts import follow_up, instant
 from activities.webhooks import enqueue_deliveries, pending_deliveries, start_deliveries
 from core import receipts
 from workflows.models import HistoryEntry, ReferralRecord, ReferralState
+from workflows.referral import RECORD_REFERRAL
 
 
 def write_referral(session: Session, record: ReferralRecord) -> None:
@@ -138,7 +139,7 @@ class RecordActivities:
         self._engine = engine
         self._client = client
 
-    @activity.defn(name="record_referral")
+    @activity.defn(name=RECORD_REFERRAL)
     async def record_referral(self, record: ReferralRecord) -> None:
         """Write one change of a referral to the system of record, then start the delivery
         of its webhook messages (none unless program.yaml has webhooks)."""

@@ -10,6 +10,8 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from workflows.models import ReconcileReport
 
+RECONCILE = "reconcile"  # activities/reconcile.py defines it under this name
+
 
 @workflow.defn
 class ReconcileWorkflow:
@@ -18,7 +20,7 @@ class ReconcileWorkflow:
         """The activity heartbeats as it goes: a lost worker shows within two minutes, not at
         the end of the attempt, and each retry resumes after the last heartbeat."""
         return await workflow.execute_activity(
-            "reconcile",
+            RECONCILE,
             heartbeat_timeout=timedelta(minutes=2),
             start_to_close_timeout=timedelta(minutes=30),
             schedule_to_close_timeout=timedelta(hours=2),

@@ -79,6 +79,11 @@ with workflow.unsafe.imports_passed_through():
         initial_state,
     )
 
+# The activities a referral runs, named once: the definitions in activities/ use these names.
+RECORD_REFERRAL = "record_referral"
+RECORD_COMMISSION = "record_commission"
+RELEASE_PROSPECT = "release_prospect"
+SEND_EMAIL = "send_email"
 # Refused signals (`batched_refusals`) are written with the next applied change, or by this many
 # at once (a small write), or once the first has waited this long, whichever comes first.
 REFUSALS_PER_WRITE = 100
@@ -492,7 +497,7 @@ class ReferralWorkflow:
         def recorded() -> None:
             self._recorded_revision = max(self._recorded_revision, revision)
 
-        self._queue_write("record_referral", record, recorded)
+        self._queue_write(RECORD_REFERRAL, record, recorded)
 
     def _queue_write(
         self, activity: str, argument: Any, done: Callable[[], None] | None = None
@@ -574,7 +579,7 @@ class ReferralWorkflow:
                 )
         if state.is_terminal:
             release = ProspectRelease(domain=state.prospect_domain, referral_id=state.referral_id)
-            self._queue_write("release_prospect", release)
+            self._queue_write(RELEASE_PROSPECT, release)
 
     def _queue_staff_email(
         self,
@@ -614,7 +619,7 @@ class ReferralWorkflow:
         if not self._features.effect_failures:
             self._mail.append(
                 lambda: workflow.execute_activity(
-                    "send_email",
+                    SEND_EMAIL,
                     request,
                     start_to_close_timeout=EFFECT_TIMEOUT,
                     retry_policy=EFFECT_RETRY,
@@ -625,7 +630,7 @@ class ReferralWorkflow:
         async def send() -> None:
             try:
                 await workflow.execute_activity(
-                    "send_email",
+                    SEND_EMAIL,
                     request,
                     start_to_close_timeout=EMAIL_ATTEMPT_TIMEOUT,
                     schedule_to_close_timeout=timedelta(hours=self._rules.email.retry_for_hours),
@@ -682,7 +687,7 @@ class ReferralWorkflow:
         )
         if self._features.commission_lines:
             record.lines = commission_lines(previous, self._state, request)
-        self._queue_write("record_commission", record)
+        self._queue_write(RECORD_COMMISSION, record)
 
     def _next_timer(self) -> tuple[datetime, Callable[[], None]] | None:
         state = self._state
@@ -750,7 +755,7 @@ class ReferralWorkflow:
         state.closed_at = workflow.now()
         self._system_event("clawback_window_closed", "no more refunds can claw back; closed")
         release = ProspectRelease(domain=state.prospect_domain, referral_id=state.referral_id)
-        self._queue_write("release_prospect", release)
+        self._queue_write(RELEASE_PROSPECT, release)
 
     def _contact_reminder(self) -> None:
         self._state.contact_reminder_sent = True

@@ -10,13 +10,15 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from workflows.models import RetentionReport
 
+ERASE_EXPIRED = "erase_expired"  # activities/erasure.py defines it under this name
+
 
 @workflow.defn
 class RetentionWorkflow:
     @workflow.run
     async def run(self) -> RetentionReport:
         return await workflow.execute_activity(
-            "erase_expired",
+            ERASE_EXPIRED,
             start_to_close_timeout=timedelta(hours=1),
             heartbeat_timeout=timedelta(minutes=5),
             retry_policy=RetryPolicy(maximum_attempts=3),
