@@ -237,7 +237,7 @@ async def erase_referral(
     where the `referral.erased` webhook messages are delivered from; `maildir`: the dev
     stack's email files."""
     if not reason.strip():
-        raise Refused("erasing needs a reason (--reason)")
+        raise Refused("erasing needs a reason")
     state = await asyncio.to_thread(load_referral, engine, referral_id)
     if state is None:
         raise Refused(f"unknown referral {referral_id}")

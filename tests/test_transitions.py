@@ -321,7 +321,7 @@ def test_refund_before_payout_lowers_what_is_payable(rules: ProgramRules) -> Non
         ),
         ("10", "AV-1", "refund reference 'AV-1' is already recorded"),
         ("0", "AV-2", "refund needs a positive amount"),
-        ("10", " ", "refund needs a reference (--reference)"),
+        ("10", " ", "refund needs a reference"),
     ],
 )
 def test_refunds_that_cannot_be(

@@ -116,11 +116,11 @@ def _refuse_values(state: ReferralState, request: StaffAction, rules: ProgramRul
     """Why the action's own values are unacceptable, or None."""
     action = request.action
     if action in NEEDS_REASON and not (request.reason or "").strip():
-        return f"{action.value} needs a reason (--reason)"
+        return f"{action.value} needs a reason"
     if action is Action.WON:
         currency = (request.currency or "").strip().upper()
         if not re.fullmatch(r"[A-Z]{3}", currency):
-            return "won needs an ISO 4217 currency code (--currency), e.g. EUR"
+            return "won needs an ISO 4217 currency code, e.g. EUR"
     if action in (Action.WON, Action.PAYMENT, Action.REFUND):
         currency = (
             (request.currency or "").strip().upper()
@@ -129,13 +129,13 @@ def _refuse_values(state: ReferralState, request: StaffAction, rules: ProgramRul
         )
         amount = request.amount
         if amount is None or not amount.is_finite():
-            return f"{action.value} needs a positive amount (--amount) in {currency}"
+            return f"{action.value} needs a positive amount in {currency}"
         try:
             rounded = round_money(amount, currency)
         except InvalidOperation:  # more digits than Decimal holds: it used to fail the task
             return f"{action.value} amount {amount} is larger than any deal"
         if rounded <= 0:
-            return f"{action.value} needs a positive amount (--amount) in {currency}"
+            return f"{action.value} needs a positive amount in {currency}"
     if action is Action.WON:
         terms = rules.commission_for(state.opportunity.product)
         if terms.cap is not None and currency != terms.currency:
@@ -149,7 +149,7 @@ def _refuse_values(state: ReferralState, request: StaffAction, rules: ProgramRul
         action in (Action.PAYMENT, Action.PAYOUT, Action.REFUND)
         and not (request.reference or "").strip()
     ):
-        return f"{action.value} needs a reference (--reference)"
+        return f"{action.value} needs a reference"
     if action is Action.PAYMENT:
         reference = (request.reference or "").strip()
         if any(p.reference == reference for p in state.payments):
@@ -180,7 +180,7 @@ def _refuse_extension(
     state: ReferralState, request: StaffAction, rules: ProgramRules
 ) -> str | None:
     if request.days is None or not 1 <= request.days <= MAX_EXTENSION_DAYS:
-        return f"extend needs a number of days (--days) between 1 and {MAX_EXTENSION_DAYS}"
+        return f"extend needs a number of days between 1 and {MAX_EXTENSION_DAYS}"
     if state.protected_until is None:
         return f"referral {state.referral_id} has no protection to extend"
     if state.protection_extensions >= rules.protection.max_extensions:
