@@ -36,7 +36,7 @@ from core.program import ProgramError, load_program
 from core.provisioning import ProvisioningError, check_namespace
 from core.settings import Need, Settings, SettingsError
 from core.temporal import connect
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 from workflows.payout_run import PayoutRunWorkflow
 from workflows.payout_schedule import MonthlyPayoutsWorkflow
 from workflows.reconcile import ReconcileWorkflow

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from sepaxml import SepaTransfer
 from sepaxml.validation import ValidationError as SepaSchemaError
 
-from workflows.models import PayingCompany, minor_unit_digits
+from workflows.models.program import PayingCompany
+from workflows.models.values import minor_unit_digits
 
 
 class Transfer(BaseModel):

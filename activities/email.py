@@ -41,7 +41,8 @@ from activities.ledger import balances
 from activities.receipts import referrer_copy
 from core import TEMPLATES, receipts
 from core.settings import SmtpSettings
-from workflows.models import Action, EmailRequest
+from workflows.models.referral import EmailRequest
+from workflows.models.values import Action
 from workflows.referral import SEND_EMAIL
 
 

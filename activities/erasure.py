@@ -45,7 +45,7 @@ from activities.receipts import forget_disclosures
 from activities.records import write_referral
 from activities.webhooks import pending_deliveries, start_deliveries, workflow_id
 from core.errors import Refused
-from workflows.models import (
+from workflows.models.referral import (
     Contact,
     Erasure,
     HistoryEntry,

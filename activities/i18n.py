@@ -22,7 +22,7 @@ from babel.support import Translations
 from jinja2.runtime import Context
 
 from core import LOCALE
-from workflows.models import COUNTRY_CODES
+from workflows.models.values import COUNTRY_CODES
 
 LANGUAGES = ("fr", "en")
 # Each language by its own name, as a visitor looks for it: `Français`, `English`.

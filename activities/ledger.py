@@ -15,7 +15,8 @@ from temporalio import activity
 
 from activities.db import CommissionEvent, CommissionLineRow, CommissionRow, ProspectClaim
 from activities.receipts import release
-from workflows.models import CommissionRecord, LineKind, ProspectRelease
+from workflows.models.ledger import CommissionRecord, LineKind
+from workflows.models.referral import ProspectRelease
 from workflows.referral import RECORD_COMMISSION, RELEASE_PROSPECT
 
 

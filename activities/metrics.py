@@ -24,7 +24,7 @@ from temporalio.exceptions import CancelledError
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from activities.db import ReferralRow
-from workflows.models import Stage
+from workflows.models.referral import Stage
 
 EMAILS_SENT = "referrals_emails_sent_total"
 EMAILS_FAILED = "referrals_emails_failed_total"

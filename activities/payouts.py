@@ -45,7 +45,9 @@ from activities.payees import all_payees, iban_owners, load_payee, reject_bank_d
 from activities.statements import Statement, StatementLine, StatementRecovery, render_statement
 from activities.webhooks import PENDING, enqueue_payout_deliveries, start_deliveries
 from core.payees import PayeeProfile, VatRegime, in_sepa_zone, mask_iban
-from workflows.models import LineKind, PayoutRules, ProgramRules, round_money
+from workflows.models.ledger import LineKind
+from workflows.models.program import PayoutRules, ProgramRules
+from workflows.models.values import round_money
 from workflows.payout_run import (
     COLLECT,
     CONFIRM,

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from activities.db import ReferralEventRow, ReferralRow, as_utc
-from workflows.models import HistoryEntry, ReferralState, Stage
+from workflows.models.referral import HistoryEntry, ReferralState, Stage
 
 
 def load_referral(engine: Engine, referral_id: str) -> ReferralState | None:

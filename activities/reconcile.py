@@ -49,9 +49,8 @@ from activities.queries import load_referral
 from activities.records import save_referral
 from activities.webhooks import start_stalled_deliveries
 from workflows.features import RELEASES
-from workflows.models import (
-    CommissionRecord,
-    CommissionStatus,
+from workflows.models.ledger import CommissionRecord, CommissionStatus
+from workflows.models.referral import (
     HistoryEntry,
     ReconcileReport,
     ReferralRecord,

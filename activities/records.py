@@ -26,7 +26,7 @@ from activities.db import (
 from activities.receipts import follow_up, instant
 from activities.webhooks import enqueue_deliveries, pending_deliveries, start_deliveries
 from core import receipts
-from workflows.models import HistoryEntry, ReferralRecord, ReferralState
+from workflows.models.referral import HistoryEntry, ReferralRecord, ReferralState
 from workflows.referral import RECORD_REFERRAL
 
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 from text_unidecode import unidecode
 
 from core.payees import PayeeProfile, VatRegime, mask_iban
-from workflows.models import Language, PayingCompany
+from workflows.models.program import PayingCompany
+from workflows.models.values import Language
 
 # What each regime prints, in French (the law's words) then, for English statements, glossed.
 LEGAL_MENTIONS: dict[VatRegime, str] = {

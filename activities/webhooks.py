@@ -51,7 +51,9 @@ from activities.db import (
 from core.errors import Refused
 from core.program import ProgramError, load_program
 from core.settings import SettingsError, WebhookRetry, environment_secret
-from workflows.models import HistoryEntry, ReferralState, WebhookEndpoint, round_money
+from workflows.models.program import WebhookEndpoint
+from workflows.models.referral import HistoryEntry, ReferralState
+from workflows.models.values import round_money
 from workflows.payouts import PayoutItem, RunState
 from workflows.webhook_delivery import WebhookDeliveryInput, WebhookDeliveryWorkflow
 

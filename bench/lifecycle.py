@@ -19,7 +19,9 @@ from core.settings import Settings
 from devstack.factories import submission_data
 from devstack.settings import SETTINGS, signed
 from starter.intake import parse_submission, submit_referral
-from workflows.models import Action, ProgramRules, ReferralState, StaffAction
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralState, StaffAction
+from workflows.models.values import Action
 from workflows.referral import ReferralWorkflow
 
 STEPS = [

@@ -61,16 +61,16 @@ from devstack.web import csrf_of, use_sign_in_link
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
 from starter.mail_sink import start_sink
-from workflows.models import (
-    Action,
-    CommissionRecord,
-    ProgramRules,
+from workflows.models.ledger import CommissionRecord
+from workflows.models.program import ProgramRules
+from workflows.models.referral import (
     ReferralInput,
     ReferralRecord,
     ReferralState,
     StaffAction,
     Stage,
 )
+from workflows.models.values import Action
 from workflows.transitions import apply_action, commission_lines, initial_state
 
 ROOT = Path(__file__).resolve().parent.parent

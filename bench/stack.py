@@ -23,7 +23,7 @@ from activities.schema import upgrade
 from core.program import load_program
 from devstack.ports import free_port
 from devstack.settings import SEARCH_ATTRIBUTES, converter
-from workflows.models import ClawbackRules, ProgramRules
+from workflows.models.program import ClawbackRules, ProgramRules
 
 
 @dataclass(frozen=True)

@@ -52,12 +52,8 @@ from devstack.factories import submission_data
 from devstack.settings import SETTINGS
 from starter.contact_window import contact_window
 from starter.intake import parse_submission, submit_referral
-from workflows.models import (
-    CalendarRules,
-    ContactRules,
-    ContactWindow,
-    ProgramRules,
-)
+from workflows.models.program import CalendarRules, ContactRules, ProgramRules
+from workflows.models.referral import ContactWindow
 
 REMINDER = "staff_contact_reminder"
 WARM = 20  # warm-up referrals (normal contact window): imports, sandbox, caches

@@ -33,7 +33,7 @@ from temporalio.client import Client
 from bench.lifecycle import walk_referrals
 from bench.worker_process import GC_DONE, READY
 from faults.stack import ROOT, Children, StackError, wait_for
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 START_SECONDS = 60.0
 STOP_SECONDS = 90.0  # graceful shutdown lets in-flight activities finish (worker.py: 75 s)

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from core.errors import Refused
 
 if TYPE_CHECKING:  # the CLI reads keys without loading the models or PyJWT
-    from workflows.models import StaffAction
+    from workflows.models.referral import StaffAction
     from workflows.payouts import RunRequest
 
 SIGNING_KEY_ENV = "REFERRALS_ACTOR_SIGNING_KEY"

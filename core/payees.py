@@ -24,7 +24,8 @@ from stdnum import exceptions as stdnum_errors
 from stdnum.eu import vat
 from stdnum.fr import siret as fr_siret
 
-from workflows.models import Country, Language, PayingCompany, Strict, Text, round_money
+from workflows.models.program import PayingCompany
+from workflows.models.values import Country, Language, Strict, Text, round_money
 
 MANDATES = Path(__file__).resolve().parent / "templates" / "mandate"
 # The mandate's text in force; a new version is a new pair of files, and payees accept again.

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from core.errors import SettingsError
 from core.payees import check_bic, check_iban
 from core.settings import loopback
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 
 class ProgramError(SettingsError):

@@ -44,7 +44,7 @@ from temporalio.client import (
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
 
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 from workflows.payout_schedule import MonthlyPayoutsWorkflow
 from workflows.policies import SEARCH_ATTRIBUTES
 from workflows.reconcile import ReconcileWorkflow

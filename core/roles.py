@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 
-from workflows.models import Action, Role, StaffRules
+from workflows.models.program import Role, StaffRules
+from workflows.models.values import Action
 
 
 class Task(StrEnum):

@@ -11,16 +11,9 @@ from typing import Any
 from devstack.settings import ROOT
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
-from workflows.models import (
-    Commission,
-    CommissionStatus,
-    HistoryEntry,
-    ProgramRules,
-    ReferralInput,
-    ReferralState,
-    Stage,
-    Submission,
-)
+from workflows.models.ledger import Commission, CommissionStatus
+from workflows.models.program import ProgramRules
+from workflows.models.referral import HistoryEntry, ReferralInput, ReferralState, Stage, Submission
 
 RECEIVED = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 # The submission's free-text fields that hold one line (the notes may hold several).

@@ -19,7 +19,7 @@ from core.actor_assertions import SIGNING_KEY_ENV, TRUSTED_KEYS_ENV, SigningKey,
 from core.encryption import KEYS_ENV, new_key_entry
 from core.settings import Need, Settings
 from core.temporal import data_converter, payload_codec
-from workflows.models import StaffAction
+from workflows.models.referral import StaffAction
 from workflows.referral import (
     DOMAIN_KEY,
     PRODUCT_KEY,

@@ -22,7 +22,8 @@ from activities.queries import load_referral
 from faults.driver import CURRENCY, DEAL_AMOUNT, FINAL_STAGE, Batch, lifecycle
 from faults.smtp import RecordingSmtpServer
 from faults.webhooks import BACKLOG_KEY, LIFECYCLE_EVENTS
-from workflows.models import HistoryEntry, ProgramRules, ReferralState
+from workflows.models.program import ProgramRules
+from workflows.models.referral import HistoryEntry, ReferralState
 
 REFERRER_STAGES = (
     "submitted",

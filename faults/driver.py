@@ -34,15 +34,9 @@ from core.settings import Settings
 from starter.actions import Refused
 from starter.intake import parse_submission, submit_referral
 from starter.staff_client import send_action
-from workflows.models import (
-    MONEY_ACTIONS,
-    Action,
-    ActResult,
-    ProgramRules,
-    ReferralState,
-    StaffAction,
-    Stage,
-)
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ActResult, ReferralState, StaffAction, Stage
+from workflows.models.values import MONEY_ACTIONS, Action
 from workflows.referral import ReferralWorkflow
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "referral.json"

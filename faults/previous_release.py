@@ -18,7 +18,7 @@ from temporalio.worker import PatchActivationInput, Worker
 with workflow.unsafe.imports_passed_through():
     import worker
     from workflows.features import RELEASES, behaviour_patch_id
-    from workflows.models import ReferralInput, ReferralState
+    from workflows.models.referral import ReferralInput, ReferralState
     from workflows.referral import ReferralWorkflow
 
 (NEWEST_RELEASE, NEWEST_BEHAVIOURS), *BEFORE = RELEASES

@@ -50,7 +50,7 @@ from faults.stack import (
 )
 from faults.webhooks import BlackholeEndpoint, enqueue_backlog, write_program
 from workflows.features import RELEASES
-from workflows.models import ClawbackRules, ProgramRules
+from workflows.models.program import ClawbackRules, ProgramRules
 
 PROGRAM = ROOT / "program.yaml"
 DRIVE_TIMEOUT = 300.0

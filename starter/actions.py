@@ -15,7 +15,8 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 
 from core.errors import Refused
-from workflows.models import Action, StaffAction
+from workflows.models.referral import StaffAction
+from workflows.models.values import Action
 
 # How long a staff action may wait for a worker, unless REFERRALS_CLI_TIMEOUT says otherwise.
 DEFAULT_TIMEOUT_SECONDS = 30.0

@@ -34,20 +34,16 @@ from starter.actions import (
     staff_action,
 )
 from starter.spreadsheet import spreadsheet_row
-from workflows.models import (
-    Action,
-    CommissionStatus,
-    ReferralState,
-    Stage,
-    round_money,
-)
+from workflows.models.ledger import CommissionStatus
+from workflows.models.referral import ReferralState, Stage
+from workflows.models.values import Action, round_money
 from workflows.transitions import allowed_actions
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from temporalio.client import Client
 
-    from workflows.models import ProgramRules
+    from workflows.models.program import ProgramRules
 
 # Every call to Temporal has a deadline; a staff action's is its own --timeout.
 RPC_TIMEOUT = timedelta(seconds=10)

@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo
 
 import holidays
 
-from workflows.models import CalendarRules, ContactRules, ContactWindow
+from workflows.models.program import CalendarRules, ContactRules
+from workflows.models.referral import ContactWindow
 
 
 @lru_cache(maxsize=64)

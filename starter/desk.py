@@ -51,13 +51,9 @@ from starter.figures import (
     protection_ending,
 )
 from starter.spreadsheet import spreadsheet_row
-from workflows.models import (
-    PROTECTING_STAGES,
-    LineKind,
-    ReferralState,
-    Stage,
-    normalize_domain,
-)
+from workflows.models.ledger import LineKind
+from workflows.models.referral import PROTECTING_STAGES, ReferralState, Stage
+from workflows.models.values import normalize_domain
 
 PER_PAGE = 50
 MAX_PER_PAGE = 500

@@ -32,7 +32,7 @@ from core.settings import (
 )
 from core.temporal import connect_for_operations
 from worker import GRACEFUL_SHUTDOWN
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 BIN = Path(sys.executable).parent
 WEB_PORT_ENV = "REFERRALS_WEB_METRICS_PORT"

@@ -11,7 +11,7 @@ from functools import cache
 
 from publicsuffixlist import PublicSuffixList
 
-from workflows.models import normalize_domain
+from workflows.models.values import normalize_domain
 
 
 @cache

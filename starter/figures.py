@@ -33,15 +33,10 @@ from activities.db import (
     ReferralRow,
     as_utc,
 )
-from workflows.models import (
-    ENTITLEMENT_KINDS,
-    PROTECTING_STAGES,
-    CommissionStatus,
-    LineKind,
-    ProgramRules,
-    Stage,
-    round_money,
-)
+from workflows.models.ledger import ENTITLEMENT_KINDS, CommissionStatus, LineKind
+from workflows.models.program import ProgramRules
+from workflows.models.referral import PROTECTING_STAGES, Stage
+from workflows.models.values import round_money
 
 # The funnel's steps, in order: a referral counts at a step once its event log reached it.
 FUNNEL: list[Stage] = [

@@ -35,14 +35,9 @@ from core.settings import Settings
 from starter.consent import consent_statement
 from starter.contact_window import contact_window
 from starter.domains import email_domain, public_sector_suffix, registrable_domain
-from workflows.models import (
-    ConsentRecord,
-    ProgramRules,
-    ReferralInput,
-    ReferralRecord,
-    Submission,
-    normalize_domain,
-)
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ConsentRecord, ReferralInput, ReferralRecord, Submission
+from workflows.models.values import normalize_domain
 from workflows.referral import ReferralWorkflow
 from workflows.transitions import initial_state
 

@@ -15,7 +15,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.payouts import load_run, start_run
 from core.actor_assertions import SigningKey
 from starter.actions import Refused
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 from workflows.payout_run import PayoutRunWorkflow, run_workflow_id
 from workflows.payouts import RunRequest, RunState
 

@@ -21,7 +21,7 @@ from activities.queries import load_referral
 from activities.schema import open_database
 from core.actor_assertions import SigningKey
 from starter.actions import Refused
-from workflows.models import ActResult, ReferralState, StaffAction
+from workflows.models.referral import ActResult, ReferralState, StaffAction
 from workflows.referral import ReferralWorkflow
 
 

@@ -26,7 +26,7 @@ from devstack.servers import REFERRALS, MailSink, dev_server
 from devstack.settings import BIN, ROOT, SETTINGS, converter, settings_with
 from starter.mail_sink import start_sink
 from worker import build_webhook_worker, build_worker
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 
 @pytest.fixture(scope="session")

@@ -30,13 +30,12 @@ from devstack.settings import signed
 from starter.contact_window import contact_window
 from starter.intake import parse_submission
 from worker import workflow_runner
-from workflows.models import (
-    Action,
+from workflows.models.ledger import CommissionRecord
+from workflows.models.program import ProgramRules
+from workflows.models.referral import (
     ActResult,
-    CommissionRecord,
     ContactWindow,
     EmailRequest,
-    ProgramRules,
     ProspectRelease,
     ReferralInput,
     ReferralRecord,
@@ -44,6 +43,7 @@ from workflows.models import (
     StaffAction,
     Stage,
 )
+from workflows.models.values import Action
 from workflows.referral import ReferralWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent

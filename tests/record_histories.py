@@ -58,7 +58,9 @@ from starter.intake import submit_referral
 from starter.mail_sink import MaildirHandler
 from starter.payouts import act_on_run, prepare_run
 from worker import build_webhook_worker, build_worker
-from workflows.models import Action, ProgramRules, ReferralState, StaffAction, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralState, StaffAction, Stage
+from workflows.models.values import Action
 from workflows.payout_run import run_workflow_id
 from workflows.payouts import RunAction, RunRequest, RunState, payout_referral, payout_requests
 from workflows.referral import ReferralWorkflow

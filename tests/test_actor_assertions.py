@@ -23,7 +23,9 @@ from core.actor_assertions import (
 )
 from devstack.settings import SETTINGS, signed
 from tests.desk import WON_180K, act, advance, query_state, referral_desk, state_until
-from workflows.models import Action, ActResult, ProgramRules, StaffAction, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ActResult, StaffAction, Stage
+from workflows.models.values import Action
 
 DESK = SigningKey.new("web-1", "web")
 TOOLBOX = SigningKey.new("toolbox-1", "toolbox")

@@ -37,7 +37,7 @@ from devstack.settings import SETTINGS
 from starter.web import create_app
 from tests.conftest import Live
 from tests.test_web import asgi_client, claim_of
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 EXAMPLES = 120  # over both operations and both modes; a few seconds on the dev server
 BASE_URL = "http://testserver"

@@ -33,7 +33,9 @@ from tests.desk import (
     state_until,
     system_entries,
 )
-from workflows.models import Action, ProgramRules, StaffAction, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import StaffAction, Stage
+from workflows.models.values import Action
 from workflows.policies import DOMAIN_KEY, MAX_REFUSALS_KEPT, PRODUCT_KEY, SLA_KEY, STAGE_KEY
 from workflows.referral import (
     CONTINUE_AS_NEW_EVENTS,

@@ -28,7 +28,9 @@ from starter.intake import submit_referral
 from starter.web.intake import ERROR_MESSAGES, FIELD_MESSAGES, STAGE_NAMES, STEP_NAMES
 from tests.conftest import Live
 from tests.desk import act_by_id
-from workflows.models import Action, ProgramRules, ReferralState, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralState, Stage
+from workflows.models.values import Action
 
 REFERRALS = Path(sys.executable).parent / "referrals"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -24,7 +24,8 @@ from starter.web import create_app
 from tests.conftest import Live
 from tests.test_browser import SCREENSHOTS, browser, chromium  # noqa: F401
 from tests.test_system_of_record import KEY
-from workflows.models import ProgramRules, StaffRoles, StaffRules, Stage
+from workflows.models.program import ProgramRules, StaffRoles, StaffRules
+from workflows.models.referral import Stage
 
 SALES = f"sales-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"
 FINANCE = f"finance-{uuid.uuid4().hex[:8]}@nuage-logiciel.example"

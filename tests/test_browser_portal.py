@@ -12,7 +12,7 @@ from starter.web.signin import REFERRER
 from tests.conftest import Live
 from tests.test_browser import browser, chromium, page, screenshot, web  # noqa: F401 - fixtures
 from tests.test_portal import known
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 PHONE: ViewportSize = {"width": 390, "height": 844}
 

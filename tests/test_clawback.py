@@ -22,7 +22,10 @@ from tests.desk import (
     referral_desk,
     sleep_until,
 )
-from workflows.models import Action, LineKind, ProgramRules, ProspectRelease, Stage
+from workflows.models.ledger import LineKind
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ProspectRelease, Stage
+from workflows.models.values import Action
 
 
 def lines(desk: Desk) -> list[tuple[LineKind, Decimal, str | None]]:

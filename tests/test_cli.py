@@ -17,7 +17,7 @@ from devstack.factories import referral_input, submission_data
 from devstack.settings import SETTINGS
 from starter.cli import DEFAULT_TIMEOUT_SECONDS as DEFAULT_TIMEOUT
 from tests.conftest import Cli, Live, Result
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 from workflows.referral import ReferralWorkflow
 
 # What the CLI adds to a claimed actor (--actor, REFERRALS_ACTOR) without a staff identity.

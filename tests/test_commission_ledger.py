@@ -16,7 +16,9 @@ from devstack.factories import submission
 from devstack.settings import SETTINGS, signed
 from starter.intake import submit_referral
 from tests.conftest import Cli, Live, eventually
-from workflows.models import Action, ActResult, ProgramRules, StaffAction
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ActResult, StaffAction
+from workflows.models.values import Action
 
 
 async def walk(live: Live, rid: str, *steps: tuple[Action, dict[str, Any]]) -> None:

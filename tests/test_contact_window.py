@@ -7,7 +7,7 @@ import holidays
 import pytest
 
 from starter.contact_window import business_day, contact_window
-from workflows.models import CalendarRules, ContactRules
+from workflows.models.program import CalendarRules, ContactRules
 
 PARIS = ZoneInfo("Europe/Paris")
 FR = CalendarRules(country="FR", timezone="Europe/Paris")

@@ -61,7 +61,8 @@ from tests.test_figures import (
     record,
     step,
 )
-from workflows.models import EmailRequest, ProgramRules, ReferralRecord, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import EmailRequest, ReferralRecord, Stage
 from workflows.transitions import initial_state
 
 ZONE = ZoneInfo("Europe/Paris")

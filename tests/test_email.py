@@ -40,7 +40,8 @@ from devstack.factories import state_at
 from devstack.ports import free_port
 from devstack.servers import MailSink
 from starter.mail_sink import MaildirHandler
-from workflows.models import EmailRequest, HistoryEntry, ProgramRules, ReferralRecord, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import EmailRequest, HistoryEntry, ReferralRecord, Stage
 
 
 def request(rules: ProgramRules, key: str, template: str = "referrer_submitted") -> EmailRequest:

@@ -16,22 +16,19 @@ from markupsafe import escape
 
 from activities.email import TEMPLATES, RenderedEmail, render_email, render_payee_email
 from activities.i18n import format_date
-from workflows.models import (
-    Commission,
-    CommissionStatus,
+from workflows.models.ledger import Commission, CommissionStatus, Payment, Refund
+from workflows.models.referral import (
     Contact,
     ContactWindow,
     EmailRequest,
     HistoryEntry,
-    Language,
     Opportunity,
-    Payment,
     Prospect,
     ReferralState,
     Referrer,
-    Refund,
     Stage,
 )
+from workflows.models.values import Language
 
 EMAIL_DIR = TEMPLATES / "email"
 LANGUAGES = ("fr", "en")

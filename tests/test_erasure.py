@@ -47,7 +47,9 @@ from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtu
     write_program,
 )
 from worker import build_worker
-from workflows.models import Action, ProgramRules, RetentionReport, RetentionRules, Stage
+from workflows.models.program import ProgramRules, RetentionRules
+from workflows.models.referral import RetentionReport, Stage
+from workflows.models.values import Action
 from workflows.retention import RetentionWorkflow
 
 PERSONAL = submission_data()

@@ -23,15 +23,10 @@ from activities.records import save_referral
 from devstack.factories import fire_contact_timers, referral_input
 from starter.cli import run
 from starter.figures import ProgramFigures, percentile, program_figures
-from workflows.models import (
-    Action,
-    CommissionRecord,
-    HistoryEntry,
-    ProgramRules,
-    ReferralRecord,
-    ReferralState,
-    StaffAction,
-)
+from workflows.models.ledger import CommissionRecord
+from workflows.models.program import ProgramRules
+from workflows.models.referral import HistoryEntry, ReferralRecord, ReferralState, StaffAction
+from workflows.models.values import Action
 from workflows.transitions import apply_action, commission_lines, expire, initial_state
 
 NOW = datetime(2027, 3, 15, 12, 0, tzinfo=UTC)

@@ -57,14 +57,9 @@ from tests.test_web import (
     translated,
     unique_site,
 )
-from workflows.models import (
-    EmailRequest,
-    Language,
-    ProgramRules,
-    ReferralState,
-    Submission,
-    normalize_domain,
-)
+from workflows.models.program import ProgramRules
+from workflows.models.referral import EmailRequest, ReferralState, Submission
+from workflows.models.values import Language, normalize_domain
 
 KEY = SECRET  # the live worker's: its emailed links are the pages' links
 RULES = load_program(ROOT / "program.yaml")

@@ -32,7 +32,7 @@ from activities.i18n import (
     territory_name,
     translations,
 )
-from workflows.models import COUNTRY_CODES, minor_unit_digits
+from workflows.models.values import COUNTRY_CODES, minor_unit_digits
 
 ROOT = LOCALE_DIR.parent.parent  # the repository: mapping files name sources from it
 SOURCE_LANGUAGE = "en"  # the msgids are English: an empty English msgstr means "as written"

@@ -10,7 +10,8 @@ from core.program import ProgramError, load_program
 from devstack.factories import submission, submission_data
 from devstack.settings import ROOT
 from starter.intake import SubmissionRefused, eligibility_errors, parse_submission
-from workflows.models import ProgramRules, normalize_domain
+from workflows.models.program import ProgramRules
+from workflows.models.values import normalize_domain
 
 
 def fields(error: SubmissionRefused) -> set[str]:

@@ -27,7 +27,9 @@ from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, submit_referral
 from tests.conftest import Live, eventually
 from tests.desk import act_by_id
-from workflows.models import Action, ProgramRules, ReferralState, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralState, Stage
+from workflows.models.values import Action
 
 
 def unique_site() -> str:

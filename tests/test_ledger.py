@@ -13,7 +13,8 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.db import CommissionEvent, CommissionRow, ProspectClaim
 from activities.ledger import LedgerActivities
-from workflows.models import CommissionRecord, CommissionStatus, ProspectRelease
+from workflows.models.ledger import CommissionRecord, CommissionStatus
+from workflows.models.referral import ProspectRelease
 
 T0 = datetime(2027, 1, 10, 9, 0, tzinfo=UTC)
 

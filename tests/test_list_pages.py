@@ -17,7 +17,8 @@ from activities.queries import list_referrals
 from activities.records import save_referral
 from devstack.factories import referral_input
 from starter.cli import DEFAULT_LIST_LIMIT, run
-from workflows.models import ProgramRules, ReferralRecord
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralRecord
 from workflows.transitions import initial_state
 
 REFERRALS = 120

@@ -38,7 +38,8 @@ from devstack.settings import ROOT, converter, settings_with
 from starter.dev import DevStack, MetricsSettings, metrics_ports
 from starter.intake import submit_referral
 from tests.conftest import eventually
-from workflows.models import ProgramRules, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import Stage
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$", re.MULTILINE)
 

@@ -42,7 +42,9 @@ from tests.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtu
     write_program,
 )
 from worker import build_webhook_worker, build_worker
-from workflows.models import Action, Language, ProgramRules, StaffRoles, StaffRules, Stage
+from workflows.models.program import ProgramRules, StaffRoles, StaffRules
+from workflows.models.referral import Stage
+from workflows.models.values import Action, Language
 from workflows.payouts import (
     HoldReason,
     RunAction,

@@ -65,7 +65,8 @@ from devstack.settings import SETTINGS
 from tests.conftest import Cli, Live
 from tests.test_staff_dashboard import staff_app
 from tests.test_staff_desk import signed_in
-from workflows.models import LineKind, PayingCompany, PayoutRules, ProgramRules, StaffRoles
+from workflows.models.ledger import LineKind
+from workflows.models.program import PayingCompany, PayoutRules, ProgramRules, StaffRoles
 from workflows.payout_run import (
     CONFIRM,
     NOTIFY,

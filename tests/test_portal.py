@@ -42,14 +42,10 @@ from devstack.web import csrf_of, use_sign_in_link
 from starter.spreadsheet import FORMULA_STARTS, spreadsheet_text
 from starter.web import create_app, signin
 from starter.web.signin import PRIVATE, REFERRER
-from workflows.models import (
-    Action,
-    CommissionRecord,
-    ProgramRules,
-    ReferralRecord,
-    ReferralState,
-    StaffAction,
-)
+from workflows.models.ledger import CommissionRecord
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralRecord, ReferralState, StaffAction
+from workflows.models.values import Action
 from workflows.transitions import apply_action, commission_lines, initial_state
 
 KEY = "portal-test-secret"

@@ -26,7 +26,7 @@ from starter.codec_server import create_codec_app
 from starter.intake import submit_referral
 from starter.web import create_app
 from tests.conftest import Live
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 
 def asgi(app: FastAPI) -> httpx.AsyncClient:

@@ -28,20 +28,10 @@ from hypothesis.stateful import (
 from core.program import load_program
 from devstack.factories import ONE_LINE_FIELDS, state_at, submission_data
 from starter.intake import SubmissionRefused, parse_submission
-from workflows.models import (
-    COUNTRY_CODES,
-    ENTITLEMENT_KINDS,
-    Action,
-    Commission,
-    CommissionLine,
-    LineKind,
-    ProgramRules,
-    ReferralState,
-    Refusal,
-    StaffAction,
-    Stage,
-    Submission,
-)
+from workflows.models.ledger import ENTITLEMENT_KINDS, Commission, CommissionLine, LineKind
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralState, Refusal, StaffAction, Stage, Submission
+from workflows.models.values import COUNTRY_CODES, Action
 from workflows.transitions import apply_action, commission_lines
 
 ROOT = Path(__file__).resolve().parent.parent

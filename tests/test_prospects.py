@@ -15,7 +15,9 @@ from starter.domains import registrable_domain
 from starter.intake import DuplicateReferral, SubmissionRefused, submit_referral
 from tests.conftest import Live, eventually
 from tests.desk import act_by_id
-from workflows.models import Action, ProgramRules, ReferralState
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralState
+from workflows.models.values import Action
 from workflows.referral import PROTECTED_KEY
 
 

@@ -22,7 +22,9 @@ from tests.desk import (
     sleep_until,
     system_entries,
 )
-from workflows.models import Action, ProgramRules, ProspectRelease, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ProspectRelease, Stage
+from workflows.models.values import Action
 
 
 def protection_mail(desk: Desk, rid: str) -> list[tuple[str, datetime]]:

@@ -42,7 +42,7 @@ from tests.test_web import (
     open_form,
     translated,
 )
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 KEY = SECRET
 PROXY = "192.0.2.10"

@@ -33,7 +33,9 @@ from starter.intake import DuplicateReferral, submit_referral
 from starter.web import create_app
 from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
-from workflows.models import Action, ProgramRules, ReferralRecord, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralRecord, Stage
+from workflows.models.values import Action
 from workflows.transitions import expire
 
 log.configure(SETTINGS.key_ring())

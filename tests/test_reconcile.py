@@ -33,7 +33,8 @@ from activities.records import save_referral
 from devstack.factories import referral_input
 from devstack.servers import dev_server
 from worker import workflow_runner
-from workflows.models import ProgramRules, ReconcileReport, ReferralRecord, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReconcileReport, ReferralRecord, Stage
 from workflows.reconcile import ReconcileWorkflow
 from workflows.transitions import initial_state
 

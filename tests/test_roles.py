@@ -14,7 +14,8 @@ from core.program import ProgramError, load_program
 from core.roles import ROLES_FOR, Task, held, may, refusal, roles_for, roles_of, staff_addresses
 from tests.conftest import Cli, Result
 from tests.test_cli import VIA, write_submission
-from workflows.models import Action, ProgramRules, Role, StaffRules
+from workflows.models.program import ProgramRules, Role, StaffRules
+from workflows.models.values import Action
 
 SALES, FINANCE, MANAGER = Role.SALES, Role.FINANCE, Role.MANAGER
 BOB, FRED, MAY, OLD = (

@@ -25,7 +25,7 @@ from devstack.factories import submission_data
 from devstack.servers import REFERRALS
 from tests.conftest import Live
 from tests.processes import Process
-from workflows.models import Stage
+from workflows.models.referral import Stage
 
 REFERRER = "claire.rotation@conseil-martin.example"
 # The signing secrets before and after the rotation.

@@ -23,7 +23,8 @@ from core.settings import (
 )
 from devstack.servers import REFERRALS
 from devstack.settings import ROOT
-from workflows.models import Action, StaffAction
+from workflows.models.referral import StaffAction
+from workflows.models.values import Action
 
 OLD, NEW = "old-" + "o" * 32, "new-" + "n" * 32
 LONG = "s" * 32

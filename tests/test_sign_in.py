@@ -41,7 +41,7 @@ from starter.web.signin import (
     signed_in,
 )
 from starter.web.site import Site
-from workflows.models import ProgramRules, StaffRules
+from workflows.models.program import ProgramRules, StaffRules
 
 KEY = "sign-in-test-key"
 STAFF_EMAIL = "manager@nuage-logiciel.example"

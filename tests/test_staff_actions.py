@@ -27,7 +27,9 @@ from starter.web.signin import STAFF
 from tests.conftest import Live
 from tests.test_sign_in import ask, settle
 from tests.test_system_of_record import KEY
-from workflows.models import Action, ProgramRules, StaffRoles, StaffRules, Stage
+from workflows.models.program import ProgramRules, StaffRoles, StaffRules
+from workflows.models.referral import Stage
+from workflows.models.values import Action
 
 # A short wait for a worker: the test of no worker answers within it.
 TIMEOUT_SECONDS = 2.0

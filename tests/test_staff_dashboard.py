@@ -39,7 +39,7 @@ from starter.web.staff import (
 )
 from tests.test_figures import NOW, Story, hours, known_referrals, record, step
 from tests.test_sign_in import ask, client_for, settle
-from workflows.models import ProgramRules, StaffRules
+from workflows.models.program import ProgramRules, StaffRules
 
 
 @pytest.fixture(scope="module")

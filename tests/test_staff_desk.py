@@ -24,7 +24,7 @@ from devstack.web import use_sign_in_link
 from starter.web.signin import STAFF
 from tests.test_sign_in import ask, settle
 from tests.test_staff_dashboard import known_db, staff_app  # noqa: F401 - known_db: a fixture
-from workflows.models import ProgramRules, StaffRoles
+from workflows.models.program import ProgramRules, StaffRoles
 
 FIGURES = 12  # the known referrals
 

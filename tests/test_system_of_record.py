@@ -37,15 +37,15 @@ from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
 from worker import build_worker
 from workflows.features import RELEASES
-from workflows.models import (
-    Action,
-    ProgramRules,
+from workflows.models.program import ProgramRules
+from workflows.models.referral import (
     ReferralInput,
     ReferralRecord,
     ReferralState,
     StaffAction,
     Stage,
 )
+from workflows.models.values import Action
 from workflows.referral import ReferralWorkflow
 from workflows.transitions import initial_state
 

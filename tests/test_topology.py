@@ -34,7 +34,8 @@ from devstack.settings import ROOT
 from devstack.web import use_sign_in_link
 from tests.conftest import POSTGRES_URL_ENV, Live
 from tests.processes import Process
-from workflows.models import ProgramRules, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import Stage
 
 REFERRER = "julie.topology@conseil-martin.example"
 WEB_KEY = SigningKey.new("web-1", "web")

@@ -6,18 +6,10 @@ from decimal import Decimal
 import pytest
 
 from devstack.factories import state_at
-from workflows.models import (
-    Action,
-    CommissionRules,
-    CommissionStatus,
-    LineKind,
-    ProgramRules,
-    ReferralState,
-    Refusal,
-    StaffAction,
-    Stage,
-    round_money,
-)
+from workflows.models.ledger import CommissionStatus, LineKind
+from workflows.models.program import CommissionRules, ProgramRules
+from workflows.models.referral import ReferralState, Refusal, StaffAction, Stage
+from workflows.models.values import Action, round_money
 from workflows.transitions import apply_action, commission_lines, compute_commission, expire
 
 NOW = datetime(2026, 12, 10, 15, 0, tzinfo=UTC)
@@ -262,7 +254,7 @@ def test_accept_protects_the_prospect_and_extend_moves_the_end(rules: ProgramRul
 def test_extend_needs_a_sensible_number_of_days(days: int | None, rules: ProgramRules) -> None:
     request = StaffAction(action=Action.EXTEND, days=days, reason="why")
     refused = apply_action(state_at(Stage.QUALIFYING, rules), request, rules, NOW)
-    assert isinstance(refused, Refusal) and "--days" in refused.reason
+    assert isinstance(refused, Refusal) and "between 1 and 365" in refused.reason
 
 
 def test_expiry_closes_the_referral_as_system(rules: ProgramRules) -> None:

@@ -32,7 +32,8 @@ from devstack.settings import settings_with, signed
 from faults.driver import lifecycle
 from faults.stack import Children, Worker
 from starter.intake import submit_referral
-from workflows.models import ProgramRules, ReferralState, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ReferralState, Stage
 
 REFERRALS = 8
 HOST = socket.gethostname()

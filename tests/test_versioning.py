@@ -53,7 +53,9 @@ from tests.test_webhooks import (  # noqa: F401 - receiver: a fixture
 )
 from worker import build_webhook_worker, build_worker
 from workflows.features import RELEASES, patch_markers
-from workflows.models import Action, ActResult, ProgramRules, StaffAction, Stage
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ActResult, StaffAction, Stage
+from workflows.models.values import Action
 from workflows.referral import ReferralWorkflow
 
 RELEASE = RELEASES[0][0]  # the newest

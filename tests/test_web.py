@@ -52,15 +52,9 @@ from starter.web.intake import (
 from starter.web.security import MAX_BODY_BYTES
 from tests.conftest import Live, eventually
 from tests.desk import act_on
-from workflows.models import (
-    Action,
-    ActResult,
-    ProgramRules,
-    ReferralState,
-    StaffAction,
-    Stage,
-    normalize_domain,
-)
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ActResult, ReferralState, StaffAction, Stage
+from workflows.models.values import Action, normalize_domain
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = SECRET  # the live worker's: its emailed links are the pages' links

@@ -59,17 +59,16 @@ from starter.intake import new_referral_id, submit_referral
 from tests.conftest import Cli, Live, eventually
 from tests.desk import act_by_id
 from worker import ACTIVITY_THREADS, WEBHOOK_THREADS
-from workflows.models import (
-    Action,
+from workflows.models.program import ProgramRules, WebhookEvent
+from workflows.models.referral import (
     HistoryEntry,
-    ProgramRules,
     ReferralRecord,
     ReferralState,
     Refusal,
     StaffAction,
     Stage,
-    WebhookEvent,
 )
+from workflows.models.values import Action
 from workflows.transitions import apply_action, initial_state
 
 ALL_EVENTS = list(WebhookEvent.__args__)  # type: ignore[attr-defined]

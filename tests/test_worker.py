@@ -22,7 +22,7 @@ from devstack.ports import free_port
 from devstack.settings import ROOT, settings_with
 from starter.intake import submit_referral
 from tests.conftest import Live
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 
 class SlowServer:

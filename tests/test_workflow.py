@@ -27,15 +27,10 @@ from tests.desk import (
     state_until,
     system_entries,
 )
-from workflows.models import (
-    Action,
-    ActResult,
-    CommissionStatus,
-    ProgramRules,
-    ProspectRelease,
-    StaffAction,
-    Stage,
-)
+from workflows.models.ledger import CommissionStatus
+from workflows.models.program import ProgramRules
+from workflows.models.referral import ActResult, ProspectRelease, StaffAction, Stage
+from workflows.models.values import Action
 
 # --- 1. happy path ------------------------------------------------------------------------
 

@@ -28,17 +28,17 @@ from tests.desk import (
     referral_desk,
     state_until,
 )
-from workflows.models import (
-    Action,
+from workflows.models.ledger import CommissionStatus
+from workflows.models.program import ProgramRules
+from workflows.models.referral import (
     ActResult,
-    CommissionStatus,
     EmailRequest,
-    ProgramRules,
     ProspectRelease,
     ReferralState,
     StaffAction,
     Stage,
 )
+from workflows.models.values import Action
 from workflows.policies import MAX_REFUSALS_KEPT, PERMANENT_EMAIL_FAILURE
 
 

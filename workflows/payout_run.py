@@ -16,7 +16,7 @@ with workflow.unsafe.imports_passed_through():
 
     from core import actor_assertions
     from core.actor_assertions import Refused
-    from workflows.models import StaffAction
+    from workflows.models.referral import StaffAction
     from workflows.payouts import (
         PayoutItem,
         RunAction,

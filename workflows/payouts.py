@@ -13,7 +13,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from workflows.models import Action, StaffAction, round_money
+from workflows.models.referral import StaffAction
+from workflows.models.values import Action, round_money
 
 
 class RunStatus(StrEnum):

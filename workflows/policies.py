@@ -13,7 +13,7 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 
-from workflows.models import ReferralState, Stage
+from workflows.models.referral import ReferralState, Stage
 
 STAGE_KEY = SearchAttributeKey.for_keyword("ReferralStage")
 DOMAIN_KEY = SearchAttributeKey.for_keyword("ProspectDomain")

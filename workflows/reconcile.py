@@ -8,7 +8,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.models import ReconcileReport
+    from workflows.models.referral import ReconcileReport
 
 RECONCILE = "reconcile"  # activities/reconcile.py defines it under this name
 

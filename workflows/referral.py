@@ -33,14 +33,12 @@ with workflow.unsafe.imports_passed_through():
     from core import actor_assertions
     from core.actor_assertions import UNAUTHENTICATED, Refused, signed_surface
     from workflows.features import CARRY_OVER, RELEASES, Features, Releases
-    from workflows.models import (
-        MONEY_ACTIONS,
-        Action,
+    from workflows.models.ledger import CommissionRecord
+    from workflows.models.program import ProgramRules
+    from workflows.models.referral import (
         ActResult,
-        CommissionRecord,
         EmailRequest,
         HistoryEntry,
-        ProgramRules,
         ProspectRelease,
         ReferralInput,
         ReferralRecord,
@@ -49,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         StaffAction,
         Stage,
     )
+    from workflows.models.values import MONEY_ACTIONS, Action
     from workflows.policies import (
         DOMAIN_KEY,
         EFFECT_RETRY,

@@ -8,7 +8,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.models import RetentionReport
+    from workflows.models.referral import RetentionReport
 
 ERASE_EXPIRED = "erase_expired"  # activities/erasure.py defines it under this name
 

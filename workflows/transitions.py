@@ -11,24 +11,24 @@ import re
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
-from workflows.models import (
-    Action,
+from workflows.models.ledger import (
     Commission,
     CommissionLine,
-    CommissionRules,
     CommissionStatus,
-    HistoryEntry,
     LineKind,
     Payment,
-    ProgramRules,
+    Refund,
+)
+from workflows.models.program import CommissionRules, ProgramRules
+from workflows.models.referral import (
+    HistoryEntry,
     ReferralInput,
     ReferralState,
-    Refund,
     Refusal,
     StaffAction,
     Stage,
-    round_money,
 )
+from workflows.models.values import Action, round_money
 
 # stage -> action -> next stage. `payment` keeps `won` until the customer has paid in full.
 TRANSITIONS: dict[Stage, dict[Action, Stage]] = {

@@ -45,7 +45,8 @@ from starter.web.security import (
 )
 from starter.web.site import STATIC, Site
 from starter.web.staff import add_staff_routes
-from workflows.models import ProgramRules, Submission
+from workflows.models.program import ProgramRules
+from workflows.models.referral import Submission
 
 
 def create_app(

@@ -49,7 +49,9 @@ from starter.staff_client import NotAnswered, send_action
 from starter.web.deps import FormLanguage, Language, PostedForm, SiteDep, csrf_checked
 from starter.web.signin import PRIVATE, STAFF, StaffEmail, sign_in_page, signed_in_page
 from starter.web.site import Site
-from workflows.models import Action, CommissionStatus, Stage
+from workflows.models.ledger import CommissionStatus
+from workflows.models.referral import Stage
+from workflows.models.values import Action
 from workflows.transitions import allowed_actions
 
 LIST = f"{STAFF.home}/referrals"

@@ -38,7 +38,7 @@ from starter.web.deps import (
 )
 from starter.web.security import ApiError, ApiRefusal, RateLimiter
 from starter.web.site import Site, pick_language
-from workflows.models import ReferralState, Stage, Submission
+from workflows.models.referral import ReferralState, Stage, Submission
 
 CSRF_COOKIE = "referral_form"
 CURRENCIES = ("EUR", "USD", "GBP", "CHF", "CAD")

@@ -30,7 +30,7 @@ from starter.payouts import act_on_run
 from starter.web.deps import FormLanguage, Language, PostedForm, SiteDep, csrf_checked
 from starter.web.signin import PRIVATE, STAFF, StaffEmail, sign_in_page, signed_in_page
 from starter.web.site import Site
-from workflows.models import round_money
+from workflows.models.values import round_money
 from workflows.payouts import (
     NEEDS,
     HoldReason,

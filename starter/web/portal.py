@@ -44,7 +44,9 @@ from starter.web.signin import (
     signed_in_page,
 )
 from starter.web.site import Site
-from workflows.models import PayoutRules, ReferralState, round_money
+from workflows.models.program import PayoutRules
+from workflows.models.referral import ReferralState
+from workflows.models.values import round_money
 
 # The history actions whose (applied) date the portal shows beside the submission date.
 DATED_ACTIONS = ("contacted", "won")

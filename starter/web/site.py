@@ -27,7 +27,7 @@ from core.payees import mask_iban
 from core.settings import Settings, SmtpSettings
 from core.temporal import connect
 from starter.web.security import Network, RateLimiter, client_address
-from workflows.models import ProgramRules
+from workflows.models.program import ProgramRules
 
 TEMPLATES = core.TEMPLATES / "web"
 STATIC = TEMPLATES / "static"

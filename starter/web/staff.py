@@ -42,7 +42,7 @@ from starter.web.signin import (
     signed_in_page,
 )
 from starter.web.site import Site
-from workflows.models import Stage
+from workflows.models.referral import Stage
 
 CHARTS = ("funnel", "ended", "time", "contact", "commission", "referrers")
 # The longest the dashboard shows figures computed earlier (any change to the data shows at
