@@ -28,7 +28,7 @@ Permission = Action | Task
 
 SALES, FINANCE, MANAGER = Role.SALES, Role.FINANCE, Role.MANAGER
 
-# The table. Every `Action` and `Task` is in it (tests/test_roles.py checks); a manager may do
+# The table. Every `Action` and `Task` is in it (tests/core/test_roles.py checks); a manager may do
 # everything.
 ROLES_FOR: Mapping[Permission, frozenset[Role]] = {
     Action.CONTACTED: frozenset({SALES, MANAGER}),

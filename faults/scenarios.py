@@ -543,7 +543,7 @@ async def run_scenario(
     workdir = root / scenario.name
     workdir.mkdir(parents=True)
     # Payout closes a referral at once: the suite checks how each one ended, not the clawback
-    # window after payout (tests/test_clawback.py does, on the time-skipping server).
+    # window after payout (tests/workflows/test_clawback.py does, on the time-skipping server).
     rules = load_program(PROGRAM).model_copy(update={"clawback": ClawbackRules(days=0)})
     db = ScenarioDatabase(backend, workdir)
     smtp = RecordingSmtpServer("127.0.0.1", free_port())

@@ -7,7 +7,9 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 import yaml
@@ -27,6 +29,23 @@ from devstack.settings import BIN, ROOT, SETTINGS, converter, settings_with
 from starter.mail_sink import start_sink
 from worker import build_webhook_worker, build_worker
 from workflows.models.program import ProgramRules
+
+
+def in_process(
+    app: Any,
+    *,
+    peer: str | None = None,
+    raise_app_exceptions: bool = True,
+    base_url: str = "http://testserver",
+) -> httpx.AsyncClient:
+    """A browser on `app` in this event loop: no server, no port. `peer`: the address its
+    requests come from (the rate limits key on it)."""
+    transport = httpx.ASGITransport(
+        app=app,
+        raise_app_exceptions=raise_app_exceptions,
+        client=(peer or "127.0.0.1", 4000),
+    )
+    return httpx.AsyncClient(transport=transport, base_url=base_url)
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +190,7 @@ Cli = Callable[..., Awaitable[Result]]
 def cli(live: Live, tmp_path: Path, program_file: Path) -> Cli:
     """`referrals` as a dev stack's CLI: it signs its actions with the stack's key file (here
     the test run's key), whoever --actor names. Without that file or an identity, a CLI
-    signs nothing (tests/test_cli.py)."""
+    signs nothing (tests/cli/test_cli.py)."""
     assert SETTINGS.actor_signing_key is not None
     key_file = tmp_path / DEV_ACTOR_KEY_FILE
     key_file.parent.mkdir(exist_ok=True)
