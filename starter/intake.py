@@ -28,7 +28,7 @@ from activities.ledger import release_claim
 from activities.queries import load_referral
 from activities.receipts import Registration, refuse_duplicate, register, release
 from activities.receipts import configure as configure_receipts
-from activities.records import discard_referral, save_referral
+from activities.records import discard_referral, write_referral
 from core.errors import Refused
 from core.links import referrer_key
 from core.settings import Settings
@@ -262,15 +262,18 @@ def new_referral_id() -> str:
 
 
 def _insert_claim(
-    engine: Engine, domain: str, referral_id: str, registration: Registration
+    engine: Engine, domain: str, registration: Registration, record: ReferralRecord
 ) -> bool:
-    """The claim and the `registered` receipt, in one transaction: a registration that loses
-    the race leaves no receipt, and a later refusal always finds the winner's."""
+    """The claim, the `registered` receipt and the referral's first record, in one
+    transaction: a registration that loses the race leaves nothing, and a later refusal always
+    finds the winner's receipt and referral."""
+    referral_id = record.state.referral_id
     try:
         with Session(engine) as session:
             session.add(ProspectClaim(domain=domain, referral_id=referral_id))
             session.flush()
             register(session, referral_id, registration)
+            write_referral(session, record)
             session.commit()
         return True
     except IntegrityError:
@@ -283,10 +286,11 @@ def _current_claim(engine: Engine, domain: str) -> ProspectClaim | None:
 
 
 def _take_over_claim(
-    engine: Engine, domain: str, stale_id: str, referral_id: str, registration: Registration
+    engine: Engine, domain: str, stale_id: str, registration: Registration, record: ReferralRecord
 ) -> bool:
-    """A stale claim passes to `referral_id`: the stale one's registration is released and
-    the new one registered, in the transaction that moves the claim."""
+    """A stale claim passes to the recorded referral: the stale one's registration is
+    released, the new one registered and recorded, in the transaction that moves the claim."""
+    referral_id = record.state.referral_id
     with Session(engine) as session:
         taken = session.exec(
             update(ProspectClaim)
@@ -299,20 +303,21 @@ def _take_over_claim(
             return False
         release(session, stale_id)
         register(session, referral_id, registration)
+        write_referral(session, record)
         session.commit()
         return True
 
 
 async def _claim_prospect(
-    client: Client, engine: Engine, domain: str, referral_id: str, registration: Registration
+    client: Client, engine: Engine, domain: str, registration: Registration, record: ReferralRecord
 ) -> None:
-    """Record `referral_id` as the prospect's open referral, with its `registered` receipt;
-    the primary key decides races. A refusal appends a `refused_duplicate` receipt, which
-    the DuplicateReferral carries. Database calls run in threads so concurrent submissions
-    really do race."""
+    """Record the referral as the prospect's open referral, with its `registered` receipt
+    and its first record; the primary key decides races. A refusal appends a
+    `refused_duplicate` receipt, which the DuplicateReferral carries. Database calls run in
+    threads so concurrent submissions really do race."""
     existing = None
     for _ in range(3):
-        if await asyncio.to_thread(_insert_claim, engine, domain, referral_id, registration):
+        if await asyncio.to_thread(_insert_claim, engine, domain, registration, record):
             return
         existing = await asyncio.to_thread(_current_claim, engine, domain)
         if existing is None:  # released meanwhile: try again
@@ -320,7 +325,7 @@ async def _claim_prospect(
         if await _referral_is_open(client, existing.referral_id, existing.claimed_at):
             break
         if await asyncio.to_thread(
-            _take_over_claim, engine, domain, existing.referral_id, referral_id, registration
+            _take_over_claim, engine, domain, existing.referral_id, registration, record
         ):
             return
         existing = None
@@ -377,7 +382,6 @@ async def submit_referral(
         domain,
         str(submission.referrer.email),
     )
-    await _claim_prospect(client, engine, domain, referral_id, registration)
     product = rules.product(submission.opportunity.product)
     assert product is not None
     statement, _ = consent_statement(consent_language or submission.referrer.language)
@@ -391,15 +395,12 @@ async def submit_referral(
         consent=ConsentRecord(statement=statement, accepted_at=received_at),
         prospect_domain=domain,
     )
-    # Recorded before the workflow starts, so the confirmation page, `referrals show` and the
-    # status link find the referral at once; the workflow's own first write is the same row.
+    # Recorded with the claim, before the workflow starts, so the confirmation page,
+    # `referrals show` and the status link find the referral at once; the workflow's own first
+    # write is the same row.
     first = initial_state(given)
     record = ReferralRecord(state=first.model_copy(update={"history": []}), events=first.history)
-    try:
-        await asyncio.to_thread(save_referral, engine, record)
-    except Exception:
-        await asyncio.to_thread(release_claim, engine, domain, referral_id)
-        raise
+    await _claim_prospect(client, engine, domain, registration, record)
     try:
         await client.start_workflow(
             ReferralWorkflow.run,

@@ -34,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from core.actor_assertions import UNAUTHENTICATED, Refused, signed_surface
     from workflows.features import CARRY_OVER, RELEASES, Features, Releases
     from workflows.models.ledger import CommissionRecord
-    from workflows.models.program import ProgramRules
+    from workflows.models.program import shared_rules
     from workflows.models.referral import (
         ActResult,
         EmailRequest,
@@ -109,8 +109,10 @@ class ReferralWorkflow:
     @workflow.init
     def __init__(self, input: ReferralInput) -> None:
         self._features = Features.decide(self.releases)
+        # The SDK keeps the input for the run's life: it holds the shared rules, not its own
+        # decoded copy, and no second copy of a resumed referral (below).
+        input.rules = self._rules = shared_rules(input.rules)
         self._input = input
-        self._rules: ProgramRules = input.rules
         self._indexed = input.index_search_attributes
         self._mail: deque[Callable[[], Awaitable[Any]]] = deque()
         self._records: deque[Callable[[], Awaitable[Any]]] = deque()
@@ -126,12 +128,13 @@ class ReferralWorkflow:
         self._write_trouble: str | None = None
         self._upgrade_requested = False
         self._carry_over_requested = False
-        if input.resume is not None and input.recorded_seq is not None:
-            self._state = input.resume.model_copy(deep=True)  # recorded already: no write
+        resume, input.resume = input.resume, None
+        if resume is not None and input.recorded_seq is not None:
+            self._state = resume  # recorded already: no write
             self._queued_seq = input.recorded_seq
             self._unwritten_refusals = list(input.unwritten_refusals)
-        elif input.resume is not None:
-            self._state = input.resume.model_copy(deep=True)
+        elif resume is not None:
+            self._state = resume
             for position, entry in enumerate(self._state.history):
                 entry.seq = position if entry.seq is None else entry.seq
             self._record()

@@ -110,7 +110,8 @@ def test_a_receipt_verifies_and_every_change_shows() -> None:
         ("decision", {"status": "refused"}),
         ("prev_entry_hash", "1" * 64),
         ("entry_hash", "2" * 64),
-        ("sig", copy["sig"][:-2] + "AA"),
+        # The first character: all its bits count (the last one's may not).
+        ("sig", ("B" if copy["sig"][0] == "A" else "A") + copy["sig"][1:]),
     ]:
         changed = {**copy, field: value}
         assert not receipts.verify(changed, keys).valid, field
@@ -255,7 +256,11 @@ async def test_twenty_concurrent_submissions_one_registration(
     copies = [r.receipt for r in refusals]
     assert all(c is not None and c["kind"] == receipts.REFUSED_DUPLICATE for c in copies)
     numbers = sorted([registered["seq"], *(c["seq"] for c in copies)])  # type: ignore[index]
-    assert numbers == list(range(numbers[0], numbers[0] + 20))
+    assert len(set(numbers)) == 20  # each attempt its own number, none lost
+    # Between them, only other referrals' receipts (the shared worker's go on meanwhile).
+    between = set(range(numbers[0], numbers[-1] + 1)) - set(numbers)
+    others = [log.receipt(live.engine, seq) for seq in between]
+    assert all(r is not None and r["referral_id"] not in (winner, None) for r in others)
     keys = log.verifying_keys(live.engine)
     for copy in copies:
         assert copy is not None

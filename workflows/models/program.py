@@ -281,3 +281,14 @@ class ProgramRules(Strict):
                 "cap": product.cap if product.cap is not None else self.commission.cap,
             }
         )
+
+
+# Every distinct snapshot of the rules a worker holds, by its JSON.
+_SHARED_RULES: dict[str, ProgramRules] = {}
+
+
+def shared_rules(rules: ProgramRules) -> ProgramRules:
+    """The one instance of these rules in this process. Every referral started under a
+    program decodes its own copy of the rules (about 23 KiB); a worker caching thousands of
+    open referrals keeps one instead. Workflows only read their rules, never change them."""
+    return _SHARED_RULES.setdefault(rules.model_dump_json(), rules)
