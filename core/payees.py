@@ -18,11 +18,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, EmailStr, Field, ValidationError, field_validator, model_validator
-from schwifty import BIC, IBAN
-from schwifty.exceptions import SchwiftyException
-from stdnum import exceptions as stdnum_errors
-from stdnum.eu import vat
-from stdnum.fr import siret as fr_siret
 
 from workflows.models.program import PayingCompany
 from workflows.models.values import Country, Language, Strict, Text, round_money
@@ -76,7 +71,14 @@ def _check(field: str, check: bool, message: str) -> None:
         raise ValueError(f"{field}: {message}")
 
 
+# schwifty and python-stdnum are imported where they check: loading their registries costs
+# every process that only names a payee field (the CLI's parser) a noticeable moment.
+
+
 def check_iban(value: str) -> str:
+    from schwifty import IBAN
+    from schwifty.exceptions import SchwiftyException
+
     try:
         return IBAN(value).compact
     except SchwiftyException as error:
@@ -84,6 +86,9 @@ def check_iban(value: str) -> str:
 
 
 def check_bic(value: str) -> str:
+    from schwifty import BIC
+    from schwifty.exceptions import SchwiftyException
+
     try:
         return str(BIC(value).compact)
     except SchwiftyException as error:
@@ -92,6 +97,9 @@ def check_bic(value: str) -> str:
 
 def bic_of(iban: str) -> str | None:
     """The BIC of an IBAN's bank, where schwifty's registry knows it."""
+    from schwifty import IBAN
+    from schwifty.exceptions import SchwiftyException
+
     try:
         found = IBAN(iban).bic
     except SchwiftyException:
@@ -101,6 +109,9 @@ def bic_of(iban: str) -> str | None:
 
 def in_sepa_zone(iban: str) -> bool:
     """Whether a SEPA credit transfer reaches this account (schwifty's list of countries)."""
+    from schwifty import IBAN
+    from schwifty.exceptions import SchwiftyException
+
     try:
         return bool(IBAN(iban).in_sepa_zone)
     except SchwiftyException:
@@ -156,6 +167,9 @@ class PayeeProfile(Strict):
     def _siret(cls, value: str | None) -> str | None:
         if not value or not value.strip():
             return None
+        from stdnum import exceptions as stdnum_errors
+        from stdnum.fr import siret as fr_siret
+
         try:
             return str(fr_siret.validate(value))
         except stdnum_errors.ValidationError as error:
@@ -166,6 +180,9 @@ class PayeeProfile(Strict):
     def _vat_id(cls, value: str | None) -> str | None:
         if not value or not value.strip():
             return None
+        from stdnum import exceptions as stdnum_errors
+        from stdnum.eu import vat
+
         try:
             return str(vat.validate(value))
         except stdnum_errors.ValidationError as error:
