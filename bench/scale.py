@@ -287,15 +287,27 @@ def list_cli_ms(database_url: str, work: Path) -> float:
     return round(elapsed, 1)
 
 
-async def sign_in(web: httpx.AsyncClient, sink: Any, email: str) -> None:
-    """Through the emailed link, as staff do."""
+# The web app sends a sign-in link in the background, retrying a failed send after 1, 2, 4…
+# seconds: a link that has not arrived after a minute will not.
+LINK_WAIT_S = 60
+
+
+async def sign_in(web: httpx.AsyncClient, sink: Any, email: str, log: Path) -> None:
+    """Through the emailed link, as staff do. `log`: the web app's, quoted if no link comes."""
     page = await web.get("/staff/sign-in/not-a-token?lang=en")  # sets the CSRF cookie
     csrf = csrf_of(page.text)
     asked = await web.post("/staff/sign-in", data={"email": email, "lang": "en", "csrf": csrf})
     assert asked.status_code == 200, asked.text
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + LINK_WAIT_S
     while not (links := sink.sign_in_links(email)):
-        assert time.monotonic() < deadline, "no sign-in link arrived"
+        if time.monotonic() > deadline:
+            held = [str(message["To"]) for message in sink.messages()]
+            said = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+            raise AssertionError(
+                f"no sign-in link for {email} after {LINK_WAIT_S}s; the sink at port "
+                f"{sink.port} holds {len(held)} message(s), to {held[-5:]}; the web app said:\n"
+                f"{said}"
+            )
         await asyncio.sleep(0.05)
     opened = await use_sign_in_link(web, links[-1])
     assert opened.status_code == 303, opened.status_code
@@ -317,12 +329,12 @@ def contact_one(engine: Engine, rules: ProgramRules) -> None:
 
 
 async def dashboard_ms(
-    base: str, sink: Any, email: str, change: Callable[[], None]
+    base: str, sink: Any, email: str, change: Callable[[], None], log: Path
 ) -> dict[str, float | int]:
     """The page alone, the page then its charts concurrently (median ms of each), and the
     page just after a change to the data (its figures computed afresh)."""
     async with httpx.AsyncClient(base_url=base, timeout=120) as web:
-        await sign_in(web, sink, email)
+        await sign_in(web, sink, email, log)
 
         async def page() -> str:
             response = await web.get("/staff?lang=en")
@@ -402,6 +414,7 @@ async def measure_open_referrals(work: Path, count: int = 10_000) -> dict[str, A
                 MailSink("127.0.0.1", port, work / "mail"),
                 staff,
                 lambda: contact_one(engine, rules),
+                work / "web.log",
             )
     finally:
         sink.stop()
