@@ -113,12 +113,14 @@ async def measure(count: int, posts: int, storm: int, open_count: int) -> dict[s
                 with cpu_per(count, server, workers[0].pid) as project_cpu:
                     project = await walk_referrals(client, engine, rules, count)
                 history = await client.get_workflow_handle(project.last_id).fetch_history()
-                await post_referrals(base, 20)  # warm
-                intake = await post_referrals(base, posts)
+                # With the worker idle, as a desk finds it between bursts: the thousand
+                # referrals the intake starts below keep it busy for minutes.
                 waiting = [await submit_one(client, engine, rules) for _ in range(CLI_RUNS)]
                 cli = await cli_timings(
                     address, client.namespace, database_url, PROGRAM, work, waiting
                 )
+                await post_referrals(base, 20)  # warm
+                intake = await post_referrals(base, posts)
             # The intake's own path, with no worker sharing the machine's cores: the
             # referrals it starts wait on their task queue.
             intake_alone = await post_referrals(base, posts)
