@@ -27,7 +27,7 @@ from devstack.settings import ROOT, SETTINGS, settings_with
 from devstack.web import csrf_of
 from starter.actions import Refused
 from starter.intake import submit_referral
-from starter.payouts import act_on_run, prepare_run
+from starter.payouts import act_on_run, local_today, prepare_run
 from starter.web import create_app
 from tests.activities.test_payouts import RULES, pdf_text, profile
 from tests.activities.test_webhooks import (  # noqa: F401 - receiver, webhooks_from: fixtures
@@ -147,7 +147,13 @@ async def test_a_run_pays_a_month_of_commissions_once_and_tells_each_payee(
         payee("c", "en")
 
         state = await prepare_run(
-            client, program, queue, "EUR", datetime.now(UTC).date(), "finance-1", TIMEOUT
+            client,
+            program,
+            queue,
+            "EUR",
+            local_today(program, datetime.now(UTC)),
+            "finance-1",
+            TIMEOUT,
         )
         items = {item.payee_email[0]: item for item in state.items}
         assert (items["a"].net, items["c"].gross, items["c"].recovered, items["c"].net) == (
