@@ -23,7 +23,16 @@ from core.payees import (
 from core.roles import Task
 from core.settings import Need, Settings
 from starter.actions import Refused
-from starter.cli import acting_as, cli_signer, iso_date, print_json, timeout_seconds
+from starter.cli import (
+    acting_as,
+    cli_signer,
+    database,
+    iso_date,
+    print_json,
+    program,
+    temporal,
+    timeout_seconds,
+)
 from workflows.payouts import (
     RunAction,
     RunRequest,
@@ -84,9 +93,8 @@ def _profile_lines(profile: PayeeProfile) -> list[str]:
 
 def cmd_payee_show(args: argparse.Namespace) -> int:
     from activities.payees import load_payee, payee_events
-    from activities.schema import open_database
 
-    engine = open_database(args.settings.database())
+    engine = database(args.settings)
     profile = load_payee(engine, args.email)
     if profile is None:
         raise Refused(f"{args.email} has no payee profile")
@@ -119,11 +127,10 @@ def _minimum(values: list[str]) -> dict[str, str]:
 
 def cmd_payee_set(args: argparse.Namespace) -> int:
     from activities.payees import load_payee, save_payee
-    from activities.schema import open_database
 
     settings: Settings = args.settings
     actor = acting_as(args, Task.PAYEES)
-    engine = open_database(settings.database())
+    engine = database(settings)
     current = load_payee(engine, args.email)
     data: dict[str, Any] = current.model_dump() if current else {"email": args.email}
     given = {name: getattr(args, name) for name in PROFILE_OPTIONS if getattr(args, name)}
@@ -149,16 +156,14 @@ def cmd_payee_mandate(args: argparse.Namespace) -> int:
     """Staff record a mandate the payee signed on paper; the referrer accepts theirs in the
     portal."""
     from activities.payees import accept_mandate, load_payee
-    from activities.schema import open_database
-    from core.program import load_program
 
     settings: Settings = args.settings
     actor = acting_as(args, Task.PAYEES)
-    engine = open_database(settings.database())
+    engine = database(settings)
     profile = load_payee(engine, args.email)
     if profile is None:
         raise Refused(f"{args.email} has no payee profile: `referrals payee set` first")
-    company = load_program(settings.program_path).payouts.company
+    company = program(settings).payouts.company
     if company is None:
         raise Refused("program.yaml sets no payouts.company: the mandate names who bills")
     now = datetime.now(UTC)
@@ -195,15 +200,13 @@ def _run_lines(state: RunState) -> list[str]:
 
 
 async def cmd_payouts_prepare(args: argparse.Namespace) -> int:
-    from core.program import load_program
-    from core.temporal import connect
     from starter.payouts import local_today, prepare_run
 
     settings: Settings = args.settings
     actor = acting_as(args, Task.PAYOUT_RUNS)
-    rules = load_program(settings.program_path)
+    rules = program(settings)
     cutoff = args.cutoff or local_today(rules, datetime.now(UTC))
-    client = await connect(settings)
+    client = await temporal(settings)
     state = await prepare_run(
         client,
         rules,
@@ -226,9 +229,8 @@ def _print_run(args: argparse.Namespace, state: RunState) -> None:
 
 def cmd_payouts_list(args: argparse.Namespace) -> int:
     from activities.payouts import list_runs
-    from activities.schema import open_database
 
-    runs = list_runs(open_database(args.settings.database()), args.status)
+    runs = list_runs(database(args.settings), args.status)
     if not runs:
         print("no payout runs" + (f" {args.status}" if args.status else ""))
     for run in runs:
@@ -240,9 +242,8 @@ def cmd_payouts_list(args: argparse.Namespace) -> int:
 
 def cmd_payouts_show(args: argparse.Namespace) -> int:
     from activities.payouts import load_run
-    from activities.schema import open_database
 
-    engine = open_database(args.settings.database())
+    engine = database(args.settings)
     state = load_run(engine, args.run)
     if state is None:
         raise Refused(f"no payout run {args.run}")
@@ -269,18 +270,17 @@ def write_documents(engine: Engine, run_id: str, folder: Path) -> list[Path]:
 def run_command(action: RunAction) -> Callable[[argparse.Namespace], Any]:
     async def command(args: argparse.Namespace) -> int:
         from activities.payouts import load_run
-        from activities.schema import open_database
-        from core.temporal import connect
         from starter.payouts import act_on_run, new_request_id
 
         settings: Settings = args.settings
         actor = acting_as(args, Task.PAYOUT_RUNS)
         signer = cli_signer(settings)
+        engine = database(settings)
         payouts = []
         if action is RunAction.CONFIRM:
             # Each referral's payout is signed for that referral: the proof of who confirmed
             # reaches every referral the run pays.
-            state = load_run(open_database(settings.database()), args.run)
+            state = load_run(engine, args.run)
             if state is None:
                 raise Refused(f"no payout run {args.run}")
             payouts = [
@@ -297,8 +297,7 @@ def run_command(action: RunAction) -> Callable[[argparse.Namespace], Any]:
             execution_date=getattr(args, "execution_date", None),
             payouts=payouts,
         )
-        client = await connect(settings)
-        engine = open_database(settings.database())
+        client = await temporal(settings)
         state = await act_on_run(client, args.run, request, timeout_seconds(args), signer, engine)
         _print_run(args, state)
         if action is RunAction.EXPORT:

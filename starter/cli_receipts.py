@@ -12,7 +12,7 @@ from typing import Any
 from core import receipts
 from core.settings import Need
 from starter.actions import Refused
-from starter.cli import print_json
+from starter.cli import database, print_json
 
 DB = Need.DATABASE
 
@@ -20,9 +20,8 @@ DB = Need.DATABASE
 def cmd_receipts_show(args: argparse.Namespace) -> int:
     """A referral's receipts (its id), or one receipt (its number), as signed."""
     from activities import receipts as log
-    from activities.schema import open_database
 
-    engine = open_database(args.settings.database())
+    engine = database(args.settings)
     if args.id.isdigit():
         found = log.receipt(engine, int(args.id))
         if found is None:
@@ -51,7 +50,6 @@ def _keys_from(path: Path) -> dict[str, Any]:
 def cmd_receipts_verify(args: argparse.Namespace) -> int:
     """Exit 0 and say what the receipt proves, or exit 1 naming what is wrong."""
     from activities import receipts as log
-    from activities.schema import open_database
 
     try:
         document = receipts.parse(Path(args.file).read_bytes())
@@ -63,7 +61,7 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
         verdict = receipts.verify(document, _keys_from(Path(args.keys)))
     else:
         args.settings.require(DB)
-        verdict = log.verify_with_log(open_database(args.settings.database()), document)
+        verdict = log.verify_with_log(database(args.settings), document)
     if not verdict.valid:
         raise Refused(f"{args.file}: {verdict.problem}")
     opened = ", ".join(
@@ -78,9 +76,8 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
 
 def cmd_receipts_chain_check(args: argparse.Namespace) -> int:
     from activities import receipts as log
-    from activities.schema import open_database
 
-    report = log.chain_check(open_database(args.settings.database()), args.start)
+    report = log.chain_check(database(args.settings), args.start)
     if report.problem is not None:
         raise Refused(f"chain broken: {report.problem} ({report.checked} receipts checked)")
     ending = f", ending at receipt {report.last}" if report.last else ""
