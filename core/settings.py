@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -181,10 +182,11 @@ class Settings:
         environment (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, profiles, API keys, mTLS), read the
         first time it is asked: a command that never reaches Temporal does not load its SDK.
         A process that does cannot start on a bad profile or file (SettingsError)."""
-        if self.temporal is None:
-            object.__setattr__(self, "temporal", temporal_client_config(self.temporal_env))
-        assert self.temporal is not None
-        return self.temporal
+        return self._environment_client if self.temporal is None else self.temporal
+
+    @cached_property
+    def _environment_client(self) -> Mapping[str, Any]:
+        return temporal_client_config(self.temporal_env)
 
     @property
     def namespace(self) -> str:
