@@ -89,8 +89,10 @@ messages: $(STAMP)  ## extract the texts to translate into core/locale/*.pot, up
 run: setup  ## start the local stack: Temporal server + UI, worker, mail sink
 	$(BIN)/referrals dev
 
+# Four test processes (pytest-xdist): most tests wait on servers, so four keep two cores busy.
+TEST_PROCESSES ?= 4
 test: setup  ## the whole suite, against real Temporal servers
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_PROCESSES)
 
 faults: setup  ## fault injection: referrals through worker kills, restarts, outages, a rolling deploy
 	$(BIN)/python -m faults

@@ -21,6 +21,14 @@ def _ephemeral_start() -> int:
 PORTS = range(20_000, max(20_001, min(_ephemeral_start(), 32_768)))
 
 
+def take_share(index: int, count: int) -> None:
+    """Processes that start servers side by side (the test suite's parallel workers) each
+    take a slice of the ports of their own, so no two hand out the same port."""
+    global PORTS
+    size = len(PORTS) // count
+    PORTS = range(PORTS.start + index * size, PORTS.start + (index + 1) * size)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on, never the same one twice, and never one the system
     can give someone else meanwhile: a port handed out is bound only later, by a server that

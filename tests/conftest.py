@@ -13,8 +13,8 @@ import httpx
 import pytest
 import pytest_asyncio
 import yaml
-from sqlalchemy import text
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
@@ -23,7 +23,7 @@ from activities.schema import upgrade
 from core.actor_assertions import SIGNING_KEY_ENV
 from core.program import load_program
 from core.settings import DEV_ACTOR_KEY_FILE
-from devstack.ports import free_port
+from devstack.ports import free_port, take_share
 from devstack.servers import REFERRALS, MailSink, dev_server
 from devstack.settings import BIN, ROOT, SETTINGS, converter, settings_with
 from starter.mail_sink import start_sink
@@ -91,6 +91,35 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
 
 
 POSTGRES_URL_ENV = "REFERRALS_TEST_POSTGRES_URL"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` runs the suite in parallel processes (pytest-xdist). Each takes ports of
+    its own and, when the suite runs against PostgreSQL, a database of its own: its tests
+    drop and recreate the public schema."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1…
+    if worker is None:
+        return
+    take_share(int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    if url := os.environ.get(POSTGRES_URL_ENV):
+        os.environ[POSTGRES_URL_ENV] = own_database(url, worker)
+
+
+def own_database(url: str, worker: str) -> str:
+    """The URL of `url`'s database suffixed with `worker`, created if it is not there yet."""
+    given = make_url(url)
+    name = f"{given.database}_{worker}"
+    server = create_engine(given, isolation_level="AUTOCOMMIT")
+    try:
+        with server.connect() as connection:
+            found = connection.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            ).first()
+            if found is None:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        server.dispose()
+    return given.set(database=name).render_as_string(hide_password=False)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 15) -> None:
