@@ -2,6 +2,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Python keeps the checkout's bytecode, as the image has its own (pip compiles the wheel it
+# installs). Some machines set PYTHONDONTWRITEBYTECODE: every process, and the workflow sandbox
+# for every referral it loads, then compiled the project's modules from source (7 % of the
+# bench worker's CPU).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup catalogs messages run test faults lint format bench histories clean lock lock-check \
 	image image-test
