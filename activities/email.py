@@ -17,11 +17,17 @@ import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from email.message import EmailMessage
+from email import encoders
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,8 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 from jinja2.runtime import Context
+from sqlalchemy import insert
+from sqlalchemy import select as select_columns
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
@@ -140,19 +148,71 @@ def message_id(key: str, sender: str) -> str:
     return f"<{hashlib.sha256(key.encode()).hexdigest()[:40]}@{domain}>"
 
 
-def build_message(request: EmailRequest, rendered: RenderedEmail) -> EmailMessage:
-    message = EmailMessage()
-    message["Subject"] = rendered.subject
-    message["From"] = request.sender
-    message["To"] = ", ".join(request.to)
-    message["Date"] = formatdate(localtime=False)
-    message["Message-ID"] = message_id(request.key, request.sender)
-    message["X-Referral-Id"] = request.referral.referral_id
-    message["X-Idempotency-Key"] = request.key
-    message.set_content(rendered.text)
-    message.add_alternative(rendered.html, subtype="html")
-    message["Content-Language"] = request.language  # after set_content, which drops Content-*
+# Text parts in UTF-8, quoted-printable: mostly ASCII, they stay readable in the raw message.
+_UTF8 = Charset("utf-8")
+_UTF8.body_encoding = QP
+
+# An attachment: its file name, media type and content.
+Attachment = tuple[str, str, bytes]
+
+
+def _header(value: str) -> str:
+    """A header's value, encoded (RFC 2047) when it is not ASCII. A line break would end the
+    header and start another, written by whoever typed the value: refused."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"a header may not contain a line break: {value!r}")
+    return value if value.isascii() else Header(value, _UTF8).encode()
+
+
+def _attachment(filename: str, media_type: str, content: bytes) -> MIMEBase:
+    main, _, sub = media_type.partition("/")
+    part = MIMEBase(main, sub)
+    part.set_payload(content)
+    encoders.encode_base64(part)
+    part.add_header("Content-Disposition", "attachment", filename=filename)
+    return part
+
+
+def compose(
+    headers: Mapping[str, str],
+    rendered: RenderedEmail,
+    language: str,
+    attachments: Sequence[Attachment] = (),
+) -> Message:
+    """The message: its text and HTML as alternatives, then its attachments. Built from the
+    email package's compat32 classes, which take a header as it is given: the default policy
+    parses each one, which cost more than rendering and sending the email together."""
+    # A Charset where typeshed expects its name: the email package takes either.
+    parts = [
+        MIMEText(rendered.text, "plain", _UTF8),  # type: ignore[arg-type]
+        MIMEText(rendered.html, "html", _UTF8),  # type: ignore[arg-type]
+    ]
+    message: Message = MIMEMultipart("alternative", _subparts=parts)
+    if attachments:
+        files = [_attachment(*attachment) for attachment in attachments]
+        message = MIMEMultipart("mixed", _subparts=[message, *files])
+    for name, value in {**headers, "Content-Language": language}.items():
+        message[name] = _header(value)
     return message
+
+
+def message_headers(key: str, sender: str, to: Sequence[str], subject: str) -> dict[str, str]:
+    return {
+        "Subject": subject,
+        "From": sender,
+        "To": ", ".join(to),
+        "Date": formatdate(localtime=False),
+        "Message-ID": message_id(key, sender),
+        "X-Idempotency-Key": key,
+    }
+
+
+def build_message(
+    request: EmailRequest, rendered: RenderedEmail, attachments: Sequence[Attachment] = ()
+) -> Message:
+    headers = message_headers(request.key, request.sender, request.to, rendered.subject)
+    headers["X-Referral-Id"] = request.referral.referral_id
+    return compose(headers, rendered, request.language, attachments)
 
 
 PERMANENT_EMAIL_FAILURE = "PermanentEmailFailure"  # the workflow does not retry this type
@@ -230,7 +290,7 @@ def _open(smtp: SmtpSettings, deadline: _Deadline) -> smtplib.SMTP:
     return client
 
 
-def _send(client: smtplib.SMTP, message: EmailMessage, deadline: _Deadline) -> None:
+def _send(client: smtplib.SMTP, message: Message, deadline: _Deadline) -> None:
     try:
         deadline.apply(client)
         client.send_message(message)
@@ -250,7 +310,7 @@ def _quit(client: smtplib.SMTP, deadline: _Deadline) -> None:
         client.close()
 
 
-def deliver(smtp: SmtpSettings, message: EmailMessage) -> None:
+def deliver(smtp: SmtpSettings, message: Message) -> None:
     """One SMTP exchange on its own connection, bounded by `smtp.deadline_seconds` as a whole."""
     deadline = _Deadline(smtp.deadline_seconds)
     client = _open(smtp, deadline)
@@ -278,7 +338,7 @@ class SmtpConnection(threading.local):
         self._sent = 0
         self._used_at = 0.0
 
-    def deliver(self, message: EmailMessage) -> None:
+    def deliver(self, message: Message) -> None:
         """Bounded by `smtp.deadline_seconds` as a whole, the NOOP included."""
         deadline = _Deadline(self._smtp.deadline_seconds)
         client = self._kept(deadline)
@@ -381,26 +441,21 @@ class EmailActivities:
     def send_email(self, request: EmailRequest) -> str:
         """Send once per key; returns the Message-ID. A transient failure raises (Temporal
         retries); a permanent refusal raises a non-retryable PermanentEmailFailure."""
-        with Session(self._engine) as session:
-            sent = session.get(SentEmail, request.key)
-            if sent is not None:
-                return sent.message_id
+        sent = self._sent(request.key)
+        if sent is not None:
+            return sent
         link = None
         if self._status_link is not None and request.template.startswith("referrer_"):
             link = self._status_link(request.referral.referral_id)
         facts = self._facts(request)
-        message = build_message(request, render_email(request, link, facts))
+        rendered = render_email(request, link, facts)
         receipt = facts.get("receipt")
+        attachments: list[Attachment] = []
         if receipt is not None:
-            message.add_attachment(
-                receipt["json"].encode(),
-                maintype="application",
-                subtype="json",
-                filename=f"receipt-{receipt['seq']}.json",
-            )
-            del message["Content-Language"]  # moved into the text part: back on top
-            message["Content-Language"] = request.language
-        return self._send_once(request.key, request.to, message)
+            filename = f"receipt-{receipt['seq']}.json"
+            attachments.append((filename, "application/json", receipt["json"].encode()))
+        message = build_message(request, rendered, attachments)
+        return self._send_once(request.key, request.to, rendered.subject, message)
 
     def send_to_payee(
         self,
@@ -410,31 +465,26 @@ class EmailActivities:
         language: str,
         template: str,
         facts: dict[str, Any],
-        attachments: list[tuple[str, str, bytes]],
+        attachments: list[Attachment],
     ) -> str:
         """A payout run's email to one payee, once per key, with `attachments` (file name,
         media type, content): their statement or credit note."""
-        with Session(self._engine) as session:
-            sent = session.get(SentEmail, key)
-            if sent is not None:
-                return sent.message_id
+        sent = self._sent(key)
+        if sent is not None:
+            return sent
         rendered = render_payee_email(template, language, facts)
-        message = EmailMessage()
-        message["Subject"] = rendered.subject
-        message["From"] = sender
-        message["To"] = to
-        message["Date"] = formatdate(localtime=False)
-        message["Message-ID"] = message_id(key, sender)
-        message["X-Idempotency-Key"] = key
-        message.set_content(rendered.text)
-        message.add_alternative(rendered.html, subtype="html")
-        for filename, media_type, content in attachments:
-            main, _, sub = media_type.partition("/")
-            message.add_attachment(content, maintype=main, subtype=sub, filename=filename)
-        message["Content-Language"] = language
-        return self._send_once(key, [to], message)
+        headers = message_headers(key, sender, [to], rendered.subject)
+        message = compose(headers, rendered, language, attachments)
+        return self._send_once(key, [to], rendered.subject, message)
 
-    def _send_once(self, key: str, to: list[str], message: EmailMessage) -> str:
+    def _sent(self, key: str) -> str | None:
+        """The Message-ID of the email sent with `key`, if one was."""
+        table = SentEmail.__table__  # type: ignore[attr-defined]
+        with self._engine.connect() as connection:
+            query = select_columns(table.c.message_id).where(table.c.key == key)
+            return connection.execute(query).scalar()
+
+    def _send_once(self, key: str, to: list[str], subject: str, message: Message) -> str:
         try:
             self._connection.deliver(message)
         except smtplib.SMTPException as error:
@@ -443,17 +493,10 @@ class EmailActivities:
                 raise refusal from error
             raise
         sent_id = str(message["Message-ID"])
+        row = {"key": key, "message_id": sent_id, "recipients": ", ".join(to), "subject": subject}
         try:
-            with Session(self._engine) as session:
-                session.merge(
-                    SentEmail(
-                        key=key,
-                        message_id=sent_id,
-                        recipients=", ".join(to),
-                        subject=str(message["Subject"]),
-                    )
-                )
-                session.commit()
+            with self._engine.begin() as connection:
+                connection.execute(insert(SentEmail).values(**row, sent_at=datetime.now(UTC)))
         except SQLAlchemyError as error:
             # Sent already: failing now would have Temporal send it again. The activity's
             # completion records the send; the row only spares a resend if that is lost too.
