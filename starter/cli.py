@@ -941,7 +941,11 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         TEMPORAL,
     )
     sub = add(
-        "report", cmd_report, "the program's figures: funnel, time in stage, commission", (DB,)
+        "report",
+        cmd_report,
+        "the program's figures: funnel, time in stage, commission",
+        (DB,),
+        reads_only=True,
     )
     sub.add_argument(
         "--since",
@@ -957,18 +961,33 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     sub.add_argument("id", nargs="?")
     sub.add_argument("--referrer", metavar="EMAIL", help="every closed referral of this referrer")
     sub.add_argument("--reason", required=True)
-    sub = add("replay-check", cmd_replay_check, "replay running referrals on this code", (KEYS,))
-    sub.add_argument("--limit", type=int, default=1000, help="at most N referrals (1000)")
-    add("patches", cmd_patches, "the referral runs that still take each patch's old branch")
     sub = add(
-        "webhooks", cmd_webhooks, "webhook deliveries, newest first (or redeliver one)", (DB,)
+        "replay-check",
+        cmd_replay_check,
+        "replay running referrals on this code",
+        (KEYS,),
+        reads_only=True,
+    )
+    sub.add_argument("--limit", type=int, default=1000, help="at most N referrals (1000)")
+    add(
+        "patches",
+        cmd_patches,
+        "the referral runs that still take each patch's old branch",
+        reads_only=True,
+    )
+    sub = add(
+        "webhooks",
+        cmd_webhooks,
+        "webhook deliveries, newest first (or redeliver one)",
+        (DB,),
+        reads_only=True,
     )
     sub.add_argument("--failed", action="store_true", help="only those that were given up")
     sub.add_argument("--json", action="store_true")
     redeliver_help = "send a webhook message again (same webhook-id, new attempts)"
     hooks = sub.add_subparsers(dest="webhooks_command", metavar="WEBHOOKS_COMMAND")
     sub = hooks.add_parser("redeliver", help=redeliver_help, description=redeliver_help)
-    sub.set_defaults(handler=cmd_webhooks_redeliver, needs=TEMPORAL)
+    sub.set_defaults(handler=cmd_webhooks_redeliver, needs=TEMPORAL, reads_only=False)
     sub.add_argument("id", help="the delivery's id (its webhook-id, msg_…)")
     db = add("db", lambda _: 2, "manage the database").add_subparsers(
         dest="db_command", required=True, metavar="DB_COMMAND"

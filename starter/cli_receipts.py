@@ -92,7 +92,7 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         dest="receipts_command", required=True, metavar="RECEIPTS_COMMAND"
     )
     sub = commands.add_parser("show", help="a referral's receipts, or one receipt by number")
-    sub.set_defaults(handler=cmd_receipts_show, needs=(DB,))
+    sub.set_defaults(handler=cmd_receipts_show, needs=(DB,), reads_only=True)
     sub.add_argument("id", help="a referral id, or a receipt number")
     sub.add_argument(
         "--copy",
@@ -100,7 +100,7 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         help="the referrer's copy of its registration (with the disclosures, unless erased)",
     )
     sub = commands.add_parser("verify", help="check a receipt file: exit 0 valid, 1 not")
-    sub.set_defaults(handler=cmd_receipts_verify, needs=())
+    sub.set_defaults(handler=cmd_receipts_verify, needs=(), reads_only=True)
     sub.add_argument("file")
     sub.add_argument(
         "--keys",
@@ -110,5 +110,5 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     sub = commands.add_parser(
         "chain-check", help="check every link of the log: exit 1 naming the first broken one"
     )
-    sub.set_defaults(handler=cmd_receipts_chain_check, needs=(DB,))
+    sub.set_defaults(handler=cmd_receipts_chain_check, needs=(DB,), reads_only=True)
     sub.add_argument("--from", dest="start", type=int, default=1, metavar="N")
