@@ -94,10 +94,11 @@ messages: $(STAMP)  ## extract the texts to translate into core/locale/*.pot, up
 run: setup  ## start the local stack: Temporal server + UI, worker, mail sink
 	$(BIN)/referrals dev
 
-# Four test processes (pytest-xdist): most tests wait on servers, so four keep two cores busy.
+# Four test processes (pytest-xdist): most tests wait on servers, so four keep two cores busy;
+# a process that runs out of tests takes some of another's (worksteal), so none idles at the end.
 TEST_PROCESSES ?= 4
 test: setup  ## the whole suite, against real Temporal servers
-	$(BIN)/pytest -n $(TEST_PROCESSES)
+	$(BIN)/pytest -n $(TEST_PROCESSES) --dist worksteal
 
 faults: setup  ## fault injection: referrals through worker kills, restarts, outages, a rolling deploy
 	$(BIN)/python -m faults
