@@ -1,7 +1,8 @@
 #!/bin/bash
 # `make image-test`: build the four images and run each role as a deployment would, on
 # loopback (host network), read-only root file system, as uid 10001:
-#   - `referrals --help` in every image, `temporal --version` in the toolbox;
+#   - `referrals --help` in every image, `temporal --version` in the toolbox, the worker's
+#     bytecode compiled;
 #   - a Temporal dev server (from the toolbox), `db upgrade` and `temporal setup` (toolbox);
 #   - the web app (`/livez`, `/readyz`), the worker (its probes), the codec server (`/livez`);
 #   - a referral submitted to the web app and walked to commission_paid with the toolbox's CLI,
@@ -58,6 +59,13 @@ for role in worker web codec-server toolbox; do
   say "$role: referrals --help"
 done
 "${RUN[@]}" --rm --entrypoint temporal "referral-desk-toolbox:$TAG" --version
+# The runtime cannot write bytecode (read-only root, PYTHONDONTWRITEBYTECODE): pip compiled the
+# wheel's as it installed it, or the sandbox would compile the workflow for every referral.
+"${RUN[@]}" --rm --entrypoint python "referral-desk-worker:$TAG" -c 'import os, sys
+from importlib.util import cache_from_source
+import workflows.referral as module
+sys.exit(not os.path.exists(cache_from_source(module.__file__)))'
+say "worker: the workflow module's bytecode is in the image"
 
 rm -rf "$WORK" && mkdir -p "$WORK/data" "$WORK/mail"
 chown 10001:10001 "$WORK/data"  # the SQLite volume, written by uid 10001
