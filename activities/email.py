@@ -36,7 +36,6 @@ from zoneinfo import ZoneInfo
 import jinja2
 from jinja2.runtime import Context
 from sqlalchemy import insert
-from sqlalchemy import select as select_columns
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
@@ -151,6 +150,9 @@ def message_id(key: str, sender: str) -> str:
 # Text parts in UTF-8, quoted-printable: mostly ASCII, they stay readable in the raw message.
 _UTF8 = Charset("utf-8")
 _UTF8.body_encoding = QP
+
+# The sent-email log's columns, read and written without the ORM (a row per email).
+_SENT: Any = SentEmail.__table__.c  # type: ignore[attr-defined]
 
 # An attachment: its file name, media type and content.
 Attachment = tuple[str, str, bytes]
@@ -479,9 +481,8 @@ class EmailActivities:
 
     def _sent(self, key: str) -> str | None:
         """The Message-ID of the email sent with `key`, if one was."""
-        table = SentEmail.__table__  # type: ignore[attr-defined]
         with self._engine.connect() as connection:
-            query = select_columns(table.c.message_id).where(table.c.key == key)
+            query = select(_SENT.message_id).where(_SENT.key == key)
             return connection.execute(query).scalar()
 
     def _send_once(self, key: str, to: list[str], subject: str, message: Message) -> str:
